@@ -1,0 +1,122 @@
+"""The token batch: the fixed-shape pytree that one co-serving step consumes.
+
+Shapes come from a small set of buckets, ``T`` tokens by ``S`` sequences, so
+the step compiles once per bucket. Tokens of one sequence are contiguous and in
+order. Padding tokens have ``token_mask == False``, write their K/V nowhere
+(slot ``-1``) and attend only to position 0 of sequence 0, which keeps them
+finite; padding sequences are ignored by the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import numpy as np
+
+
+@flax.struct.dataclass
+class TokenBatch:
+    """One step's tokens. All fields are int32/float32/bool arrays."""
+
+    token_ids: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32: position of the token in its sequence
+    seq_ids: jax.Array  # [T] int32: row of the token's sequence in the per-sequence arrays
+    slots: jax.Array  # [T] int32: KV slot (page * page_size + offset); -1 for padding
+    token_mask: jax.Array  # [T] bool: real tokens
+    page_tables: jax.Array  # [S, max_pages_per_seq] int32
+    logits_indices: jax.Array  # [S] int32: token whose logits yield the sequence's next token
+    temperature: jax.Array  # [S] float32: 0 means greedy
+    top_k: jax.Array  # [S] int32: 0 disables
+    top_p: jax.Array  # [S] float32: 1 disables
+    seeds: jax.Array  # [S] int32: per-request sampling seed
+    sample_counts: jax.Array  # [S] int32: tokens the request has sampled so far (RNG stream)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.page_tables.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """A compiled batch shape."""
+
+    num_tokens: int
+    num_seqs: int
+
+
+def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    """``lo, 2lo, 4lo, ...`` up to and including ``hi`` (``hi`` itself always included)."""
+    out, n = [], lo
+    while n < hi:
+        out.append(n)
+        n *= 2
+    return (*out, hi)
+
+
+def pick_bucket(buckets: tuple[Bucket, ...], num_tokens: int, num_seqs: int) -> Bucket:
+    """The smallest bucket holding the batch (buckets sorted by size)."""
+    for b in buckets:
+        if b.num_tokens >= num_tokens and b.num_seqs >= num_seqs:
+            return b
+    raise ValueError(f"no bucket holds {num_tokens} tokens of {num_seqs} sequences")
+
+
+@dataclasses.dataclass
+class SeqChunk:
+    """Host description of one sequence's tokens in a step."""
+
+    token_ids: list[int]
+    start_position: int
+    page_table: list[int]
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    sample_count: int = 0
+
+
+def build_batch(
+    chunks: list[SeqChunk], bucket: Bucket, page_size: int, max_pages_per_seq: int
+) -> TokenBatch:
+    """Packs host chunks into a padded ``TokenBatch`` of the bucket's shape (numpy arrays)."""
+    t, s = bucket.num_tokens, bucket.num_seqs
+    token_ids = np.zeros(t, np.int32)
+    positions = np.zeros(t, np.int32)
+    seq_ids = np.zeros(t, np.int32)
+    slots = np.full(t, -1, np.int32)
+    token_mask = np.zeros(t, bool)
+    page_tables = np.zeros((s, max_pages_per_seq), np.int32)
+    logits_indices = np.zeros(s, np.int32)
+    temperature = np.zeros(s, np.float32)
+    top_k = np.zeros(s, np.int32)
+    top_p = np.ones(s, np.float32)
+    seeds = np.zeros(s, np.int32)
+    sample_counts = np.zeros(s, np.int32)
+    cursor = 0
+    for i, c in enumerate(chunks):
+        n = len(c.token_ids)
+        pos = np.arange(c.start_position, c.start_position + n, dtype=np.int32)
+        table = np.asarray(c.page_table, np.int32)
+        sl = slice(cursor, cursor + n)
+        token_ids[sl] = c.token_ids
+        positions[sl] = pos
+        seq_ids[sl] = i
+        slots[sl] = table[pos // page_size] * page_size + pos % page_size
+        token_mask[sl] = True
+        page_tables[i, : len(table)] = table
+        logits_indices[i] = cursor + n - 1
+        temperature[i], top_k[i], top_p[i] = c.temperature, c.top_k, c.top_p
+        seeds[i], sample_counts[i] = c.seed, c.sample_count
+        cursor += n
+    return TokenBatch(
+        token_ids=token_ids, positions=positions, seq_ids=seq_ids, slots=slots,
+        token_mask=token_mask, page_tables=page_tables, logits_indices=logits_indices,
+        temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
+        sample_counts=sample_counts,
+    )

@@ -1,0 +1,291 @@
+"""The inference engine: continuous batching over paged KV with chunked prefill.
+
+Each ``step()`` schedules one iteration on the host (decode tokens of running
+requests first, then prefill chunks of waiting requests, oldest first, within a
+token budget and the free KV pages), packs it into a bucketed ``TokenBatch``,
+runs the jitted step once, and turns the sampled tokens into outputs. When KV
+pages run out the newest request is preempted: its pages are freed and it is
+recomputed later from its prompt and the tokens it already produced, so its
+output is unchanged.
+
+The engine is single-threaded: callers (the gRPC server, ``generate``) own the
+loop and call ``add_request``/``abort``/``step`` from one thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import random
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from coserve_jax.batch import Bucket, SeqChunk, build_batch, pick_bucket, powers_of_two
+from coserve_jax.kv_cache import KVCache, KVUsage, PageAllocator
+from coserve_jax.model import Model
+from coserve_jax.sampling import MAX_SEED, SamplingParams
+from coserve_jax.step import build_step, enable_compilation_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Capacity and shape settings of one engine."""
+
+    page_size: int = 16
+    """Tokens per KV page."""
+    num_pages: int = 512
+    """KV pages in the cache (shared by all sequences)."""
+    max_model_len: int | None = None
+    """Longest prompt plus output; None means min(model limit, 2048)."""
+    max_num_seqs: int = 16
+    """Sequences per step at most (the largest sequence bucket)."""
+    max_num_batched_tokens: int = 128
+    """Token budget of one iteration (the largest token bucket)."""
+    min_token_bucket: int = 16
+    """Smallest token bucket; buckets double up to max_num_batched_tokens."""
+    min_seq_bucket: int = 4
+    """Smallest sequence bucket; buckets double up to max_num_seqs."""
+    compilation_cache_dir: str | None = None
+    """JAX persistent compilation cache; None means $COSERVE_XLA_CACHE or ~/.cache."""
+
+    def __post_init__(self):
+        for name in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
+                     "min_token_bucket", "min_seq_bucket"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.max_num_seqs > self.max_num_batched_tokens:
+            raise ValueError("EngineConfig.max_num_seqs cannot exceed max_num_batched_tokens")
+
+
+@dataclasses.dataclass
+class Request:
+    """Host state of one generation request."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    arrival_index: int
+    arrival_time: float
+    output: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def pending(self) -> int:
+        """Known tokens whose K/V are not yet in the cache."""
+        return len(self.prompt) + len(self.output) - self.num_computed
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    output_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Continuous-batching inference over one model, one KV cache and one jitted step."""
+
+    def __init__(self, model: Model, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config = config or EngineConfig()
+        mc = model.config
+        self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or 2048)
+        self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
+        enable_compilation_cache(config.compilation_cache_dir)
+        self.kv = KVCache.zeros(mc, config.num_pages, config.page_size, model.dtype)
+        self.allocator = PageAllocator(config.num_pages, config.page_size, self.max_pages_per_seq)
+        self.buckets = tuple(
+            Bucket(t, s)
+            for t in powers_of_two(config.min_token_bucket, config.max_num_batched_tokens)
+            for s in powers_of_two(min(config.min_seq_bucket, config.max_num_seqs),
+                                   config.max_num_seqs)
+            if s <= t
+        )
+        self._step = build_step(mc)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self._requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._seed_rng = random.Random()
+        self.num_steps = 0
+        self.num_preemptions = 0
+
+    # ----- requests -------------------------------------------------------------------------
+
+    def add_request(self, prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queues a request after validating it; raises ``ValueError`` on bad input.
+
+        Nothing reaches the device here, so a bad request never disturbs others.
+        """
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        prompt = self.model.check_tokens(prompt, "prompt")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) plus max_tokens "
+                             f"({params.max_tokens}) is {total}, beyond the model length "
+                             f"{self.max_model_len}")
+        for t in params.stop_token_ids:
+            if t >= self.model.config.vocab_size:
+                raise ValueError(f"stop token id {t} is outside the vocabulary")
+        self.allocator.check_fits(total - 1)  # the last sampled token needs no K/V
+        index = next(self._arrivals)
+        request_id = str(index) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else self._seed_rng.randint(0, MAX_SEED)
+        req = Request(request_id, prompt, params, seed, index, time.monotonic())
+        self._requests[request_id] = req
+        self.waiting.append(req)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drops a request wherever it is and frees its pages; False if it is unknown."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.allocator.free(req.request_id)
+        req.finish_reason = "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def kv_usage(self) -> KVUsage:
+        return self.allocator.usage()
+
+    # ----- the iteration --------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one iteration; returns the outputs of every request that advanced."""
+        scheduled = self._schedule()
+        if not scheduled:
+            return []
+        chunks = [self._chunk(req, n) for req, n in scheduled]
+        bucket = pick_bucket(self.buckets, sum(n for _, n in scheduled), len(scheduled))
+        batch = build_batch(chunks, bucket, self.config.page_size, self.max_pages_per_seq)
+        self.kv, out = self._step(self.model.params, self.kv, batch)
+        next_tokens = np.asarray(out.next_tokens)
+        self.num_steps += 1
+        return [o for i, (req, n) in enumerate(scheduled)
+                if (o := self._advance(req, n, int(next_tokens[i]))) is not None]
+
+    def _schedule(self) -> list[tuple[Request, int]]:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        taken: set[str] = set()
+        # Running requests: decodes (one pending token) first, then unfinished prefills.
+        for req in sorted(self.running, key=lambda r: (r.pending > 1, r.arrival_index)):
+            if budget == 0 or len(scheduled) == self.config.max_num_seqs:
+                break
+            if req not in self.running:  # preempted earlier in this loop
+                continue
+            n = min(req.pending, budget)
+            if not self._make_room(req, req.num_computed + n, taken):
+                continue
+            self.allocator.grow(req.request_id, req.num_computed + n)
+            scheduled.append((req, n))
+            taken.add(req.request_id)
+            budget -= n
+        # Waiting requests, oldest first, while budget, sequence slots and pages last.
+        while self.waiting and budget > 0 and len(scheduled) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.pending, budget)
+            if not self.allocator.can_grow(req.request_id, n):
+                break
+            self.waiting.popleft()
+            self.allocator.grow(req.request_id, n)
+            self.running.append(req)
+            scheduled.append((req, n))
+            taken.add(req.request_id)
+            budget -= n
+        return scheduled
+
+    def _make_room(self, req: Request, num_tokens: int, taken: set[str]) -> bool:
+        """Preempts newer requests until ``req`` can hold ``num_tokens``; False if req itself went."""
+        while not self.allocator.can_grow(req.request_id, num_tokens):
+            victims = [r for r in self.running if r.request_id not in taken]
+            victim = max(victims, key=lambda r: r.arrival_index)
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.allocator.free(req.request_id)
+        self.running.remove(req)
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _chunk(self, req: Request, n: int) -> SeqChunk:
+        p = req.params
+        start = req.num_computed
+        return SeqChunk(
+            token_ids=req.tokens[start:start + n], start_position=start,
+            page_table=self.allocator.page_table(req.request_id), temperature=p.temperature,
+            top_k=p.top_k, top_p=p.top_p, seed=req.seed, sample_count=len(req.output),
+        )
+
+    def _advance(self, req: Request, n: int, token: int) -> RequestOutput | None:
+        req.num_computed += n
+        if req.pending:  # mid-prefill: the sampled token is not the sequence's next one
+            return None
+        req.output.append(token)
+        stop = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            stop.update(self.model.config.eos_token_ids)
+        if token in stop:
+            req.finish_reason = "stop"
+        elif len(req.output) >= req.params.max_tokens:
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            self.running.remove(req)
+            self.allocator.free(req.request_id)
+            del self._requests[req.request_id]
+        return RequestOutput(req.request_id, [token], list(req.output),
+                             req.finish_reason is not None, req.finish_reason)
+
+    # ----- compilation ----------------------------------------------------------------------
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compiles the step for every bucket (an all-padding batch writes nothing)."""
+        for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
+            batch = build_batch([], bucket, self.config.page_size, self.max_pages_per_seq)
+            self.kv, out = self._step(self.model.params, self.kv, batch)
+            jax.block_until_ready(out.next_tokens)
+
+    # ----- convenience ----------------------------------------------------------------------
+
+    def generate(self, prompts, params: SamplingParams) -> list[list[int]]:
+        """Runs prompts to completion (with any requests already queued); new ids per prompt."""
+        ids = [self.add_request(p, params) for p in prompts]
+        results: dict[str, list[int]] = {}
+        while any(i not in results for i in ids):
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out.output_token_ids
+        return [results[i] for i in ids]

@@ -1,0 +1,78 @@
+"""A loaded model (config, frozen weights, tokenizer) and its plain reference forward."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coserve_jax.config import ModelConfig
+from coserve_jax.models import llama
+from coserve_jax.weights import load_params, resolve_dtype
+
+
+@dataclasses.dataclass(eq=False)
+class Model:
+    """A decoder ready to serve: its config, stacked frozen weights and tokenizer."""
+
+    config: ModelConfig
+    params: llama.Params
+    tokenizer: object | None
+    path: str
+    dtype: jnp.dtype
+
+    def check_tokens(self, tokens, what: str = "prompt") -> list[int]:
+        """Validates a list of token ids against the vocabulary; returns it as ints."""
+        ids = list(tokens)
+        if not ids:
+            raise ValueError(f"{what} is empty")
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int | np.integer):
+                raise ValueError(f"{what} token at index {i} is {t!r}, not an integer id")
+            if not 0 <= t < self.config.vocab_size:
+                raise ValueError(f"{what} token id {t} at index {i} is outside the "
+                                 f"vocabulary [0, {self.config.vocab_size})")
+        return [int(t) for t in ids]
+
+
+def load_model(path: str | os.PathLike, dtype="float32", progress: bool = True) -> Model:
+    """Loads a Hugging Face model directory (config.json, *.safetensors, tokenizer files)."""
+    path = os.fspath(path)
+    cfg = ModelConfig.from_pretrained(path)
+    params = load_params(cfg, path, dtype, progress=progress)
+    return Model(config=cfg, params=params, tokenizer=_load_tokenizer(path), path=path,
+                 dtype=resolve_dtype(dtype))
+
+
+def _load_tokenizer(path: str):
+    if not any(os.path.isfile(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None  # a bare checkpoint serves token ids only
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_dense_jit(cfg, params, tokens):
+    return llama.forward_dense(cfg, params, tokens)
+
+
+def forward_logits(model: Model, tokens) -> np.ndarray:
+    """Float32 logits ``[batch, seq, vocab]`` of whole sequences, with no cache.
+
+    The plain computation every fast path is held against. ``tokens`` is a
+    rectangular ``[batch, seq]`` array-like (or one ``[seq]`` sequence).
+    """
+    arr = np.asarray(tokens)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise ValueError(f"tokens must be [batch, seq] with seq > 0, got shape {arr.shape}")
+    for row in arr:
+        model.check_tokens(row.tolist(), "tokens")
+    return np.asarray(_forward_dense_jit(model.config, model.params, jnp.asarray(arr, jnp.int32)))

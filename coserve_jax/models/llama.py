@@ -1,0 +1,226 @@
+"""The Llama family decoder (Llama 2/3/3.1/3.2 and Qwen2/2.5), as pure functions.
+
+Qwen2 is the Llama architecture with q/k/v biases (and usually tied
+embeddings), so both share this file; ``ModelConfig`` carries the differences.
+
+Parameters are a pytree whose layer weights are stacked on a leading axis of
+size ``num_layers``, so ``lax.scan`` compiles one layer body for all layers.
+Linear weights are stored ``[in, out]`` (the transpose of torch's layout) so a
+projection is ``x @ w``.
+
+Two entry points share the layer body and differ only in attention:
+``forward_dense`` (whole sequences, causal mask, no cache: the reference) and
+``forward_paged`` (a ragged token batch reading and writing paged KV).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coserve_jax.config import ModelConfig, rope_inv_freq
+
+# Names follow Hugging Face's module names so LoRA target modules map one to one.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+
+@flax.struct.dataclass
+class LayerParams:
+    """Weights of all decoder layers, stacked: every leaf has leading axis L."""
+
+    input_norm: jax.Array  # [L, D]
+    q_proj: jax.Array  # [L, D, Hq*Dh]
+    k_proj: jax.Array  # [L, D, Hkv*Dh]
+    v_proj: jax.Array  # [L, D, Hkv*Dh]
+    o_proj: jax.Array  # [L, Hq*Dh, D]
+    post_norm: jax.Array  # [L, D]
+    gate_proj: jax.Array  # [L, D, F]
+    up_proj: jax.Array  # [L, D, F]
+    down_proj: jax.Array  # [L, F, D]
+    q_bias: jax.Array | None = None  # [L, Hq*Dh]
+    k_bias: jax.Array | None = None  # [L, Hkv*Dh]
+    v_bias: jax.Array | None = None  # [L, Hkv*Dh]
+    o_bias: jax.Array | None = None  # [L, D]
+
+
+@flax.struct.dataclass
+class Params:
+    """All frozen base weights of the model."""
+
+    embed: jax.Array  # [V, D]
+    layers: LayerParams
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None = None  # [D, V]; None when tied to the embedding
+
+
+# attention(layer_index, q [..., Hq, Dh], k [..., Hkv, Dh], v [..., Hkv, Dh], carry)
+#   -> (out [..., Hq, Dh], carry)
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, object], tuple]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # As Hugging Face: normalise in float32, cast back, then scale.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables ``[..., Dh]`` for integer positions ``[...]`` (float32)."""
+    inv_freq = jnp.asarray(np.asarray(rope_inv_freq(cfg.rope, cfg.head_dim), np.float32))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x [..., H, Dh]`` with Hugging Face's rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return (x * cos + rotated * sin).astype(x.dtype)
+
+
+def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    y = x @ w
+    return y if b is None else y + b
+
+
+def decoder_layer(
+    cfg: ModelConfig,
+    lp: LayerParams,
+    layer_index: jax.Array,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    attention: AttentionFn,
+    carry: object,
+) -> tuple[jax.Array, object]:
+    """One decoder layer on hidden states ``x [..., D]`` (``lp`` holds one layer)."""
+    lead = x.shape[:-1]
+    h = rms_norm(x, lp.input_norm, cfg.rms_norm_eps)
+    q = _linear(h, lp.q_proj, lp.q_bias).reshape(*lead, cfg.num_heads, cfg.head_dim)
+    k = _linear(h, lp.k_proj, lp.k_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    v = _linear(h, lp.v_proj, lp.v_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    attn, carry = attention(layer_index, q, k, v, carry)
+    x = x + _linear(attn.reshape(*lead, cfg.q_size), lp.o_proj, lp.o_bias)
+    h = rms_norm(x, lp.post_norm, cfg.rms_norm_eps)
+    mlp = (jax.nn.silu(h @ lp.gate_proj) * (h @ lp.up_proj)) @ lp.down_proj
+    return x + mlp, carry
+
+
+def run_layers(
+    cfg: ModelConfig,
+    params: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    attention: AttentionFn,
+    carry: object = None,
+) -> tuple[jax.Array, object]:
+    """Embedding-to-final-norm: scans the stacked layers and returns normed hidden states."""
+    cos, sin = rope_cos_sin(cfg, positions)
+
+    def body(state, xs):
+        h, c = state
+        lp, i = xs
+        h, c = decoder_layer(cfg, lp, i, h, cos, sin, attention, c)
+        return (h, c), None
+
+    (x, carry), _ = jax.lax.scan(
+        body, (x, carry), (params.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32))
+    )
+    return rms_norm(x, params.final_norm, cfg.rms_norm_eps), carry
+
+
+def lm_head(params: Params, h: jax.Array) -> jax.Array:
+    """Float32 logits of normed hidden states ``h [..., D]``."""
+    w = params.embed.T if params.lm_head is None else params.lm_head
+    return (h @ w).astype(jnp.float32)
+
+
+def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Plain causal GQA attention over whole sequences: ``q [B, L, Hq, Dh]``."""
+    b, length, hq, dh = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, length, hkv, hq // hkv, dh).astype(jnp.float32)
+    scores = jnp.einsum("bqkgd,bckd->bkgqc", qg, k.astype(jnp.float32)) / np.sqrt(dh)
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    scores = jnp.where(causal, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgqc,bckd->bqkgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, length, hq, dh).astype(q.dtype)
+
+
+def forward_dense(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """Logits ``[B, L, V]`` (float32) of whole sequences ``tokens [B, L]``, no cache."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = params.embed[tokens]
+
+    def attention(_, q, k, v, carry):
+        return dense_causal_attention(q, k, v), carry
+
+    h, _ = run_layers(cfg, params, x, positions, attention)
+    return lm_head(params, h)
+
+
+def init_random_params(cfg: ModelConfig, seed: int, dtype=np.float32, std: float = 0.02):
+    """Random weights as numpy arrays in Hugging Face's naming (torch layout).
+
+    Used to generate the embedded default model; returns ``{hf_name: array}``.
+    """
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
+
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    tensors = {"model.embed_tokens.weight": normal(cfg.vocab_size, d),
+               "model.norm.weight": np.ones(d, dtype)}
+    if not cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = normal(cfg.vocab_size, d)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": np.ones(d, dtype),
+            p + "post_attention_layernorm.weight": np.ones(d, dtype),
+            p + "self_attn.q_proj.weight": normal(cfg.q_size, d),
+            p + "self_attn.k_proj.weight": normal(cfg.kv_size, d),
+            p + "self_attn.v_proj.weight": normal(cfg.kv_size, d),
+            p + "self_attn.o_proj.weight": normal(d, cfg.q_size),
+            p + "mlp.gate_proj.weight": normal(f, d),
+            p + "mlp.up_proj.weight": normal(f, d),
+            p + "mlp.down_proj.weight": normal(d, f),
+        }
+    return tensors
+
+
+def forward_paged(
+    cfg: ModelConfig,
+    params: Params,
+    kv,  # KVCache
+    batch,  # TokenBatch
+    paged_attention: Callable,
+    write_kv: Callable,
+) -> tuple[jax.Array, object]:
+    """Runs a ragged token batch through paged KV: returns (normed hidden ``[T, D]``, kv).
+
+    Each layer first writes the batch's K/V into its pages, then every token
+    attends over its own sequence's pages, so chunks of one sequence in the same
+    batch see each other causally.
+    """
+
+    def attention(layer, q, k, v, cache):
+        k_all, v_all = write_kv(cache.k, cache.v, k, v, batch.slots, layer)
+        out = paged_attention(q, k_all[layer], v_all[layer], batch.page_tables, batch.seq_ids,
+                              batch.positions)
+        return out, cache.replace(k=k_all, v=v_all)
+
+    x = params.embed[batch.token_ids]
+    return run_layers(cfg, params, x, batch.positions, attention, kv)

@@ -1,0 +1,66 @@
+"""Plain-jnp ragged paged attention: the definition every kernel is held against.
+
+Layout (shared with the KV cache and the token batch):
+
+- ``k_pages``/``v_pages``: ``[num_pages, page_size, num_kv_heads, head_dim]``
+  for one layer. Position ``p`` of a sequence lives in page
+  ``page_table[p // page_size]`` at offset ``p % page_size``.
+- Tokens are a flat ragged list ``[T]``; token ``t`` belongs to sequence
+  ``seq_ids[t]`` at position ``positions[t]`` and attends causally to
+  positions ``0..positions[t]`` of its own sequence, all of which must already
+  be written (``write_kv_pages`` runs first in the same layer).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def write_kv_pages(
+    k_pages: jax.Array,  # [P, S, Hkv, Dh], or [L, P, S, Hkv, Dh] with `layer`
+    v_pages: jax.Array,  # same shape as k_pages
+    k: jax.Array,  # [T, Hkv, Dh]
+    v: jax.Array,  # [T, Hkv, Dh]
+    slots: jax.Array,  # [T] int32: page * page_size + offset; -1 for padding
+    layer: jax.Array | None = None,  # scalar int32 when the pages of all layers are passed
+) -> tuple[jax.Array, jax.Array]:
+    """Scatters the new tokens' K/V into their slots in place; padding slots are dropped.
+
+    Passing all layers with a layer index lets the step update the stacked
+    cache in place rather than copying one layer's pages out and back.
+    """
+    num_pages, page_size = k_pages.shape[-4:-2]
+    # Padding slots point past the last page; mode="drop" discards them.
+    page = jnp.where(slots < 0, num_pages, slots // page_size)
+    index = (page, slots % page_size) if layer is None else (layer, page, slots % page_size)
+    k_pages = k_pages.at[index].set(k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[index].set(v.astype(v_pages.dtype), mode="drop")
+    return k_pages, v_pages
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,  # [T, Hq, Dh]
+    k_pages: jax.Array,  # [P, S, Hkv, Dh]
+    v_pages: jax.Array,  # [P, S, Hkv, Dh]
+    page_tables: jax.Array,  # [num_seqs, max_pages_per_seq] int32
+    seq_ids: jax.Array,  # [T] int32
+    positions: jax.Array,  # [T] int32
+    scale: float | None = None,
+) -> jax.Array:
+    """Causal GQA attention of each token over its own sequence's pages: ``[T, Hq, Dh]``."""
+    t, hq, dh = q.shape
+    _, page_size, hkv, _ = k_pages.shape
+    max_pages = page_tables.shape[1]
+    scale = 1.0 / np.sqrt(dh) if scale is None else scale
+    pages = page_tables[seq_ids]  # [T, max_pages]
+    k = k_pages[pages].reshape(t, max_pages * page_size, hkv, dh).astype(jnp.float32)
+    v = v_pages[pages].reshape(t, max_pages * page_size, hkv, dh).astype(jnp.float32)
+    qg = q.reshape(t, hkv, hq // hkv, dh).astype(jnp.float32)
+    scores = jnp.einsum("tkgd,tckd->tkgc", qg, k) * scale
+    visible = jnp.arange(max_pages * page_size)[None, :] <= positions[:, None]  # [T, C]
+    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("tkgc,tckd->tkgd", probs, v)
+    return out.reshape(t, hq, dh).astype(q.dtype)
