@@ -1,7 +1,8 @@
 """The token batch: the fixed-shape pytree that one co-serving step consumes.
 
-Shapes come from a small set of buckets, ``T`` tokens by ``S`` sequences, so
-the step compiles once per bucket. Tokens of one sequence are contiguous and in
+Shapes come from a small set of buckets (``T`` tokens, ``S`` sequences, and
+``W`` page-table columns, which bounds the context the reference attention
+reads), so the step compiles once per bucket. Tokens of one sequence are contiguous and in
 order. Padding tokens have ``token_mask == False``, write their K/V nowhere
 (slot ``-1``) and attend only to position 0 of sequence 0, which keeps them
 finite; padding sequences are ignored by the host.
@@ -25,7 +26,7 @@ class TokenBatch:
     seq_ids: jax.Array  # [T] int32: row of the token's sequence in the per-sequence arrays
     slots: jax.Array  # [T] int32: KV slot (page * page_size + offset); -1 for padding
     token_mask: jax.Array  # [T] bool: real tokens
-    page_tables: jax.Array  # [S, max_pages_per_seq] int32
+    page_tables: jax.Array  # [S, W] int32: the first W pages of each sequence
     logits_indices: jax.Array  # [S] int32: token whose logits yield the sequence's next token
     temperature: jax.Array  # [S] float32: 0 means greedy
     top_k: jax.Array  # [S] int32: 0 disables
@@ -48,6 +49,8 @@ class Bucket:
 
     num_tokens: int
     num_seqs: int
+    num_pages: int
+    """Page-table columns: every sequence's context must fit in this many pages."""
 
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -59,12 +62,15 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return (*out, hi)
 
 
-def pick_bucket(buckets: tuple[Bucket, ...], num_tokens: int, num_seqs: int) -> Bucket:
-    """The smallest bucket holding the batch (buckets sorted by size)."""
+def pick_bucket(
+    buckets: tuple[Bucket, ...], num_tokens: int, num_seqs: int, num_pages: int
+) -> Bucket:
+    """The first bucket holding the batch (buckets are sorted smallest first)."""
     for b in buckets:
-        if b.num_tokens >= num_tokens and b.num_seqs >= num_seqs:
+        if b.num_tokens >= num_tokens and b.num_seqs >= num_seqs and b.num_pages >= num_pages:
             return b
-    raise ValueError(f"no bucket holds {num_tokens} tokens of {num_seqs} sequences")
+    raise ValueError(f"no bucket holds {num_tokens} tokens of {num_seqs} sequences "
+                     f"with {num_pages} pages")
 
 
 @dataclasses.dataclass
@@ -81,9 +87,7 @@ class SeqChunk:
     sample_count: int = 0
 
 
-def build_batch(
-    chunks: list[SeqChunk], bucket: Bucket, page_size: int, max_pages_per_seq: int
-) -> TokenBatch:
+def build_batch(chunks: list[SeqChunk], bucket: Bucket, page_size: int) -> TokenBatch:
     """Packs host chunks into a padded ``TokenBatch`` of the bucket's shape (numpy arrays)."""
     t, s = bucket.num_tokens, bucket.num_seqs
     token_ids = np.zeros(t, np.int32)
@@ -91,7 +95,7 @@ def build_batch(
     seq_ids = np.zeros(t, np.int32)
     slots = np.full(t, -1, np.int32)
     token_mask = np.zeros(t, bool)
-    page_tables = np.zeros((s, max_pages_per_seq), np.int32)
+    page_tables = np.zeros((s, bucket.num_pages), np.int32)
     logits_indices = np.zeros(s, np.int32)
     temperature = np.zeros(s, np.float32)
     top_k = np.zeros(s, np.int32)

@@ -49,12 +49,15 @@ class EngineConfig:
     """Smallest token bucket; buckets double up to max_num_batched_tokens."""
     min_seq_bucket: int = 4
     """Smallest sequence bucket; buckets double up to max_num_seqs."""
+    min_page_bucket: int = 8
+    """Smallest page-table width bucket; buckets double up to the pages of max_model_len.
+    The reference attention reads every column, so short contexts use narrow tables."""
     compilation_cache_dir: str | None = None
     """JAX persistent compilation cache; None means $COSERVE_XLA_CACHE or ~/.cache."""
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
-                     "min_token_bucket", "min_seq_bucket"):
+                     "min_token_bucket", "min_seq_bucket", "min_page_bucket"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
@@ -110,13 +113,15 @@ class Engine:
         enable_compilation_cache(config.compilation_cache_dir)
         self.kv = KVCache.zeros(mc, config.num_pages, config.page_size, model.dtype)
         self.allocator = PageAllocator(config.num_pages, config.page_size, self.max_pages_per_seq)
-        self.buckets = tuple(
-            Bucket(t, s)
-            for t in powers_of_two(config.min_token_bucket, config.max_num_batched_tokens)
-            for s in powers_of_two(min(config.min_seq_bucket, config.max_num_seqs),
-                                   config.max_num_seqs)
-            if s <= t
-        )
+        self.buckets = tuple(sorted(
+            (Bucket(t, s, w)
+             for t in powers_of_two(config.min_token_bucket, config.max_num_batched_tokens)
+             for s in powers_of_two(min(config.min_seq_bucket, config.max_num_seqs),
+                                    config.max_num_seqs)
+             for w in powers_of_two(min(config.min_page_bucket, self.max_pages_per_seq),
+                                    self.max_pages_per_seq)
+             if s <= t),
+            key=lambda b: (b.num_tokens, b.num_pages, b.num_seqs)))
         self._step = build_step(mc)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -184,8 +189,9 @@ class Engine:
         if not scheduled:
             return []
         chunks = [self._chunk(req, n) for req, n in scheduled]
-        bucket = pick_bucket(self.buckets, sum(n for _, n in scheduled), len(scheduled))
-        batch = build_batch(chunks, bucket, self.config.page_size, self.max_pages_per_seq)
+        widest = max(len(c.page_table) for c in chunks)
+        bucket = pick_bucket(self.buckets, sum(n for _, n in scheduled), len(scheduled), widest)
+        batch = build_batch(chunks, bucket, self.config.page_size)
         self.kv, out = self._step(self.model.params, self.kv, batch)
         next_tokens = np.asarray(out.next_tokens)
         self.num_steps += 1
@@ -224,7 +230,7 @@ class Engine:
         return scheduled
 
     def _make_room(self, req: Request, num_tokens: int, taken: set[str]) -> bool:
-        """Preempts newer requests until ``req`` can hold ``num_tokens``; False if req itself went."""
+        """Preempts newer requests until ``req`` can hold ``num_tokens``; False if req went."""
         while not self.allocator.can_grow(req.request_id, num_tokens):
             victims = [r for r in self.running if r.request_id not in taken]
             victim = max(victims, key=lambda r: r.arrival_index)
@@ -274,7 +280,7 @@ class Engine:
     def warmup(self, progress: bool = True) -> None:
         """Compiles the step for every bucket (an all-padding batch writes nothing)."""
         for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
-            batch = build_batch([], bucket, self.config.page_size, self.max_pages_per_seq)
+            batch = build_batch([], bucket, self.config.page_size)
             self.kv, out = self._step(self.model.params, self.kv, batch)
             jax.block_until_ready(out.next_tokens)
 

@@ -77,7 +77,7 @@ class PageAllocator:
         return -(-num_tokens // self.page_size)
 
     def check_fits(self, num_tokens: int) -> None:
-        """Raises ``ValueError`` if ``num_tokens`` could never be held, even with the cache empty."""
+        """Raises ``ValueError`` if ``num_tokens`` could never be held, even by an empty cache."""
         need = self.pages_for(num_tokens)
         if need > self.num_pages or need > self.max_pages_per_seq:
             raise ValueError(

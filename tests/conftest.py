@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random-weight Hugging Face checkpoints saved once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_models import save_hf_model
+
+
+def _saved(tmp_path_factory, style: str) -> str:
+    return save_hf_model(style, tmp_path_factory.mktemp(f"hf-{style}"))
+
+
+@pytest.fixture(scope="session")
+def llama31_dir(tmp_path_factory) -> str:
+    """A Llama 3.1-style checkpoint (llama3 RoPE scaling, GQA 4:1, untied head)."""
+    return _saved(tmp_path_factory, "llama31")
+
+
+@pytest.fixture(scope="session")
+def llama32_dir(tmp_path_factory) -> str:
+    """A Llama 3.2-style checkpoint (tied embeddings, explicit head_dim=64, GQA)."""
+    return _saved(tmp_path_factory, "llama32")
+
+
+@pytest.fixture(scope="session")
+def qwen25_dir(tmp_path_factory) -> str:
+    """A Qwen2.5-style checkpoint (non-zero q/k/v biases, tied embeddings, GQA)."""
+    return _saved(tmp_path_factory, "qwen25")
