@@ -1,0 +1,599 @@
+"""Engine throughput: decode and prefill tokens/s, side by side with a reference.
+
+Default (CPU) mode runs the embedded tiny Llama (``coserve_jax.tiny_model_dir()``)
+through the engine and through transformers ``generate`` in one process and
+prints ratios, since absolute figures on a shared machine are noisy:
+
+    python bench/engine_throughput.py            # full run, appends to BENCHMARKS.md
+    python bench/engine_throughput.py --quick --no-record
+
+``--shapes llama3-8b`` is meant for a GPU: it builds Llama-3.1-8B shapes with
+random bfloat16 weights on the device (no checkpoint) and holds decode step
+time against the memory floor (bytes read per step over measured copy
+bandwidth) and prefill against the matmul floor (FLOPs over measured matmul
+FLOP/s). ``--shapes tiny-8b-like`` runs that same path with small sizes, to
+check the code on CPU; such figures are labelled as a code-path check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import coserve_jax
+from coserve_jax import Engine, EngineConfig, Model, ModelConfig, SamplingParams
+from coserve_jax.config import RopeConfig
+from coserve_jax.models.llama import LayerParams, Params
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS_MD = os.path.join(REPO_ROOT, "BENCHMARKS.md")
+
+
+# ----- shared helpers ------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, str]:
+    """CPU model, core count, jax backend and device kind, library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "jax backend": f"{jax.default_backend()} ({device.device_kind}, {jax.device_count()} dev)",
+        "versions": f"jax {jax.__version__}, python {platform.python_version()}",
+    }
+    if hasattr(os, "getloadavg"):
+        info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return info
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls (``fn`` must block)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -> list[list[int]]:
+    # Ids from 3 up: the tiny model's specials (pad, bos, eos) are 0..2.
+    return rng.integers(3, vocab, (n, length)).tolist()
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def record(title: str, info: dict[str, str], body: str) -> None:
+    """Appends a dated section to BENCHMARKS.md (creating the file with its header)."""
+    if not os.path.exists(BENCHMARKS_MD):
+        with open(BENCHMARKS_MD, "w") as f:
+            f.write("# Benchmarks\n")
+    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    lines = [f"\n## {title} ({stamp})\n"]
+    lines += [f"- {key}: {value}" for key, value in info.items()]
+    lines += ["- command: `" + " ".join(["python", *sys.argv]) + "`", "", body, ""]
+    with open(BENCHMARKS_MD, "a") as f:
+        f.write("\n".join(lines))
+    print(f"appended to {BENCHMARKS_MD}")
+
+
+# ----- CPU part: the tiny model, coserve vs transformers ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSizes:
+    decode_batches: tuple[int, ...] = (1, 16)
+    decode_prompt_len: int = 8
+    decode_tokens: int = 64
+    prefill_prompts: int = 8
+    prefill_len: int = 256
+    repeats: int = 5
+
+
+def engine_rates(engine: Engine, sizes: CpuSizes, rng: np.random.Generator) -> dict[str, float]:
+    """Decode and prefill tokens/s of the engine (warmed up first).
+
+    Decode time is generate(N tokens) minus generate(1 token), so prefill and
+    per-request setup are left out: (N - 1) decode steps per prompt.
+    """
+    vocab = engine.model.config.vocab_size
+    engine.warmup(progress=False)
+    rates = {}
+    for batch in sizes.decode_batches:
+        prompts = random_prompts(rng, batch, sizes.decode_prompt_len, vocab)
+
+        def run(n: int, prompts: list[list[int]] = prompts) -> None:
+            engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+
+        run(sizes.decode_tokens)  # untimed pass: host-side caches, allocator
+        t_one = median_time(lambda run=run: run(1), sizes.repeats)
+        t_all = median_time(lambda run=run: run(sizes.decode_tokens), sizes.repeats)
+        rates[f"decode b={batch}"] = batch * (sizes.decode_tokens - 1) / (t_all - t_one)
+    prompts = random_prompts(rng, sizes.prefill_prompts, sizes.prefill_len, vocab)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    engine.generate(prompts, params)
+    t = median_time(lambda: engine.generate(prompts, params), sizes.repeats)
+    rates["prefill"] = sizes.prefill_prompts * sizes.prefill_len / t
+    return rates
+
+
+def transformers_rates(path: str, sizes: CpuSizes, rng: np.random.Generator) -> dict[str, float]:
+    """The same measurements with transformers (float32, greedy, KV cache on)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    rates = {}
+    for batch in sizes.decode_batches:
+        # Equal-length prompts: no padding, so left-padding questions never arise.
+        ids = torch.tensor(random_prompts(rng, batch, sizes.decode_prompt_len, vocab))
+
+        def run(n: int, ids: torch.Tensor = ids) -> None:
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    pad_token_id=0,
+                )  # min_new_tokens masks EOS: the counterpart of ignore_eos
+            assert out.shape[1] == ids.shape[1] + n
+
+        run(sizes.decode_tokens)  # warm-up
+        t_one = median_time(lambda run=run: run(1), sizes.repeats)
+        t_all = median_time(lambda run=run: run(sizes.decode_tokens), sizes.repeats)
+        rates[f"decode b={batch}"] = batch * (sizes.decode_tokens - 1) / (t_all - t_one)
+    ids = torch.tensor(random_prompts(rng, sizes.prefill_prompts, sizes.prefill_len, vocab))
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, logits_to_keep=1)  # the engine also keeps last-token logits
+
+    prefill()
+    rates["prefill"] = (
+        sizes.prefill_prompts * sizes.prefill_len / median_time(prefill, sizes.repeats)
+    )
+    return rates
+
+
+def run_cpu(args: argparse.Namespace) -> None:
+    sizes = CpuSizes()
+    if args.quick:
+        sizes = CpuSizes(decode_tokens=32, prefill_prompts=4, repeats=3)
+    if args.repeats:
+        sizes = dataclasses.replace(sizes, repeats=args.repeats)
+    info = machine_info()
+    path = coserve_jax.tiny_model_dir()
+    model = coserve_jax.load_model(path, dtype="float32", progress=False)
+    # Sized: max_model_len just covers the workload. The default (2048) is also run in a
+    # full run, because the reference attention gathers max_model_len positions per token.
+    needed = max(sizes.prefill_len + 1, sizes.decode_prompt_len + sizes.decode_tokens)
+    configs = {
+        f"max_model_len={round_up(needed, 16)}": EngineConfig(max_model_len=round_up(needed, 16))
+    }
+    if not args.quick:
+        configs["default EngineConfig (max_model_len=2048)"] = EngineConfig()
+    print(f"tiny model: {path}\n{sizes}")
+    coserve = {}
+    for label, config in configs.items():
+        print(f"coserve engine, {label} ...", flush=True)
+        coserve[label] = engine_rates(Engine(model, config), sizes, np.random.default_rng(0))
+    print("transformers ...", flush=True)
+    reference = transformers_rates(path, sizes, np.random.default_rng(0))
+    import torch
+    import transformers
+
+    info["versions"] += f", torch {torch.__version__}, transformers {transformers.__version__}"
+    info["torch threads"] = str(torch.get_num_threads())
+
+    what = {
+        "prefill": f"prefill {sizes.prefill_prompts}x{sizes.prefill_len} tok",
+        **{
+            f"decode b={b}": f"decode b={b}, {sizes.decode_prompt_len}-tok prompts, "
+            f"{sizes.decode_tokens} new"
+            for b in sizes.decode_batches
+        },
+    }
+    rows = []
+    for label, rates in coserve.items():
+        for key, rate in rates.items():
+            ref = reference[key]
+            rows.append(
+                [f"{what[key]} [{label}]", f"{rate:,.0f}", f"{ref:,.0f}", f"{rate / ref:.2f}"]
+            )
+    header = [
+        "metric (tiny Llama, float32, greedy)",
+        "coserve tok/s",
+        "transformers tok/s",
+        "coserve / transformers",
+    ]
+    table = markdown_table(header, rows)
+    print("\n" + table + "\n")
+    notes = (
+        f"Median of {sizes.repeats} runs after warm-up. Decode tok/s = batch x (N - 1) / "
+        "(t(generate N) - t(generate 1)), i.e. prefill excluded, for both. Engine "
+        "prefill runs in chunks of max_num_batched_tokens=128; transformers prefill is one "
+        "batched forward with logits_to_keep=1."
+    )
+    print(notes)
+    if not args.no_record:
+        record(
+            "engine_throughput: tiny Llama on CPU, coserve vs transformers",
+            info,
+            table + "\n\n" + notes,
+        )
+
+
+# ----- shapes mode: Llama-3.1-8B shapes with random weights, against hardware floors ----------
+
+
+def llama3_8b_config(num_layers: int = 32) -> ModelConfig:
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=num_layers,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope=RopeConfig(
+            theta=500000.0,
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        qkv_bias=False,
+        o_bias=False,
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009),
+    )
+
+
+def tiny_8b_like_config(num_layers: int = 2) -> ModelConfig:
+    """Llama-3.1-8B's proportions (GQA 4:1, MLP 3.5x, head_dim 64) at hidden 256."""
+    return dataclasses.replace(
+        llama3_8b_config(num_layers),
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=896,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=64,
+        bos_token_id=None,
+        eos_token_ids=(),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeSizes:
+    """Workload of the shapes mode."""
+
+    decode_batches: tuple[int, ...]
+    decode_prompt_len: int
+    warm_steps: int
+    timed_steps: int
+    prefill_prompts: int
+    prefill_len: int
+    max_num_batched_tokens: int
+    copy_bytes: int  # array size of the bandwidth probe
+    matmul_n: int  # matrix side of the FLOP/s probe
+    repeats: int = 3
+
+
+SHAPES = {
+    "llama3-8b": (
+        llama3_8b_config,
+        ShapeSizes(
+            decode_batches=(1, 16, 64, 256),
+            decode_prompt_len=128,
+            warm_steps=3,
+            timed_steps=16,
+            prefill_prompts=16,
+            prefill_len=512,
+            max_num_batched_tokens=2048,
+            copy_bytes=4 << 30,
+            matmul_n=8192,
+        ),
+    ),
+    "tiny-8b-like": (
+        tiny_8b_like_config,
+        ShapeSizes(
+            decode_batches=(1, 4, 16),
+            decode_prompt_len=32,
+            warm_steps=2,
+            timed_steps=8,
+            prefill_prompts=4,
+            prefill_len=128,
+            max_num_batched_tokens=128,
+            copy_bytes=64 << 20,
+            matmul_n=1024,
+        ),
+    ),
+}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype, std: float) -> jax.Array:
+    return jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
+
+
+def random_params(cfg: ModelConfig, dtype: jnp.dtype, seed: int = 0) -> Params:
+    """Random weights made on the device one leaf at a time (no host copy, no checkpoint)."""
+    keys = iter(jax.random.split(jax.random.key(seed), 16))
+    nl, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+
+    def normal(*shape: int) -> jax.Array:
+        return _normal(next(keys), shape, dtype, 0.02)
+
+    layers = LayerParams(
+        input_norm=jnp.ones((nl, d), dtype),
+        post_norm=jnp.ones((nl, d), dtype),
+        q_proj=normal(nl, d, cfg.q_size),
+        k_proj=normal(nl, d, cfg.kv_size),
+        v_proj=normal(nl, d, cfg.kv_size),
+        o_proj=normal(nl, cfg.q_size, d),
+        gate_proj=normal(nl, d, f),
+        up_proj=normal(nl, d, f),
+        down_proj=normal(nl, f, d),
+    )
+    return Params(
+        embed=normal(cfg.vocab_size, d),
+        layers=layers,
+        final_norm=jnp.ones((d,), dtype),
+        lm_head=normal(d, cfg.vocab_size),
+    )
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+    """Device bytes/s of ``x + 1`` on a bf16 array (one read and one write per element)."""
+    x = jnp.zeros((nbytes // 2,), jnp.bfloat16)
+    add = jax.jit(lambda x: x + 1)
+    jax.block_until_ready(add(x))
+    t = median_time(lambda: jax.block_until_ready(add(x)), max(repeats, 5))
+    return 2 * x.size * x.dtype.itemsize / t
+
+
+def matmul_flops(n: int, repeats: int) -> float:
+    """Device FLOP/s of an ``n x n`` bf16 matmul."""
+    a = _normal(jax.random.key(1), (n, n), jnp.bfloat16, 1.0)
+    mm = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(mm(a))
+    return 2 * n**3 / median_time(lambda: jax.block_until_ready(mm(a)), max(repeats, 5))
+
+
+def decode_context(sizes: ShapeSizes, batch: int, budget: int) -> int:
+    """Longest sequence a decode measurement can reach (prompt and every token it samples).
+
+    Requests prefilled early decode while later ones still prefill, for at most
+    ceil(batch * prompt / (budget - batch)) + 1 steps.
+    """
+    prefill_steps = -(-batch * sizes.decode_prompt_len // max(budget - batch, 1)) + 1
+    return sizes.decode_prompt_len + prefill_steps + sizes.warm_steps + sizes.timed_steps + 1
+
+
+def decode_step_time(
+    engine: Engine, batch: int, sizes: ShapeSizes, rng: np.random.Generator
+) -> tuple[float, float]:
+    """Median seconds of one steady decode step of ``batch`` sequences, and their mean context.
+
+    Every request is prefilled first; a few untimed decode steps compile the
+    bucket; max_tokens lets no request finish while timed.
+    """
+    vocab = engine.model.config.vocab_size
+    max_tokens = engine.max_model_len - sizes.decode_prompt_len
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    ids = [
+        engine.add_request(p, params)
+        for p in random_prompts(rng, batch, sizes.decode_prompt_len, vocab)
+    ]
+    started: set[str] = set()
+    while len(started) < batch:  # prefill (the last prefill chunk yields the first token)
+        started.update(out.request_id for out in engine.step())
+    for _ in range(sizes.warm_steps):
+        engine.step()
+    # Tokens in the cache when timing starts, plus half the timed steps on average.
+    mean_context = sum(r.num_computed for r in engine.running) / batch + sizes.timed_steps / 2
+    times = []
+    for _ in range(sizes.timed_steps):
+        start = time.perf_counter()
+        outs = engine.step()  # blocks: the engine reads the sampled tokens back
+        times.append(time.perf_counter() - start)
+        assert len(outs) == batch, "every sequence should decode in every timed step"
+    for i in ids:
+        engine.abort(i)
+    return statistics.median(times), mean_context
+
+
+def prefill_time(engine: Engine, sizes: ShapeSizes, rng: np.random.Generator) -> float:
+    """Median seconds to prefill ``prefill_prompts`` prompts (max_tokens=1), after a warm run."""
+    vocab = engine.model.config.vocab_size
+    prompts = random_prompts(rng, sizes.prefill_prompts, sizes.prefill_len, vocab)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    engine.generate(prompts, params)  # compiles the buckets it uses
+    return median_time(lambda: engine.generate(prompts, params), sizes.repeats)
+
+
+def run_shapes(args: argparse.Namespace) -> None:
+    make_config, sizes = SHAPES[args.shapes]
+    cfg = make_config(args.layers) if args.layers else make_config()
+    if args.quick:
+        sizes = dataclasses.replace(sizes, timed_steps=max(4, sizes.timed_steps // 2), repeats=2)
+    if args.repeats:
+        sizes = dataclasses.replace(sizes, repeats=args.repeats)
+    dtype = jnp.dtype(jnp.bfloat16)
+    info = machine_info()
+    backend = jax.default_backend()
+    if backend == "cpu":  # keep the hardware probes short on a CPU
+        sizes = dataclasses.replace(
+            sizes, copy_bytes=min(sizes.copy_bytes, 256 << 20), matmul_n=min(sizes.matmul_n, 2048)
+        )
+    print(f"{args.shapes}: {cfg}\n{sizes}", flush=True)
+
+    bandwidth = copy_bandwidth(sizes.copy_bytes, sizes.repeats)
+    flops = matmul_flops(sizes.matmul_n, sizes.repeats)
+    print(
+        f"measured copy bandwidth {bandwidth / 1e9:,.1f} GB/s, "
+        f"bf16 matmul {flops / 1e12:,.2f} TFLOP/s",
+        flush=True,
+    )
+
+    params = random_params(cfg, dtype)
+    jax.block_until_ready(params)
+    model = Model(config=cfg, params=params, tokenizer=None, path="", dtype=dtype)
+    layer_weights = sum(x.size for x in jax.tree.leaves(params.layers))
+    layer_matmul = sum(
+        getattr(params.layers, name).size
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
+    head = params.lm_head.size + params.final_norm.size
+    kv_per_token = 2 * cfg.num_layers * cfg.kv_size * dtype.itemsize  # K and V, all layers
+    print(
+        f"parameters {(layer_weights + head + params.embed.size) / 1e9:.3f} B, "
+        f"KV {kv_per_token / 1024:.1f} KiB/token",
+        flush=True,
+    )
+
+    rows = []
+    # Decode: every step reads all weights once (but only `batch` embedding rows) and each
+    # sequence's KV so far. max_model_len only just covers the workload, as the reference
+    # attention's cost grows with it.
+    max_seqs = max(sizes.decode_batches)
+    budget = max(sizes.max_num_batched_tokens, max_seqs)
+    max_len = round_up(decode_context(sizes, max_seqs, budget), 16)
+    engine = Engine(
+        model,
+        EngineConfig(
+            page_size=16,
+            num_pages=max_seqs * max_len // 16 + 8,
+            max_model_len=max_len,
+            max_num_seqs=max_seqs,
+            max_num_batched_tokens=budget,
+            min_token_bucket=16,
+            min_seq_bucket=4,
+        ),
+    )
+    rng = np.random.default_rng(0)
+    for batch in sizes.decode_batches:
+        print(f"decode batch {batch} ...", flush=True)
+        step, mean_context = decode_step_time(engine, batch, sizes, rng)
+        read = (layer_weights + head) * dtype.itemsize + batch * mean_context * kv_per_token
+        floor = read / bandwidth
+        rows.append(
+            [
+                f"decode b={batch} (ctx ~{mean_context:.0f})",
+                f"{step * 1e3:.2f} ms",
+                f"{batch / step:,.0f}",
+                f"{floor * 1e3:.2f} ms (memory)",
+                f"{floor / step:.1%}",
+            ]
+        )
+    del engine
+
+    # Prefill: 2 FLOPs per matmul weight per token, plus causal attention and the LM head
+    # on each prompt's last token.
+    tokens = sizes.prefill_prompts * sizes.prefill_len
+    max_len = round_up(sizes.prefill_len + 1, 16)
+    engine = Engine(
+        model,
+        EngineConfig(
+            page_size=16,
+            num_pages=sizes.prefill_prompts * max_len // 16 + 8,
+            max_model_len=max_len,
+            max_num_seqs=max(4, sizes.max_num_batched_tokens // sizes.prefill_len),
+            max_num_batched_tokens=sizes.max_num_batched_tokens,
+            min_token_bucket=16,
+            min_seq_bucket=4,
+        ),
+    )
+    print("prefill ...", flush=True)
+    elapsed = prefill_time(engine, sizes, rng)
+    attention = 2 * cfg.num_layers * cfg.q_size * tokens * sizes.prefill_len  # QK^T + PV, causal
+    work = 2 * layer_matmul * tokens + attention + 2 * params.lm_head.size * sizes.prefill_prompts
+    floor = work / flops
+    rows.append(
+        [
+            f"prefill {sizes.prefill_prompts}x{sizes.prefill_len} tok",
+            f"{elapsed * 1e3:.1f} ms",
+            f"{tokens / elapsed:,.0f}",
+            f"{floor * 1e3:.1f} ms (matmul)",
+            f"{floor / elapsed:.1%}",
+        ]
+    )
+
+    table = markdown_table(["metric", "measured", "tok/s", "floor", "floor / measured"], rows)
+    label = f"--shapes {args.shapes}, {cfg.num_layers} layers, bf16 random weights"
+    on_cpu = backend == "cpu"
+    if on_cpu:
+        label += " — CPU CODE-PATH CHECK, not GPU figures"
+    notes = (
+        f"Measured copy bandwidth {bandwidth / 1e9:,.1f} GB/s ({sizes.copy_bytes >> 20} MiB "
+        f"bf16 x + 1), bf16 matmul {flops / 1e12:,.2f} TFLOP/s (n={sizes.matmul_n}). "
+        f"Decode step = median of {sizes.timed_steps} steady steps after "
+        f"{sizes.warm_steps} warm ones; memory floor = (weights + KV read) / bandwidth. "
+        f"Prefill = median of {sizes.repeats} runs, chunks of "
+        f"{sizes.max_num_batched_tokens} tokens."
+    )
+    print(f"\n{label}\n\n{table}\n\n{notes}")
+    if not args.no_record:
+        record(f"engine_throughput: {label}", info, table + "\n\n" + notes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--shapes",
+        choices=sorted(SHAPES),
+        help="random-weight shapes mode (GPU); default: tiny model vs transformers",
+    )
+    parser.add_argument("--layers", type=int, help="override the layer count of --shapes")
+    parser.add_argument("--quick", action="store_true", help="smaller, faster run")
+    parser.add_argument("--repeats", type=int, help="timed repeats per measurement")
+    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if args.layers and not args.shapes:
+        parser.error("--layers needs --shapes")
+    if args.shapes:
+        run_shapes(args)
+    else:
+        run_cpu(args)
+
+
+if __name__ == "__main__":
+    main()

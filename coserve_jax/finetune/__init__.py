@@ -1,0 +1,1 @@
+"""Token-level LoRA finetuning: datasets, jobs, backward pieces, optimizer, checkpoints."""

@@ -1,0 +1,1 @@
+"""LoRA adapters: configuration, weights, PEFT-format I/O and the slot table of the step."""
