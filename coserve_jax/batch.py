@@ -33,6 +33,10 @@ class TokenBatch:
     top_p: jax.Array  # [S] float32: 1 disables
     seeds: jax.Array  # [S] int32: per-request sampling seed
     sample_counts: jax.Array  # [S] int32: tokens the request has sampled so far (RNG stream)
+    adapter_slots: jax.Array  # [T] int32: LoRA slot of the token, -1 for the base model
+    labels: jax.Array  # [T] int32: finetuning target of the token (next token); 0 if none
+    loss_weights: jax.Array  # [T] float32: 1/targets-of-its-sequence for targets, else 0
+    act_index: jax.Array  # [T] int32: row of the activation store to save to; -1 for none
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +55,8 @@ class Bucket:
     num_seqs: int
     num_pages: int
     """Page-table columns: every sequence's context must fit in this many pages."""
+    train: bool = False
+    """Whether the batch carries finetuning tokens (loss and activation saving compiled in)."""
 
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -63,11 +69,13 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 
 
 def pick_bucket(
-    buckets: tuple[Bucket, ...], num_tokens: int, num_seqs: int, num_pages: int
+    buckets: tuple[Bucket, ...], num_tokens: int, num_seqs: int, num_pages: int,
+    train: bool = False,
 ) -> Bucket:
     """The first bucket holding the batch (buckets are sorted smallest first)."""
     for b in buckets:
-        if b.num_tokens >= num_tokens and b.num_seqs >= num_seqs and b.num_pages >= num_pages:
+        if (b.num_tokens >= num_tokens and b.num_seqs >= num_seqs and b.num_pages >= num_pages
+                and b.train == train):
             return b
     raise ValueError(f"no bucket holds {num_tokens} tokens of {num_seqs} sequences "
                      f"with {num_pages} pages")
@@ -85,6 +93,10 @@ class SeqChunk:
     top_p: float = 1.0
     seed: int = 0
     sample_count: int = 0
+    adapter_slot: int = -1
+    labels: np.ndarray | None = None  # [n] int32, finetuning windows only
+    loss_weights: np.ndarray | None = None  # [n] float32, finetuning windows only
+    act_base: int = -1  # activation-store row of position 0; -1 saves nothing
 
 
 def build_batch(chunks: list[SeqChunk], bucket: Bucket, page_size: int) -> TokenBatch:
@@ -102,6 +114,10 @@ def build_batch(chunks: list[SeqChunk], bucket: Bucket, page_size: int) -> Token
     top_p = np.ones(s, np.float32)
     seeds = np.zeros(s, np.int32)
     sample_counts = np.zeros(s, np.int32)
+    adapter_slots = np.full(t, -1, np.int32)
+    labels = np.zeros(t, np.int32)
+    loss_weights = np.zeros(t, np.float32)
+    act_index = np.full(t, -1, np.int32)
     cursor = 0
     for i, c in enumerate(chunks):
         n = len(c.token_ids)
@@ -117,10 +133,16 @@ def build_batch(chunks: list[SeqChunk], bucket: Bucket, page_size: int) -> Token
         logits_indices[i] = cursor + n - 1
         temperature[i], top_k[i], top_p[i] = c.temperature, c.top_k, c.top_p
         seeds[i], sample_counts[i] = c.seed, c.sample_count
+        adapter_slots[sl] = c.adapter_slot
+        if c.labels is not None:
+            labels[sl], loss_weights[sl] = c.labels, c.loss_weights
+        if c.act_base >= 0:
+            act_index[sl] = c.act_base + pos
         cursor += n
     return TokenBatch(
         token_ids=token_ids, positions=positions, seq_ids=seq_ids, slots=slots,
         token_mask=token_mask, page_tables=page_tables, logits_indices=logits_indices,
         temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
-        sample_counts=sample_counts,
+        sample_counts=sample_counts, adapter_slots=adapter_slots, labels=labels,
+        loss_weights=loss_weights, act_index=act_index,
     )

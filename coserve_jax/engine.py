@@ -25,7 +25,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from coserve_jax.batch import Bucket, SeqChunk, build_batch, pick_bucket, powers_of_two
+from coserve_jax.finetune.job import FinetuneJob, JobProgress
+from coserve_jax.finetune.trainer import Trainer, TrainerConfig
 from coserve_jax.kv_cache import KVCache, KVUsage, PageAllocator
+from coserve_jax.lora.adapter import LoraAdapter
+from coserve_jax.lora.config import ALL_TARGETS
+from coserve_jax.lora.slots import AdapterRegistry
 from coserve_jax.model import Model
 from coserve_jax.sampling import MAX_SEED, SamplingParams
 from coserve_jax.step import build_step, enable_compilation_cache
@@ -54,13 +59,34 @@ class EngineConfig:
     The reference attention reads every column, so short contexts use narrow tables."""
     compilation_cache_dir: str | None = None
     """JAX persistent compilation cache; None means $COSERVE_XLA_CACHE or ~/.cache."""
+    max_adapters: int = 4
+    """LoRA adapter slots (serving and training share them); 0 disables LoRA."""
+    max_lora_rank: int = 16
+    """Rank every slot is padded to; adapters of higher rank are refused."""
+    lora_target_modules: tuple[str, ...] = ALL_TARGETS
+    """Projections the slots carry."""
+    max_train_seqs: int = 2
+    """Finetuning sequences in flight at once (activation store rows); 0 disables finetuning."""
+    max_train_len: int | None = None
+    """Longest finetuning sequence in tokens; None means min(512, max_model_len)."""
+    train_window: int = 64
+    """Tokens of one training sequence's forward per iteration at most."""
+    backward_layers: int = 1
+    """Layers per backward piece (must divide the model's layers): the piece-size knob."""
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
-                     "min_token_bucket", "min_seq_bucket", "min_page_bucket"):
+                     "min_token_bucket", "min_seq_bucket", "min_page_bucket",
+                     "max_lora_rank", "train_window", "backward_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("max_adapters", "max_train_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.max_train_seqs and not self.max_adapters:
+            raise ValueError("finetuning (max_train_seqs > 0) needs max_adapters > 0")
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("EngineConfig.max_num_seqs cannot exceed max_num_batched_tokens")
 
@@ -79,6 +105,7 @@ class Request:
     num_computed: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None
     num_preemptions: int = 0
+    adapter: str | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -113,13 +140,28 @@ class Engine:
         enable_compilation_cache(config.compilation_cache_dir)
         self.kv = KVCache.zeros(mc, config.num_pages, config.page_size, model.dtype)
         self.allocator = PageAllocator(config.num_pages, config.page_size, self.max_pages_per_seq)
+        self.registry = None
+        if config.max_adapters:
+            self.registry = AdapterRegistry(mc, config.max_adapters, config.max_lora_rank,
+                                            config.lora_target_modules, model.dtype)
+        self.trainer = None
+        if config.max_train_seqs:
+            max_train_len = config.max_train_len or min(512, self.max_model_len)
+            if not 2 <= max_train_len <= self.max_model_len:
+                raise ValueError(f"EngineConfig.max_train_len ({max_train_len}) must be in "
+                                 f"[2, model length {self.max_model_len}]")
+            self.trainer = Trainer(mc, self.registry, self.allocator, TrainerConfig(
+                max_seqs=config.max_train_seqs, max_len=max_train_len,
+                window=config.train_window, backward_layers=config.backward_layers),
+                model.dtype)
         self.buckets = tuple(sorted(
-            (Bucket(t, s, w)
+            (Bucket(t, s, w, train)
              for t in powers_of_two(config.min_token_bucket, config.max_num_batched_tokens)
              for s in powers_of_two(min(config.min_seq_bucket, config.max_num_seqs),
                                     config.max_num_seqs)
              for w in powers_of_two(min(config.min_page_bucket, self.max_pages_per_seq),
                                     self.max_pages_per_seq)
+             for train in ((False, True) if self.trainer else (False,))
              if s <= t),
             key=lambda b: (b.num_tokens, b.num_pages, b.num_seqs)))
         self._step = build_step(mc)
@@ -134,7 +176,7 @@ class Engine:
     # ----- requests -------------------------------------------------------------------------
 
     def add_request(self, prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, adapter: str | None = None) -> str:
         """Queues a request after validating it; raises ``ValueError`` on bad input.
 
         Nothing reaches the device here, so a bad request never disturbs others.
@@ -152,12 +194,15 @@ class Engine:
             if t >= self.model.config.vocab_size:
                 raise ValueError(f"stop token id {t} is outside the vocabulary")
         self.allocator.check_fits(total - 1)  # the last sampled token needs no K/V
+        if adapter is not None and (self.registry is None
+                                    or adapter not in self.registry.names()):
+            raise ValueError(f"unknown adapter {adapter!r}")
         index = next(self._arrivals)
         request_id = str(index) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self._seed_rng.randint(0, MAX_SEED)
-        req = Request(request_id, prompt, params, seed, index, time.monotonic())
+        req = Request(request_id, prompt, params, seed, index, time.monotonic(), adapter=adapter)
         self._requests[request_id] = req
         self.waiting.append(req)
         return request_id
@@ -176,7 +221,54 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Inference requests or finetuning jobs still have work."""
+        return bool(self.waiting or self.running) or (
+            self.trainer is not None and self.trainer.has_work())
+
+    # ----- adapters and jobs ----------------------------------------------------------------
+
+    def load_adapter(self, adapter: LoraAdapter, replace: bool = False) -> None:
+        """Writes an adapter into a slot; requests can name it at once. Never recompiles."""
+        if self.registry is None:
+            raise ValueError("this engine has no adapter slots (EngineConfig.max_adapters=0)")
+        if self.trainer is not None and adapter.name in self.trainer.jobs:
+            raise ValueError(f"{adapter.name!r} is the adapter of a finetuning job")
+        self.registry.load(adapter, replace=replace)
+
+    def unload_adapter(self, name: str) -> None:
+        if self.registry is None or name not in self.registry.names():
+            raise KeyError(f"no adapter named {name!r}")
+        if self.trainer is not None and name in self.trainer.jobs:
+            raise ValueError(f"{name!r} is the adapter of a finetuning job")
+        users = [r.request_id for r in [*self.running, *self.waiting] if r.adapter == name]
+        if users:
+            raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s)")
+        self.registry.unload(name)
+
+    def adapters(self) -> list[str]:
+        return [] if self.registry is None else self.registry.names()
+
+    def submit_job(self, job: FinetuneJob) -> JobProgress:
+        """Starts (or resumes from its checkpoint) a finetuning job; raises ValueError."""
+        if self.trainer is None:
+            raise ValueError("this engine does not finetune (EngineConfig.max_train_seqs=0)")
+        return self.trainer.submit(job)
+
+    def job_progress(self, name: str) -> JobProgress:
+        if self.trainer is None or name not in self.trainer.jobs:
+            raise KeyError(f"no job named {name!r}")
+        return self.trainer.jobs[name].progress()
+
+    def cancel_job(self, name: str) -> None:
+        if self.trainer is None or name not in self.trainer.jobs:
+            raise KeyError(f"no job named {name!r}")
+        self.trainer.cancel(name)
+
+    def trained_adapter(self, name: str) -> LoraAdapter:
+        """A job's adapter with the weights of its latest optimizer step."""
+        if self.trainer is None or name not in self.trainer.jobs:
+            raise KeyError(f"no job named {name!r}")
+        return self.trainer.adapter_of(self.trainer.jobs[name])
 
     def kv_usage(self) -> KVUsage:
         return self.allocator.usage()
@@ -186,17 +278,36 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one iteration; returns the outputs of every request that advanced."""
         scheduled = self._schedule()
-        if not scheduled:
-            return []
         chunks = [self._chunk(req, n) for req, n in scheduled]
-        widest = max(len(c.page_table) for c in chunks)
-        bucket = pick_bucket(self.buckets, sum(n for _, n in scheduled), len(scheduled), widest)
-        batch = build_batch(chunks, bucket, self.config.page_size)
-        self.kv, out = self._step(self.model.params, self.kv, batch)
-        next_tokens = np.asarray(out.next_tokens)
-        self.num_steps += 1
-        return [o for i, (req, n) in enumerate(scheduled)
-                if (o := self._advance(req, n, int(next_tokens[i]))) is not None]
+        windows = []
+        if self.trainer is not None:
+            budget = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
+            windows = self.trainer.forward_windows(budget, self.config.max_num_seqs - len(chunks))
+        chunks += [chunk for _, chunk in windows]
+        outputs = []
+        if chunks:
+            widest = max(len(c.page_table) for c in chunks)
+            num_tokens = sum(len(c.token_ids) for c in chunks)
+            bucket = pick_bucket(self.buckets, num_tokens, len(chunks), widest, bool(windows))
+            batch = build_batch(chunks, bucket, self.config.page_size)
+            train = None if self.trainer is None else self.trainer.buffers
+            self.kv, train, out = self._step(self.model.params, self._slots(), self.kv, train,
+                                             batch, with_train=bucket.train)
+            if self.trainer is not None:
+                self.trainer.buffers = train
+            next_tokens = np.asarray(out.next_tokens)
+            self.num_steps += 1
+            outputs = [o for i, (req, n) in enumerate(scheduled)
+                       if (o := self._advance(req, n, int(next_tokens[i]))) is not None]
+            if windows:
+                seq_loss = np.asarray(out.seq_loss)[len(scheduled):]
+                self.trainer.after_forward(windows, seq_loss)
+        if self.trainer is not None:
+            self.trainer.run_backward_piece(self.model.params)
+        return outputs
+
+    def _slots(self):
+        return None if self.registry is None else self.registry.table
 
     def _schedule(self) -> list[tuple[Request, int]]:
         budget = self.config.max_num_batched_tokens
@@ -254,6 +365,7 @@ class Engine:
             token_ids=req.tokens[start:start + n], start_position=start,
             page_table=self.allocator.page_table(req.request_id), temperature=p.temperature,
             top_k=p.top_k, top_p=p.top_p, seed=req.seed, sample_count=len(req.output),
+            adapter_slot=-1 if self.registry is None else self.registry.slot_of(req.adapter),
         )
 
     def _advance(self, req: Request, n: int, token: int) -> RequestOutput | None:
@@ -281,14 +393,23 @@ class Engine:
         """Compiles the step for every bucket (an all-padding batch writes nothing)."""
         for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
             batch = build_batch([], bucket, self.config.page_size)
-            self.kv, out = self._step(self.model.params, self.kv, batch)
+            train = None if self.trainer is None else self.trainer.buffers
+            self.kv, train, out = self._step(self.model.params, self._slots(), self.kv, train,
+                                             batch, with_train=bucket.train)
+            if self.trainer is not None:
+                self.trainer.buffers = train
             jax.block_until_ready(out.next_tokens)
+        if self.trainer is not None:
+            self.trainer.warmup(self.model.params, progress)
 
     # ----- convenience ----------------------------------------------------------------------
 
-    def generate(self, prompts, params: SamplingParams) -> list[list[int]]:
+    def generate(self, prompts, params: SamplingParams,
+                 adapter: str | None = None) -> list[list[int]]:
         """Runs prompts to completion (with any requests already queued); new ids per prompt."""
-        ids = [self.add_request(p, params) for p in prompts]
+        for p in prompts:  # all or nothing: validate every prompt before queueing any
+            self.model.check_tokens(p, "prompt")
+        ids = [self.add_request(p, params, adapter=adapter) for p in prompts]
         results: dict[str, list[int]] = {}
         while any(i not in results for i in ids):
             for out in self.step():

@@ -13,6 +13,7 @@ import numpy as np
 from coserve_jax.config import ModelConfig
 from coserve_jax.models import llama
 from coserve_jax.weights import load_params, resolve_dtype
+from pallas_kernels.lora import lora_single_reference
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,15 +59,33 @@ def _load_tokenizer(path: str):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_dense_jit(cfg, params, tokens):
-    return llama.forward_dense(cfg, params, tokens)
+def _forward_dense_jit(cfg, params, tokens, adapter_weights, scale):
+    return llama.forward_dense(cfg, params, tokens, adapter_weights, single_adapter_lora(scale))
 
 
-def forward_logits(model: Model, tokens) -> np.ndarray:
+def single_adapter_lora(scale) -> llama.LoraFn:
+    """A ``LoraFn`` applying one adapter ``{module: (a, b)}`` (per layer) to every token."""
+
+    def lora(la, module, x):
+        if la is None or module not in la:
+            return None
+        return lora_single_reference(x, *la[module], scale)
+
+    return lora
+
+
+def adapter_weights(adapter) -> dict:
+    """``{module: (A [L, in, r], B [L, r, out])}`` of a ``LoraAdapter``, as device arrays."""
+    return {m: (jnp.asarray(adapter.a[m]), jnp.asarray(adapter.b[m]))
+            for m in adapter.config.target_modules}
+
+
+def forward_logits(model: Model, tokens, adapter=None) -> np.ndarray:
     """Float32 logits ``[batch, seq, vocab]`` of whole sequences, with no cache.
 
     The plain computation every fast path is held against. ``tokens`` is a
-    rectangular ``[batch, seq]`` array-like (or one ``[seq]`` sequence).
+    rectangular ``[batch, seq]`` array-like (or one ``[seq]`` sequence);
+    ``adapter`` is an optional ``LoraAdapter`` applied to every token.
     """
     arr = np.asarray(tokens)
     if arr.ndim == 1:
@@ -75,4 +94,9 @@ def forward_logits(model: Model, tokens) -> np.ndarray:
         raise ValueError(f"tokens must be [batch, seq] with seq > 0, got shape {arr.shape}")
     for row in arr:
         model.check_tokens(row.tolist(), "tokens")
-    return np.asarray(_forward_dense_jit(model.config, model.params, jnp.asarray(arr, jnp.int32)))
+    weights, scale = None, 0.0
+    if adapter is not None:
+        adapter.check_matches(model.config)
+        weights, scale = adapter_weights(adapter), adapter.config.scale
+    return np.asarray(_forward_dense_jit(model.config, model.params, jnp.asarray(arr, jnp.int32),
+                                         weights, jnp.float32(scale)))

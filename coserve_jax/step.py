@@ -1,9 +1,15 @@
-"""The co-serving step: the one place where the model step is jitted and buffers donated.
+"""The co-serving step and the backward piece: the one place where jit and donation happen.
 
-JIT rules: the step is a pure function of arrays; every Python-level choice
-(model config, attention implementation, whether logits are returned) is fixed
-when the step is built, and array shapes come only from the batch bucket, so
-steady state never recompiles.
+JIT rules: both are pure functions of arrays; every Python-level choice (model
+config, whether finetuning tokens are present, piece size) is fixed when the
+function is built or passed as a static argument, and array shapes come only
+from buckets, so steady state never recompiles. The KV cache and the
+finetuning buffers are donated.
+
+One iteration runs the step (inference tokens and finetuning forward windows
+in one ragged batch) and, when there is one, a backward piece right after it.
+They are two programs rather than one so that their compile variants add up
+instead of multiplying; XLA runs one program at a time either way.
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ import os
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 from coserve_jax.batch import TokenBatch
 from coserve_jax.config import ModelConfig
+from coserve_jax.finetune.buffers import TrainBuffers, drop_negative
 from coserve_jax.kv_cache import KVCache
+from coserve_jax.lora.slots import AdapterSlots, multi_slot_lora
 from coserve_jax.models import llama
 from coserve_jax.sampling import sample_tokens
+from pallas_kernels.lora import lora_single_reference
 from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention_reference,
     write_kv_pages,
@@ -30,24 +40,127 @@ class StepOutput:
     """What one step returns to the host."""
 
     next_tokens: jax.Array  # [S] int32: sampled token of each sequence's logits token
+    seq_loss: jax.Array  # [S] float32: weighted loss of each sequence's finetuning tokens
     logits: jax.Array | None = None  # [S, V] float32, only when built with return_logits
 
 
-def step_fn(cfg: ModelConfig, params, kv: KVCache, batch: TokenBatch, *, return_logits: bool):
-    """The un-jitted step: forward the batch, write KV, sample each sequence's next token."""
-    hidden, kv = llama.forward_paged(
-        cfg, params, kv, batch, ragged_paged_attention_reference, write_kv_pages
-    )
-    logits = llama.lm_head(params, hidden[batch.logits_indices])
+@flax.struct.dataclass
+class BackwardPiece:
+    """Which layers of which training sequence one backward piece covers (scalars)."""
+
+    act_row: jax.Array  # int32: first activation-store row of the sequence
+    layer_start: jax.Array  # int32: first layer of the piece
+    length: jax.Array  # int32: real tokens of the sequence
+    adapter_slot: jax.Array  # int32: the job's slot
+
+
+def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
+            train: TrainBuffers | None, batch: TokenBatch, *, with_train: bool,
+            return_logits: bool):
+    """Forward the ragged batch, write KV, sample; for finetuning tokens also save layer
+    inputs and the loss gradient at the last layer's output."""
+    adapters = lora = None
+    if slots is not None:
+        adapters, lora = slots.per_layer(), multi_slot_lora(slots.scale, batch.adapter_slots)
+    save = None
+    if with_train:
+        rows = drop_negative(batch.act_index, train.num_rows)
+
+        def save(layer, x, acts):
+            return acts.at[layer, rows].set(x.astype(acts.dtype), mode="drop")
+
+    x, kv, acts = llama.forward_paged(
+        cfg, params, kv, batch, ragged_paged_attention_reference, write_kv_pages,
+        adapters=adapters, lora=lora, extra=None if train is None else train.acts,
+        on_layer_input=save)
+    num_seqs = batch.num_seqs
+    if with_train:
+        (_, ce), g = jax.value_and_grad(_head_loss, argnums=2, has_aux=True)(
+            cfg, params, x, batch.labels, batch.loss_weights)
+        train = train.replace(acts=acts, grads_h=train.grads_h.at[rows].set(g, mode="drop"))
+        seq_loss = jax.ops.segment_sum(ce * batch.loss_weights, batch.seq_ids, num_seqs)
+    else:
+        seq_loss = jnp.zeros((num_seqs,), jnp.float32)
+    h = llama.final_norm(cfg, params, x[batch.logits_indices])
+    logits = llama.lm_head(params, h)
     next_tokens = sample_tokens(logits, batch.temperature, batch.top_k, batch.top_p,
                                 batch.seeds, batch.sample_counts)
-    return kv, StepOutput(next_tokens=next_tokens, logits=logits if return_logits else None)
+    out = StepOutput(next_tokens=next_tokens, seq_loss=seq_loss,
+                     logits=logits if return_logits else None)
+    return kv, train, out
+
+
+def _head_loss(cfg, params, x, labels, weights):
+    """Weighted cross-entropy of every token; differentiated w.r.t. the last layer output x."""
+    logits = llama.lm_head(params, llama.final_norm(cfg, params, x))
+    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
+        logits, labels[:, None], axis=-1)[:, 0]
+    return jnp.sum(ce * weights), ce
+
+
+def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,
+                      piece: BackwardPiece, *, num_layers: int, seq_len: int) -> TrainBuffers:
+    """Backpropagates one sequence through ``num_layers`` layers from ``piece.layer_start``.
+
+    Recomputes the layers' forward over the whole sequence (``seq_len`` rows, the
+    sequence's bucket) from the saved input of the first layer, pulls back the
+    stored boundary gradient, accumulates the slot's LoRA gradients and stores
+    the gradient at the piece's input for the next piece.
+    """
+    start, slot = piece.layer_start, piece.adapter_slot
+
+    def layer_slice(w):
+        return jax.lax.dynamic_slice_in_dim(w, start, num_layers, axis=0)
+
+    layers = jax.tree.map(layer_slice, params.layers)
+    own = {m: (layer_slice(jnp.take(slots.a[m], slot, axis=1)),
+               layer_slice(jnp.take(slots.b[m], slot, axis=1))) for m in slots.a}
+    scale = slots.scale[slot]
+    valid = (jnp.arange(seq_len) < piece.length)[:, None]
+    d = cfg.hidden_size
+    h0 = jax.lax.dynamic_slice(train.acts, (start, piece.act_row, 0), (1, seq_len, d))[0]
+    g = jax.lax.dynamic_slice(train.grads_h, (piece.act_row, 0), (seq_len, d))
+    # Rows past the sequence hold stale data: zero them (causality keeps real rows clean).
+    h0, g = jnp.where(valid, h0, 0), jnp.where(valid, g, 0)
+
+    def lora(la, module, x):
+        return None if module not in la else lora_single_reference(x, *la[module], scale)
+
+    def forward(own_weights, h):
+        out, _ = llama.run_layers(cfg, layers, h[None], jnp.arange(seq_len)[None],
+                                  llama.dense_attention, adapters=own_weights, lora=lora,
+                                  first_layer=start)
+        return out[0]
+
+    _, pullback = jax.vjp(forward, own, h0)
+    d_own, dh = pullback(g.astype(h0.dtype))
+
+    def accumulate(acc, grad):  # acc [L, N, ...], grad [num_layers, ...]
+        at = (start, slot) + (0,) * (acc.ndim - 2)
+        size = (num_layers, 1, *acc.shape[2:])
+        cur = jax.lax.dynamic_slice(acc, at, size)
+        return jax.lax.dynamic_update_slice(acc, cur + grad[:, None].astype(acc.dtype), at)
+
+    return train.replace(
+        grads_h=jax.lax.dynamic_update_slice(train.grads_h, dh.astype(jnp.float32),
+                                             (piece.act_row, 0)),
+        grad_a={m: accumulate(train.grad_a[m], d_own[m][0]) for m in train.grad_a},
+        grad_b={m: accumulate(train.grad_b[m], d_own[m][1]) for m in train.grad_b},
+    )
 
 
 def build_step(cfg: ModelConfig, return_logits: bool = False):
-    """``step(params, kv, batch) -> (kv, StepOutput)``, jitted, with ``kv`` donated."""
+    """``step(params, slots, kv, train, batch, with_train=...) -> (kv, train, StepOutput)``,
+    jitted, with ``kv`` and ``train`` donated."""
     fn = functools.partial(step_fn, cfg, return_logits=return_logits)
-    return jax.jit(fn, donate_argnums=(1,))
+    return jax.jit(fn, donate_argnums=(2, 3), static_argnames=("with_train",))
+
+
+def build_backward_piece(cfg: ModelConfig):
+    """``backward(params, slots, train, piece, num_layers=..., seq_len=...) -> train``,
+    jitted, with ``train`` donated."""
+    fn = functools.partial(backward_piece_fn, cfg)
+    return jax.jit(fn, donate_argnums=(2,), static_argnames=("num_layers", "seq_len"))
 
 
 _cache_enabled = False

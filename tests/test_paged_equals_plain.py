@@ -25,9 +25,9 @@ NUM_SEQS = 4
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _paged_logits(cfg, params, kv, batch):
-    hidden, kv = llama.forward_paged(cfg, params, kv, batch, ragged_paged_attention_reference,
-                                     write_kv_pages)
-    return llama.lm_head(params, hidden), kv
+    x, kv, _ = llama.forward_paged(cfg, params, kv, batch, ragged_paged_attention_reference,
+                                   write_kv_pages)
+    return llama.lm_head(params, llama.final_norm(cfg, params, x)), kv
 
 
 def _random_plan(rng: np.random.Generator, lengths: list[int]) -> list[list[tuple[int, int]]]:

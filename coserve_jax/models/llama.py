@@ -92,51 +92,83 @@ def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array
     return y if b is None else y + b
 
 
+# lora(layer_adapter, module_name, x) -> the LoRA update of that projection, or None.
+LoraFn = Callable[[object, str, jax.Array], "jax.Array | None"]
+
+
 def decoder_layer(
     cfg: ModelConfig,
     lp: LayerParams,
+    la: object,
     layer_index: jax.Array,
     x: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
     attention: AttentionFn,
     carry: object,
+    lora: LoraFn | None = None,
 ) -> tuple[jax.Array, object]:
-    """One decoder layer on hidden states ``x [..., D]`` (``lp`` holds one layer)."""
+    """One decoder layer on hidden states ``x [..., D]``.
+
+    ``lp`` holds this layer's weights and ``la`` its adapter weights (whatever
+    ``lora`` understands; None for the base model).
+    """
+
+    def proj(name: str, h: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        y = _linear(h, getattr(lp, name), bias)
+        delta = None if lora is None else lora(la, name, h)
+        return y if delta is None else y + delta.astype(y.dtype)
+
     lead = x.shape[:-1]
     h = rms_norm(x, lp.input_norm, cfg.rms_norm_eps)
-    q = _linear(h, lp.q_proj, lp.q_bias).reshape(*lead, cfg.num_heads, cfg.head_dim)
-    k = _linear(h, lp.k_proj, lp.k_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-    v = _linear(h, lp.v_proj, lp.v_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    q = proj("q_proj", h, lp.q_bias).reshape(*lead, cfg.num_heads, cfg.head_dim)
+    k = proj("k_proj", h, lp.k_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    v = proj("v_proj", h, lp.v_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn, carry = attention(layer_index, q, k, v, carry)
-    x = x + _linear(attn.reshape(*lead, cfg.q_size), lp.o_proj, lp.o_bias)
+    x = x + proj("o_proj", attn.reshape(*lead, cfg.q_size), lp.o_bias)
     h = rms_norm(x, lp.post_norm, cfg.rms_norm_eps)
-    mlp = (jax.nn.silu(h @ lp.gate_proj) * (h @ lp.up_proj)) @ lp.down_proj
+    mlp = proj("down_proj", jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h))
     return x + mlp, carry
 
 
 def run_layers(
     cfg: ModelConfig,
-    params: Params,
+    layers: LayerParams,
     x: jax.Array,
     positions: jax.Array,
     attention: AttentionFn,
     carry: object = None,
+    *,
+    adapters: object = None,
+    lora: LoraFn | None = None,
+    first_layer: jax.Array | int = 0,
+    on_layer_input: Callable[[jax.Array, jax.Array, object], object] | None = None,
 ) -> tuple[jax.Array, object]:
-    """Embedding-to-final-norm: scans the stacked layers and returns normed hidden states."""
+    """Scans stacked ``layers`` (and per-layer ``adapters``) over ``x``; returns the last
+    layer's output, before the final norm.
+
+    ``first_layer`` numbers the layers when ``layers`` is a slice of the model;
+    ``on_layer_input(layer_index, x, carry) -> carry`` sees each layer's input.
+    """
     cos, sin = rope_cos_sin(cfg, positions)
+    num = jax.tree.leaves(layers)[0].shape[0]
 
     def body(state, xs):
         h, c = state
-        lp, i = xs
-        h, c = decoder_layer(cfg, lp, i, h, cos, sin, attention, c)
+        lp, la, i = xs
+        if on_layer_input is not None:
+            c = on_layer_input(i, h, c)
+        h, c = decoder_layer(cfg, lp, la, i, h, cos, sin, attention, c, lora)
         return (h, c), None
 
-    (x, carry), _ = jax.lax.scan(
-        body, (x, carry), (params.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32))
-    )
-    return rms_norm(x, params.final_norm, cfg.rms_norm_eps), carry
+    indices = first_layer + jnp.arange(num, dtype=jnp.int32)
+    (x, carry), _ = jax.lax.scan(body, (x, carry), (layers, adapters, indices))
+    return x, carry
+
+
+def final_norm(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
+    return rms_norm(x, params.final_norm, cfg.rms_norm_eps)
 
 
 def lm_head(params: Params, h: jax.Array) -> jax.Array:
@@ -158,16 +190,20 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Arra
     return out.reshape(b, length, hq, dh).astype(q.dtype)
 
 
-def forward_dense(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+def dense_attention(_, q, k, v, carry):
+    """``AttentionFn`` over whole sequences ``[B, L, H, Dh]``."""
+    return dense_causal_attention(q, k, v), carry
+
+
+def forward_dense(
+    cfg: ModelConfig, params: Params, tokens: jax.Array, adapters: object = None,
+    lora: LoraFn | None = None,
+) -> jax.Array:
     """Logits ``[B, L, V]`` (float32) of whole sequences ``tokens [B, L]``, no cache."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = params.embed[tokens]
-
-    def attention(_, q, k, v, carry):
-        return dense_causal_attention(q, k, v), carry
-
-    h, _ = run_layers(cfg, params, x, positions, attention)
-    return lm_head(params, h)
+    x, _ = run_layers(cfg, params.layers, params.embed[tokens], positions, dense_attention,
+                      adapters=adapters, lora=lora)
+    return lm_head(params, final_norm(cfg, params, x))
 
 
 def init_random_params(cfg: ModelConfig, seed: int, dtype=np.float32, std: float = 0.02):
@@ -208,19 +244,34 @@ def forward_paged(
     batch,  # TokenBatch
     paged_attention: Callable,
     write_kv: Callable,
-) -> tuple[jax.Array, object]:
-    """Runs a ragged token batch through paged KV: returns (normed hidden ``[T, D]``, kv).
+    *,
+    adapters: object = None,
+    lora: LoraFn | None = None,
+    extra: object = None,
+    on_layer_input: Callable[[jax.Array, jax.Array, object], object] | None = None,
+) -> tuple[jax.Array, object, object]:
+    """Runs a ragged token batch through paged KV: returns (last layer output ``[T, D]``
+    before the final norm, kv, extra).
 
     Each layer first writes the batch's K/V into its pages, then every token
     attends over its own sequence's pages, so chunks of one sequence in the same
-    batch see each other causally.
+    batch see each other causally. ``extra`` is threaded through
+    ``on_layer_input(layer, x, extra) -> extra``.
     """
 
-    def attention(layer, q, k, v, cache):
+    def attention(layer, q, k, v, carry):
+        cache, ext = carry
         k_all, v_all = write_kv(cache.k, cache.v, k, v, batch.slots, layer)
         out = paged_attention(q, k_all[layer], v_all[layer], batch.page_tables, batch.seq_ids,
                               batch.positions)
-        return out, cache.replace(k=k_all, v=v_all)
+        return out, (cache.replace(k=k_all, v=v_all), ext)
 
-    x = params.embed[batch.token_ids]
-    return run_layers(cfg, params, x, batch.positions, attention, kv)
+    hook = None
+    if on_layer_input is not None:
+        def hook(layer, x, carry):
+            return carry[0], on_layer_input(layer, x, carry[1])
+
+    x, (kv, extra) = run_layers(cfg, params.layers, params.embed[batch.token_ids],
+                                batch.positions, attention, (kv, extra), adapters=adapters,
+                                lora=lora, on_layer_input=hook)
+    return x, kv, extra

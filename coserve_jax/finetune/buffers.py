@@ -1,0 +1,49 @@
+"""Device buffers of token-level finetuning, threaded through the step and donated.
+
+A training sequence owns one row block of ``max_len`` rows in the activation
+store. Its forward windows save each layer's input there (graph pruning: that
+is all the backward keeps; everything inside a layer, attention included, is
+recomputed). The loss gradient w.r.t. the last layer's output goes into
+``grads_h``, and each backward piece (a few layers over the whole sequence)
+replaces it with the gradient w.r.t. the input of the piece's first layer,
+while adding LoRA gradients into the per-slot accumulators.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from coserve_jax.config import ModelConfig
+from coserve_jax.lora.slots import AdapterSlots
+
+
+@flax.struct.dataclass
+class TrainBuffers:
+    """Saved activations, boundary gradients and LoRA gradient accumulators."""
+
+    acts: jax.Array  # [L, A * max_len, D] model dtype: input of every layer, per token
+    grads_h: jax.Array  # [A * max_len, D] float32: dLoss/d(hidden) at the current boundary
+    grad_a: dict[str, jax.Array]  # module -> [L, N, in, R] float32
+    grad_b: dict[str, jax.Array]  # module -> [L, N, R, out] float32
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, slots: AdapterSlots, num_seqs: int, max_len: int,
+              dtype) -> TrainBuffers:
+        rows = num_seqs * max_len
+        return cls(
+            acts=jnp.zeros((cfg.num_layers, rows, cfg.hidden_size), dtype),
+            grads_h=jnp.zeros((rows, cfg.hidden_size), jnp.float32),
+            grad_a={m: jnp.zeros(a.shape, jnp.float32) for m, a in slots.a.items()},
+            grad_b={m: jnp.zeros(b.shape, jnp.float32) for m, b in slots.b.items()},
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return self.grads_h.shape[0]
+
+
+def drop_negative(index: jax.Array, size: int) -> jax.Array:
+    """Maps -1 ("nowhere") to an out-of-range index that ``mode="drop"`` scatters discard."""
+    return jnp.where(index < 0, size, index)

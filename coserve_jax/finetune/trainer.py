@@ -1,0 +1,363 @@
+"""Host side of token-level finetuning: jobs, sequences in flight, pieces, optimizer steps.
+
+A job trains one sequence at a time. The sequence's forward goes in windows
+that the engine adds to its ragged batch after the inference tokens; their K/V
+go into paged KV so later windows attend to earlier ones, and each layer's input
+is saved in the activation store. When the last window is done its pages are
+freed and backward pieces (``backward_layers`` layers over the whole sequence,
+from the top) run one per iteration. After the piece that reaches layer 0 the
+sequence's LoRA gradients are complete; after ``sequences_per_step`` sequences
+the job takes an optimizer step and writes the new weights into its adapter
+slot, so inference requests naming the job see them at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coserve_jax.batch import SeqChunk, powers_of_two
+from coserve_jax.config import ModelConfig
+from coserve_jax.finetune.buffers import TrainBuffers
+from coserve_jax.finetune.checkpoint import JobCheckpointer
+from coserve_jax.finetune.data import TrainSequence, labels_and_weights
+from coserve_jax.finetune.job import FinetuneJob, JobProgress
+from coserve_jax.kv_cache import PageAllocator
+from coserve_jax.lora.adapter import LoraAdapter
+from coserve_jax.lora.slots import AdapterRegistry, write_slot
+from coserve_jax.step import BackwardPiece, build_backward_piece
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Capacity and granularity of finetuning inside the engine."""
+
+    max_seqs: int
+    """Training sequences in flight at once (rows of the activation store)."""
+    max_len: int
+    """Longest training sequence (tokens)."""
+    window: int
+    """Forward-window tokens per sequence per iteration at most."""
+    backward_layers: int
+    """Layers per backward piece (must divide the model's layers)."""
+    min_seq_bucket: int = 16
+    """Smallest sequence-length bucket of the backward piece."""
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A training sequence between its first forward window and its last backward piece."""
+
+    job: JobRun
+    seq: TrainSequence
+    labels: np.ndarray
+    weights: np.ndarray
+    act_slot: int
+    kv_id: tuple
+    forwarded: int = 0
+    layers_left: int = 0  # layers still to backpropagate (0 while forwarding)
+    loss: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return len(self.seq.tokens)
+
+
+class JobRun:
+    """A job's live state: adapter weights, optimizer state, data position, counters."""
+
+    def __init__(self, spec: FinetuneJob, slot: int, adapter: LoraAdapter, table_modules):
+        self.spec = spec
+        self.slot = slot
+        self.state = "running"
+        self.error: str | None = None
+        self.tx = spec.optimizer.build(spec.total_steps)
+        self.params = {m: {"a": jnp.asarray(adapter.a[m]), "b": jnp.asarray(adapter.b[m])}
+                       for m in spec.lora.target_modules}
+        self.opt_state = self.tx.init(self.params)
+        self.step = 0
+        self.seqs_started = 0  # global sequence counter over epochs
+        self.seqs_done = 0
+        self.seqs_in_step = 0
+        self.loss_in_step = 0.0
+        self.losses: list[float] = []
+        self.grad_norm: float | None = None
+        self.tokens_trained = 0
+        self.tokens_scheduled = 0
+        self.started = time.monotonic()
+        self.inflight: InFlight | None = None
+        n = len(spec.dataset)
+        self.total_seqs = (spec.max_steps * spec.sequences_per_step if spec.max_steps
+                           else spec.epochs * n)
+        self._apply = jax.jit(functools.partial(
+            _apply_update, self.tx, spec.lora.r, tuple(table_modules),
+            spec.lora.target_modules), donate_argnums=(0, 1, 2))
+        self.checkpointer = (JobCheckpointer(spec.checkpoint_dir) if spec.checkpoint_dir
+                             else None)
+
+    def seqs_for_step(self, step: int) -> int:
+        return min(self.spec.sequences_per_step,
+                   self.total_seqs - step * self.spec.sequences_per_step)
+
+    def next_sequence(self) -> TrainSequence | None:
+        if self.seqs_started >= self.total_seqs:
+            return None
+        n = len(self.spec.dataset)
+        epoch, index = divmod(self.seqs_started, n)
+        order = self.spec.dataset.order(epoch, self.spec.seed)
+        self.seqs_started += 1
+        return self.spec.dataset[int(order[index])]
+
+    def progress(self) -> JobProgress:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        lr = float(self.spec.optimizer.schedule_fn(self.spec.total_steps)(self.step))
+        return JobProgress(
+            name=self.spec.name, state=self.state, step=self.step,
+            total_steps=self.spec.total_steps, loss=self.losses[-1] if self.losses else None,
+            losses=list(self.losses), learning_rate=lr, grad_norm=self.grad_norm,
+            tokens_trained=self.tokens_trained, tokens_per_s=self.tokens_trained / elapsed,
+            epoch=self.seqs_done // len(self.spec.dataset), error=self.error)
+
+    def meta(self) -> dict:
+        return {"step": self.step, "seqs_done": self.seqs_done, "losses": self.losses,
+                "tokens_trained": self.tokens_trained, "seed": self.spec.seed,
+                "name": self.spec.name}
+
+    def restore(self) -> bool:
+        if self.checkpointer is None:
+            return False
+        restored = self.checkpointer.restore(self.params, self.opt_state)
+        if restored is None:
+            return False
+        self.params, self.opt_state, meta = restored
+        self.step = int(meta["step"])
+        self.seqs_done = self.seqs_started = int(meta["seqs_done"])
+        self.losses = [float(x) for x in meta["losses"]]
+        self.tokens_trained = int(meta["tokens_trained"])
+        log.info("job %s resumed at step %d", self.spec.name, self.step)
+        return True
+
+
+def _apply_update(tx, rank, table_modules, targets, params, opt_state,
+                  train: TrainBuffers, slot, num_seqs):
+    """One optimizer step from the slot's accumulated gradients (averaged over sequences)."""
+    grads = {m: {"a": jnp.take(train.grad_a[m], slot, axis=1)[..., :rank] / num_seqs,
+                 "b": jnp.take(train.grad_b[m], slot, axis=1)[:, :rank, :] / num_seqs}
+             for m in targets}
+    grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    train = train.replace(
+        grad_a={m: g.at[:, slot].set(0.0) for m, g in train.grad_a.items()},
+        grad_b={m: g.at[:, slot].set(0.0) for m, g in train.grad_b.items()})
+    padded_a, padded_b = {}, {}
+    for m in table_modules:
+        a_shape = train.grad_a[m].shape[:1] + train.grad_a[m].shape[2:]
+        b_shape = train.grad_b[m].shape[:1] + train.grad_b[m].shape[2:]
+        pa, pb = jnp.zeros(a_shape, jnp.float32), jnp.zeros(b_shape, jnp.float32)
+        if m in params:
+            pa = pa.at[..., :rank].set(params[m]["a"])
+            pb = pb.at[:, :rank].set(params[m]["b"])
+        padded_a[m], padded_b[m] = pa, pb
+    return params, opt_state, train, padded_a, padded_b, grad_norm
+
+
+class Trainer:
+    """Runs every finetuning job of one engine."""
+
+    def __init__(self, cfg: ModelConfig, registry: AdapterRegistry, allocator: PageAllocator,
+                 config: TrainerConfig, dtype):
+        if cfg.num_layers % config.backward_layers:
+            raise ValueError(f"backward_layers ({config.backward_layers}) must divide the "
+                             f"model's {cfg.num_layers} layers")
+        self.cfg = cfg
+        self.registry = registry
+        self.allocator = allocator
+        self.config = config
+        self.buffers = TrainBuffers.zeros(cfg, registry.table, config.max_seqs, config.max_len,
+                                          dtype)
+        self.seq_buckets = powers_of_two(min(config.min_seq_bucket, config.max_len),
+                                         config.max_len)
+        self.jobs: dict[str, JobRun] = {}
+        self._free_act = list(range(config.max_seqs - 1, -1, -1))
+        self._backward = build_backward_piece(cfg)
+        self._kv_ids = 0
+
+    # ----- jobs -----------------------------------------------------------------------------
+
+    def submit(self, spec: FinetuneJob) -> JobProgress:
+        """Validates a job, gives it an adapter slot, resumes it from its checkpoint if any."""
+        if spec.name in self.jobs or spec.name in self.registry.names():
+            raise ValueError(f"an adapter or job named {spec.name!r} already exists")
+        longest = max(len(s.tokens) for s in spec.dataset)
+        if longest > self.config.max_len:
+            raise ValueError(f"job {spec.name!r} has a sequence of {longest} tokens; the engine "
+                             f"trains at most {self.config.max_len} (EngineConfig.max_train_len)")
+        adapter = LoraAdapter.zeros_b(spec.name, spec.lora, self.cfg, spec.seed)
+        self.registry.check_loadable(adapter)
+        slot = self.registry.load(adapter)
+        run = JobRun(spec, slot, adapter, self.registry.modules)
+        self.jobs[spec.name] = run
+        if run.restore():
+            self._publish(run)
+            if run.step >= spec.total_steps:
+                self._finish(run)
+        return run.progress()
+
+    def cancel(self, name: str) -> None:
+        run = self.jobs[name]
+        if run.state == "running":
+            self._drop_inflight(run)
+            run.state = "cancelled"
+
+    def has_work(self) -> bool:
+        return any(r.state == "running" for r in self.jobs.values())
+
+    # ----- forward windows ------------------------------------------------------------------
+
+    def forward_windows(self, budget: int, max_seqs: int) -> list[tuple[InFlight, SeqChunk]]:
+        """Windows of training sequences for this iteration, within budget and free pages."""
+        out = []
+        runs = sorted((r for r in self.jobs.values() if r.state == "running"),
+                      key=lambda r: r.tokens_scheduled / r.spec.weight)
+        for run in runs:
+            if budget <= 0 or len(out) >= max_seqs:
+                break
+            f = run.inflight or self._start_sequence(run)
+            if f is None or f.layers_left:  # nothing to start, or in backward
+                continue
+            n = min(self.config.window, f.length - f.forwarded, budget)
+            if not self.allocator.can_grow(f.kv_id, f.forwarded + n):
+                continue  # finetuning yields: inference keeps the pages
+            table = self.allocator.grow(f.kv_id, f.forwarded + n)
+            sl = slice(f.forwarded, f.forwarded + n)
+            out.append((f, SeqChunk(
+                token_ids=list(f.seq.tokens[sl]), start_position=f.forwarded,
+                page_table=table, adapter_slot=run.slot, labels=f.labels[sl],
+                loss_weights=f.weights[sl], act_base=f.act_slot * self.config.max_len)))
+            run.tokens_scheduled += n
+            budget -= n
+        return out
+
+    def _start_sequence(self, run: JobRun) -> InFlight | None:
+        if not self._free_act:
+            return None
+        seq = run.next_sequence()
+        if seq is None:
+            return None
+        labels, weights = labels_and_weights(seq)
+        self._kv_ids += 1
+        run.inflight = InFlight(run, seq, labels, weights, self._free_act.pop(),
+                                ("train", run.spec.name, self._kv_ids))
+        return run.inflight
+
+    def after_forward(self, windows: list[tuple[InFlight, SeqChunk]], seq_loss) -> None:
+        """Books the windows a step ran; a finished forward frees its pages."""
+        for i, (f, chunk) in enumerate(windows):
+            f.forwarded += len(chunk.token_ids)
+            f.loss += float(seq_loss[i])
+            if f.forwarded == f.length:
+                self.allocator.free(f.kv_id)
+                f.layers_left = self.cfg.num_layers
+
+    # ----- backward pieces ------------------------------------------------------------------
+
+    def warmup(self, params, progress: bool = True) -> None:
+        """Compiles the backward piece for every sequence bucket (a zero-length piece is a
+        no-op: every row is masked, so nothing is accumulated)."""
+        from tqdm.auto import tqdm
+
+        empty = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0), length=np.int32(0),
+                              adapter_slot=np.int32(0))
+        for seq_len in tqdm(self.seq_buckets, desc="compiling backward", disable=not progress):
+            self.buffers = self._backward(params, self.registry.table, self.buffers, empty,
+                                          num_layers=self.config.backward_layers,
+                                          seq_len=seq_len)
+        jax.block_until_ready(self.buffers.grads_h)
+
+    def run_backward_piece(self, params) -> bool:
+        """Runs one backward piece of the sequence furthest along; False if none is ready.
+
+        ``params`` are the frozen base weights the piece recomputes its layers with.
+        """
+        ready = [r.inflight for r in self.jobs.values()
+                 if r.state == "running" and r.inflight and r.inflight.layers_left]
+        if not ready:
+            return False
+        f = min(ready, key=lambda x: x.layers_left)
+        k = self.config.backward_layers
+        start = f.layers_left - k
+        seq_len = next(b for b in self.seq_buckets if b >= f.length)
+        piece = BackwardPiece(
+            act_row=np.int32(f.act_slot * self.config.max_len), layer_start=np.int32(start),
+            length=np.int32(f.length), adapter_slot=np.int32(f.job.slot))
+        self.buffers = self._backward(params, self.registry.table, self.buffers, piece,
+                                      num_layers=k, seq_len=seq_len)
+        f.layers_left = start
+        if start == 0:
+            self._sequence_done(f)
+        return True
+
+    def _sequence_done(self, f: InFlight) -> None:
+        run = f.job
+        run.inflight = None
+        self._free_act.append(f.act_slot)
+        run.seqs_done += 1
+        run.seqs_in_step += 1
+        run.loss_in_step += f.loss
+        run.tokens_trained += f.length
+        if run.seqs_in_step == run.seqs_for_step(run.step):
+            self._optimizer_step(run)
+
+    def _optimizer_step(self, run: JobRun) -> None:
+        n = run.seqs_in_step
+        (run.params, run.opt_state, self.buffers, padded_a, padded_b,
+         grad_norm) = run._apply(run.params, run.opt_state, self.buffers,
+                                 np.int32(run.slot), np.float32(n))
+        self.registry.table = write_slot(self.registry.table, np.int32(run.slot), padded_a,
+                                         padded_b, np.float32(run.spec.lora.scale))
+        run.grad_norm = float(grad_norm)
+        run.losses.append(run.loss_in_step / n)
+        run.step += 1
+        run.seqs_in_step, run.loss_in_step = 0, 0.0
+        every = run.spec.checkpoint_every
+        done = run.step >= run.spec.total_steps
+        if run.checkpointer is not None and (done or (every and run.step % every == 0)):
+            run.checkpointer.save(run.step, run.params, run.opt_state, run.meta())
+        if done:
+            self._finish(run)
+
+    def _finish(self, run: JobRun) -> None:
+        run.state = "completed"
+        if run.spec.export_dir:
+            from coserve_jax.lora.peft_io import save_adapter
+
+            save_adapter(self.adapter_of(run), run.spec.export_dir)
+
+    def _publish(self, run: JobRun) -> None:
+        """Writes the job's current weights into its slot (after a restore)."""
+        self.registry.write(run.slot, self.adapter_of(run))
+
+    def adapter_of(self, run: JobRun) -> LoraAdapter:
+        """The job's latest weights as a ``LoraAdapter`` (host copy)."""
+        return LoraAdapter(
+            run.spec.name, run.spec.lora,
+            {m: np.asarray(p["a"]) for m, p in run.params.items()},
+            {m: np.asarray(p["b"]) for m, p in run.params.items()})
+
+    def _drop_inflight(self, run: JobRun) -> None:
+        f = run.inflight
+        if f is None:
+            return
+        self.allocator.free(f.kv_id)
+        self._free_act.append(f.act_slot)
+        run.inflight = None
+        run.seqs_started -= 1

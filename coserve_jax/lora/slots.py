@@ -1,0 +1,153 @@
+"""The adapter slot table of the step and the host registry that fills it.
+
+The table is a fixed-size pytree (slots x layers x padded rank) that the step
+reads; loading, replacing or unloading an adapter writes one slot through a
+jitted, donated update whose shapes never change, so nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coserve_jax.config import ModelConfig
+from coserve_jax.lora.adapter import LoraAdapter, module_shape
+from coserve_jax.lora.config import ALL_TARGETS
+from pallas_kernels.lora import lora_multi_slot_reference
+
+
+@flax.struct.dataclass
+class AdapterSlots:
+    """LoRA weights of every slot, layers leading so the layer scan slices them."""
+
+    a: dict[str, jax.Array]  # module -> [L, N, in, R]
+    b: dict[str, jax.Array]  # module -> [L, N, R, out]
+    scale: jax.Array  # [N] float32; 0 for an empty slot
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, num_slots: int, max_rank: int,
+              modules: tuple[str, ...], dtype) -> AdapterSlots:
+        a, b = {}, {}
+        for m in modules:
+            fan_in, fan_out = module_shape(cfg, m)
+            a[m] = jnp.zeros((cfg.num_layers, num_slots, fan_in, max_rank), dtype)
+            b[m] = jnp.zeros((cfg.num_layers, num_slots, max_rank, fan_out), dtype)
+        return cls(a=a, b=b, scale=jnp.zeros((num_slots,), jnp.float32))
+
+    def per_layer(self) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """What the layer scan slices: module -> (a, b) with layers leading."""
+        return {m: (self.a[m], self.b[m]) for m in self.a}
+
+
+def multi_slot_lora(scale: jax.Array, slot_ids: jax.Array):
+    """A ``LoraFn`` for the ragged batch: each token uses its own slot (or none)."""
+
+    def lora(la, module, x):
+        if la is None or module not in la:
+            return None
+        a, b = la[module]
+        return lora_multi_slot_reference(x, a, b, scale, slot_ids)
+
+    return lora
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def write_slot(slots: AdapterSlots, index, a, b, scale) -> AdapterSlots:
+    return AdapterSlots(
+        a={m: slots.a[m].at[:, index].set(a[m].astype(slots.a[m].dtype)) for m in slots.a},
+        b={m: slots.b[m].at[:, index].set(b[m].astype(slots.b[m].dtype)) for m in slots.b},
+        scale=slots.scale.at[index].set(scale),
+    )
+
+
+@dataclasses.dataclass
+class SlotInfo:
+    name: str
+    index: int
+    adapter: LoraAdapter
+
+
+class AdapterRegistry:
+    """Names to slots, and the device table they live in."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int,
+                 modules: tuple[str, ...] = ALL_TARGETS, dtype=jnp.float32):
+        self.cfg = cfg
+        self.max_rank = max_rank
+        self.modules = tuple(m for m in ALL_TARGETS if m in modules)
+        self.table = AdapterSlots.zeros(cfg, num_slots, max_rank, self.modules, dtype)
+        self._by_name: dict[str, SlotInfo] = {}
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.table.scale.shape[0])
+
+    def check_loadable(self, adapter: LoraAdapter, replace: bool = False) -> None:
+        """Raises ``ValueError`` for an adapter this table cannot hold."""
+        adapter.check_matches(self.cfg)
+        if adapter.config.r > self.max_rank:
+            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.config.r}, above the "
+                             f"slot maximum {self.max_rank}")
+        extra = set(adapter.config.target_modules) - set(self.modules)
+        if extra:
+            raise ValueError(f"adapter {adapter.name!r} targets {sorted(extra)}, which this "
+                             f"engine's slots do not carry (configured: {list(self.modules)})")
+        if adapter.name in self._by_name and not replace:
+            raise ValueError(f"an adapter named {adapter.name!r} is already loaded")
+        if adapter.name not in self._by_name and not self._free:
+            raise ValueError(f"all {self.num_slots} adapter slots are in use")
+
+    def load(self, adapter: LoraAdapter, replace: bool = False) -> int:
+        """Writes the adapter into a slot (its own slot when replacing); returns the index."""
+        self.check_loadable(adapter, replace)
+        info = self._by_name.get(adapter.name)
+        index = info.index if info is not None else self._free.pop()
+        self.write(index, adapter)
+        self._by_name[adapter.name] = SlotInfo(adapter.name, index, adapter)
+        return index
+
+    def write(self, index: int, adapter: LoraAdapter) -> None:
+        """Writes weights into slot ``index`` (padding the rank with zeros)."""
+        a, b = {}, {}
+        for m in self.modules:
+            fan_in, fan_out = module_shape(self.cfg, m)
+            pa = np.zeros((self.cfg.num_layers, fan_in, self.max_rank), np.float32)
+            pb = np.zeros((self.cfg.num_layers, self.max_rank, fan_out), np.float32)
+            if m in adapter.config.target_modules:
+                r = adapter.config.r
+                pa[..., :r] = np.asarray(adapter.a[m])
+                pb[:, :r] = np.asarray(adapter.b[m])
+            a[m], b[m] = pa, pb
+        self.table = write_slot(self.table, np.int32(index), a, b,
+                                 np.float32(adapter.config.scale))
+
+    def unload(self, name: str) -> None:
+        info = self._by_name.pop(name, None)
+        if info is None:
+            raise KeyError(f"no adapter named {name!r}")
+        self.table = write_slot(
+            self.table, np.int32(info.index),
+            {m: np.zeros(self.table.a[m].shape[2:], np.float32) for m in self.modules},
+            {m: np.zeros(self.table.b[m].shape[2:], np.float32) for m in self.modules},
+            np.float32(0.0))
+        self._free.append(info.index)
+
+    def slot_of(self, name: str | None) -> int:
+        """The slot index of an adapter name; -1 for None (the base model)."""
+        if name is None:
+            return -1
+        if name not in self._by_name:
+            raise KeyError(f"no adapter named {name!r}")
+        return self._by_name[name].index
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def get(self, name: str) -> LoraAdapter:
+        return self._by_name[name].adapter
