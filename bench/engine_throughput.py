@@ -6,6 +6,7 @@ prints ratios, since absolute figures on a shared machine are noisy:
 
     python bench/engine_throughput.py            # full run, appends to BENCHMARKS.md
     python bench/engine_throughput.py --quick --no-record
+    python bench/engine_throughput.py --cpus 1   # a loaded shared machine: pin both to 1 CPU
 
 ``--shapes llama3-8b`` is meant for a GPU: it builds Llama-3.1-8B shapes with
 random bfloat16 weights on the device (no checkpoint) and holds decode step
@@ -57,13 +58,12 @@ def machine_info() -> dict[str, str]:
     device = jax.devices()[0]
     info = {
         "cpu": cpu,
-        "cores": str(os.cpu_count()),
+        "cores": f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} used)",
         "jax backend": f"{jax.default_backend()} ({device.device_kind}, {jax.device_count()} dev)",
         "versions": f"jax {jax.__version__}, python {platform.python_version()}",
         "coserve_jax": library_revision(),
     }
-    if hasattr(os, "getloadavg"):
-        info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return info
 
 
@@ -135,73 +135,94 @@ class CpuSizes:
     repeats: int = 5
 
 
-def engine_rates(engine: Engine, sizes: CpuSizes, rng: np.random.Generator) -> dict[str, float]:
-    """Decode and prefill tokens/s of the engine (warmed up first).
+class CoserveSide:
+    """The engine (default EngineConfig, every bucket compiled up front)."""
 
-    Decode time is generate(N tokens) minus generate(1 token), so prefill and
-    per-request setup are left out: (N - 1) decode steps per prompt.
+    def __init__(self, model: Model, config: EngineConfig):
+        self.engine = Engine(model, config)
+        self.engine.warmup(progress=False)
+
+    def decode(self, prompts: list[list[int]], n: int) -> None:
+        self.engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+
+    def prefill(self, prompts: list[list[int]]) -> None:
+        self.decode(prompts, 1)
+
+
+class TransformersSide:
+    """transformers in float32: greedy ``generate`` with its KV cache, one batched forward."""
+
+    def __init__(self, path: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def decode(self, prompts: list[list[int]], n: int) -> None:
+        # Equal-length prompts: no padding, so left-padding questions never arise.
+        ids = self.torch.tensor(prompts)
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=self.torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,  # masks EOS: the counterpart of ignore_eos
+                pad_token_id=0,
+            )
+        assert out.shape[1] == ids.shape[1] + n
+
+    def prefill(self, prompts: list[list[int]]) -> None:
+        with self.torch.inference_mode():  # the engine also computes last-token logits only
+            self.model(input_ids=self.torch.tensor(prompts), logits_to_keep=1)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, after one warm call each, run in turn every round.
+
+    Interleaving makes every function see the same load on a shared machine.
     """
-    vocab = engine.model.config.vocab_size
-    engine.warmup(progress=False)
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def cpu_rates(
+    sides: dict[str, CoserveSide | TransformersSide], sizes: CpuSizes, vocab: int
+) -> dict[str, dict[str, float]]:
+    """``{metric: {side: tokens/s}}``.
+
+    Decode time is t(generate N tokens) - t(generate 1 token), so prefill and
+    per-call setup are left out: (N - 1) decode steps per prompt, on both sides.
+    """
+    rng = np.random.default_rng(0)
+    n = sizes.decode_tokens
     rates = {}
     for batch in sizes.decode_batches:
         prompts = random_prompts(rng, batch, sizes.decode_prompt_len, vocab)
-
-        def run(n: int, prompts: list[list[int]] = prompts) -> None:
-            engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
-
-        run(sizes.decode_tokens)  # untimed pass: host-side caches, allocator
-        t_one = median_time(lambda run=run: run(1), sizes.repeats)
-        t_all = median_time(lambda run=run: run(sizes.decode_tokens), sizes.repeats)
-        rates[f"decode b={batch}"] = batch * (sizes.decode_tokens - 1) / (t_all - t_one)
+        fns = {}
+        for name, side in sides.items():
+            fns[f"{name} 1"] = functools.partial(side.decode, prompts, 1)
+            fns[f"{name} N"] = functools.partial(side.decode, prompts, n)
+        t = interleaved_medians(fns, sizes.repeats)
+        metric = f"decode b={batch}, {sizes.decode_prompt_len}-tok prompts, {n} new"
+        rates[metric] = {
+            name: batch * (n - 1) / (t[f"{name} N"] - t[f"{name} 1"]) for name in sides
+        }
     prompts = random_prompts(rng, sizes.prefill_prompts, sizes.prefill_len, vocab)
-    params = SamplingParams(max_tokens=1, ignore_eos=True)
-    engine.generate(prompts, params)
-    t = median_time(lambda: engine.generate(prompts, params), sizes.repeats)
-    rates["prefill"] = sizes.prefill_prompts * sizes.prefill_len / t
-    return rates
-
-
-def transformers_rates(path: str, sizes: CpuSizes, rng: np.random.Generator) -> dict[str, float]:
-    """The same measurements with transformers (float32, greedy, KV cache on)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    vocab = model.config.vocab_size
-    rates = {}
-    for batch in sizes.decode_batches:
-        # Equal-length prompts: no padding, so left-padding questions never arise.
-        ids = torch.tensor(random_prompts(rng, batch, sizes.decode_prompt_len, vocab))
-
-        def run(n: int, ids: torch.Tensor = ids) -> None:
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    do_sample=False,
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    pad_token_id=0,
-                )  # min_new_tokens masks EOS: the counterpart of ignore_eos
-            assert out.shape[1] == ids.shape[1] + n
-
-        run(sizes.decode_tokens)  # warm-up
-        t_one = median_time(lambda run=run: run(1), sizes.repeats)
-        t_all = median_time(lambda run=run: run(sizes.decode_tokens), sizes.repeats)
-        rates[f"decode b={batch}"] = batch * (sizes.decode_tokens - 1) / (t_all - t_one)
-    ids = torch.tensor(random_prompts(rng, sizes.prefill_prompts, sizes.prefill_len, vocab))
-
-    def prefill() -> None:
-        with torch.inference_mode():
-            model(input_ids=ids, logits_to_keep=1)  # the engine also keeps last-token logits
-
-    prefill()
-    rates["prefill"] = (
-        sizes.prefill_prompts * sizes.prefill_len / median_time(prefill, sizes.repeats)
-    )
+    fns = {name: functools.partial(side.prefill, prompts) for name, side in sides.items()}
+    t = interleaved_medians(fns, sizes.repeats)
+    metric = f"prefill {sizes.prefill_prompts}x{sizes.prefill_len} tok"
+    rates[metric] = {name: len(prompts) * sizes.prefill_len / t[name] for name in sides}
     return rates
 
 
@@ -212,30 +233,38 @@ def run_cpu(args: argparse.Namespace) -> None:
     if args.repeats:
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
     info = machine_info()
+    cpus = len(os.sched_getaffinity(0))
+    if cpus > 1 and os.getloadavg()[0] > cpus:
+        print(
+            f"warning: load average {os.getloadavg()[0]:.1f} exceeds the {cpus} CPUs in use; "
+            "torch's OpenMP threads stall when oversubscribed, try --cpus 1"
+        )
     path = coserve_jax.tiny_model_dir()
     model = coserve_jax.load_model(path, dtype="float32", progress=False)
+    mc = model.config
+    info["model"] = (
+        f"{os.path.basename(path)} ({mc.num_layers} layers, hidden {mc.hidden_size}, "
+        f"{mc.num_heads}/{mc.num_kv_heads} heads, vocab {mc.vocab_size}, float32)"
+    )
     config = EngineConfig()  # the defaults: 128-token budget, 16 sequences, max_model_len 2048
-    print(f"tiny model: {path}\n{sizes}\n{config}\ncoserve engine ...", flush=True)
-    coserve = engine_rates(Engine(model, config), sizes, np.random.default_rng(0))
-    print("transformers ...", flush=True)
-    reference = transformers_rates(path, sizes, np.random.default_rng(0))
+    print(f"tiny model: {path}\n{sizes}\n{config}\ncompiling and measuring ...", flush=True)
+    sides = {"coserve": CoserveSide(model, config), "transformers": TransformersSide(path)}
+    rates = cpu_rates(sides, sizes, model.config.vocab_size)
+
     import torch
     import transformers
 
     info["versions"] += f", torch {torch.__version__}, transformers {transformers.__version__}"
     info["torch threads"] = str(torch.get_num_threads())
-
-    what = {
-        "prefill": f"prefill {sizes.prefill_prompts}x{sizes.prefill_len} tok",
-        **{
-            f"decode b={b}": f"decode b={b}, {sizes.decode_prompt_len}-tok prompts, "
-            f"{sizes.decode_tokens} new"
-            for b in sizes.decode_batches
-        },
-    }
+    info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows = [
-        [what[key], f"{rate:,.0f}", f"{reference[key]:,.0f}", f"{rate / reference[key]:.2f}"]
-        for key, rate in coserve.items()
+        [
+            metric,
+            f"{r['coserve']:,.0f}",
+            f"{r['transformers']:,.0f}",
+            f"{r['coserve'] / r['transformers']:.2f}",
+        ]
+        for metric, r in rates.items()
     ]
     header = [
         "metric (tiny Llama, float32, greedy)",
@@ -246,10 +275,11 @@ def run_cpu(args: argparse.Namespace) -> None:
     table = markdown_table(header, rows)
     print("\n" + table + "\n")
     notes = (
-        f"Median of {sizes.repeats} runs after warm-up. Decode tok/s = batch x (N - 1) / "
-        "(t(generate N) - t(generate 1)), i.e. prefill excluded, for both. Engine: default "
-        "EngineConfig, so prefill runs in chunks of max_num_batched_tokens=128; "
-        "transformers prefill is one batched forward with logits_to_keep=1."
+        f"Median of {sizes.repeats} rounds after a warm-up, coserve and transformers "
+        "interleaved in every round. Decode tok/s = batch x (N - 1) / (t(generate N) - "
+        "t(generate 1)), i.e. prefill excluded, for both. Engine: default EngineConfig, so "
+        "prefill runs in chunks of max_num_batched_tokens=128; transformers prefill is one "
+        "batched forward with logits_to_keep=1."
     )
     print(notes)
     if not args.no_record:
@@ -591,7 +621,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller, faster run")
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        help="pin the process to this many CPUs (both jax and torch size their thread pools "
+        "from it); steadier ratios on a shared machine",
+    )
     args = parser.parse_args(argv)
+    if args.cpus:  # before jax or torch start their thread pools
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
     if args.layers and not args.shapes:
         parser.error("--layers needs --shapes")
     if args.shapes:

@@ -73,11 +73,16 @@ class EngineConfig:
     """Tokens of one training sequence's forward per iteration at most."""
     backward_layers: int = 1
     """Layers per backward piece (must divide the model's layers): the piece-size knob."""
+    backward_pieces_per_step: int = 1
+    """Backward pieces run after each step at most."""
+    backward_attention_block: int = 256
+    """Queries per attention block in backward pieces (bounds their attention memory)."""
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
                      "min_token_bucket", "min_seq_bucket", "min_page_bucket",
-                     "max_lora_rank", "train_window", "backward_layers"):
+                     "max_lora_rank", "train_window", "backward_layers",
+                     "backward_pieces_per_step", "backward_attention_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
@@ -152,7 +157,8 @@ class Engine:
                                  f"[2, model length {self.max_model_len}]")
             self.trainer = Trainer(mc, self.registry, self.allocator, TrainerConfig(
                 max_seqs=config.max_train_seqs, max_len=max_train_len,
-                window=config.train_window, backward_layers=config.backward_layers),
+                window=config.train_window, backward_layers=config.backward_layers,
+                attention_block=config.backward_attention_block),
                 model.dtype)
         self.buckets = tuple(sorted(
             (Bucket(t, s, w, train)
@@ -303,7 +309,9 @@ class Engine:
                 seq_loss = np.asarray(out.seq_loss)[len(scheduled):]
                 self.trainer.after_forward(windows, seq_loss)
         if self.trainer is not None:
-            self.trainer.run_backward_piece(self.model.params)
+            for _ in range(self.config.backward_pieces_per_step):
+                if not self.trainer.run_backward_piece(self.model.params):
+                    break
         return outputs
 
     def _slots(self):

@@ -73,6 +73,15 @@ def sample_tokens(
     tokens depend only on its seed and position, never on what it is batched with.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # All-greedy batches (the common case) skip the vocabulary sort entirely.
+    return jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: jnp.where(temperature > 0, _sample(logits, temperature, top_k, top_p, seeds,
+                                                   sample_counts), greedy),
+        lambda: greedy)
+
+
+def _sample(logits, temperature, top_k, top_p, seeds, sample_counts) -> jax.Array:
     vocab = logits.shape[-1]
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
@@ -93,5 +102,4 @@ def sample_tokens(
         key = jax.random.fold_in(jax.random.key(seed.astype(jnp.uint32)), count)
         return jax.random.categorical(key, row)
 
-    sampled = jax.vmap(draw)(seeds, sample_counts, masked).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    return jax.vmap(draw)(seeds, sample_counts, masked).astype(jnp.int32)

@@ -99,13 +99,16 @@ def _head_loss(cfg, params, x, labels, weights):
 
 
 def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,
-                      piece: BackwardPiece, *, num_layers: int, seq_len: int) -> TrainBuffers:
+                      piece: BackwardPiece, *, num_layers: int, seq_len: int,
+                      attention_block: int) -> TrainBuffers:
     """Backpropagates one sequence through ``num_layers`` layers from ``piece.layer_start``.
 
     Recomputes the layers' forward over the whole sequence (``seq_len`` rows, the
     sequence's bucket) from the saved input of the first layer, pulls back the
     stored boundary gradient, accumulates the slot's LoRA gradients and stores
-    the gradient at the piece's input for the next piece.
+    the gradient at the piece's input for the next piece. Attention runs
+    ``attention_block`` queries at a time, so the piece holds scores of one block
+    against the sequence rather than the whole ``[L, L]`` square.
     """
     start, slot = piece.layer_start, piece.adapter_slot
 
@@ -128,7 +131,8 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
 
     def forward(own_weights, h):
         out, _ = llama.run_layers(cfg, layers, h[None], jnp.arange(seq_len)[None],
-                                  llama.dense_attention, adapters=own_weights, lora=lora,
+                                  llama.blocked_attention(attention_block),
+                                  adapters=own_weights, lora=lora,
                                   first_layer=start)
         return out[0]
 
@@ -156,10 +160,10 @@ def build_step(cfg: ModelConfig, return_logits: bool = False):
     return jax.jit(fn, donate_argnums=(2, 3), static_argnames=("with_train",))
 
 
-def build_backward_piece(cfg: ModelConfig):
+def build_backward_piece(cfg: ModelConfig, attention_block: int = 256):
     """``backward(params, slots, train, piece, num_layers=..., seq_len=...) -> train``,
     jitted, with ``train`` donated."""
-    fn = functools.partial(backward_piece_fn, cfg)
+    fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block)
     return jax.jit(fn, donate_argnums=(2,), static_argnames=("num_layers", "seq_len"))
 
 

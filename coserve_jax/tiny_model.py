@@ -13,8 +13,12 @@ import tempfile
 
 from coserve_jax.config import ModelConfig
 
-TINY_MODEL_VERSION = "v1"
+TINY_MODEL_VERSION = "v2"
 TINY_SEED = 20260101
+# A frozen random LM head of std 0.02 caps every logit margin near ln(vocab), so no
+# adapter could push a token's probability far above 1/3; a wider head leaves room
+# for finetuning demos to reach low loss.
+TINY_HEAD_STD = 0.1
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2; byte b is id 3 + b
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
@@ -62,7 +66,7 @@ def tiny_model_dir() -> str:
     # sees a half-written model.
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=os.path.dirname(target))
     try:
-        write_random_model(tmp, TINY_HF_CONFIG, TINY_SEED)
+        write_random_model(tmp, TINY_HF_CONFIG, TINY_SEED, head_std=TINY_HEAD_STD)
         save_byte_tokenizer(tmp)
         try:
             os.rename(tmp, target)
@@ -74,7 +78,8 @@ def tiny_model_dir() -> str:
     return target
 
 
-def write_random_model(path: str, hf_config: dict, seed: int) -> None:
+def write_random_model(path: str, hf_config: dict, seed: int,
+                       head_std: float | None = None) -> None:
     """Writes config.json and model.safetensors with seeded random weights (no torch)."""
     import json
 
@@ -85,7 +90,8 @@ def write_random_model(path: str, hf_config: dict, seed: int) -> None:
     cfg = ModelConfig.from_hf_dict(hf_config)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-    save_file(init_random_params(cfg, seed), os.path.join(path, "model.safetensors"),
+    save_file(init_random_params(cfg, seed, head_std=head_std),
+              os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})
 
 

@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import relative_error, tiny_model
 
 from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, SamplingParams
 from coserve_jax.finetune.data import Dataset, TrainSequence, labels_and_weights
 from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.model import adapter_weights, single_adapter_lora
 from coserve_jax.models import llama
+
+from support import relative_error, tiny_model
 
 
 def whole_sequence_grads(model, adapter, seq: TrainSequence):
@@ -36,13 +37,13 @@ def random_sequence(rng, n: int) -> TrainSequence:
     return TrainSequence(tuple(tokens), tuple(mask))
 
 
-def engine_grads(model, seq, window: int, backward_layers: int, serve: bool):
+def engine_grads(model, seq, window: int, backward_layers: int, serve: bool, block: int = 256):
     """Runs one sequence through the engine's windows and pieces; returns its LoRA grads."""
     engine = Engine(model, EngineConfig(
         page_size=4, num_pages=96, max_num_seqs=4, max_num_batched_tokens=16,
         min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_train_seqs=1,
         max_train_len=64, train_window=window, backward_layers=backward_layers,
-        max_lora_rank=8))
+        max_lora_rank=8, backward_attention_block=block))
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_TARGETS)
     # Two sequences per step and max_steps=1: the first sequence's gradients stay in
     # the accumulator (no optimizer step) for us to read.
@@ -69,16 +70,16 @@ def engine_grads(model, seq, window: int, backward_layers: int, serve: bool):
     return adapter, got, engine
 
 
-@pytest.mark.parametrize("length,window,backward_layers,serve", [
-    (5, 7, 1, False),    # shorter than one window
-    (30, 7, 1, True),    # several windows, one layer per piece, with inference mixed in
-    (30, 64, 2, False),  # one window, two layers per piece
-    (41, 16, 4, True),   # the whole backward in one piece
+@pytest.mark.parametrize("length,window,backward_layers,serve,block", [
+    (5, 7, 1, False, 256),    # shorter than one window
+    (30, 7, 1, True, 256),    # several windows, one layer per piece, inference mixed in
+    (30, 64, 2, False, 8),    # one window, two layers per piece, blocked attention
+    (41, 16, 4, True, 16),    # the whole backward in one piece, blocked attention
 ])
-def test_gradients_equal_whole_sequence_jax_grad(length, window, backward_layers, serve):
+def test_gradients_equal_whole_sequence_jax_grad(length, window, backward_layers, serve, block):
     model = tiny_model()
     seq = random_sequence(np.random.default_rng(length), length)
-    adapter, got, _ = engine_grads(model, seq, window, backward_layers, serve)
+    adapter, got, _ = engine_grads(model, seq, window, backward_layers, serve, block)
     want = whole_sequence_grads(model, adapter, seq)
     for m in ALL_TARGETS:
         assert np.abs(want[m][0]).max() > 0 and np.abs(want[m][1]).max() > 0

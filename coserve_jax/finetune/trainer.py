@@ -50,6 +50,8 @@ class TrainerConfig:
     """Layers per backward piece (must divide the model's layers)."""
     min_seq_bucket: int = 16
     """Smallest sequence-length bucket of the backward piece."""
+    attention_block: int = 256
+    """Queries per attention block in backward pieces (bounds their attention memory)."""
 
 
 @dataclasses.dataclass
@@ -93,7 +95,7 @@ class JobRun:
         self.tokens_trained = 0
         self.tokens_scheduled = 0
         self.started = time.monotonic()
-        self.inflight: InFlight | None = None
+        self.inflight: list[InFlight] = []  # sequences of the current optimizer step
         n = len(spec.dataset)
         self.total_seqs = (spec.max_steps * spec.sequences_per_step if spec.max_steps
                            else spec.epochs * n)
@@ -108,7 +110,10 @@ class JobRun:
                    self.total_seqs - step * self.spec.sequences_per_step)
 
     def next_sequence(self) -> TrainSequence | None:
-        if self.seqs_started >= self.total_seqs:
+        """The next sequence of the current optimizer step, or None if all have started
+        (the next step's sequences wait for this step's update)."""
+        step_end = min(self.total_seqs, (self.step + 1) * self.spec.sequences_per_step)
+        if self.seqs_started >= step_end:
             return None
         n = len(self.spec.dataset)
         epoch, index = divmod(self.seqs_started, n)
@@ -188,7 +193,7 @@ class Trainer:
                                          config.max_len)
         self.jobs: dict[str, JobRun] = {}
         self._free_act = list(range(config.max_seqs - 1, -1, -1))
-        self._backward = build_backward_piece(cfg)
+        self._backward = build_backward_piece(cfg, config.attention_block)
         self._kv_ids = 0
 
     # ----- jobs -----------------------------------------------------------------------------
@@ -229,22 +234,22 @@ class Trainer:
         runs = sorted((r for r in self.jobs.values() if r.state == "running"),
                       key=lambda r: r.tokens_scheduled / r.spec.weight)
         for run in runs:
-            if budget <= 0 or len(out) >= max_seqs:
-                break
-            f = run.inflight or self._start_sequence(run)
-            if f is None or f.layers_left:  # nothing to start, or in backward
-                continue
-            n = min(self.config.window, f.length - f.forwarded, budget)
-            if not self.allocator.can_grow(f.kv_id, f.forwarded + n):
-                continue  # finetuning yields: inference keeps the pages
-            table = self.allocator.grow(f.kv_id, f.forwarded + n)
-            sl = slice(f.forwarded, f.forwarded + n)
-            out.append((f, SeqChunk(
-                token_ids=list(f.seq.tokens[sl]), start_position=f.forwarded,
-                page_table=table, adapter_slot=run.slot, labels=f.labels[sl],
-                loss_weights=f.weights[sl], act_base=f.act_slot * self.config.max_len)))
-            run.tokens_scheduled += n
-            budget -= n
+            forwarding = [f for f in run.inflight if f.forwarded < f.length]
+            while budget > 0 and len(out) < max_seqs:
+                f = forwarding.pop(0) if forwarding else self._start_sequence(run)
+                if f is None:
+                    break
+                n = min(self.config.window, f.length - f.forwarded, budget)
+                if not self.allocator.can_grow(f.kv_id, f.forwarded + n):
+                    break  # finetuning yields: inference keeps the pages
+                table = self.allocator.grow(f.kv_id, f.forwarded + n)
+                sl = slice(f.forwarded, f.forwarded + n)
+                out.append((f, SeqChunk(
+                    token_ids=list(f.seq.tokens[sl]), start_position=f.forwarded,
+                    page_table=table, adapter_slot=run.slot, labels=f.labels[sl],
+                    loss_weights=f.weights[sl], act_base=f.act_slot * self.config.max_len)))
+                run.tokens_scheduled += n
+                budget -= n
         return out
 
     def _start_sequence(self, run: JobRun) -> InFlight | None:
@@ -255,9 +260,10 @@ class Trainer:
             return None
         labels, weights = labels_and_weights(seq)
         self._kv_ids += 1
-        run.inflight = InFlight(run, seq, labels, weights, self._free_act.pop(),
-                                ("train", run.spec.name, self._kv_ids))
-        return run.inflight
+        f = InFlight(run, seq, labels, weights, self._free_act.pop(),
+                     ("train", run.spec.name, self._kv_ids))
+        run.inflight.append(f)
+        return f
 
     def after_forward(self, windows: list[tuple[InFlight, SeqChunk]], seq_loss) -> None:
         """Books the windows a step ran; a finished forward frees its pages."""
@@ -288,8 +294,8 @@ class Trainer:
 
         ``params`` are the frozen base weights the piece recomputes its layers with.
         """
-        ready = [r.inflight for r in self.jobs.values()
-                 if r.state == "running" and r.inflight and r.inflight.layers_left]
+        ready = [f for r in self.jobs.values() if r.state == "running"
+                 for f in r.inflight if f.layers_left]
         if not ready:
             return False
         f = min(ready, key=lambda x: x.layers_left)
@@ -308,7 +314,7 @@ class Trainer:
 
     def _sequence_done(self, f: InFlight) -> None:
         run = f.job
-        run.inflight = None
+        run.inflight.remove(f)
         self._free_act.append(f.act_slot)
         run.seqs_done += 1
         run.seqs_in_step += 1
@@ -354,10 +360,8 @@ class Trainer:
             {m: np.asarray(p["b"]) for m, p in run.params.items()})
 
     def _drop_inflight(self, run: JobRun) -> None:
-        f = run.inflight
-        if f is None:
-            return
-        self.allocator.free(f.kv_id)
-        self._free_act.append(f.act_slot)
-        run.inflight = None
-        run.seqs_started -= 1
+        for f in run.inflight:
+            self.allocator.free(f.kv_id)
+            self._free_act.append(f.act_slot)
+            run.seqs_started -= 1
+        run.inflight = []

@@ -45,13 +45,21 @@ class AdapterSlots:
 
 
 def multi_slot_lora(scale: jax.Array, slot_ids: jax.Array):
-    """A ``LoraFn`` for the ragged batch: each token uses its own slot (or none)."""
+    """A ``LoraFn`` for the ragged batch: each token uses its own slot (or none).
+
+    When no token of the batch names a slot the LoRA work is skipped at run time
+    (``lax.cond``), so base-model traffic pays nothing for the slot table.
+    """
+    any_adapter = jnp.any(slot_ids >= 0)
 
     def lora(la, module, x):
         if la is None or module not in la:
             return None
         a, b = la[module]
-        return lora_multi_slot_reference(x, a, b, scale, slot_ids)
+        return jax.lax.cond(
+            any_adapter,
+            lambda: lora_multi_slot_reference(x, a, b, scale, slot_ids),
+            lambda: jnp.zeros((*x.shape[:-1], b.shape[-1]), x.dtype))
 
     return lora
 

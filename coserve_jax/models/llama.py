@@ -177,22 +177,52 @@ def lm_head(params: Params, h: jax.Array) -> jax.Array:
     return (h @ w).astype(jnp.float32)
 
 
-def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Plain causal GQA attention over whole sequences: ``q [B, L, Hq, Dh]``."""
-    b, length, hq, dh = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, length, hkv, hq // hkv, dh).astype(jnp.float32)
-    scores = jnp.einsum("bqkgd,bckd->bkgqc", qg, k.astype(jnp.float32)) / np.sqrt(dh)
-    causal = jnp.tril(jnp.ones((length, length), bool))
+def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                           q_offset: jax.Array | int = 0) -> jax.Array:
+    """Plain causal GQA attention: queries ``q [B, Lq, Hq, Dh]`` at positions
+    ``q_offset + 0..Lq-1`` over keys/values ``[B, L, Hkv, Dh]`` at positions ``0..L-1``."""
+    b, lq, hq, dh = q.shape
+    length, hkv = k.shape[1], k.shape[2]
+    qg = q.reshape(b, lq, hkv, hq // hkv, dh)
+    scores = jnp.einsum("bqkgd,bckd->bkgqc", qg, k,
+                        preferred_element_type=jnp.float32) / np.sqrt(dh)
+    causal = jnp.arange(length)[None, :] <= (q_offset + jnp.arange(lq))[:, None]
     scores = jnp.where(causal, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgqc,bckd->bqkgd", probs, v.astype(jnp.float32))
-    return out.reshape(b, length, hq, dh).astype(q.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqc,bckd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, lq, hq, dh).astype(q.dtype)
+
+
+def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                             block: int) -> jax.Array:
+    """``dense_causal_attention`` one block of queries at a time, each block rematerialised
+    under differentiation, so the backward holds scores of one block, not ``[L, L]``."""
+    b, length, hq, dh = q.shape
+    if length <= block or length % block:
+        return dense_causal_attention(q, k, v)
+    blocks = q.reshape(b, length // block, block, hq, dh).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        qi, i = args
+        return dense_causal_attention(qi, k, v, q_offset=i * block)
+
+    out = jax.lax.map(one, (blocks, jnp.arange(length // block)))
+    return out.swapaxes(0, 1).reshape(b, length, hq, dh)
 
 
 def dense_attention(_, q, k, v, carry):
     """``AttentionFn`` over whole sequences ``[B, L, H, Dh]``."""
     return dense_causal_attention(q, k, v), carry
+
+
+def blocked_attention(block: int) -> AttentionFn:
+    """``AttentionFn`` over whole sequences, ``block`` queries at a time."""
+
+    def attention(_, q, k, v, carry):
+        return blocked_causal_attention(q, k, v, block), carry
+
+    return attention
 
 
 def forward_dense(
@@ -206,21 +236,23 @@ def forward_dense(
     return lm_head(params, final_norm(cfg, params, x))
 
 
-def init_random_params(cfg: ModelConfig, seed: int, dtype=np.float32, std: float = 0.02):
+def init_random_params(cfg: ModelConfig, seed: int, dtype=np.float32, std: float = 0.02,
+                       head_std: float | None = None):
     """Random weights as numpy arrays in Hugging Face's naming (torch layout).
 
     Used to generate the embedded default model; returns ``{hf_name: array}``.
+    ``head_std`` (default ``std``) scales the untied LM head.
     """
     rng = np.random.default_rng(seed)
 
-    def normal(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
+    def normal(*shape, scale=std):
+        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
 
     d, f = cfg.hidden_size, cfg.intermediate_size
     tensors = {"model.embed_tokens.weight": normal(cfg.vocab_size, d),
                "model.norm.weight": np.ones(d, dtype)}
     if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = normal(cfg.vocab_size, d)
+        tensors["lm_head.weight"] = normal(cfg.vocab_size, d, scale=head_std or std)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         tensors |= {

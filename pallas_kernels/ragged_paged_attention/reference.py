@@ -44,23 +44,35 @@ def ragged_paged_attention_reference(
     q: jax.Array,  # [T, Hq, Dh]
     k_pages: jax.Array,  # [P, S, Hkv, Dh]
     v_pages: jax.Array,  # [P, S, Hkv, Dh]
-    page_tables: jax.Array,  # [num_seqs, max_pages_per_seq] int32
+    page_tables: jax.Array,  # [num_seqs, W] int32
     seq_ids: jax.Array,  # [T] int32
     positions: jax.Array,  # [T] int32
     scale: float | None = None,
 ) -> jax.Array:
-    """Causal GQA attention of each token over its own sequence's pages: ``[T, Hq, Dh]``."""
+    """Causal GQA attention of each token over its own sequence's pages: ``[T, Hq, Dh]``.
+
+    Each sequence's pages are gathered once (``[num_seqs, W * page_size]``), every
+    token is scored against every sequence's context, and the softmax runs over
+    the joint (sequence, position) axis with everything outside the token's own
+    sequence and causal window masked. That costs ``num_seqs`` times the needed
+    scores but no per-token copy of the context, which is what makes this
+    reference usable on CPU; the kernels do only the needed work.
+    """
     t, hq, dh = q.shape
     _, page_size, hkv, _ = k_pages.shape
-    max_pages = page_tables.shape[1]
+    num_seqs, width = page_tables.shape
+    ctx = width * page_size
     scale = 1.0 / np.sqrt(dh) if scale is None else scale
-    pages = page_tables[seq_ids]  # [T, max_pages]
-    k = k_pages[pages].reshape(t, max_pages * page_size, hkv, dh).astype(jnp.float32)
-    v = v_pages[pages].reshape(t, max_pages * page_size, hkv, dh).astype(jnp.float32)
-    qg = q.reshape(t, hkv, hq // hkv, dh).astype(jnp.float32)
-    scores = jnp.einsum("tkgd,tckd->tkgc", qg, k) * scale
-    visible = jnp.arange(max_pages * page_size)[None, :] <= positions[:, None]  # [T, C]
-    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("tkgc,tckd->tkgd", probs, v)
+    k = k_pages[page_tables].reshape(num_seqs, ctx, hkv, dh)
+    v = v_pages[page_tables].reshape(num_seqs, ctx, hkv, dh)
+    qg = q.reshape(t, hkv, hq // hkv, dh)
+    scores = jnp.einsum("tkgd,sckd->tkgsc", qg, k, preferred_element_type=jnp.float32) * scale
+    own = seq_ids[:, None] == jnp.arange(num_seqs)[None, :]  # [T, S]
+    causal = jnp.arange(ctx)[None, :] <= positions[:, None]  # [T, C]
+    visible = own[:, :, None] & causal[:, None, :]  # [T, S, C]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    scores = scores.reshape(t, hkv, hq // hkv, num_seqs * ctx)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(t, hkv, hq // hkv, num_seqs, ctx)
+    out = jnp.einsum("tkgsc,sckd->tkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
     return out.reshape(t, hq, dh).astype(q.dtype)
