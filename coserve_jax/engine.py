@@ -178,6 +178,9 @@ class Engine:
         self._seed_rng = random.Random()
         self.num_steps = 0
         self.num_preemptions = 0
+        # Totals since start: steps, inference_tokens, train_tokens, mixed_steps (inference
+        # and finetuning tokens in one batch), backward_pieces.
+        self.counters: collections.Counter[str] = collections.Counter()
 
     # ----- requests -------------------------------------------------------------------------
 
@@ -303,6 +306,10 @@ class Engine:
                 self.trainer.buffers = train
             next_tokens = np.asarray(out.next_tokens)
             self.num_steps += 1
+            train_tokens = sum(len(c.token_ids) for _, c in windows)
+            self.counters.update(steps=1, inference_tokens=num_tokens - train_tokens,
+                                 train_tokens=train_tokens,
+                                 mixed_steps=int(bool(scheduled and windows)))
             outputs = [o for i, (req, n) in enumerate(scheduled)
                        if (o := self._advance(req, n, int(next_tokens[i]))) is not None]
             if windows:
@@ -312,6 +319,7 @@ class Engine:
             for _ in range(self.config.backward_pieces_per_step):
                 if not self.trainer.run_backward_piece(self.model.params):
                     break
+                self.counters["backward_pieces"] += 1
         return outputs
 
     def _slots(self):
