@@ -28,12 +28,16 @@ from coserve_jax.batch import Bucket, SeqChunk, build_batch, pick_bucket, powers
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.finetune.trainer import Trainer, TrainerConfig
 from coserve_jax.kv_cache import KVCache, KVUsage, PageAllocator
+from coserve_jax.latency import LatencyModel, bucket_key, model_file, piece_key
 from coserve_jax.lora.adapter import LoraAdapter
 from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.lora.slots import AdapterRegistry
 from coserve_jax.model import Model
 from coserve_jax.sampling import MAX_SEED, SamplingParams
+from coserve_jax.scheduler import Policy, parse_mode
+from coserve_jax.slo import SLO, AdmissionError, RequestMetrics
 from coserve_jax.step import build_step, enable_compilation_cache
+from coserve_jax.tiny_model import cache_root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,18 @@ class EngineConfig:
     """Backward pieces run after each step at most."""
     backward_attention_block: int = 256
     """Queries per attention block in backward pieces (bounds their attention memory)."""
+    mode: str = "coserve"
+    """coserve, inference-only, finetune-only, temporal:N or temporal:dynamic."""
+    default_ttft_s: float = 5.0
+    """TTFT target of requests that set none (arrival to first token, queueing included)."""
+    default_tpot_s: float = 0.1
+    """TPOT target of requests that set none (mean time per output token after the first)."""
+    max_waiting: int = 1024
+    """Requests queued at most; more are refused at admission."""
+    admission_control: bool = True
+    """Refuse requests whose TTFT target the queue ahead of them already makes impossible."""
+    latency_model_dir: str | None = None
+    """Where the measured latency model is kept; None means the cache root."""
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
@@ -94,6 +110,8 @@ class EngineConfig:
             raise ValueError("finetuning (max_train_seqs > 0) needs max_adapters > 0")
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("EngineConfig.max_num_seqs cannot exceed max_num_batched_tokens")
+        parse_mode(self.mode)
+        SLO(self.default_ttft_s, self.default_tpot_s)
 
 
 @dataclasses.dataclass
@@ -111,6 +129,8 @@ class Request:
     finish_reason: str | None = None
     num_preemptions: int = 0
     adapter: str | None = None
+    slo: SLO | None = None
+    first_token_time: float | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -131,6 +151,7 @@ class RequestOutput:
     output_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    metrics: RequestMetrics | None = None  # set when finished
 
 
 class Engine:
@@ -181,15 +202,29 @@ class Engine:
         # Totals since start: steps, inference_tokens, train_tokens, mixed_steps (inference
         # and finetuning tokens in one batch), backward_pieces.
         self.counters: collections.Counter[str] = collections.Counter()
+        self.policy = Policy(config.mode)
+        self.latency_path = model_file(
+            config.latency_model_dir or cache_root(), jax.devices()[0].device_kind,
+            jax.__version__, mc, dataclasses.replace(config, compilation_cache_dir=None,
+                                                     latency_model_dir=None))
+        self.latency = LatencyModel.load(self.latency_path) or LatencyModel()
+        # Metrics of recently finished requests, newest last.
+        self.finished: collections.deque[RequestMetrics] = collections.deque(maxlen=100_000)
 
     # ----- requests -------------------------------------------------------------------------
 
     def add_request(self, prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None, adapter: str | None = None) -> str:
-        """Queues a request after validating it; raises ``ValueError`` on bad input.
+                    request_id: str | None = None, adapter: str | None = None,
+                    slo: SLO | None = None, arrival_time: float | None = None) -> str:
+        """Queues a request after validating it; raises ``ValueError`` on bad input and
+        ``AdmissionError`` (a ``ValueError``) when it is refused at admission.
 
         Nothing reaches the device here, so a bad request never disturbs others.
+        ``arrival_time`` (``time.monotonic()`` clock) is when the client sent it;
+        TTFT counts from there.
         """
+        if not self.policy.serves_inference:
+            raise AdmissionError(f"engine mode {self.config.mode} serves no inference")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
@@ -206,15 +241,35 @@ class Engine:
         if adapter is not None and (self.registry is None
                                     or adapter not in self.registry.names()):
             raise ValueError(f"unknown adapter {adapter!r}")
+        if request_id is not None and str(request_id) in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        slo = slo or SLO(self.config.default_ttft_s, self.config.default_tpot_s)
+        self._admit(len(prompt), slo)
         index = next(self._arrivals)
         request_id = str(index) if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self._seed_rng.randint(0, MAX_SEED)
-        req = Request(request_id, prompt, params, seed, index, time.monotonic(), adapter=adapter)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        req = Request(request_id, prompt, params, seed, index, arrival, adapter=adapter, slo=slo)
         self._requests[request_id] = req
         self.waiting.append(req)
         return request_id
+
+    def _admit(self, prompt_len: int, slo: SLO) -> None:
+        """Refuses, rather than queues without bound, what cannot meet its TTFT."""
+        if len(self.waiting) >= self.config.max_waiting:
+            raise AdmissionError(f"queue full ({self.config.max_waiting} requests waiting)")
+        if not self.config.admission_control:
+            return
+        # Prefill tokens ahead of this request (its own included), at the rate a full
+        # iteration clears them after the running requests' decode tokens.
+        ahead = prompt_len + sum(r.pending for r in self.waiting)
+        per_iteration = max(1, self.config.max_num_batched_tokens - len(self.running))
+        full = self.buckets[-1] if not self.buckets[-1].train else next(
+            b for b in reversed(self.buckets) if not b.train)
+        estimate = -(-ahead // per_iteration) * self.latency.predict(bucket_key(full))
+        if estimate > slo.ttft_s:
+            raise AdmissionError(f"cannot meet the TTFT target of {slo.ttft_s:g}s: about "
+                                 f"{estimate:.2f}s of prefill is queued ahead")
 
     def abort(self, request_id: str) -> bool:
         """Drops a request wherever it is and frees its pages; False if it is unknown."""
@@ -285,42 +340,105 @@ class Engine:
     # ----- the iteration --------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one iteration; returns the outputs of every request that advanced."""
-        scheduled = self._schedule()
+        """Runs one iteration; returns the outputs of every request that advanced.
+
+        Inference is scheduled first; the policy then sizes the finetuning forward
+        windows and backward pieces the iteration can carry (see ``scheduler``).
+        """
+        t_start = time.perf_counter()
+        trainer = self.trainer
+        ft_waiting = trainer is not None and (trainer.has_forward_work()
+                                              or trainer.next_piece_shape() is not None)
+        ft_iteration = self.policy.finetune_iteration(
+            bool(self.running or self.waiting), ft_waiting, self._tpot_target())
+        scheduled = [] if ft_iteration else self._schedule()
         chunks = [self._chunk(req, n) for req, n in scheduled]
-        windows = []
-        if self.trainer is not None:
-            budget = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
-            windows = self.trainer.forward_windows(budget, self.config.max_num_seqs - len(chunks))
+        target = self._tpot_target()
+        windows, piece_s = [], 0.0
+        if trainer is not None:
+            shape = trainer.next_piece_shape()
+            piece_s = 0.0 if shape is None else self.latency.predict(piece_key(*shape))
+            left = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
+            tokens = self.policy.forward_tokens(
+                finetune_iteration=ft_iteration, inference_running=bool(scheduled),
+                tokens_left=left, tpot_target=target, piece_seconds=piece_s,
+                step_seconds=lambda n: self._predict_step(chunks, n))
+            windows = trainer.forward_windows(tokens, self.config.max_num_seqs - len(chunks))
         chunks += [chunk for _, chunk in windows]
-        outputs = []
+        outputs, step_s, t_post = [], 0.0, 0.0
+        t_device = time.perf_counter()
         if chunks:
             widest = max(len(c.page_table) for c in chunks)
             num_tokens = sum(len(c.token_ids) for c in chunks)
             bucket = pick_bucket(self.buckets, num_tokens, len(chunks), widest, bool(windows))
             batch = build_batch(chunks, bucket, self.config.page_size)
-            train = None if self.trainer is None else self.trainer.buffers
+            t_device = time.perf_counter()
+            train = None if trainer is None else trainer.buffers
             self.kv, train, out = self._step(self.model.params, self._slots(), self.kv, train,
                                              batch, with_train=bucket.train)
-            if self.trainer is not None:
-                self.trainer.buffers = train
+            if trainer is not None:
+                trainer.buffers = train
             next_tokens = np.asarray(out.next_tokens)
+            step_s = time.perf_counter() - t_device
+            self.latency.observe(bucket_key(bucket), step_s)
             self.num_steps += 1
             train_tokens = sum(len(c.token_ids) for _, c in windows)
             self.counters.update(steps=1, inference_tokens=num_tokens - train_tokens,
                                  train_tokens=train_tokens,
                                  mixed_steps=int(bool(scheduled and windows)))
+            t0 = time.perf_counter()
             outputs = [o for i, (req, n) in enumerate(scheduled)
                        if (o := self._advance(req, n, int(next_tokens[i]))) is not None]
             if windows:
-                seq_loss = np.asarray(out.seq_loss)[len(scheduled):]
-                self.trainer.after_forward(windows, seq_loss)
-        if self.trainer is not None:
-            for _ in range(self.config.backward_pieces_per_step):
-                if not self.trainer.run_backward_piece(self.model.params):
-                    break
-                self.counters["backward_pieces"] += 1
+                trainer.after_forward(windows, np.asarray(out.seq_loss)[len(scheduled):])
+            t_post = time.perf_counter() - t0
+        pieces = 0
+        if trainer is not None:
+            pieces = self._run_backward(self.policy.backward_pieces(
+                finetune_iteration=ft_iteration, inference_running=bool(scheduled),
+                max_pieces=self.config.backward_pieces_per_step, tpot_target=target,
+                step_seconds=step_s, piece_seconds=piece_s))
+        total = time.perf_counter() - t_start
+        self.policy.observe(total, had_inference=bool(scheduled),
+                            had_finetune=bool(windows or pieces))
+        # Host time: scheduling and batch packing before the step, bookkeeping after it.
+        self.counters.update(host_s=(t_device - t_start) + t_post, iteration_s=total)
         return outputs
+
+    def _run_backward(self, max_pieces: int) -> int:
+        """Runs up to ``max_pieces`` backward pieces, timing each for the latency model."""
+        done = 0
+        while done < max_pieces:
+            shape = self.trainer.next_piece_shape()
+            if shape is None:
+                break
+            t0 = time.perf_counter()
+            self.trainer.run_backward_piece(self.model.params)
+            jax.block_until_ready(self.trainer.buffers.grads_h)
+            self.latency.observe(piece_key(*shape), time.perf_counter() - t0)
+            done += 1
+        self.counters["backward_pieces"] += done
+        return done
+
+    def _tpot_target(self) -> float | None:
+        """The tightest TPOT target among running requests (None when none runs)."""
+        return min((r.slo.tpot_s for r in self.running), default=None)
+
+    def _predict_step(self, chunks: list[SeqChunk], train_tokens: int) -> float:
+        """Predicted step seconds with ``train_tokens`` finetuning tokens added to ``chunks``."""
+        trainer = self.trainer
+        num_seqs = len(chunks)
+        widest = max((len(c.page_table) for c in chunks), default=1)
+        if train_tokens:
+            num_seqs += min(trainer.config.max_seqs, -(-train_tokens // trainer.config.window))
+            widest = max(widest, self.allocator.pages_for(trainer.config.max_len))
+        num_tokens = sum(len(c.token_ids) for c in chunks) + train_tokens
+        try:
+            bucket = pick_bucket(self.buckets, num_tokens, min(num_seqs, self.config.max_num_seqs),
+                                 min(widest, self.max_pages_per_seq), train_tokens > 0)
+        except ValueError:
+            return float("inf")
+        return self.latency.predict(bucket_key(bucket))
 
     def _slots(self):
         return None if self.registry is None else self.registry.table
@@ -357,7 +475,11 @@ class Engine:
         return scheduled
 
     def _make_room(self, req: Request, num_tokens: int, taken: set[str]) -> bool:
-        """Preempts newer requests until ``req`` can hold ``num_tokens``; False if req went."""
+        """Finetuning yields its pages first, then newer requests are preempted until ``req``
+        can hold ``num_tokens``; False if req itself was preempted."""
+        if (not self.allocator.can_grow(req.request_id, num_tokens)
+                and self.trainer is not None and self.trainer.yield_pages()):
+            self.counters["finetune_yields"] += 1
         while not self.allocator.can_grow(req.request_id, num_tokens):
             victims = [r for r in self.running if r.request_id not in taken]
             victim = max(victims, key=lambda r: r.arrival_index)
@@ -389,6 +511,8 @@ class Engine:
         if req.pending:  # mid-prefill: the sampled token is not the sequence's next one
             return None
         req.output.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
         stop = set(req.params.stop_token_ids)
         if not req.params.ignore_eos:
             stop.update(self.model.config.eos_token_ids)
@@ -396,27 +520,53 @@ class Engine:
             req.finish_reason = "stop"
         elif len(req.output) >= req.params.max_tokens:
             req.finish_reason = "length"
+        metrics = None
         if req.finish_reason is not None:
             self.running.remove(req)
             self.allocator.free(req.request_id)
             del self._requests[req.request_id]
+            metrics = RequestMetrics(req.arrival_time, req.first_token_time, time.monotonic(),
+                                     len(req.prompt), len(req.output), req.slo)
+            self.finished.append(metrics)
         return RequestOutput(req.request_id, [token], list(req.output),
-                             req.finish_reason is not None, req.finish_reason)
+                             req.finish_reason is not None, req.finish_reason, metrics)
 
     # ----- compilation ----------------------------------------------------------------------
 
-    def warmup(self, progress: bool = True) -> None:
-        """Compiles the step for every bucket (an all-padding batch writes nothing)."""
+    def warmup(self, progress: bool = True, measure: bool = True) -> None:
+        """Compiles the step for every bucket and measures the latency model.
+
+        The timing batch writes nothing (every KV slot is padding) but takes the
+        costly paths: all tokens use adapter slot 0 and all sequences sample.
+        A latency model saved by an earlier run with the same hardware, model and
+        config is reused instead of measuring again.
+        """
+        measure = measure and not self.latency.times
         for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
             batch = build_batch([], bucket, self.config.page_size)
-            train = None if self.trainer is None else self.trainer.buffers
-            self.kv, train, out = self._step(self.model.params, self._slots(), self.kv, train,
-                                             batch, with_train=bucket.train)
-            if self.trainer is not None:
-                self.trainer.buffers = train
-            jax.block_until_ready(out.next_tokens)
+            if self.registry is not None:
+                batch = batch.replace(adapter_slots=np.zeros_like(batch.adapter_slots))
+            batch = batch.replace(temperature=np.ones_like(batch.temperature))
+            times = [self._run_padding(batch, bucket) for _ in range(3 if measure else 1)]
+            if measure:
+                self.latency.observe(bucket_key(bucket), float(np.median(times[1:])))
         if self.trainer is not None:
-            self.trainer.warmup(self.model.params, progress)
+            times = self.trainer.warmup(self.model.params, progress, repeats=3 if measure else 1)
+            for shape, seconds in times.items():
+                if measure:
+                    self.latency.observe(piece_key(*shape), seconds)
+        if measure:
+            self.latency.save(self.latency_path)
+
+    def _run_padding(self, batch, bucket) -> float:
+        t0 = time.perf_counter()
+        train = None if self.trainer is None else self.trainer.buffers
+        self.kv, train, out = self._step(self.model.params, self._slots(), self.kv, train,
+                                         batch, with_train=bucket.train)
+        if self.trainer is not None:
+            self.trainer.buffers = train
+        jax.block_until_ready(out.next_tokens)
+        return time.perf_counter() - t0
 
     # ----- convenience ----------------------------------------------------------------------
 

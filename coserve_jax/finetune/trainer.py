@@ -226,6 +226,46 @@ class Trainer:
     def has_work(self) -> bool:
         return any(r.state == "running" for r in self.jobs.values())
 
+    def has_forward_work(self) -> bool:
+        """Some running job has a window to run now (or a sequence it could start)."""
+        for run in self.jobs.values():
+            if run.state != "running":
+                continue
+            if any(f.forwarded < f.length for f in run.inflight):
+                return True
+            step_end = min(run.total_seqs, (run.step + 1) * run.spec.sequences_per_step)
+            if self._free_act and run.seqs_started < step_end:
+                return True
+        return False
+
+    def _ready_pieces(self) -> list[InFlight]:
+        return [f for r in self.jobs.values() if r.state == "running"
+                for f in r.inflight if f.layers_left]
+
+    def next_piece_shape(self) -> tuple[int, int] | None:
+        """(sequence bucket, layers) of the piece ``run_backward_piece`` would run next."""
+        ready = self._ready_pieces()
+        if not ready:
+            return None
+        f = min(ready, key=lambda x: x.layers_left)
+        return self._seq_bucket(f.length), self.config.backward_layers
+
+    def _seq_bucket(self, length: int) -> int:
+        return next(b for b in self.seq_buckets if b >= length)
+
+    def yield_pages(self) -> int:
+        """Frees the KV pages of every sequence still in its forward (to restart later), so
+        inference can have them; returns how many sequences yielded."""
+        n = 0
+        for run in self.jobs.values():
+            for f in run.inflight:
+                if f.forwarded and f.forwarded < f.length:
+                    self.allocator.free(f.kv_id)
+                    run.tokens_scheduled -= f.forwarded
+                    f.forwarded, f.loss = 0, 0.0
+                    n += 1
+        return n
+
     # ----- forward windows ------------------------------------------------------------------
 
     def forward_windows(self, budget: int, max_seqs: int) -> list[tuple[InFlight, SeqChunk]]:
@@ -276,32 +316,40 @@ class Trainer:
 
     # ----- backward pieces ------------------------------------------------------------------
 
-    def warmup(self, params, progress: bool = True) -> None:
-        """Compiles the backward piece for every sequence bucket (a zero-length piece is a
-        no-op: every row is masked, so nothing is accumulated)."""
+    def warmup(self, params, progress: bool = True,
+               repeats: int = 1) -> dict[tuple[int, int], float]:
+        """Compiles the backward piece for every sequence bucket and times it; returns
+        ``{(seq_len, layers): median seconds after the first run}``. A zero-length piece
+        changes nothing (every row is masked) but costs the same as a full one."""
         from tqdm.auto import tqdm
 
         empty = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0), length=np.int32(0),
                               adapter_slot=np.int32(0))
+        k = self.config.backward_layers
+        times = {}
         for seq_len in tqdm(self.seq_buckets, desc="compiling backward", disable=not progress):
-            self.buffers = self._backward(params, self.registry.table, self.buffers, empty,
-                                          num_layers=self.config.backward_layers,
-                                          seq_len=seq_len)
-        jax.block_until_ready(self.buffers.grads_h)
+            runs = []
+            for _ in range(max(repeats, 1)):
+                t0 = time.perf_counter()
+                self.buffers = self._backward(params, self.registry.table, self.buffers, empty,
+                                              num_layers=k, seq_len=seq_len)
+                jax.block_until_ready(self.buffers.grads_h)
+                runs.append(time.perf_counter() - t0)
+            times[(seq_len, k)] = float(np.median(runs[1:] or runs))
+        return times
 
     def run_backward_piece(self, params) -> bool:
         """Runs one backward piece of the sequence furthest along; False if none is ready.
 
         ``params`` are the frozen base weights the piece recomputes its layers with.
         """
-        ready = [f for r in self.jobs.values() if r.state == "running"
-                 for f in r.inflight if f.layers_left]
+        ready = self._ready_pieces()
         if not ready:
             return False
         f = min(ready, key=lambda x: x.layers_left)
         k = self.config.backward_layers
         start = f.layers_left - k
-        seq_len = next(b for b in self.seq_buckets if b >= f.length)
+        seq_len = self._seq_bucket(f.length)
         piece = BackwardPiece(
             act_row=np.int32(f.act_slot * self.config.max_len), layer_start=np.int32(start),
             length=np.int32(f.length), adapter_slot=np.int32(f.job.slot))

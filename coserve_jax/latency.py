@@ -1,0 +1,64 @@
+"""The latency model: how long an iteration takes, measured on the hardware at hand.
+
+A step's cost is set by its bucket (padding makes the compute the same for any
+batch that fits), so the model is a table of measured times per step bucket and
+per backward-piece shape, taken at warm-up and corrected online with an
+exponential moving average of observed times. It is saved to a file keyed by
+hardware, model and engine config so a restart reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+from coserve_jax.batch import Bucket
+
+
+def bucket_key(b: Bucket) -> str:
+    return f"t{b.num_tokens}-s{b.num_seqs}-w{b.num_pages}-{'train' if b.train else 'infer'}"
+
+
+def piece_key(seq_len: int, num_layers: int) -> str:
+    return f"piece-n{seq_len}-k{num_layers}"
+
+
+class LatencyModel:
+    """Predicted seconds for step buckets and backward pieces."""
+
+    def __init__(self, times: dict[str, float] | None = None, smoothing: float = 0.2):
+        self.times: dict[str, float] = dict(times or {})
+        self.smoothing = smoothing
+
+    def predict(self, key: str) -> float:
+        """Seconds for ``key``. An unmeasured shape predicts 0: it gets tried, and its first
+        observation replaces the guess (warm-up measures every shape up front)."""
+        return self.times.get(key, 0.0)
+
+    def observe(self, key: str, seconds: float) -> None:
+        """Folds an observed time into the estimate (the first observation replaces it)."""
+        old = self.times.get(key)
+        self.times[key] = seconds if old is None else (
+            (1 - self.smoothing) * old + self.smoothing * seconds)
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.times, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> LatencyModel | None:
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return cls(json.load(f))
+
+
+def model_file(cache_root: str, *parts: object) -> str:
+    """The latency-model file for a (hardware, model, config) combination."""
+    digest = hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+    return os.path.join(cache_root, "latency", f"{digest}.json")

@@ -1,0 +1,138 @@
+"""How much finetuning work each iteration carries: the hybrid policy and its baselines.
+
+Inference is always scheduled first (decode tokens, then prefill chunks). The
+policy then decides the finetuning share of the iteration:
+
+- ``coserve``: the largest finetuning forward budget, plus backward pieces,
+  that the latency model says keeps the iteration within the tightest TPOT
+  target of the running requests (all of it when no inference is running). A
+  burst that fills the token budget or the latency target leaves zero.
+- ``inference-only`` / ``finetune-only``: never / always finetune (the
+  latter refuses inference requests).
+- ``temporal:N``: every N-th iteration is a finetuning-only iteration (no
+  inference tokens); the others carry no finetuning.
+- ``temporal:dynamic``: the same with N recomputed every iteration as the
+  smallest N whose amortised cost keeps the mean time per output token
+  within the tightest target, from observed iteration times.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def parse_mode(mode: str) -> tuple[str, int | None]:
+    """``"temporal:8"`` -> ("temporal", 8); ``"temporal:dynamic"`` -> ("temporal", None)."""
+    if mode in ("coserve", "inference-only", "finetune-only"):
+        return mode, None
+    if mode.startswith("temporal:"):
+        arg = mode.split(":", 1)[1]
+        if arg == "dynamic":
+            return "temporal", None
+        if arg.isdigit() and int(arg) >= 1:
+            return "temporal", int(arg)
+    raise ValueError(f"mode must be coserve, inference-only, finetune-only, temporal:N or "
+                     f"temporal:dynamic, got {mode!r}")
+
+
+class Policy:
+    """Per-iteration finetuning decisions of one engine."""
+
+    def __init__(self, mode: str, safety: float = 0.9, max_period: int = 1024):
+        self.mode = mode
+        self.kind, self.period = parse_mode(mode)
+        self.safety = safety
+        self.max_period = max_period
+        self._since_finetune = 0
+        # Observed seconds of inference-only and finetuning-only iterations (temporal).
+        self._t_inference: float | None = None
+        self._t_finetune: float | None = None
+
+    @property
+    def serves_inference(self) -> bool:
+        return self.kind != "finetune-only"
+
+    def finetune_iteration(self, inference_waiting: bool, finetune_waiting: bool,
+                           tpot_target: float | None) -> bool:
+        """Temporal sharing: whether this iteration is a finetuning-only one."""
+        if self.kind != "temporal" or not finetune_waiting:
+            return False
+        if not inference_waiting:
+            return True
+        period = self.period or self._dynamic_period(tpot_target)
+        if self._since_finetune + 1 >= period:
+            self._since_finetune = 0
+            return True
+        self._since_finetune += 1
+        return False
+
+    def _dynamic_period(self, tpot_target: float | None) -> int:
+        if tpot_target is None or self._t_finetune is None or self._t_inference is None:
+            return self.max_period
+        slack = self.safety * tpot_target - self._t_inference
+        if slack <= 0:
+            return self.max_period
+        return max(1, min(self.max_period, math.ceil(self._t_finetune / slack)))
+
+    def observe(self, seconds: float, had_inference: bool, had_finetune: bool) -> None:
+        """Records an iteration's wall time (feeds temporal:dynamic)."""
+        def ema(old, new):
+            return new if old is None else 0.8 * old + 0.2 * new
+
+        if had_inference and not had_finetune:
+            self._t_inference = ema(self._t_inference, seconds)
+        elif had_finetune and not had_inference:
+            self._t_finetune = ema(self._t_finetune, seconds)
+
+    def _unconstrained(self, finetune_iteration: bool, inference_running: bool,
+                       tpot_target: float | None) -> bool | None:
+        """True: finetune freely; False: not at all; None: within the latency target."""
+        if self.kind == "inference-only":
+            return False
+        if self.kind == "finetune-only" or finetune_iteration:
+            return True
+        if self.kind == "temporal":
+            return not inference_running
+        if not inference_running or tpot_target is None:
+            return True
+        return None
+
+    def forward_tokens(self, *, finetune_iteration: bool, inference_running: bool,
+                       tokens_left: int, tpot_target: float | None, step_seconds,
+                       piece_seconds: float) -> int:
+        """Finetuning forward tokens for this iteration.
+
+        ``step_seconds(tokens)`` predicts the step with that many finetuning tokens
+        added to the inference already scheduled. Under ``coserve`` the choice is
+        the largest budget whose step, plus one backward piece when one is ready
+        (``piece_seconds`` > 0), fits the tightest TPOT target.
+        """
+        free = self._unconstrained(finetune_iteration, inference_running, tpot_target)
+        if free is not None:
+            return tokens_left if free else 0
+        limit = self.safety * tpot_target - piece_seconds
+        fitting = [n for n in _candidates(tokens_left) if step_seconds(n) <= limit]
+        return max(fitting, default=0)
+
+    def backward_pieces(self, *, finetune_iteration: bool, inference_running: bool,
+                        max_pieces: int, tpot_target: float | None, step_seconds: float,
+                        piece_seconds: float) -> int:
+        """Backward pieces to run after a step predicted to take ``step_seconds``."""
+        free = self._unconstrained(finetune_iteration, inference_running, tpot_target)
+        if free is not None:
+            return max_pieces if free else 0
+        room = self.safety * tpot_target - step_seconds
+        if room <= 0:
+            return 0
+        return min(max_pieces, int(room // piece_seconds)) if piece_seconds > 0 else max_pieces
+
+
+def _candidates(tokens_left: int) -> list[int]:
+    """Finetuning budgets worth trying: 0, then powers of two, then everything left."""
+    out, n = [0], 1
+    while n < tokens_left:
+        out.append(n)
+        n *= 2
+    if tokens_left > 0:
+        out.append(tokens_left)
+    return out
