@@ -143,6 +143,18 @@ class Request:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What the last iteration carried."""
+
+    inference_tokens: int
+    finetune_tokens: int
+    backward_pieces: int
+    finetune_iteration: bool
+    bucket: Bucket | None
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request."""
 
@@ -210,6 +222,7 @@ class Engine:
         self.latency = LatencyModel.load(self.latency_path) or LatencyModel()
         # Metrics of recently finished requests, newest last.
         self.finished: collections.deque[RequestMetrics] = collections.deque(maxlen=100_000)
+        self.last_step: StepInfo | None = None
 
     # ----- requests -------------------------------------------------------------------------
 
@@ -365,7 +378,7 @@ class Engine:
                 step_seconds=lambda n: self._predict_step(chunks, n))
             windows = trainer.forward_windows(tokens, self.config.max_num_seqs - len(chunks))
         chunks += [chunk for _, chunk in windows]
-        outputs, step_s, t_post = [], 0.0, 0.0
+        outputs, step_s, t_post, bucket = [], 0.0, 0.0, None
         t_device = time.perf_counter()
         if chunks:
             widest = max(len(c.page_table) for c in chunks)
@@ -403,6 +416,9 @@ class Engine:
                             had_finetune=bool(windows or pieces))
         # Host time: scheduling and batch packing before the step, bookkeeping after it.
         self.counters.update(host_s=(t_device - t_start) + t_post, iteration_s=total)
+        self.last_step = StepInfo(sum(n for _, n in scheduled),
+                                  sum(len(c.token_ids) for _, c in windows), pieces,
+                                  ft_iteration, bucket, total)
         return outputs
 
     def _run_backward(self, max_pieces: int) -> int:

@@ -1,0 +1,190 @@
+"""The hybrid token scheduler's policy, proven on the engine (not by timings)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coserve_jax import (
+    DataConfig,
+    Engine,
+    EngineConfig,
+    FinetuneJob,
+    LoraConfig,
+    SamplingParams,
+    from_records,
+)
+from coserve_jax.finetune.data import synthetic_task
+from coserve_jax.latency import LatencyModel, bucket_key, piece_key
+from coserve_jax.scheduler import Policy, parse_mode
+from coserve_jax.slo import SLO, AdmissionError
+
+from support import greedy_reference, tiny_model
+
+BASE = dict(page_size=8, num_pages=256, max_num_seqs=8, max_num_batched_tokens=64,
+            min_token_bucket=16, min_seq_bucket=4, max_model_len=128, max_lora_rank=8,
+            max_train_seqs=4, max_train_len=64, train_window=16, backward_layers=2,
+            backward_pieces_per_step=2, default_tpot_s=1.0)
+
+
+def _engine(**overrides) -> Engine:
+    return Engine(tiny_model(), EngineConfig(**{**BASE, **overrides}))
+
+
+def _job(name="ft", steps=1000):
+    data = from_records(synthetic_task("copy", 32, seed=0), tiny_model().tokenizer,
+                        DataConfig(max_seq_len=64))
+    return FinetuneJob(name, data, lora=LoraConfig(r=4, lora_alpha=8), max_steps=steps,
+                       sequences_per_step=4)
+
+
+def _prompts(n, lo, hi, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 259, size=int(k)).tolist() for k in rng.integers(lo, hi, n)]
+
+
+def _steps_with_latency(engine: Engine, times: dict[str, float]) -> None:
+    """Replaces the measured latency model with a fixed, synthetic one (no timing noise)."""
+    engine.latency = LatencyModel(times, smoothing=0.0)
+
+
+def _synthetic_times(engine: Engine, per_token: float, piece: float) -> dict[str, float]:
+    times = {bucket_key(b): per_token * b.num_tokens for b in engine.buckets}
+    for n in engine.trainer.seq_buckets:
+        times[piece_key(n, engine.config.backward_layers)] = piece
+    return times
+
+
+def test_parse_mode():
+    assert parse_mode("temporal:16") == ("temporal", 16)
+    assert parse_mode("temporal:dynamic") == ("temporal", None)
+    with pytest.raises(ValueError, match="mode"):
+        parse_mode("temporal:0")
+    with pytest.raises(ValueError, match="mode"):
+        EngineConfig(mode="both")
+
+
+def test_policy_picks_largest_budget_within_target():
+    policy = Policy("coserve", safety=1.0)
+    # 1 ms per token; target 40 ms; a ready piece takes 4 ms: at most 36 ms of step.
+    n = policy.forward_tokens(finetune_iteration=False, inference_running=True, tokens_left=60,
+                              tpot_target=0.040, step_seconds=lambda k: 0.001 * (8 + k),
+                              piece_seconds=0.004)
+    assert n == 16  # 8 + 16 tokens = 24 ms fits; 8 + 32 = 40 ms does not
+    assert policy.backward_pieces(finetune_iteration=False, inference_running=True,
+                                  max_pieces=8, tpot_target=0.040, step_seconds=0.024,
+                                  piece_seconds=0.004) == 4
+    assert policy.forward_tokens(finetune_iteration=False, inference_running=False,
+                                 tokens_left=60, tpot_target=None, step_seconds=lambda k: 1.0,
+                                 piece_seconds=1.0) == 60
+
+
+def test_temporal_period_and_dynamic_period():
+    policy = Policy("temporal:4")
+    picks = [policy.finetune_iteration(True, True, 0.1) for _ in range(12)]
+    assert picks == [False, False, False, True] * 3
+    assert Policy("temporal:4").finetune_iteration(False, True, None)  # idle: finetune
+    dynamic = Policy("temporal:dynamic", safety=1.0)
+    for _ in range(5):
+        dynamic.observe(0.010, had_inference=True, had_finetune=False)
+        dynamic.observe(0.090, had_inference=False, had_finetune=True)
+    # Each finetuning iteration (90 ms) must be amortised over iterations with 20 ms slack.
+    assert dynamic._dynamic_period(0.030) == 5
+
+
+def test_inference_is_never_displaced_by_finetuning():
+    prompts = _prompts(12, 5, 60)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    counts = {}
+    for mode in ("inference-only", "coserve"):
+        engine = _engine(mode=mode)
+        if mode == "coserve":
+            engine.submit_job(_job())
+        ids = [engine.add_request(p, params) for p in prompts]
+        done, trace = {}, []
+        while len(done) < len(ids):
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.output_token_ids
+            trace.append(engine.last_step.inference_tokens)
+        counts[mode] = trace
+        if mode == "coserve":
+            assert engine.counters["mixed_steps"] > 0
+            assert [done[i] for i in ids[:3]] == [greedy_reference(tiny_model(), p, 10)
+                                                  for p in prompts[:3]]
+    assert counts["coserve"] == counts["inference-only"]
+
+
+def test_burst_squeezes_finetuning_to_zero_then_it_returns():
+    engine = _engine(mode="coserve")
+    engine.submit_job(_job())
+    _steps_with_latency(engine, _synthetic_times(engine, per_token=0.001, piece=0.002))
+    tight = SLO(ttft_s=10.0, tpot_s=0.040)  # 36 ms usable: about 34 tokens and a piece
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True), slo=tight)
+    for _ in range(6):
+        engine.step()
+    calm = engine.last_step
+    assert calm.inference_tokens == 1 and calm.finetune_tokens > 0
+    # A burst of long prompts fills the whole 64-token budget.
+    for p in _prompts(6, 40, 60, seed=1):
+        engine.add_request(p, SamplingParams(max_tokens=2, ignore_eos=True), slo=tight)
+    engine.step()
+    burst = engine.last_step
+    assert burst.inference_tokens == 64 and burst.finetune_tokens == 0
+    assert burst.backward_pieces == 0
+    while engine.waiting or len(engine.running) > 1:
+        engine.step()
+    engine.step()
+    assert engine.last_step.inference_tokens == 1 and engine.last_step.finetune_tokens > 0
+
+
+def test_finetuning_yields_pages_before_inference_is_preempted():
+    # 12 pages of 8 tokens: a training sequence's forward holds some of them.
+    engine = _engine(num_pages=12, train_window=8)
+    engine.submit_job(_job())
+    for _ in range(3):
+        engine.step()
+    assert engine.kv_usage().used_pages > 0  # training windows hold pages
+    prompt = _prompts(1, 60, 61)[0]
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=20, ignore_eos=True))
+    out = {}
+    while rid not in out:
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o.output_token_ids
+    assert engine.counters["finetune_yields"] > 0
+    assert engine.num_preemptions == 0
+    assert out[rid] == greedy_reference(tiny_model(), prompt, 20)
+
+
+def test_admission_refuses_with_a_reason():
+    engine = _engine(max_waiting=2)
+    params = SamplingParams(max_tokens=4)
+    engine.add_request([5, 6], params)
+    engine.add_request([5, 6], params)
+    with pytest.raises(AdmissionError, match="queue full"):
+        engine.add_request([5, 6], params)
+
+    slow = _engine()
+    _steps_with_latency(slow, _synthetic_times(slow, per_token=0.01, piece=0.01))
+    slow.add_request(list(range(3, 100)), params)  # ~2 iterations of 0.64 s queued
+    with pytest.raises(AdmissionError, match="TTFT target of 1s"):
+        slow.add_request(list(range(3, 100)), params, slo=SLO(ttft_s=1.0, tpot_s=1.0))
+    slow.add_request([5, 6], params, slo=SLO(ttft_s=10.0, tpot_s=1.0))
+
+    with pytest.raises(AdmissionError, match="serves no inference"):
+        _engine(mode="finetune-only").add_request([5], params)
+
+
+def test_finished_requests_record_slo_attainment():
+    engine = _engine(mode="inference-only")
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True),
+                       slo=SLO(ttft_s=60.0, tpot_s=60.0))
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True),
+                       slo=SLO(ttft_s=1e-9, tpot_s=60.0))
+    metrics = []
+    while engine.has_unfinished():
+        metrics += [o.metrics for o in engine.step() if o.finished]
+    assert [m.slo_attained for m in metrics] == [True, False]
+    assert all(m.ttft_s > 0 and m.num_output_tokens == 5 for m in metrics)
+    assert list(engine.finished) == metrics
