@@ -169,19 +169,30 @@ class RequestOutput:
 class Engine:
     """Continuous-batching inference over one model, one KV cache and one jitted step."""
 
-    def __init__(self, model: Model, config: EngineConfig | None = None):
+    def __init__(self, model: Model, config: EngineConfig | None = None, mesh=None):
         self.model = model
         self.config = config = config or EngineConfig()
         mc = model.config
+        # A ``jax.sharding.Mesh`` (sharding.make_mesh) serves sharded: weights, KV pages,
+        # adapter slots and finetuning state each get their layout (sharding/layout.py).
+        self.layout = None
+        if mesh is not None:
+            from sharding.layout import Layout
+
+            self.layout = Layout(mesh, mc)
+            self.model = model = self.layout.place_model(model)
         self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or 2048)
         self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
         enable_compilation_cache(config.compilation_cache_dir)
-        self.kv = KVCache.zeros(mc, config.num_pages, config.page_size, model.dtype)
+        self.kv = (KVCache.zeros(mc, config.num_pages, config.page_size, model.dtype)
+                   if self.layout is None else self.layout.zeros(
+                       KVCache.zeros, mc, config.num_pages, config.page_size, model.dtype))
         self.allocator = PageAllocator(config.num_pages, config.page_size, self.max_pages_per_seq)
         self.registry = None
         if config.max_adapters:
             self.registry = AdapterRegistry(mc, config.max_adapters, config.max_lora_rank,
-                                            config.lora_target_modules, model.dtype)
+                                            config.lora_target_modules, model.dtype,
+                                            layout=self.layout)
         self.trainer = None
         if config.max_train_seqs:
             max_train_len = config.max_train_len or min(512, self.max_model_len)
@@ -192,7 +203,7 @@ class Engine:
                 max_seqs=config.max_train_seqs, max_len=max_train_len,
                 window=config.train_window, backward_layers=config.backward_layers,
                 attention_block=config.backward_attention_block),
-                model.dtype)
+                model.dtype, layout=self.layout)
         self.buckets = tuple(sorted(
             (Bucket(t, s, w, train)
              for t in powers_of_two(config.min_token_bucket, config.max_num_batched_tokens)
@@ -203,7 +214,10 @@ class Engine:
              for train in ((False, True) if self.trainer else (False,))
              if s <= t),
             key=lambda b: (b.num_tokens, b.num_pages, b.num_seqs)))
-        self._step = build_step(mc)
+        if self.layout is not None:
+            self.layout.check_divides_tokens(sorted({b.num_tokens for b in self.buckets}),
+                                             "token buckets")
+        self._step = build_step(mc, layout=self.layout)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._requests: dict[str, Request] = {}
@@ -215,10 +229,13 @@ class Engine:
         # and finetuning tokens in one batch), backward_pieces.
         self.counters: collections.Counter[str] = collections.Counter()
         self.policy = Policy(config.mode)
-        self.latency_path = model_file(
-            config.latency_model_dir or cache_root(), jax.devices()[0].device_kind,
-            jax.__version__, mc, dataclasses.replace(config, compilation_cache_dir=None,
-                                                     latency_model_dir=None))
+        # Keyed by what sets step times: hardware, model and the engine's shapes (not the
+        # scheduling mode, SLO defaults or admission settings).
+        shapes = dataclasses.replace(
+            config, compilation_cache_dir=None, latency_model_dir=None, mode="coserve",
+            default_ttft_s=1.0, default_tpot_s=1.0, max_waiting=1, admission_control=True)
+        self.latency_path = model_file(config.latency_model_dir or cache_root(),
+                                       jax.devices()[0].device_kind, jax.__version__, mc, shapes)
         self.latency = LatencyModel.load(self.latency_path) or LatencyModel()
         # Metrics of recently finished requests, newest last.
         self.finished: collections.deque[RequestMetrics] = collections.deque(maxlen=100_000)
@@ -366,15 +383,16 @@ class Engine:
             bool(self.running or self.waiting), ft_waiting, self._tpot_target())
         scheduled = [] if ft_iteration else self._schedule()
         chunks = [self._chunk(req, n) for req, n in scheduled]
-        target = self._tpot_target()
+        limit = self.policy.iteration_limit(time.monotonic(), (
+            (r.slo.tpot_s, r.first_token_time, len(r.output)) for r in self.running))
         windows, piece_s = [], 0.0
+        left = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
         if trainer is not None:
             shape = trainer.next_piece_shape()
             piece_s = 0.0 if shape is None else self.latency.predict(piece_key(*shape))
-            left = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
             tokens = self.policy.forward_tokens(
                 finetune_iteration=ft_iteration, inference_running=bool(scheduled),
-                tokens_left=left, tpot_target=target, piece_seconds=piece_s,
+                tokens_left=left, time_limit=limit, piece_seconds=piece_s,
                 step_seconds=lambda n: self._predict_step(chunks, n))
             windows = trainer.forward_windows(tokens, self.config.max_num_seqs - len(chunks))
         chunks += [chunk for _, chunk in windows]
@@ -409,8 +427,8 @@ class Engine:
         if trainer is not None:
             pieces = self._run_backward(self.policy.backward_pieces(
                 finetune_iteration=ft_iteration, inference_running=bool(scheduled),
-                max_pieces=self.config.backward_pieces_per_step, tpot_target=target,
-                step_seconds=step_s, piece_seconds=piece_s))
+                tokens_left=left, max_pieces=self.config.backward_pieces_per_step,
+                time_limit=limit, step_seconds=step_s, piece_seconds=piece_s))
         total = time.perf_counter() - t_start
         self.policy.observe(total, had_inference=bool(scheduled),
                             had_finetune=bool(windows or pieces))

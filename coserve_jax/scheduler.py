@@ -4,9 +4,12 @@ Inference is always scheduled first (decode tokens, then prefill chunks). The
 policy then decides the finetuning share of the iteration:
 
 - ``coserve``: the largest finetuning forward budget, plus backward pieces,
-  that the latency model says keeps the iteration within the tightest TPOT
-  target of the running requests (all of it when no inference is running). A
-  burst that fills the token budget or the latency target leaves zero.
+  that the latency model says keeps the iteration within the time the running
+  requests can give it (all of it when no inference is running). Each request
+  gives ``safety`` times its TPOT target, plus half of the slack it has banked
+  by running faster than its target so far (TPOT is a mean over the request's
+  tokens, so an iteration may be longer than the target if earlier ones were
+  shorter). A burst that fills the token budget leaves finetuning nothing.
 - ``inference-only`` / ``finetune-only``: never / always finetune (the
   latter refuses inference requests).
 - ``temporal:N``: every N-th iteration is a finetuning-only iteration (no
@@ -85,46 +88,63 @@ class Policy:
             self._t_finetune = ema(self._t_finetune, seconds)
 
     def _unconstrained(self, finetune_iteration: bool, inference_running: bool,
-                       tpot_target: float | None) -> bool | None:
-        """True: finetune freely; False: not at all; None: within the latency target."""
+                       time_limit: float | None) -> bool | None:
+        """True: finetune freely; False: not at all; None: within ``time_limit``."""
         if self.kind == "inference-only":
             return False
         if self.kind == "finetune-only" or finetune_iteration:
             return True
         if self.kind == "temporal":
             return not inference_running
-        if not inference_running or tpot_target is None:
+        if not inference_running or time_limit is None:
             return True
         return None
 
     def forward_tokens(self, *, finetune_iteration: bool, inference_running: bool,
-                       tokens_left: int, tpot_target: float | None, step_seconds,
+                       tokens_left: int, time_limit: float | None, step_seconds,
                        piece_seconds: float) -> int:
         """Finetuning forward tokens for this iteration.
 
         ``step_seconds(tokens)`` predicts the step with that many finetuning tokens
         added to the inference already scheduled. Under ``coserve`` the choice is
         the largest budget whose step, plus one backward piece when one is ready
-        (``piece_seconds`` > 0), fits the tightest TPOT target.
+        (``piece_seconds`` > 0), fits ``time_limit`` (see ``iteration_limit``).
         """
-        free = self._unconstrained(finetune_iteration, inference_running, tpot_target)
+        free = self._unconstrained(finetune_iteration, inference_running, time_limit)
         if free is not None:
             return tokens_left if free else 0
-        limit = self.safety * tpot_target - piece_seconds
-        fitting = [n for n in _candidates(tokens_left) if step_seconds(n) <= limit]
+        fitting = [n for n in _candidates(tokens_left)
+                   if step_seconds(n) + piece_seconds <= time_limit]
         return max(fitting, default=0)
 
     def backward_pieces(self, *, finetune_iteration: bool, inference_running: bool,
-                        max_pieces: int, tpot_target: float | None, step_seconds: float,
-                        piece_seconds: float) -> int:
-        """Backward pieces to run after a step predicted to take ``step_seconds``."""
-        free = self._unconstrained(finetune_iteration, inference_running, tpot_target)
+                        tokens_left: int, max_pieces: int, time_limit: float | None,
+                        step_seconds: float, piece_seconds: float) -> int:
+        """Backward pieces to run after a step that took ``step_seconds``; none when
+        inference alone filled the token budget (a burst)."""
+        free = self._unconstrained(finetune_iteration, inference_running, time_limit)
         if free is not None:
             return max_pieces if free else 0
-        room = self.safety * tpot_target - step_seconds
-        if room <= 0:
+        room = time_limit - step_seconds
+        if tokens_left == 0 or room <= 0:
             return 0
         return min(max_pieces, int(room // piece_seconds)) if piece_seconds > 0 else max_pieces
+
+    def iteration_limit(self, now: float, running) -> float | None:
+        """Seconds this iteration may take without breaking a running request's SLO.
+
+        ``running`` yields (tpot_target, first_token_time or None, output tokens).
+        A request with k output tokens must produce its next by ``first + k * target``
+        for its mean TPOT to hold; what lies beyond one target from now is banked.
+        """
+        limit = None
+        for target, first, n in running:
+            own = self.safety * target
+            if first is not None:
+                banked = first + n * target - now - target  # n: output tokens so far
+                own += 0.5 * max(0.0, banked)
+            limit = own if limit is None else min(limit, own)
+        return limit
 
 
 def _candidates(tokens_left: int) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ from coserve_jax.latency import LatencyModel, bucket_key, piece_key
 from coserve_jax.scheduler import Policy, parse_mode
 from coserve_jax.slo import SLO, AdmissionError
 
-from support import greedy_reference, tiny_model
+from support import count_compilations, greedy_reference, tiny_model
 
 BASE = dict(page_size=8, num_pages=256, max_num_seqs=8, max_num_batched_tokens=64,
             min_token_bucket=16, min_seq_bucket=4, max_model_len=128, max_lora_rank=8,
@@ -64,19 +66,33 @@ def test_parse_mode():
         EngineConfig(mode="both")
 
 
-def test_policy_picks_largest_budget_within_target():
+def test_policy_picks_largest_budget_within_limit():
     policy = Policy("coserve", safety=1.0)
-    # 1 ms per token; target 40 ms; a ready piece takes 4 ms: at most 36 ms of step.
+    # 1 ms per token; 40 ms available; a ready piece takes 4 ms: at most 36 ms of step.
     n = policy.forward_tokens(finetune_iteration=False, inference_running=True, tokens_left=60,
-                              tpot_target=0.040, step_seconds=lambda k: 0.001 * (8 + k),
+                              time_limit=0.040, step_seconds=lambda k: 0.001 * (8 + k),
                               piece_seconds=0.004)
     assert n == 16  # 8 + 16 tokens = 24 ms fits; 8 + 32 = 40 ms does not
     assert policy.backward_pieces(finetune_iteration=False, inference_running=True,
-                                  max_pieces=8, tpot_target=0.040, step_seconds=0.024,
-                                  piece_seconds=0.004) == 4
+                                  tokens_left=44, max_pieces=8, time_limit=0.040,
+                                  step_seconds=0.024, piece_seconds=0.004) == 4
+    assert policy.backward_pieces(finetune_iteration=False, inference_running=True,
+                                  tokens_left=0, max_pieces=8, time_limit=0.040,
+                                  step_seconds=0.024, piece_seconds=0.004) == 0
     assert policy.forward_tokens(finetune_iteration=False, inference_running=False,
-                                 tokens_left=60, tpot_target=None, step_seconds=lambda k: 1.0,
+                                 tokens_left=60, time_limit=None, step_seconds=lambda k: 1.0,
                                  piece_seconds=1.0) == 60
+
+
+def test_iteration_limit_banks_slack_of_fast_requests():
+    policy = Policy("coserve", safety=0.9)
+    # Not started: 0.9 * target. Started at t=0 with 10 tokens by t=0.2 under a 40 ms
+    # target: it may finish its 11th by 0.4, so 0.2 - 0.04 = 0.16 s is banked.
+    assert policy.iteration_limit(0.2, [(0.04, None, 0)]) == pytest.approx(0.036)
+    assert policy.iteration_limit(0.2, [(0.04, 0.0, 10)]) == pytest.approx(0.036 + 0.08)
+    both = policy.iteration_limit(0.2, [(0.04, 0.0, 10), (0.04, 0.15, 1)])
+    assert both == pytest.approx(0.036)  # the tightest request decides
+    assert policy.iteration_limit(0.2, []) is None
 
 
 def test_temporal_period_and_dynamic_period():
@@ -188,3 +204,35 @@ def test_finished_requests_record_slo_attainment():
     assert [m.slo_attained for m in metrics] == [True, False]
     assert all(m.ttft_s > 0 and m.num_output_tokens == 5 for m in metrics)
     assert list(engine.finished) == metrics
+
+
+def test_latency_model_is_saved_and_reused(tmp_path):
+    engine = _engine(latency_model_dir=str(tmp_path))
+    engine.warmup(progress=False)
+    assert os.path.isfile(engine.latency_path)
+    measured = dict(engine.latency.times)
+    assert all(v > 0 for v in measured.values())
+    assert {bucket_key(b) for b in engine.buckets} <= set(measured)
+    again = _engine(latency_model_dir=str(tmp_path))
+    assert again.latency.times == measured  # loaded, not re-measured
+    other = _engine(latency_model_dir=str(tmp_path), max_num_batched_tokens=32)
+    assert other.latency.times == {}  # another config, another file
+
+
+def test_coserving_never_recompiles_in_steady_state():
+    engine = _engine(mode="coserve")
+    engine.warmup(progress=False)
+    engine.submit_job(_job())
+    run = engine.trainer.jobs["ft"]
+    while run.step < 1:  # the job's optimizer update compiles on its first step
+        engine.step()
+    rng = np.random.default_rng(3)
+    with count_compilations() as compiled:
+        for i in range(60):
+            if i % 3 == 0:
+                engine.add_request(rng.integers(3, 259, size=int(rng.integers(2, 50))).tolist(),
+                                   SamplingParams(max_tokens=int(rng.integers(1, 12)),
+                                                  ignore_eos=True))
+            engine.step()
+    assert compiled["n"] == 0, compiled["events"]
+    assert engine.counters["mixed_steps"] > 10 and run.step > 1
