@@ -10,6 +10,15 @@ import pytest
 from coserve_jax.logs import setup_logging
 
 
+@pytest.fixture(autouse=True)
+def _restore_root_logger():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def test_json_lines(capsys):
     setup_logging("debug", json_format=True)
     logging.getLogger("coserve_jax.test").info("hello %s", "there")
