@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean proto
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py
+
+# Regenerates the checked-in gRPC stubs from server/proto/coserve.proto.
+proto: $(STAMP)
+	$(BIN)/python -m server.proto.generate
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -36,20 +36,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def engine_config(mode: str, args) -> EngineConfig:
+    """The same engine for every mode; only the scheduling policy differs."""
+    max_model_len = getattr(args, "max_model_len", 512)
     return EngineConfig(
-        mode=mode, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=512,
-        num_pages=512, max_train_seqs=8, max_train_len=256, train_window=64,
-        backward_layers=2, backward_pieces_per_step=8, default_ttft_s=args.ttft_s,
+        mode=mode, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=max_model_len,
+        num_pages=512, max_train_seqs=8, max_train_len=min(256, max_model_len),
+        train_window=64, backward_layers=2, backward_pieces_per_step=8,
+        min_page_bucket=getattr(args, "min_page_bucket", 8), default_ttft_s=args.ttft_s,
         default_tpot_s=args.tpot_ms / 1000)
 
 
-def finetune_job(model, seed: int = 0) -> FinetuneJob:
+def finetune_job(model, seed: int = 0, max_len: int = 256) -> FinetuneJob:
     """A job that outlasts any run: random-letter texts of 100-250 characters."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz     "))
     records = [{"text": "".join(rng.choice(letters, size=int(n)))}
                for n in rng.integers(100, 250, 256)]
-    data = from_records(records, model.tokenizer, DataConfig(max_seq_len=256))
+    data = from_records(records, model.tokenizer, DataConfig(max_seq_len=max_len))
     return FinetuneJob("bench", data, lora=LoraConfig(r=16, lora_alpha=32,
                                                       target_modules=("q_proj", "v_proj",
                                                                       "down_proj")),
@@ -62,13 +65,14 @@ def run_one(model, mode: str, rate: float, args) -> dict:
     engine = Engine(model, engine_config(mode, args))
     engine.warmup(progress=False)
     if mode != "inference-only":
-        engine.submit_job(finetune_job(model))
+        engine.submit_job(finetune_job(model, max_len=engine.trainer.config.max_len))
         run = engine.trainer.jobs["bench"]
     slo = SLO(args.ttft_s, args.tpot_ms / 1000)
     rng = np.random.default_rng(args.seed)
     arrivals = poisson_arrivals(rate, args.duration, args.seed) if rate > 0 else np.zeros(0)
+    longest = int(0.4 * getattr(args, "max_model_len", 512))
     prompt_lens, output_lens = sharegpt_lengths(len(arrivals), args.seed, scale=args.scale,
-                                                max_prompt=200, max_output=200)
+                                                max_prompt=longest, max_output=longest)
     prompts = [rng.integers(3, 259, size=int(n)).tolist() for n in prompt_lens]
     refused, out_tokens, metrics = 0, 0, []
     ft_tokens_at_end = None

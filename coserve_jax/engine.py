@@ -37,6 +37,7 @@ from coserve_jax.sampling import MAX_SEED, SamplingParams
 from coserve_jax.scheduler import Policy, parse_mode
 from coserve_jax.slo import SLO, AdmissionError, RequestMetrics
 from coserve_jax.step import build_step, enable_compilation_cache
+from coserve_jax.telemetry import Profiler, ScalarWriter, backward_label, forward_label
 from coserve_jax.tiny_model import cache_root
 
 
@@ -93,11 +94,15 @@ class EngineConfig:
     """Refuse requests whose TTFT target the queue ahead of them already makes impossible."""
     latency_model_dir: str | None = None
     """Where the measured latency model is kept; None means the cache root."""
+    run_dir: str | None = None
+    """TensorBoard event files (job and serving scalars) go here; None writes none."""
+    log_every: int = 50
+    """Iterations between serving scalars."""
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
                      "min_token_bucket", "min_seq_bucket", "min_page_bucket",
-                     "max_lora_rank", "train_window", "backward_layers",
+                     "max_lora_rank", "train_window", "backward_layers", "log_every",
                      "backward_pieces_per_step", "backward_attention_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -240,6 +245,11 @@ class Engine:
         # Metrics of recently finished requests, newest last.
         self.finished: collections.deque[RequestMetrics] = collections.deque(maxlen=100_000)
         self.last_step: StepInfo | None = None
+        self.profiler = Profiler()
+        self.writer = ScalarWriter(config.run_dir) if config.run_dir else None
+        if self.trainer is not None:
+            self.trainer.writer = self.writer
+        self._logged = {"finished": 0, "counters": collections.Counter()}
 
     # ----- requests -------------------------------------------------------------------------
 
@@ -358,6 +368,19 @@ class Engine:
             raise KeyError(f"no job named {name!r}")
         self.trainer.cancel(name)
 
+    def checkpoint_job(self, name: str) -> int | None:
+        """Checkpoints a running job now; the step saved, or None if it has no checkpoint
+        directory or is not running."""
+        if self.trainer is None or name not in self.trainer.jobs:
+            raise KeyError(f"no job named {name!r}")
+        return self.trainer.checkpoint(name)
+
+    def remove_job(self, name: str) -> None:
+        """Forgets a completed, cancelled or failed job and frees its adapter slot."""
+        if self.trainer is None or name not in self.trainer.jobs:
+            raise KeyError(f"no job named {name!r}")
+        self.trainer.remove(name)
+
     def trained_adapter(self, name: str) -> LoraAdapter:
         """A job's adapter with the weights of its latest optimizer step."""
         if self.trainer is None or name not in self.trainer.jobs:
@@ -375,6 +398,45 @@ class Engine:
         Inference is scheduled first; the policy then sizes the finetuning forward
         windows and backward pieces the iteration can carry (see ``scheduler``).
         """
+        with self.profiler.step(self.counters["iterations"]):
+            outputs = self._iteration()
+        self.counters["iterations"] += 1
+        if self.writer is not None and self.counters["iterations"] % self.config.log_every == 0:
+            self._log_serving()
+        return outputs
+
+    def close(self) -> None:
+        """Finishes a trace in progress and writes out the TensorBoard event files."""
+        self.profiler.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+    def start_profile(self, log_dir: str, num_steps: int) -> None:
+        """Captures a ``jax.profiler`` trace of the next ``num_steps`` iterations into
+        ``log_dir`` (open it with TensorBoard's profile plugin)."""
+        self.profiler.start(log_dir, num_steps)
+
+    def _log_serving(self) -> None:
+        """Serving scalars over the iterations since the last call."""
+        finished = list(self.finished)[self._logged["finished"]:]
+        delta = self.counters - self._logged["counters"]
+        self._logged = {"finished": len(self.finished), "counters": self.counters.copy()}
+        tokens = delta["inference_tokens"] + delta["train_tokens"]
+        values = {
+            "finetune_share": delta["train_tokens"] / tokens if tokens else 0.0,
+            "iteration_s": delta["iteration_s"] / max(delta["iterations"], 1),
+            "kv_pages_used": float(self.allocator.usage().used_pages),
+        }
+        if finished:
+            values |= {
+                "slo_attainment": float(np.mean([m.slo_attained for m in finished])),
+                "ttft_s": float(np.median([m.ttft_s for m in finished])),
+                "tpot_s": float(np.median([m.tpot_s for m in finished])),
+            }
+        self.writer.scalars("serving", values, self.counters["iterations"])
+        self.writer.flush()
+
+    def _iteration(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
         trainer = self.trainer
         ft_waiting = trainer is not None and (trainer.has_forward_work()
@@ -405,11 +467,15 @@ class Engine:
             batch = build_batch(chunks, bucket, self.config.page_size)
             t_device = time.perf_counter()
             train = None if trainer is None else trainer.buffers
-            self.kv, train, out = self._step(self.model.params, self._slots(), self.kv, train,
-                                             batch, with_train=bucket.train)
+            decode = sum(1 for r, n in scheduled if n == 1 and r.output)
+            label = forward_label(bucket, decode, sum(n for _, n in scheduled) - decode,
+                                  sum(len(c.token_ids) for _, c in windows))
+            with jax.profiler.TraceAnnotation(label):
+                self.kv, train, out = self._step(self.model.params, self._slots(), self.kv,
+                                                 train, batch, with_train=bucket.train)
+                next_tokens = np.asarray(out.next_tokens)
             if trainer is not None:
                 trainer.buffers = train
-            next_tokens = np.asarray(out.next_tokens)
             step_s = time.perf_counter() - t_device
             self.latency.observe(bucket_key(bucket), step_s)
             self.num_steps += 1
@@ -447,8 +513,9 @@ class Engine:
             if shape is None:
                 break
             t0 = time.perf_counter()
-            self.trainer.run_backward_piece(self.model.params)
-            jax.block_until_ready(self.trainer.buffers.grads_h)
+            with jax.profiler.TraceAnnotation(backward_label(*shape)):
+                self.trainer.run_backward_piece(self.model.params)
+                jax.block_until_ready(self.trainer.buffers.grads_h)
             self.latency.observe(piece_key(*shape), time.perf_counter() - t0)
             done += 1
         self.counters["backward_pieces"] += done

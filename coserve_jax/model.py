@@ -40,11 +40,20 @@ class Model:
         return [int(t) for t in ids]
 
 
-def load_model(path: str | os.PathLike, dtype="float32", progress: bool = True) -> Model:
-    """Loads a Hugging Face model directory (config.json, *.safetensors, tokenizer files)."""
+def load_model(path: str | os.PathLike, dtype="float32", progress: bool = True,
+               mesh=None) -> Model:
+    """Loads a Hugging Face model directory (config.json, *.safetensors, tokenizer files).
+
+    With a ``mesh`` (``sharding.make_mesh``) every weight is placed in its tensor-parallel
+    layout as it is read, so no device ever holds the whole model."""
     path = os.fspath(path)
     cfg = ModelConfig.from_pretrained(path)
-    params = load_params(cfg, path, dtype, progress=progress)
+    place = None
+    if mesh is not None:
+        from sharding.layout import Layout
+
+        place = Layout(mesh, cfg).place_leaf
+    params = load_params(cfg, path, dtype, progress=progress, place=place)
     return Model(config=cfg, params=params, tokenizer=_load_tokenizer(path), path=path,
                  dtype=resolve_dtype(dtype))
 

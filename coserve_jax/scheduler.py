@@ -7,9 +7,9 @@ policy then decides the finetuning share of the iteration:
   that the latency model says keeps the iteration within the time the running
   requests can give it (all of it when no inference is running). Each request
   gives ``safety`` times its TPOT target, plus half of the slack it has banked
-  by running faster than its target so far (TPOT is a mean over the request's
-  tokens, so an iteration may be longer than the target if earlier ones were
-  shorter). A burst that fills the token budget leaves finetuning nothing.
+  by running faster than that so far (TPOT is a mean over the request's tokens,
+  so an iteration may be longer than the target if earlier ones were shorter).
+  A burst that fills the token budget leaves finetuning nothing.
 - ``inference-only`` / ``finetune-only``: never / always finetune (the
   latter refuses inference requests).
 - ``temporal:N``: every N-th iteration is a finetuning-only iteration (no
@@ -134,14 +134,16 @@ class Policy:
         """Seconds this iteration may take without breaking a running request's SLO.
 
         ``running`` yields (tpot_target, first_token_time or None, output tokens).
-        A request with k output tokens must produce its next by ``first + k * target``
-        for its mean TPOT to hold; what lies beyond one target from now is banked.
+        With ``b = safety * target``, a request with k output tokens keeps its mean
+        TPOT within b if its next token comes by ``first + k * b``; what lies beyond
+        one b from now is banked, and half of it may be spent now.
         """
         limit = None
         for target, first, n in running:
-            own = self.safety * target
+            budget = self.safety * target  # keep every request's mean at 90% of its target
+            own = budget
             if first is not None:
-                banked = first + n * target - now - target  # n: output tokens so far
+                banked = first + n * budget - now - budget  # n: output tokens so far
                 own += 0.5 * max(0.0, banked)
             limit = own if limit is None else min(limit, own)
         return limit

@@ -56,9 +56,12 @@ class BackwardPiece:
 
 def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
             train: TrainBuffers | None, batch: TokenBatch, *, with_train: bool,
-            return_logits: bool):
+            return_logits: bool, hints=None):
     """Forward the ragged batch, write KV, sample; for finetuning tokens also save layer
-    inputs and the loss gradient at the last layer's output."""
+    inputs and the loss gradient at the last layer's output.
+
+    ``hints`` (``sharding.layout.ShardingHints``, sharded runs only) lay out the
+    row-parallel projections; None is the plain single-device computation."""
     adapters = lora = None
     if slots is not None:
         adapters, lora = slots.per_layer(), multi_slot_lora(slots.scale, batch.adapter_slots)
@@ -67,12 +70,14 @@ def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
         rows = drop_negative(batch.act_index, train.num_rows)
 
         def save(layer, x, acts):
+            if hints is not None:  # the store's layout must not leak into the residual's
+                x = hints.replicated_hidden(x)
             return acts.at[layer, rows].set(x.astype(acts.dtype), mode="drop")
 
     x, kv, acts = llama.forward_paged(
         cfg, params, kv, batch, ragged_paged_attention_reference, write_kv_pages,
         adapters=adapters, lora=lora, extra=None if train is None else train.acts,
-        on_layer_input=save)
+        on_layer_input=save, hints=hints)
     num_seqs = batch.num_seqs
     if with_train:
         (_, ce), g = jax.value_and_grad(_head_loss, argnums=2, has_aux=True)(
@@ -100,7 +105,7 @@ def _head_loss(cfg, params, x, labels, weights):
 
 def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,
                       piece: BackwardPiece, *, num_layers: int, seq_len: int,
-                      attention_block: int) -> TrainBuffers:
+                      attention_block: int = 256, hints=None) -> TrainBuffers:
     """Backpropagates one sequence through ``num_layers`` layers from ``piece.layer_start``.
 
     Recomputes the layers' forward over the whole sequence (``seq_len`` rows, the
@@ -109,6 +114,11 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     the gradient at the piece's input for the next piece. Attention runs
     ``attention_block`` queries at a time, so the piece holds scores of one block
     against the sequence rather than the whole ``[L, L]`` square.
+
+    With data parallelism (``train.grad_groups`` G > 1, sharded runs only) the
+    sequence's tokens are cut into G contiguous groups, one per data shard, and
+    each group's LoRA gradients go into its own partial accumulator: the pullback
+    never sums across data shards, the optimizer step does, once.
     """
     start, slot = piece.layer_start, piece.adapter_slot
 
@@ -125,25 +135,50 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     g = jax.lax.dynamic_slice(train.grads_h, (piece.act_row, 0), (seq_len, d))
     # Rows past the sequence hold stale data: zero them (causality keeps real rows clean).
     h0, g = jnp.where(valid, h0, 0), jnp.where(valid, g, 0)
+    groups = train.grad_groups
+    if hints is not None:
+        h0 = hints.tokens(h0)
 
     def lora(la, module, x):
-        return None if module not in la else lora_single_reference(x, *la[module], scale)
+        if module not in la:
+            return None
+        if groups == 1:
+            return lora_single_reference(x, *la[module], scale)
+        # x [1, n, in] in G token groups; a [G, in, R] and b [G, R, out] are per-group
+        # copies of the same weights, so their cotangents are per-group partial sums.
+        a, b = la[module]
+        xg = x.reshape(groups, x.shape[-2] // groups, x.shape[-1])
+        if hints is not None:
+            xg = hints.groups(xg, groups)
+        y = jnp.einsum("gtr,gro->gto", jnp.einsum("gti,gir->gtr", xg, a.astype(x.dtype)),
+                       b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+        return y.reshape(*x.shape[:-1], b.shape[-1])
+
+    if groups > 1:  # [num_layers, in, R] -> [num_layers, G, in, R]
+        own = jax.tree.map(
+            lambda w: jnp.broadcast_to(w[:, None], (w.shape[0], groups, *w.shape[1:])), own)
 
     def forward(own_weights, h):
         out, _ = llama.run_layers(cfg, layers, h[None], jnp.arange(seq_len)[None],
                                   llama.blocked_attention(attention_block),
                                   adapters=own_weights, lora=lora,
-                                  first_layer=start)
+                                  first_layer=start, hints=hints)
         return out[0]
 
     _, pullback = jax.vjp(forward, own, h0)
     d_own, dh = pullback(g.astype(h0.dtype))
 
     def accumulate(acc, grad):  # acc [L, N, ...], grad [num_layers, ...]
-        at = (start, slot) + (0,) * (acc.ndim - 2)
-        size = (num_layers, 1, *acc.shape[2:])
+        if groups > 1:  # acc [G, L, N, ...], grad [num_layers, G, ...]
+            at = (0, start, slot) + (0,) * (acc.ndim - 3)
+            size = (groups, num_layers, 1, *acc.shape[3:])
+            grad = jnp.moveaxis(grad, 1, 0)[:, :, None]
+        else:
+            at = (start, slot) + (0,) * (acc.ndim - 2)
+            size = (num_layers, 1, *acc.shape[2:])
+            grad = grad[:, None]
         cur = jax.lax.dynamic_slice(acc, at, size)
-        return jax.lax.dynamic_update_slice(acc, cur + grad[:, None].astype(acc.dtype), at)
+        return jax.lax.dynamic_update_slice(acc, cur + grad.astype(acc.dtype), at)
 
     return train.replace(
         grads_h=jax.lax.dynamic_update_slice(train.grads_h, dh.astype(jnp.float32),
@@ -153,18 +188,31 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     )
 
 
-def build_step(cfg: ModelConfig, return_logits: bool = False):
+@functools.cache
+def build_step(cfg: ModelConfig, return_logits: bool = False, layout=None):
     """``step(params, slots, kv, train, batch, with_train=...) -> (kv, train, StepOutput)``,
-    jitted, with ``kv`` and ``train`` donated."""
-    fn = functools.partial(step_fn, cfg, return_logits=return_logits)
-    return jax.jit(fn, donate_argnums=(2, 3), static_argnames=("with_train",))
+    jitted, with ``kv`` and ``train`` donated. Cached: engines of the same model share
+    one jitted function, so a second engine reuses the first one's compilations.
+
+    With a ``layout`` (``sharding.layout.Layout``) every input and output is pinned
+    to its sharding on the layout's mesh and the model gets its sharding hints."""
+    if layout is None:
+        fn = functools.partial(step_fn, cfg, return_logits=return_logits)
+        return jax.jit(fn, donate_argnums=(2, 3), static_argnames=("with_train",))
+    fn = functools.partial(step_fn, cfg, return_logits=return_logits, hints=layout.hints)
+    return layout.jit_step(fn, return_logits)
 
 
-def build_backward_piece(cfg: ModelConfig, attention_block: int = 256):
+@functools.cache
+def build_backward_piece(cfg: ModelConfig, attention_block: int = 256, layout=None):
     """``backward(params, slots, train, piece, num_layers=..., seq_len=...) -> train``,
-    jitted, with ``train`` donated."""
-    fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block)
-    return jax.jit(fn, donate_argnums=(2,), static_argnames=("num_layers", "seq_len"))
+    jitted, with ``train`` donated (laid out on the mesh of ``layout`` if given)."""
+    if layout is None:
+        fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block)
+        return jax.jit(fn, donate_argnums=(2,), static_argnames=("num_layers", "seq_len"))
+    fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block,
+                           hints=layout.hints)
+    return layout.jit_backward(fn)
 
 
 _cache_enabled = False

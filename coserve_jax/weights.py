@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
 import jax
@@ -73,9 +73,13 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_params(
-    cfg: ModelConfig, path: str | os.PathLike, dtype="float32", progress: bool = True
+    cfg: ModelConfig, path: str | os.PathLike, dtype="float32", progress: bool = True,
+    place: Callable[[tuple[str, ...], np.ndarray], jax.Array] | None = None,
 ) -> Params:
-    """Loads a checkpoint directory into a ``Params`` pytree on the default device."""
+    """Loads a checkpoint directory into a ``Params`` pytree on the default device.
+
+    ``place(field_path, host_array)`` puts each stacked leaf on the devices instead
+    (``sharding.layout.Layout.place_leaf``: each device receives only its shard)."""
     dtype = resolve_dtype(dtype)
     np_dtype = np.dtype(dtype)
     where = checkpoint_files(path)
@@ -90,8 +94,9 @@ def load_params(
                 handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
             return handles[file].get_tensor(name)
 
-        def to_device(a: np.ndarray) -> jax.Array:
-            return jax.device_put(a.astype(np_dtype, copy=False))
+        def to_device(a: np.ndarray, *field: str) -> jax.Array:
+            a = a.astype(np_dtype, copy=False)
+            return jax.device_put(a) if place is None else place(field, a)
 
         fields = [f for f in _LAYER_TENSORS if f not in _BIAS_FIELDS
                   or getattr(cfg, _BIAS_FIELDS[f])]
@@ -103,15 +108,16 @@ def load_params(
                 if stacked is None:
                     stacked = np.empty((cfg.num_layers, *t.shape), np_dtype)
                 stacked[i] = t
-            layers[field] = to_device(stacked)
+            layers[field] = to_device(stacked, "layers", field)
             del stacked
-        embed = to_device(read("model.embed_tokens.weight"))
+        embed = to_device(read("model.embed_tokens.weight"), "embed")
         _check_shape("model.embed_tokens.weight", embed.shape, (cfg.vocab_size, cfg.hidden_size))
         head = None
         if not cfg.tie_word_embeddings:
-            head = to_device(read("lm_head.weight").T)
+            head = to_device(read("lm_head.weight").T, "lm_head")
         params = Params(embed=embed, layers=LayerParams(**layers),
-                        final_norm=to_device(read("model.norm.weight")), lm_head=head)
+                        final_norm=to_device(read("model.norm.weight"), "final_norm"),
+                        lm_head=head)
     _check_layer_shapes(cfg, params.layers)
     return params
 

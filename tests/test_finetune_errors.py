@@ -111,3 +111,37 @@ def test_job_errors_leave_the_engine_serving(engine):
     assert "served" not in engine.adapters()
     assert engine.kv_usage().used_pages == 0
     assert np.isfinite(engine.job_progress("dup").loss)
+
+
+def test_a_failing_job_fails_alone_and_slots_are_freed(tmp_path):
+    model = tiny_model()
+    tok = model.tokenizer
+    engine = Engine(model, CONFIG)
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the checkpoint directory should be")
+    engine.submit_job(FinetuneJob("ok", _dataset(tok), max_steps=2, sequences_per_step=2,
+                                  checkpoint_dir=str(tmp_path / "ok-ckpt")))
+    with pytest.raises(OSError):
+        engine.submit_job(FinetuneJob("bad", _dataset(tok), max_steps=2,
+                                      checkpoint_dir=str(blocked / "ckpt")))
+    # Exporting onto an existing file fails (FileExistsError) when the job ends.
+    engine.submit_job(FinetuneJob("export", _dataset(tok), max_steps=1, sequences_per_step=2,
+                                  export_dir=str(blocked)))
+    rid = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert engine.checkpoint_job("ok") == 0
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.job_progress("export").state == "failed"
+    assert "FileExistsError" in engine.job_progress("export").error
+    assert engine.job_progress("ok").state == "completed"
+    assert rid not in engine._requests
+    with pytest.raises(ValueError, match="running"):
+        engine.submit_job(FinetuneJob("live", _dataset(tok), max_steps=50))
+        engine.remove_job("live")
+    engine.cancel_job("live")
+    before = len(engine.adapters())
+    engine.remove_job("ok")
+    engine.remove_job("live")
+    assert len(engine.adapters()) == before - 2
+    with pytest.raises(KeyError):
+        engine.job_progress("ok")

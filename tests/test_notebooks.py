@@ -17,7 +17,7 @@ SMALL = {"COSERVE_NB_STEPS": "40", "COSERVE_NB_QUICK": "1"}
 
 def test_there_are_notebooks():
     names = {os.path.basename(p) for p in NOTEBOOKS}
-    assert "quickstart.ipynb" in names
+    assert {"quickstart.ipynb", "coserving_experiment.ipynb", "kernels.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)

@@ -86,10 +86,11 @@ def test_policy_picks_largest_budget_within_limit():
 
 def test_iteration_limit_banks_slack_of_fast_requests():
     policy = Policy("coserve", safety=0.9)
-    # Not started: 0.9 * target. Started at t=0 with 10 tokens by t=0.2 under a 40 ms
-    # target: it may finish its 11th by 0.4, so 0.2 - 0.04 = 0.16 s is banked.
+    # Not started: 0.9 * target = 36 ms. Started at t=0 with 10 tokens by t=0.2: keeping
+    # its mean within 36 ms it may finish its 11th by 0.36, so 0.36 - 0.2 - 0.036 = 0.124 s
+    # is banked and half of it may be spent now.
     assert policy.iteration_limit(0.2, [(0.04, None, 0)]) == pytest.approx(0.036)
-    assert policy.iteration_limit(0.2, [(0.04, 0.0, 10)]) == pytest.approx(0.036 + 0.08)
+    assert policy.iteration_limit(0.2, [(0.04, 0.0, 10)]) == pytest.approx(0.036 + 0.062)
     both = policy.iteration_limit(0.2, [(0.04, 0.0, 10), (0.04, 0.15, 1)])
     assert both == pytest.approx(0.036)  # the tightest request decides
     assert policy.iteration_limit(0.2, []) is None

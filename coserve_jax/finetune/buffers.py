@@ -7,6 +7,10 @@ recomputed). The loss gradient w.r.t. the last layer's output goes into
 ``grads_h``, and each backward piece (a few layers over the whole sequence)
 replaces it with the gradient w.r.t. the input of the piece's first layer,
 while adding LoRA gradients into the per-slot accumulators.
+
+With data parallelism the accumulators carry a leading axis of one partial sum
+per data shard (``groups``), summed once per optimizer step; on one device and
+with pure model parallelism there is no such axis.
 """
 
 from __future__ import annotations
@@ -25,23 +29,46 @@ class TrainBuffers:
 
     acts: jax.Array  # [L, A * max_len, D] model dtype: input of every layer, per token
     grads_h: jax.Array  # [A * max_len, D] float32: dLoss/d(hidden) at the current boundary
-    grad_a: dict[str, jax.Array]  # module -> [L, N, in, R] float32
-    grad_b: dict[str, jax.Array]  # module -> [L, N, R, out] float32
+    grad_a: dict[str, jax.Array]  # module -> [L, N, in, R] float32 (or [G, L, N, in, R])
+    grad_b: dict[str, jax.Array]  # module -> [L, N, R, out] float32 (or [G, L, N, R, out])
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, slots: AdapterSlots, num_seqs: int, max_len: int,
-              dtype) -> TrainBuffers:
+              dtype, groups: int = 1) -> TrainBuffers:
+        """Empty buffers; ``groups`` > 1 gives the accumulators one partial sum per data
+        shard (a leading axis of that size)."""
         rows = num_seqs * max_len
+        lead = (groups,) if groups > 1 else ()
         return cls(
             acts=jnp.zeros((cfg.num_layers, rows, cfg.hidden_size), dtype),
             grads_h=jnp.zeros((rows, cfg.hidden_size), jnp.float32),
-            grad_a={m: jnp.zeros(a.shape, jnp.float32) for m, a in slots.a.items()},
-            grad_b={m: jnp.zeros(b.shape, jnp.float32) for m, b in slots.b.items()},
+            grad_a={m: jnp.zeros(lead + a.shape, jnp.float32) for m, a in slots.a.items()},
+            grad_b={m: jnp.zeros(lead + b.shape, jnp.float32) for m, b in slots.b.items()},
         )
 
     @property
     def num_rows(self) -> int:
         return self.grads_h.shape[0]
+
+    @property
+    def grad_groups(self) -> int:
+        """Partial-sum groups of the accumulators (1: no group axis)."""
+        first = next(iter(self.grad_a.values()), None)
+        return 1 if first is None or first.ndim == 4 else first.shape[0]
+
+    def slot_grads(self, slot: int) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """Accumulated gradients of one slot, partial sums added: module -> (A [L, in, R],
+        B [L, R, out]) float32 (one jitted program, not one per array)."""
+        return _slot_grads(self.grad_a, self.grad_b, slot)
+
+
+@jax.jit
+def _slot_grads(grad_a: dict, grad_b: dict, slot) -> dict:
+    def one(g: jax.Array) -> jax.Array:
+        g = jnp.take(g, slot, axis=g.ndim - 3)
+        return g if g.ndim == 3 else jnp.sum(g, axis=0)
+
+    return {m: (one(grad_a[m]), one(grad_b[m])) for m in grad_a}
 
 
 def drop_negative(index: jax.Array, size: int) -> jax.Array:

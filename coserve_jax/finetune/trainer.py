@@ -30,7 +30,7 @@ from coserve_jax.finetune.data import TrainSequence, labels_and_weights
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.kv_cache import PageAllocator
 from coserve_jax.lora.adapter import LoraAdapter
-from coserve_jax.lora.slots import AdapterRegistry, write_slot
+from coserve_jax.lora.slots import AdapterRegistry
 from coserve_jax.step import BackwardPiece, build_backward_piece
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,21 @@ class InFlight:
 class JobRun:
     """A job's live state: adapter weights, optimizer state, data position, counters."""
 
-    def __init__(self, spec: FinetuneJob, slot: int, adapter: LoraAdapter, table_modules):
+    def __init__(self, spec: FinetuneJob, slot: int, adapter: LoraAdapter, table_modules,
+                 layout=None):
         self.spec = spec
         self.slot = slot
         self.state = "running"
         self.error: str | None = None
         self.tx = spec.optimizer.build(spec.total_steps)
-        self.params = {m: {"a": jnp.asarray(adapter.a[m]), "b": jnp.asarray(adapter.b[m])}
-                       for m in spec.lora.target_modules}
-        self.opt_state = self.tx.init(self.params)
+        if layout is None:
+            self.params = {m: {"a": jnp.asarray(adapter.a[m]), "b": jnp.asarray(adapter.b[m])}
+                           for m in spec.lora.target_modules}
+            self.opt_state = self.tx.init(self.params)
+        else:  # weights and optimizer state take the layout of the slots they feed
+            self.params = layout.put({m: {"a": adapter.a[m], "b": adapter.b[m]}
+                                      for m in spec.lora.target_modules})
+            self.opt_state = layout.jit_state(self.tx.init)(self.params)
         self.step = 0
         self.seqs_started = 0  # global sequence counter over epochs
         self.seqs_done = 0
@@ -99,9 +105,13 @@ class JobRun:
         n = len(spec.dataset)
         self.total_seqs = (spec.max_steps * spec.sequences_per_step if spec.max_steps
                            else spec.epochs * n)
-        self._apply = jax.jit(functools.partial(
-            _apply_update, self.tx, spec.lora.r, tuple(table_modules),
-            spec.lora.target_modules), donate_argnums=(0, 1, 2))
+        if layout is None:  # shared by jobs of the same shape and optimizer: compiled once
+            self._apply = _jitted_update(spec.optimizer, spec.total_steps, spec.lora.r,
+                                         tuple(table_modules), spec.lora.target_modules)
+        else:
+            apply = functools.partial(_apply_update, self.tx, spec.lora.r,
+                                      tuple(table_modules), spec.lora.target_modules)
+            self._apply = layout.jit_state(apply, donate_argnums=(0, 1, 2))
         self.checkpointer = (JobCheckpointer(spec.checkpoint_dir) if spec.checkpoint_dir
                              else None)
 
@@ -132,7 +142,10 @@ class JobRun:
             epoch=self.seqs_done // len(self.spec.dataset), error=self.error)
 
     def meta(self) -> dict:
-        return {"step": self.step, "seqs_done": self.seqs_done, "losses": self.losses,
+        # Sequences of a partly done step live only in the gradient accumulators, which
+        # are not saved: a resumed job restarts from the last step boundary.
+        boundary = min(self.total_seqs, self.step * self.spec.sequences_per_step)
+        return {"step": self.step, "seqs_done": boundary, "losses": self.losses,
                 "tokens_trained": self.tokens_trained, "seed": self.spec.seed,
                 "name": self.spec.name}
 
@@ -151,35 +164,52 @@ class JobRun:
         return True
 
 
+@functools.cache
+def _jitted_update(optimizer, total_steps: int, rank: int, table_modules: tuple,
+                   targets: tuple):
+    """The jitted ``_apply_update`` for one optimizer config and adapter shape."""
+    tx = optimizer.build(total_steps)
+    return jax.jit(functools.partial(_apply_update, tx, rank, table_modules, targets),
+                   donate_argnums=(0, 1, 2))
+
+
 def _apply_update(tx, rank, table_modules, targets, params, opt_state,
                   train: TrainBuffers, slot, num_seqs):
-    """One optimizer step from the slot's accumulated gradients (averaged over sequences)."""
-    grads = {m: {"a": jnp.take(train.grad_a[m], slot, axis=1)[..., :rank] / num_seqs,
-                 "b": jnp.take(train.grad_b[m], slot, axis=1)[:, :rank, :] / num_seqs}
+    """One optimizer step from the slot's accumulated gradients (averaged over sequences).
+
+    Returns (params, opt_state, train, {"a": padded A, "b": padded B}, grad_norm). With
+    per-data-shard partial accumulators this is where they are summed: the one
+    cross-shard gradient reduction of an optimizer step."""
+    def slot_grad(g):  # [(G,) L, N, ...] -> [L, ...]
+        g = jnp.take(g, slot, axis=g.ndim - 3)
+        return g if g.ndim == 3 else jnp.sum(g, axis=0)
+
+    grads = {m: {"a": slot_grad(train.grad_a[m])[..., :rank] / num_seqs,
+                 "b": slot_grad(train.grad_b[m])[:, :rank, :] / num_seqs}
              for m in targets}
     grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
     updates, opt_state = tx.update(grads, opt_state, params)
     params = jax.tree.map(lambda p, u: p + u, params, updates)
     train = train.replace(
-        grad_a={m: g.at[:, slot].set(0.0) for m, g in train.grad_a.items()},
-        grad_b={m: g.at[:, slot].set(0.0) for m, g in train.grad_b.items()})
+        grad_a={m: g.at[..., slot, :, :].set(0.0) for m, g in train.grad_a.items()},
+        grad_b={m: g.at[..., slot, :, :].set(0.0) for m, g in train.grad_b.items()})
     padded_a, padded_b = {}, {}
     for m in table_modules:
-        a_shape = train.grad_a[m].shape[:1] + train.grad_a[m].shape[2:]
-        b_shape = train.grad_b[m].shape[:1] + train.grad_b[m].shape[2:]
+        a_shape = train.grad_a[m].shape[-4:-3] + train.grad_a[m].shape[-2:]
+        b_shape = train.grad_b[m].shape[-4:-3] + train.grad_b[m].shape[-2:]
         pa, pb = jnp.zeros(a_shape, jnp.float32), jnp.zeros(b_shape, jnp.float32)
         if m in params:
             pa = pa.at[..., :rank].set(params[m]["a"])
             pb = pb.at[:, :rank].set(params[m]["b"])
         padded_a[m], padded_b[m] = pa, pb
-    return params, opt_state, train, padded_a, padded_b, grad_norm
+    return params, opt_state, train, {"a": padded_a, "b": padded_b}, grad_norm
 
 
 class Trainer:
     """Runs every finetuning job of one engine."""
 
     def __init__(self, cfg: ModelConfig, registry: AdapterRegistry, allocator: PageAllocator,
-                 config: TrainerConfig, dtype):
+                 config: TrainerConfig, dtype, layout=None):
         if cfg.num_layers % config.backward_layers:
             raise ValueError(f"backward_layers ({config.backward_layers}) must divide the "
                              f"model's {cfg.num_layers} layers")
@@ -187,13 +217,21 @@ class Trainer:
         self.registry = registry
         self.allocator = allocator
         self.config = config
-        self.buffers = TrainBuffers.zeros(cfg, registry.table, config.max_seqs, config.max_len,
-                                          dtype)
+        self.layout = layout
         self.seq_buckets = powers_of_two(min(config.min_seq_bucket, config.max_len),
                                          config.max_len)
+        if layout is None:
+            self.buffers = TrainBuffers.zeros(cfg, registry.table, config.max_seqs,
+                                              config.max_len, dtype)
+        else:  # one partial gradient sum per data shard (see TrainBuffers)
+            layout.check_divides_tokens(self.seq_buckets, "backward sequence buckets")
+            self.buffers = layout.zeros(TrainBuffers.zeros, cfg, registry.table,
+                                        config.max_seqs, config.max_len, dtype,
+                                        groups=layout.data_size)
         self.jobs: dict[str, JobRun] = {}
+        self.writer = None  # a telemetry.ScalarWriter, set by the engine
         self._free_act = list(range(config.max_seqs - 1, -1, -1))
-        self._backward = build_backward_piece(cfg, config.attention_block)
+        self._backward = build_backward_piece(cfg, config.attention_block, layout)
         self._kv_ids = 0
 
     # ----- jobs -----------------------------------------------------------------------------
@@ -209,7 +247,7 @@ class Trainer:
         adapter = LoraAdapter.zeros_b(spec.name, spec.lora, self.cfg, spec.seed)
         self.registry.check_loadable(adapter)
         slot = self.registry.load(adapter)
-        run = JobRun(spec, slot, adapter, self.registry.modules)
+        run = JobRun(spec, slot, adapter, self.registry.modules, self.layout)
         self.jobs[spec.name] = run
         if run.restore():
             self._publish(run)
@@ -222,6 +260,31 @@ class Trainer:
         if run.state == "running":
             self._drop_inflight(run)
             run.state = "cancelled"
+
+    def checkpoint(self, name: str) -> int | None:
+        """Saves a running job now (its last optimizer step); the step saved, or None if
+        the job has no checkpoint directory or is not running."""
+        run = self.jobs[name]
+        if run.checkpointer is None or run.state != "running":
+            return None
+        if run.checkpointer.latest_step() != run.step:
+            run.checkpointer.save(run.step, run.params, run.opt_state, run.meta())
+        return run.step
+
+    def remove(self, name: str) -> None:
+        """Forgets a job that is no longer running and frees its adapter slot."""
+        run = self.jobs[name]
+        if run.state == "running":
+            raise ValueError(f"job {name!r} is running; cancel it first")
+        del self.jobs[name]
+        self.registry.unload(name)
+
+    def _fail(self, run: JobRun, error: Exception) -> None:
+        """One job's failure (say, its checkpoint directory is unwritable) ends that job
+        only; the engine and the other jobs go on."""
+        log.error("job %s failed: %s", run.spec.name, error)
+        self._drop_inflight(run)
+        run.state, run.error = "failed", f"{type(error).__name__}: {error}"
 
     def has_work(self) -> bool:
         return any(r.state == "running" for r in self.jobs.values())
@@ -373,28 +436,39 @@ class Trainer:
 
     def _optimizer_step(self, run: JobRun) -> None:
         n = run.seqs_in_step
-        (run.params, run.opt_state, self.buffers, padded_a, padded_b,
+        (run.params, run.opt_state, self.buffers, padded,
          grad_norm) = run._apply(run.params, run.opt_state, self.buffers,
                                  np.int32(run.slot), np.float32(n))
-        self.registry.table = write_slot(self.registry.table, np.int32(run.slot), padded_a,
-                                         padded_b, np.float32(run.spec.lora.scale))
+        self.registry.table = self.registry.write_slot(
+            self.registry.table, np.int32(run.slot), padded["a"], padded["b"],
+            np.float32(run.spec.lora.scale))
         run.grad_norm = float(grad_norm)
         run.losses.append(run.loss_in_step / n)
         run.step += 1
+        if self.writer is not None:
+            p = run.progress()
+            self.writer.scalars(f"jobs/{run.spec.name}", {
+                "loss": p.loss, "learning_rate": p.learning_rate, "grad_norm": p.grad_norm,
+                "tokens_per_s": p.tokens_per_s}, run.step)
         run.seqs_in_step, run.loss_in_step = 0, 0.0
         every = run.spec.checkpoint_every
         done = run.step >= run.spec.total_steps
-        if run.checkpointer is not None and (done or (every and run.step % every == 0)):
-            run.checkpointer.save(run.step, run.params, run.opt_state, run.meta())
-        if done:
-            self._finish(run)
+        try:
+            if run.checkpointer is not None and (done or (every and run.step % every == 0)):
+                run.checkpointer.save(run.step, run.params, run.opt_state, run.meta())
+            if done:
+                self._finish(run)
+        except OSError as e:
+            self._fail(run, e)
 
     def _finish(self, run: JobRun) -> None:
         run.state = "completed"
         if run.spec.export_dir:
             from coserve_jax.lora.peft_io import save_adapter
 
-            save_adapter(self.adapter_of(run), run.spec.export_dir)
+            adapter = self.adapter_of(run)  # every process (a multi-host gather) ...
+            if jax.process_index() == 0:  # ... but one writes the files
+                save_adapter(adapter, run.spec.export_dir)
 
     def _publish(self, run: JobRun) -> None:
         """Writes the job's current weights into its slot (after a restore)."""
@@ -402,10 +476,10 @@ class Trainer:
 
     def adapter_of(self, run: JobRun) -> LoraAdapter:
         """The job's latest weights as a ``LoraAdapter`` (host copy)."""
-        return LoraAdapter(
-            run.spec.name, run.spec.lora,
-            {m: np.asarray(p["a"]) for m, p in run.params.items()},
-            {m: np.asarray(p["b"]) for m, p in run.params.items()})
+        host = tree_to_host(run.params)
+        return LoraAdapter(run.spec.name, run.spec.lora,
+                           {m: p["a"] for m, p in host.items()},
+                           {m: p["b"] for m, p in host.items()})
 
     def _drop_inflight(self, run: JobRun) -> None:
         for f in run.inflight:
@@ -413,3 +487,21 @@ class Trainer:
             self._free_act.append(f.act_slot)
             run.seqs_started -= 1
         run.inflight = []
+
+
+def tree_to_host(tree):
+    """A tree of device arrays as numpy. Arrays spread over other processes' devices
+    (multi-host) are first replicated by one program, which every process must run
+    together (``sharding.distributed`` makes followers do so)."""
+    leaves = jax.tree.leaves(tree)
+    if all(x.is_fully_addressable or x.is_fully_replicated for x in leaves):
+        return jax.tree.map(np.asarray, tree)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(leaves[0].sharding.mesh, PartitionSpec())
+    return jax.tree.map(np.asarray, jax.jit(_identity, out_shardings=replicated)(tree))
+
+
+def _identity(tree):
+    # Module level, so repeated gathers of the same shapes reuse one compilation.
+    return tree

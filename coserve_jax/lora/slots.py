@@ -8,7 +8,6 @@ jitted, donated update whose shapes never change, so nothing recompiles.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.struct
 import jax
@@ -64,13 +63,16 @@ def multi_slot_lora(scale: jax.Array, slot_ids: jax.Array):
     return lora
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def write_slot(slots: AdapterSlots, index, a, b, scale) -> AdapterSlots:
+def _write_slot(slots: AdapterSlots, index, a, b, scale) -> AdapterSlots:
     return AdapterSlots(
         a={m: slots.a[m].at[:, index].set(a[m].astype(slots.a[m].dtype)) for m in slots.a},
         b={m: slots.b[m].at[:, index].set(b[m].astype(slots.b[m].dtype)) for m in slots.b},
         scale=slots.scale.at[index].set(scale),
     )
+
+
+write_slot = jax.jit(_write_slot, donate_argnums=0)
+"""``write_slot(slots, index, a, b, scale) -> slots``: one slot rewritten in place."""
 
 
 @dataclasses.dataclass
@@ -84,11 +86,17 @@ class AdapterRegistry:
     """Names to slots, and the device table they live in."""
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int,
-                 modules: tuple[str, ...] = ALL_TARGETS, dtype=jnp.float32):
+                 modules: tuple[str, ...] = ALL_TARGETS, dtype=jnp.float32, layout=None):
         self.cfg = cfg
         self.max_rank = max_rank
         self.modules = tuple(m for m in ALL_TARGETS if m in modules)
-        self.table = AdapterSlots.zeros(cfg, num_slots, max_rank, self.modules, dtype)
+        if layout is None:
+            self.table = AdapterSlots.zeros(cfg, num_slots, max_rank, self.modules, dtype)
+            self.write_slot = write_slot
+        else:  # allocated and rewritten in its layout (``sharding.layout.Layout``)
+            self.table = layout.zeros(AdapterSlots.zeros, cfg, num_slots, max_rank,
+                                      self.modules, dtype)
+            self.write_slot = layout.jit_state(_write_slot, donate_argnums=(0,))
         self._by_name: dict[str, SlotInfo] = {}
         self._free = list(range(num_slots - 1, -1, -1))
 
@@ -132,14 +140,14 @@ class AdapterRegistry:
                 pa[..., :r] = np.asarray(adapter.a[m])
                 pb[:, :r] = np.asarray(adapter.b[m])
             a[m], b[m] = pa, pb
-        self.table = write_slot(self.table, np.int32(index), a, b,
-                                 np.float32(adapter.config.scale))
+        self.table = self.write_slot(self.table, np.int32(index), a, b,
+                                     np.float32(adapter.config.scale))
 
     def unload(self, name: str) -> None:
         info = self._by_name.pop(name, None)
         if info is None:
             raise KeyError(f"no adapter named {name!r}")
-        self.table = write_slot(
+        self.table = self.write_slot(
             self.table, np.int32(info.index),
             {m: np.zeros(self.table.a[m].shape[2:], np.float32) for m in self.modules},
             {m: np.zeros(self.table.b[m].shape[2:], np.float32) for m in self.modules},

@@ -16,6 +16,7 @@ Two entry points share the layer body and differ only in attention:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import flax.struct
 import jax
@@ -96,6 +97,19 @@ def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array
 LoraFn = Callable[[object, str, jax.Array], "jax.Array | None"]
 
 
+class ProjectionHints(Protocol):
+    """Sharding hints for the layer body (``sharding.layout.ShardingHints``); None on one
+    device, where the layer is exactly the plain computation."""
+
+    def project(self, name: str, x: jax.Array, w: jax.Array, bias: jax.Array | None,
+                la: object, lora: LoraFn | None) -> jax.Array | None:
+        """The whole projection ``x @ w + bias + lora`` in a layout-aware form, or None to
+        use the plain one."""
+
+    def replicated_hidden(self, x: jax.Array) -> jax.Array:
+        """``x`` with its hidden axis pinned to the residual stream's layout."""
+
+
 def decoder_layer(
     cfg: ModelConfig,
     lp: LayerParams,
@@ -107,14 +121,20 @@ def decoder_layer(
     attention: AttentionFn,
     carry: object,
     lora: LoraFn | None = None,
+    hints: ProjectionHints | None = None,
 ) -> tuple[jax.Array, object]:
     """One decoder layer on hidden states ``x [..., D]``.
 
     ``lp`` holds this layer's weights and ``la`` its adapter weights (whatever
-    ``lora`` understands; None for the base model).
+    ``lora`` understands; None for the base model). ``hints`` (sharded runs only)
+    may take over a projection to fix where its reduction happens.
     """
 
     def proj(name: str, h: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        if hints is not None:
+            y = hints.project(name, h, getattr(lp, name), bias, la, lora)
+            if y is not None:
+                return y
         y = _linear(h, getattr(lp, name), bias)
         delta = None if lora is None else lora(la, name, h)
         return y if delta is None else y + delta.astype(y.dtype)
@@ -144,6 +164,7 @@ def run_layers(
     lora: LoraFn | None = None,
     first_layer: jax.Array | int = 0,
     on_layer_input: Callable[[jax.Array, jax.Array, object], object] | None = None,
+    hints: ProjectionHints | None = None,
 ) -> tuple[jax.Array, object]:
     """Scans stacked ``layers`` (and per-layer ``adapters``) over ``x``; returns the last
     layer's output, before the final norm.
@@ -157,13 +178,21 @@ def run_layers(
     def body(state, xs):
         h, c = state
         lp, la, i = xs
+        if hints is not None:  # the scan carry keeps the residual stream's layout
+            h = hints.replicated_hidden(h)
         if on_layer_input is not None:
             c = on_layer_input(i, h, c)
-        h, c = decoder_layer(cfg, lp, la, i, h, cos, sin, attention, c, lora)
+        h, c = decoder_layer(cfg, lp, la, i, h, cos, sin, attention, c, lora, hints)
+        if hints is not None:
+            h = hints.replicated_hidden(h)
         return (h, c), None
 
     indices = first_layer + jnp.arange(num, dtype=jnp.int32)
+    if hints is not None:
+        x = hints.replicated_hidden(x)
     (x, carry), _ = jax.lax.scan(body, (x, carry), (layers, adapters, indices))
+    if hints is not None:
+        x = hints.replicated_hidden(x)
     return x, carry
 
 
@@ -281,6 +310,7 @@ def forward_paged(
     lora: LoraFn | None = None,
     extra: object = None,
     on_layer_input: Callable[[jax.Array, jax.Array, object], object] | None = None,
+    hints: ProjectionHints | None = None,
 ) -> tuple[jax.Array, object, object]:
     """Runs a ragged token batch through paged KV: returns (last layer output ``[T, D]``
     before the final norm, kv, extra).
@@ -305,5 +335,5 @@ def forward_paged(
 
     x, (kv, extra) = run_layers(cfg, params.layers, params.embed[batch.token_ids],
                                 batch.positions, attention, (kv, extra), adapters=adapters,
-                                lora=lora, on_layer_input=hook)
+                                lora=lora, on_layer_input=hook, hints=hints)
     return x, kv, extra

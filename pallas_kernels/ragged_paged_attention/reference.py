@@ -76,3 +76,27 @@ def ragged_paged_attention_reference(
     out = jnp.einsum("tkgsc,sckd->tkgd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return out.reshape(t, hq, dh).astype(q.dtype)
+
+
+def dense_causal_attention_reference(
+    q: jax.Array,  # [B, L, Hq, Dh]
+    k: jax.Array,  # [B, L, Hkv, Dh]
+    v: jax.Array,  # [B, L, Hkv, Dh]
+    scale: float | None = None,
+) -> jax.Array:
+    """Plain causal GQA self-attention over whole sequences: ``[B, L, Hq, Dh]``.
+
+    The definition of the flash kernel pair the finetuning backward pieces use; the same
+    computation as ``coserve_jax.models.llama.dense_causal_attention`` with no query offset
+    (kept here so this package depends only on jax).
+    """
+    b, length, hq, dh = q.shape
+    hkv = k.shape[2]
+    scale = 1.0 / np.sqrt(dh) if scale is None else scale
+    qg = q.reshape(b, length, hkv, hq // hkv, dh)
+    scores = jnp.einsum("bqkgd,bckd->bkgqc", qg, k, preferred_element_type=jnp.float32) * scale
+    causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
+    scores = jnp.where(causal, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqc,bckd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, length, hq, dh).astype(q.dtype)

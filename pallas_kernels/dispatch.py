@@ -1,0 +1,252 @@
+"""Chooses, once at build time, which attention and LoRA implementations a step uses.
+
+``select_kernels(impl)`` returns a ``Kernels`` bundle of plain callables:
+
+- ``impl="auto"`` (default; the ``COSERVE_KERNELS`` environment variable overrides it):
+  the Pallas kernels on GPU; on TPU jax's own TPU ragged paged attention kernel (through
+  ``ragged_paged_attention/tpu.py``, which documents the KV layout copy it needs),
+  ``lax.ragged_dot`` for LoRA and the fallback for dense causal attention; the jnp
+  references on CPU;
+- ``"kernel"``: the Pallas kernels, compiled (GPU; on TPU the TPU choices above);
+- ``"reference"``: the jnp references everywhere (the fallback);
+- ``"interpret"``: the Pallas kernels in interpret mode (CPU tests of the kernel path).
+
+Shapes a kernel cannot tile (e.g. a head size that is not a power of two) fall back to
+the reference for that call, decided at trace time from static shapes, with a warning.
+
+The step should compute per-batch metadata once and reuse it in every layer:
+``kernels.plan_paged_attention(...)`` and ``kernels.multi_slot_lora(...)`` do that.
+Under a sharded layout (``sharding.layout``), use ``impl="reference"``: the kernels here
+are single-device programs (they would need a ``shard_map`` around them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.lora import kernel as lora_kernel
+from pallas_kernels.lora.reference import lora_multi_slot_reference, lora_single_reference
+from pallas_kernels.ragged_paged_attention import flash
+from pallas_kernels.ragged_paged_attention import kernel as rpa_kernel
+from pallas_kernels.ragged_paged_attention.reference import (
+    dense_causal_attention_reference,
+    ragged_paged_attention_reference,
+)
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("auto", "kernel", "reference", "interpret")
+ENV_VAR = "COSERVE_KERNELS"
+
+# (q, k_pages, v_pages, page_tables, seq_ids, positions, scale=None, *, layer=None) -> [T, Hq, Dh]
+PagedAttentionFn = Callable[..., jax.Array]
+# (q [B, L, Hq, Dh], k, v) -> [B, L, Hq, Dh], differentiable
+CausalAttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (x [T, in], a [N, in, R], b [N, R, out], scale [N], slot_ids [T]) -> [T, out]
+MultiLoraFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """Tile sizes (None: the kernels' defaults) and Triton launch settings."""
+
+    attention_block_q: int | None = None
+    attention_pages_per_block: int | None = None
+    flash_block_q: int | None = None
+    flash_block_k: int | None = None
+    lora_tile: int | None = None
+    lora_block: int = 128
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+def resolve_impl(impl: str | None = None, backend: str | None = None) -> str:
+    """The concrete path: ``"kernel"``, ``"tpu"``, ``"reference"`` or ``"interpret"``."""
+    impl = impl or os.environ.get(ENV_VAR) or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"kernel impl must be one of {IMPLS}, got {impl!r}")
+    backend = backend or jax.default_backend()
+    on_gpu = backend in ("gpu", "cuda", "rocm")
+    if impl == "auto":
+        return "kernel" if on_gpu else "tpu" if backend == "tpu" else "reference"
+    if impl == "kernel":
+        if backend == "tpu":
+            return "tpu"
+        if not on_gpu:
+            raise ValueError(f"impl='kernel' needs a GPU (backend is {backend!r}); use "
+                             "'interpret' to run the kernels on CPU")
+    return impl
+
+
+def _warn_fallback(what: str, why: str) -> None:
+    log.warning("%s: falling back to the jnp reference (%s)", what, why)
+
+
+@functools.cache
+def _tpu_kernel_available() -> bool:
+    """Whether this jax still ships the TPU ragged paged attention kernel."""
+    try:
+        from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (  # noqa: F401
+            ragged_paged_attention,
+        )
+    except ImportError:
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """The implementations a step was built with. All fields are pure functions."""
+
+    impl: str
+    """What was chosen: "kernel", "tpu", "reference" or "interpret"."""
+    options: KernelOptions = KernelOptions()
+
+    @property
+    def uses_pallas(self) -> bool:
+        return self.impl in ("kernel", "interpret")
+
+    @property
+    def _interpret(self) -> bool:
+        return self.impl == "interpret"
+
+    # ---- ragged paged attention (the step's forward over paged KV) ----
+
+    def paged_attention(self, q, k_pages, v_pages, page_tables, seq_ids, positions,
+                        scale=None, *, layer=None, metadata=None) -> jax.Array:
+        """Drop-in for ``ragged_paged_attention_reference`` (plus ``layer``: pass the
+        stacked ``[L, P, ...]`` cache and the layer index, so no layer copy is made)."""
+        dh, page_size = q.shape[-1], k_pages.shape[-3]
+        if self.uses_pallas and rpa_kernel.kernel_supports(dh, page_size):
+            o = self.options
+            return rpa_kernel.ragged_paged_attention(
+                q, k_pages, v_pages, page_tables, seq_ids, positions, scale, layer=layer,
+                metadata=metadata, block_q=o.attention_block_q,
+                pages_per_block=o.attention_pages_per_block, interpret=self._interpret,
+                num_warps=o.num_warps, num_stages=o.num_stages)
+        if self.impl == "tpu" and _tpu_kernel_available():
+            from pallas_kernels.ragged_paged_attention.tpu import tpu_ragged_paged_attention
+
+            return tpu_ragged_paged_attention(q, k_pages, v_pages, page_tables, seq_ids,
+                                              positions, scale, layer=layer)
+        if self.uses_pallas:
+            _warn_fallback("ragged paged attention", f"head_dim {dh}, page_size {page_size}")
+        elif self.impl == "tpu":
+            _warn_fallback("ragged paged attention", "this jax has no TPU ragged kernel")
+        if layer is not None:
+            k_pages, v_pages = k_pages[layer], v_pages[layer]
+        return ragged_paged_attention_reference(q, k_pages, v_pages, page_tables, seq_ids,
+                                                positions, scale)
+
+    def plan_paged_attention(self, seq_ids: jax.Array, positions: jax.Array,
+                             page_tables: jax.Array, *, num_q_per_kv: int,
+                             page_size: int) -> PagedAttentionFn:
+        """Computes the batch's block layout once (call it in the step, outside the layer
+        scan) and returns a ``PagedAttentionFn`` for that batch: the last three positional
+        arguments it receives must be this batch's (they are ignored by the kernel)."""
+        if not self.uses_pallas:
+            return self.paged_attention
+        o = self.options
+        block_q = o.attention_block_q or rpa_kernel.default_block_q(
+            num_q_per_kv, seq_ids.shape[0], page_tables.shape[0])
+        ppb = o.attention_pages_per_block or rpa_kernel.default_pages_per_block(page_size)
+        metadata = rpa_kernel.ragged_attention_metadata(
+            seq_ids, positions, page_tables, block_q=block_q, pages_per_block=ppb)
+        return functools.partial(self.paged_attention, metadata=metadata)
+
+    # ---- dense causal attention (the finetuning backward pieces) ----
+
+    def causal_attention(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                         scale: float | None = None) -> jax.Array:
+        """Causal GQA self-attention ``[B, L, Hq, Dh]``, differentiable; the flash pair on
+        the kernel paths (the backward recomputes softmax from the saved logsumexp)."""
+        if self.uses_pallas and flash.flash_supports(q.shape[-1]):
+            o = self.options
+            return flash.flash_causal_attention(
+                q, k, v, scale, block_q=o.flash_block_q, block_k=o.flash_block_k,
+                interpret=self._interpret, num_warps=o.num_warps, num_stages=o.num_stages)
+        if self.uses_pallas:
+            _warn_fallback("flash attention", f"head_dim {q.shape[-1]}")
+        return dense_causal_attention_reference(q, k, v, scale)
+
+    def attention_fn(self, fallback: Callable | None = None) -> Callable:
+        """An ``AttentionFn`` (``coserve_jax.models.llama``) over whole sequences,
+        ``(layer, q, k, v, carry) -> (out, carry)``, for the backward pieces' ``run_layers``.
+
+        On the kernel paths it runs the flash pair; otherwise (and for shapes the kernel
+        cannot tile) it returns ``fallback`` when given - pass the step's current
+        ``llama.blocked_attention(block)``, whose backward holds one query block's scores
+        rather than the dense reference's ``[L, L]``."""
+
+        def attention(layer, q, k, v, carry):
+            if fallback is not None and not (self.uses_pallas
+                                             and flash.flash_supports(q.shape[-1])):
+                return fallback(layer, q, k, v, carry)
+            return self.causal_attention(q, k, v), carry
+
+        return attention
+
+    # ---- multi-slot LoRA ----
+
+    def lora_multi_slot(self, x, a, b, scale, slot_ids) -> jax.Array:
+        """Drop-in for ``lora_multi_slot_reference`` (groups tokens on every call)."""
+        groups = self.group_tokens(slot_ids, a.shape[0], x.shape[0])
+        return self.lora_grouped(x, a, b, scale, slot_ids, groups)
+
+    def group_tokens(self, slot_ids: jax.Array, num_slots: int,
+                     num_tokens: int) -> lora_kernel.TokenGroups | None:
+        """The per-step grouping of tokens by slot (None on paths that do not use it)."""
+        if not self.uses_pallas:
+            return None
+        tile = self.options.lora_tile or lora_kernel.default_tile(num_tokens)
+        return lora_kernel.group_tokens(slot_ids, num_slots, tile)
+
+    def lora_grouped(self, x, a, b, scale, slot_ids, groups) -> jax.Array:
+        """Multi-slot LoRA with a grouping from ``group_tokens`` (reused across layers)."""
+        if self.uses_pallas:
+            o = self.options
+            return lora_kernel.lora_grouped(
+                x, a, b, scale, groups, block_k=o.lora_block, block_n=o.lora_block,
+                interpret=self._interpret, num_warps=o.num_warps, num_stages=o.num_stages)
+        if self.impl == "tpu":
+            return lora_kernel.lora_ragged_dot(x, a, b, scale, slot_ids)
+        return lora_multi_slot_reference(x, a, b, scale, slot_ids)
+
+    def multi_slot_lora(self, scale: jax.Array, slot_ids: jax.Array):
+        """A ``LoraFn`` ``(layer_adapter, module, x) -> delta | None`` for the ragged batch,
+        like ``coserve_jax.lora.slots.multi_slot_lora`` but grouping the tokens once here
+        (call it in the step, outside the layer scan). LoRA work is skipped at run time
+        when no token names a slot."""
+        any_adapter = jnp.any(slot_ids >= 0)
+        groups = self.group_tokens(slot_ids, scale.shape[0], slot_ids.shape[0])
+
+        def lora(la, module, x):
+            if la is None or module not in la:
+                return None
+            a, b = la[module]
+            return jax.lax.cond(
+                any_adapter,
+                lambda: self.lora_grouped(x, a, b, scale, slot_ids, groups),
+                lambda: jnp.zeros((*x.shape[:-1], b.shape[-1]), x.dtype))
+
+        return lora
+
+    @staticmethod
+    def lora_single(x, a, b, scale) -> jax.Array:
+        """One adapter for all tokens: two dense matmuls, which XLA does well anywhere."""
+        return lora_single_reference(x, a, b, scale)
+
+
+def select_kernels(impl: str | None = None, options: KernelOptions | None = None,
+                   backend: str | None = None) -> Kernels:
+    """The attention and LoRA implementations for this process's backend; call once when
+    the step is built. ``impl``: "auto" | "kernel" | "reference" | "interpret" (None reads
+    ``COSERVE_KERNELS``, default "auto")."""
+    return Kernels(impl=resolve_impl(impl, backend), options=options or KernelOptions())

@@ -1,0 +1,30 @@
+"""`make demo` in its quick form, end to end in a subprocess, with its summary checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from server_support import ROOT
+
+
+def test_quick_demo_summary_is_sane(tmp_path):
+    out = tmp_path / "summary.json"
+    proc = subprocess.run([sys.executable, "-m", "coserve_jax.demo", "--quick", "--json",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "=== summary ===" in proc.stdout and "server stopped (exit code 0)" in proc.stdout
+    s = json.loads(out.read_text())
+    streams = s["streams"]
+    # Every stream either completes with its whole output or is refused at admission.
+    assert streams["completed"] == streams["complete_outputs"] > 0
+    assert streams["completed"] + streams["refused"] == streams["requested"]
+    assert streams["errors"] == [] and streams["tokens"] >= 8 * streams["completed"]
+    assert 0.0 <= s["slo"]["attainment"] <= 1.0
+    for metric in ("ttft_s", "tpot_s"):
+        assert 0 < s[metric]["p50"] <= s[metric]["p99"] < 60
+    ft = s["finetune"]
+    assert ft["state"] == 3 and ft["steps"] > 0 and ft["tokens_per_s"] > 0
+    assert ft["loss_end"] < ft["loss_start"]  # it learns
+    assert s["accuracy_after"]["chars"] >= s["accuracy_before"]["chars"]

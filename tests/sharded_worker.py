@@ -1,0 +1,277 @@
+"""Runs in a subprocess with 8 simulated CPU devices (``tests/test_sharding.py``).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_worker.py \
+        parity MODEL_DIR MESH [MESH ...]
+    ... python tests/sharded_worker.py hlo MODEL_DIR model=8 data=2,model=4
+
+``parity`` runs one co-serving scenario (two adapters and the base model serving
+greedy and sampled requests, a finetuning job whose windows share the steps,
+then its optimizer step) on one device and on each mesh, and compares sampled
+tokens, the logits of a mixed batch, the LoRA gradients the job accumulated and
+the weights after its (SGD) optimizer step. ``hlo`` reads compiled HLO: the
+collectives of the model-parallel step with and without LoRA work, and the
+reductions of the backward piece and the optimizer update on a data-parallel
+mesh. Each prints one JSON line; the test asserts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import coserve_jax as cj
+from coserve_jax.batch import Bucket, SeqChunk, build_batch
+from coserve_jax.finetune.data import Dataset, TrainSequence
+from coserve_jax.lora.config import ALL_TARGETS
+from coserve_jax.step import BackwardPiece, build_step
+from sharding import MeshConfig, make_mesh
+
+VOCAB = 384
+ENGINE = dict(page_size=4, num_pages=64, max_num_seqs=4, max_num_batched_tokens=32,
+              min_token_bucket=32, min_seq_bucket=4, min_page_bucket=16, max_model_len=64,
+              max_lora_rank=8, max_adapters=3, max_train_seqs=1, max_train_len=32,
+              train_window=16, backward_layers=1)
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def hf_config(num_kv_heads: int) -> dict:
+    """8 query heads so every mesh here splits them; vocab and MLP divisible by 8."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB,
+            "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+            "num_attention_heads": 8, "num_key_value_heads": num_kv_heads, "head_dim": 32,
+            "hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": 2}
+
+
+def random_adapter(name: str, cfg, r: int, seed: int) -> cj.LoraAdapter:
+    """Non-zero A and B on all seven projections (B as large as a trained adapter's)."""
+    lora = cj.LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_TARGETS)
+    adapter = cj.LoraAdapter.zeros_b(name, lora, cfg, seed)
+    rng = np.random.default_rng(seed)
+    for m in ALL_TARGETS:
+        adapter.b[m] = rng.normal(0, 0.05, adapter.b[m].shape).astype(np.float32)
+    return adapter
+
+
+def scenario(model_dir: str, mesh) -> dict:
+    """One engine's run; returns what the parity check compares (host arrays)."""
+    model = cj.load_model(model_dir, progress=False, mesh=mesh)
+    engine = cj.Engine(model, cj.EngineConfig(**ENGINE), mesh=mesh)
+    cfg = model.config
+    # The same step, built to return logits too (the engine reads only tokens and losses),
+    # so the logits check below reuses the programs the scenario compiled.
+    engine._step = build_step(cfg, return_logits=True, layout=engine.layout)
+    for i, r in enumerate((8, 4)):
+        engine.load_adapter(random_adapter(f"ad{i}", cfg, r, 10 + i))
+    rng = np.random.default_rng(3)
+    seq = TrainSequence(tuple(rng.integers(3, VOCAB, 30).tolist()),
+                        tuple([False] * 5 + [True] * 25))
+    job = cj.FinetuneJob("job", Dataset([seq, seq]),
+                         lora=cj.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_TARGETS),
+                         optimizer=cj.OptimizerConfig(name="sgd", learning_rate=0.5),
+                         sequences_per_step=2, max_steps=1)
+    engine.submit_job(job)
+    trainer = engine.trainer
+    run = trainer.jobs["job"]
+    start = random_adapter("job", cfg, 4, 20)
+    start.a = {m: np.asarray(v) for m, v in trainer.adapter_of(run).a.items()}
+    engine.registry.write(run.slot, start)  # a non-zero B, so every gradient is non-zero
+    requests = [(rng.integers(3, VOCAB, 9).tolist(), None, 0.0),
+                (rng.integers(3, VOCAB, 21).tolist(), "ad0", 0.0),
+                (rng.integers(3, VOCAB, 14).tolist(), "ad1", 0.9)]
+    ids = [engine.add_request(p, cj.SamplingParams(max_tokens=6, ignore_eos=True,
+                                                   temperature=t, seed=5), adapter=a)
+           for p, a, t in requests]
+    outputs: dict[str, list[int]] = {}
+    while run.seqs_done < 1 or len(outputs) < len(ids):
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.output_token_ids
+    grads = {m: tuple(np.asarray(g) for g in ab)
+             for m, ab in trainer.buffers.slot_grads(run.slot).items()}
+    # With data parallelism each data shard keeps its own partial sum until the optimizer
+    # step: the per-shard partials of one module must differ (they cover other tokens).
+    buf = trainer.buffers
+    partials = None
+    if buf.grad_groups > 1:
+        g = np.asarray(buf.grad_b["down_proj"])[:, :, run.slot]
+        partials = {"groups": buf.grad_groups,
+                    "spec": str(buf.grad_b["down_proj"].sharding.spec),
+                    "differ": bool(np.abs(g[0] - g[1]).max() > 1e-3 * np.abs(g).max())}
+    while run.state == "running":
+        engine.step()
+    trained = trainer.adapter_of(run)
+
+    # Logits of a mixed batch (base model and both adapters).
+    chunks = []
+    for i, slot in enumerate((-1, 0, 1)):
+        n = 5 + 4 * i
+        table = engine.allocator.grow(("logits", i), n)
+        chunks.append(SeqChunk(token_ids=rng.integers(3, VOCAB, n).tolist(), start_position=0,
+                               page_table=table, adapter_slot=slot))
+    batch = build_batch(chunks, Bucket(32, 4, 16), engine.config.page_size)
+    engine.kv, trainer.buffers, out = engine._step(
+        engine.model.params, engine.registry.table, engine.kv, trainer.buffers, batch,
+        with_train=False)
+    result = {"outputs": [outputs[i] for i in ids], "grads": grads,
+              "trained_a": trained.a, "trained_b": trained.b,
+              "logits": np.asarray(out.logits)[:3], "next": np.asarray(out.next_tokens)[:3],
+              "partials": partials}
+    if engine.layout is not None:
+        result["misplaced"] = misplaced(engine, run)
+    return result
+
+
+def misplaced(engine, run) -> list[str]:
+    """State whose sharding is not its layout's (nothing may be gathered by accident)."""
+    layout = engine.layout
+    bad = []
+    trees = {"params": engine.model.params, "kv": engine.kv, "slots": engine.registry.table,
+             "train": engine.trainer.buffers, "job": run.params, "opt": run.opt_state}
+    for name, tree in trees.items():
+        for (path, leaf), want in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                                      jax.tree.leaves(layout.shardings(tree)), strict=True):
+            if not leaf.sharding.is_equivalent_to(want, leaf.ndim):
+                bad.append(f"{name}{jax.tree_util.keystr(path)}: {leaf.sharding}")
+    return bad
+
+
+def rel(ours, ref) -> float:
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def parity(model_dir: str, meshes: list[str]) -> dict:
+    ref = scenario(model_dir, None)
+    report = {}
+    for spec in meshes:
+        got = scenario(model_dir, make_mesh(MeshConfig.parse(spec)))
+        errs = {"logits": rel(got["logits"], ref["logits"])}
+        for m, (ga, gb) in ref["grads"].items():
+            errs[f"grad_a.{m}"] = rel(got["grads"][m][0], ga)
+            errs[f"grad_b.{m}"] = rel(got["grads"][m][1], gb)
+            errs[f"trained_a.{m}"] = rel(got["trained_a"][m], ref["trained_a"][m])
+            errs[f"trained_b.{m}"] = rel(got["trained_b"][m], ref["trained_b"][m])
+        report[spec] = {
+            "outputs_equal": got["outputs"] == ref["outputs"],
+            "next_equal": bool(np.array_equal(got["next"], ref["next"])),
+            "max_rel_err": max(errs.values()), "worst": max(errs, key=errs.get),
+            "grads_nonzero": all(np.abs(g).max() > 0 for ab in ref["grads"].values()
+                                 for g in ab),
+            "misplaced": got["misplaced"],
+            "partials": got["partials"],
+        }
+    return report
+
+
+def count_collectives(hlo: str) -> dict[str, int]:
+    """Collective instructions in compiled HLO text (async pairs counted once): in the
+    whole program and inside the layer loop (the scan body, where LoRA runs)."""
+    counts = {}
+    for op in COLLECTIVES:
+        lines = [line for line in hlo.splitlines()
+                 if f" {op}(" in line or f" {op}-start(" in line]
+        counts[op] = len(lines)
+        counts[f"{op} in layer"] = sum("/while/body/" in line for line in lines)
+    return counts
+
+
+def collectives(model_dir: str, spec: str) -> dict:
+    """Collectives of the compiled step with adapter slots (and tokens naming them) vs the
+    same step with no LoRA work, for an inference and a finetuning bucket."""
+    mesh = make_mesh(MeshConfig.parse(spec))
+    model = cj.load_model(model_dir, progress=False, mesh=mesh)
+    report = {}
+    for name, extra in (("lora", {}), ("base", {"max_adapters": 0, "max_train_seqs": 0})):
+        engine = cj.Engine(model, cj.EngineConfig(**(ENGINE | extra)), mesh=mesh)
+        for train in (False, True):
+            if train and engine.trainer is None:
+                continue
+            chunk = SeqChunk(token_ids=[5] * 8, start_position=0, page_table=[0, 1],
+                             adapter_slot=0 if engine.registry else -1)
+            if train:
+                chunk.labels = np.zeros(8, np.int32)
+                chunk.loss_weights = np.ones(8, np.float32)
+                chunk.act_base = 0
+            batch = build_batch([chunk], Bucket(32, 4, 16, train), 4)
+            buffers = None if engine.trainer is None else engine.trainer.buffers
+            hlo = engine._step.lower(model.params, engine._slots(), engine.kv, buffers, batch,
+                                     with_train=train).compile().as_text()
+            report[f"{name}/{'train' if train else 'infer'}"] = count_collectives(hlo)
+    return report
+
+
+def reductions(hlo: str) -> list[dict]:
+    """All-reduces and reduce-scatters of compiled HLO: result dims and replica group size."""
+    out = []
+    for line in hlo.splitlines():
+        op = next((o for o in ("all-reduce", "reduce-scatter")
+                   if f" {o}(" in line or f" {o}-start(" in line), None)
+        if op is None:
+            continue
+        head = line.split(f" {op}", 1)[0].split("=", 1)[1]
+        dims = [[int(d) for d in m.split(",") if d] for m in re.findall(r"\w+\[([\d,]*)\]", head)]
+        out.append({"op": op, "dims": dims, "group": group_size(line)})
+    return out
+
+
+def group_size(line: str) -> int:
+    """Devices per replica group, in any of the three ways XLA prints replica groups."""
+    if m := re.search(r"replica_groups=\{\{([0-9,]+)\}", line):
+        return len(m.group(1).split(","))
+    if m := re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line):
+        return int(m.group(2))
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line):
+        sizes = {k: int(v) for k, v in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
+        return math.prod(sizes[a] for a in re.findall(r"'(\w+)'", m.group(2)))
+    raise ValueError(f"unparsed replica groups: {line[:300]}")
+
+
+def gradient_reductions(model_dir: str, spec: str) -> dict:
+    """Reductions of the compiled backward piece and optimizer update on ``spec`` (with a
+    data axis). The slots' rank is 7, a size no other dimension here has, so a reduction
+    with a 7 in its shape is one of LoRA weights or gradients."""
+    mesh = make_mesh(MeshConfig.parse(spec))
+    model = cj.load_model(model_dir, progress=False, mesh=mesh)
+    engine = cj.Engine(model, cj.EngineConfig(**(ENGINE | {"max_lora_rank": 7})), mesh=mesh)
+    trainer = engine.trainer
+    seq = TrainSequence(tuple(range(3, 33)), (False, *[True] * 29))
+    engine.submit_job(cj.FinetuneJob("job", Dataset([seq]), lora=cj.LoraConfig(
+        r=7, lora_alpha=14, target_modules=ALL_TARGETS), max_steps=1))
+    run = trainer.jobs["job"]
+    piece = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0), length=np.int32(30),
+                          adapter_slot=np.int32(run.slot))
+    backward = trainer._backward.lower(model.params, engine.registry.table, trainer.buffers,
+                                       piece, num_layers=1, seq_len=32).compile().as_text()
+    update = run._apply.lower(run.params, run.opt_state, trainer.buffers, np.int32(run.slot),
+                              np.float32(1)).compile().as_text()
+    return {"backward": reductions(backward), "update": reductions(update)}
+
+
+def main(argv: list[str]) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    what, model_dir, *meshes = argv
+    if what == "parity":
+        print(json.dumps(parity(model_dir, meshes)))
+    elif what == "hlo":  # MODEL_DIR MODEL_PARALLEL_MESH DATA_PARALLEL_MESH
+        print(json.dumps({"forward": collectives(model_dir, meshes[0]),
+                          "gradients": gradient_reductions(model_dir, meshes[1])}))
+    elif what == "write-model":
+        from coserve_jax.tiny_model import write_random_model
+
+        os.makedirs(model_dir, exist_ok=True)
+        write_random_model(model_dir, hf_config(int(meshes[0])), seed=7, head_std=0.2)
+    else:
+        raise SystemExit(f"unknown command {what}")
+
+
+if __name__ == "__main__":
+    jnp.zeros(())  # start the backend before anything else prints
+    main(sys.argv[1:])
