@@ -461,12 +461,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def notes(cfg: ModelConfig, rows: list[Row]) -> str:
-    """What the columns mean, and the attention terms that dominate them (from the shapes)."""
+    """What the columns mean, and the attention terms behind them (from the shapes)."""
     n = max(r.seq_len for r in rows)
     t = max(r.window_tokens for r in rows if r.seq_len == n)
-    h, hkv, dh, layers = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+    h, layers = cfg.num_heads, cfg.num_layers
     scores = h * n * n * 4  # one [H, n, n] float32 attention matrix
-    gathered = t * n * hkv * dh * 4  # the reference paged attention's K (or V) of T tokens
+    window_scores = t * h * n * 4  # the reference paged attention's scores for one sequence
     return (
         "GB = 1e9 bytes, from XLA's compiled memory analysis on abstract inputs (nothing "
         "allocated). *plain grad temp*: `temp_size_in_bytes` of `jax.grad` of the "
@@ -479,15 +479,13 @@ def notes(cfg: ModelConfig, rows: list[Row]) -> str:
         "held only while its forward windows run. *ours: total* = saved + max(window temp + "
         "seq KV pages, piece temp). Neither side counts the frozen weights or the LoRA "
         "weights, gradients and accumulators.\n\n"
-        "What dominates (read off XLA's buffer assignment): plain grad keeps float32 "
-        f"attention matrices [H, n, n] of every layer for its backward ({layers} layers x "
-        f"[{h}, {n}, {n}] f32 = {gb(layers * scores)} GB per saved copy at n={n}). The step "
-        "window is dominated by the reference ragged paged attention, which gathers each "
-        f"token's whole context as float32 K and V [T, C, Hkv, Dh] ({gb(gathered)} GB each "
-        f"at T={t}, C={n}): it grows with window x context. The backward piece is dominated "
-        "by the dense f32 attention of one layer over the whole sequence, [H, n, n] scores, "
-        f"probabilities and their cotangents ({gb(scores)} GB each at n={n}): it grows with "
-        "n^2, so at long sequences the piece sets our peak.")
+        "Attention terms: plain grad keeps the float32 attention matrices [H, n, n] of every "
+        f"layer for its backward ({layers} layers x [{h}, {n}, {n}] f32 = "
+        f"{gb(layers * scores)} GB per saved copy at n={n}). The step's reference paged "
+        "attention gathers each sequence's pages once and holds float32 scores [T, H, S, C] "
+        f"({gb(window_scores)} GB at T={t}, S=1, C={n}). The backward piece computes "
+        "attention 256 queries at a time under rematerialisation, so it holds [H, 256, n] "
+        "scores rather than [H, n, n]; at long sequences the piece still sets our peak.")
 
 
 if __name__ == "__main__":

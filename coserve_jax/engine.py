@@ -255,13 +255,15 @@ class Engine:
 
     def add_request(self, prompt, params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None,
-                    slo: SLO | None = None, arrival_time: float | None = None) -> str:
+                    slo: SLO | None = None, arrival_time: float | None = None,
+                    admission: bool = True) -> str:
         """Queues a request after validating it; raises ``ValueError`` on bad input and
         ``AdmissionError`` (a ``ValueError``) when it is refused at admission.
 
         Nothing reaches the device here, so a bad request never disturbs others.
         ``arrival_time`` (``time.monotonic()`` clock) is when the client sent it;
-        TTFT counts from there.
+        TTFT counts from there. ``admission=False`` skips admission control (offline
+        batches that must all run, like ``generate``).
         """
         if not self.policy.serves_inference:
             raise AdmissionError(f"engine mode {self.config.mode} serves no inference")
@@ -284,7 +286,8 @@ class Engine:
         if request_id is not None and str(request_id) in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         slo = slo or SLO(self.config.default_ttft_s, self.config.default_tpot_s)
-        self._admit(len(prompt), slo)
+        if admission:
+            self._admit(len(prompt), slo)
         index = next(self._arrivals)
         request_id = str(index) if request_id is None else str(request_id)
         seed = params.seed if params.seed is not None else self._seed_rng.randint(0, MAX_SEED)
@@ -445,8 +448,7 @@ class Engine:
             bool(self.running or self.waiting), ft_waiting, self._tpot_target())
         scheduled = [] if ft_iteration else self._schedule()
         chunks = [self._chunk(req, n) for req, n in scheduled]
-        limit = self.policy.iteration_limit(time.monotonic(), (
-            (r.slo.tpot_s, r.first_token_time, len(r.output)) for r in self.running))
+        limit = self.policy.iteration_limit(r.slo.tpot_s for r in self.running)
         windows, piece_s = [], 0.0
         left = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
         if trainer is not None:
@@ -676,7 +678,7 @@ class Engine:
         """Runs prompts to completion (with any requests already queued); new ids per prompt."""
         for p in prompts:  # all or nothing: validate every prompt before queueing any
             self.model.check_tokens(p, "prompt")
-        ids = [self.add_request(p, params, adapter=adapter) for p in prompts]
+        ids = [self.add_request(p, params, adapter=adapter, admission=False) for p in prompts]
         results: dict[str, list[int]] = {}
         while any(i not in results for i in ids):
             for out in self.step():

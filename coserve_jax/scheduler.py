@@ -5,18 +5,20 @@ policy then decides the finetuning share of the iteration:
 
 - ``coserve``: the largest finetuning forward budget, plus backward pieces,
   that the latency model says keeps the iteration within the time the running
-  requests can give it (all of it when no inference is running). Each request
-  gives ``safety`` times its TPOT target, plus half of the slack it has banked
-  by running faster than that so far (TPOT is a mean over the request's tokens,
-  so an iteration may be longer than the target if earlier ones were shorter).
-  A burst that fills the token budget leaves finetuning nothing.
+  requests can give it (all of it when no inference is running): ``safety``
+  times the tightest TPOT target. A burst that fills the token budget leaves
+  finetuning nothing. (Spending slack that fast requests banked, since TPOT is a
+  mean, was tried and measured: on the CPU it pushed requests to the edge of
+  their target and latency-model error then broke it; see BENCHMARKS.md.)
 - ``inference-only`` / ``finetune-only``: never / always finetune (the
   latter refuses inference requests).
 - ``temporal:N``: every N-th iteration is a finetuning-only iteration (no
   inference tokens); the others carry no finetuning.
 - ``temporal:dynamic``: the same with N recomputed every iteration as the
   smallest N whose amortised cost keeps the mean time per output token
-  within the tightest target, from observed iteration times.
+  within the tightest target, from observed iteration times: N - 1 inference
+  iterations of t_inf and one finetuning iteration of t_ft must average at most
+  safety * target per token.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class Policy:
         slack = self.safety * tpot_target - self._t_inference
         if slack <= 0:
             return self.max_period
-        return max(1, min(self.max_period, math.ceil(self._t_finetune / slack)))
+        return max(2, min(self.max_period, math.ceil(self._t_finetune / slack) + 1))
 
     def observe(self, seconds: float, had_inference: bool, had_finetune: bool) -> None:
         """Records an iteration's wall time (feeds temporal:dynamic)."""
@@ -130,23 +132,10 @@ class Policy:
             return 0
         return min(max_pieces, int(room // piece_seconds)) if piece_seconds > 0 else max_pieces
 
-    def iteration_limit(self, now: float, running) -> float | None:
-        """Seconds this iteration may take without breaking a running request's SLO.
-
-        ``running`` yields (tpot_target, first_token_time or None, output tokens).
-        With ``b = safety * target``, a request with k output tokens keeps its mean
-        TPOT within b if its next token comes by ``first + k * b``; what lies beyond
-        one b from now is banked, and half of it may be spent now.
-        """
-        limit = None
-        for target, first, n in running:
-            budget = self.safety * target  # keep every request's mean at 90% of its target
-            own = budget
-            if first is not None:
-                banked = first + n * budget - now - budget  # n: output tokens so far
-                own += 0.5 * max(0.0, banked)
-            limit = own if limit is None else min(limit, own)
-        return limit
+    def iteration_limit(self, targets) -> float | None:
+        """Seconds this iteration may take: ``safety`` times the tightest of the running
+        requests' TPOT ``targets`` (None when no request runs)."""
+        return min((self.safety * t for t in targets), default=None)
 
 
 def _candidates(tokens_left: int) -> list[int]:

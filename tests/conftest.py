@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Generated artefacts (the embedded model, measured latency models) go to a fresh
+# directory per test session, so no test depends on what an earlier run left in
+# ~/.cache; the XLA compilation cache stays shared, it only makes things faster.
+os.environ.setdefault("COSERVE_HOME", tempfile.mkdtemp(prefix="coserve-home-"))
 
 from hf_models import save_hf_model
 
