@@ -21,7 +21,6 @@ Llama-3.1-8B shapes (XLA memory analysis with abstract shapes, no accelerator).
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import os
 import sys
@@ -33,8 +32,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import finetune_memory as fm
-
 import coserve_jax as cj
 from coserve_jax.config import ModelConfig
 from coserve_jax.finetune.buffers import TrainBuffers
@@ -43,6 +40,9 @@ from coserve_jax.lora.slots import AdapterSlots
 from coserve_jax.model import single_adapter_lora
 from coserve_jax.models import llama
 from coserve_jax.step import BackwardPiece, backward_piece_fn
+
+import finetune_memory as fm
+from benchlib import record
 
 
 def forward_saving(cfg: ModelConfig, params, own, scale, tokens):
@@ -244,16 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        with open(fm.BENCHMARKS_MD, "a") as f:
-            f.write(f"\n## backward_cuts: layer pieces vs reverse token windows "
-                    f"({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)\n\n"
-                    f"- machine: {os.cpu_count()} CPU cores, jax {jax.__version__}; memory "
-                    f"for Llama-3.1-8B shapes, LoRA r=16 on all targets, float16 stand-in "
-                    f"for bf16\n- command: `python bench/backward_cuts.py "
-                    f"{' '.join(sys.argv[1:])}`\n\n{text}\n\n'Kept state' is what must "
-                    f"live between pieces: layer pieces keep one boundary gradient "
-                    f"[n, D] f32; reverse windows keep dK/dV [L, n, Hkv, Dh] f32 and the "
-                    f"sequence's K/V until its backward ends. Both keep the layer inputs.\n")
+        record("backward_cuts: layer pieces vs reverse token windows", {
+            "machine": f"{os.cpu_count()} CPU cores, jax {jax.__version__}",
+            "memory": "Llama-3.1-8B shapes, LoRA r=16 on all targets, float16 stand-in for bf16",
+        }, text + "\n\n'Kept state' is what must live between pieces: layer pieces keep one "
+           "boundary gradient [n, D] f32; reverse windows keep dK/dV [L, n, Hkv, Dh] f32 and "
+           "the sequence's K/V until its backward ends. Both keep the layer inputs.")
     return 0
 
 

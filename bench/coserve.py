@@ -15,12 +15,10 @@ rate), the rest finetunes at (1-f) of finetune-only throughput.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -30,6 +28,8 @@ from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, Optimizer
 from coserve_jax.finetune.data import DataConfig, from_records
 from coserve_jax.slo import SLO, AdmissionError
 from coserve_jax.workload import poisson_arrivals, sharegpt_lengths
+
+from benchlib import record
 
 SEPARATE_FRACTIONS = (0.25, 0.5, 0.75)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,19 +199,6 @@ def plot(records: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def record(text: str) -> None:
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
-        f.write(f"\n## coserve: scheduling modes side by side "
-                f"({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)\n\n"
-                f"- machine: {platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} cores, jax {__import__('jax').__version__} on "
-                f"{__import__('jax').devices()[0].platform}\n- commit: {commit}\n"
-                f"- command: `python bench/{os.path.basename(__file__)} "
-                f"{' '.join(sys.argv[1:])}`\n\n{text}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small version (a few minutes on CPU)")
@@ -263,9 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     plot([r for r in shown if r["mode"] != "finetune-only"], args.plot)
     print(f"plot: {args.plot}")
     if not args.no_record:
-        record(f"SLO: TTFT {args.ttft_s:g} s, TPOT {args.tpot_ms:g} ms; {args.duration:g} s of "
-               f"Poisson trace per run, ShareGPT lengths x{args.scale:g}; finetune-only "
-               f"{ft_only:.0f} tok/s.\n\n{text}\n\n" + "\n".join(f"- {c}" for c in checks))
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+        import jax
+
+        record("coserve: scheduling modes side by side", {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"jax {jax.__version__} on {jax.devices()[0].platform}",
+            "commit": commit,
+            "setup": f"SLO TTFT {args.ttft_s:g} s, TPOT {args.tpot_ms:g} ms; {args.duration:g} s "
+                     f"of Poisson trace per run, ShareGPT lengths x{args.scale:g}; finetune-only "
+                     f"{ft_only:.0f} tok/s"},
+            text + "\n\n" + "\n".join(f"- {c}" for c in checks))
     return 0
 
 

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -39,8 +37,9 @@ from coserve_jax import Engine, EngineConfig, Model, ModelConfig, SamplingParams
 from coserve_jax.config import RopeConfig
 from coserve_jax.models.llama import LayerParams, Params
 
+from benchlib import record
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARKS_MD = os.path.join(REPO_ROOT, "BENCHMARKS.md")
 
 
 # ----- shared helpers ------------------------------------------------------------------------
@@ -106,20 +105,6 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def record(title: str, info: dict[str, str], body: str) -> None:
-    """Appends a dated section to BENCHMARKS.md (creating the file with its header)."""
-    if not os.path.exists(BENCHMARKS_MD):
-        with open(BENCHMARKS_MD, "w") as f:
-            f.write("# Benchmarks\n")
-    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    lines = [f"\n## {title} ({stamp})\n"]
-    lines += [f"- {key}: {value}" for key, value in info.items()]
-    lines += ["- command: `" + " ".join(["python", *sys.argv]) + "`", "", body, ""]
-    with open(BENCHMARKS_MD, "a") as f:
-        f.write("\n".join(lines))
-    print(f"appended to {BENCHMARKS_MD}")
 
 
 # ----- CPU part: the tiny model, coserve vs transformers ---------------------------------------

@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import importlib.metadata
 import os
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -62,8 +60,9 @@ from coserve_jax.model import single_adapter_lora
 from coserve_jax.models import llama
 from coserve_jax.step import BackwardPiece, backward_piece_fn, step_fn
 
+from benchlib import record
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARKS_MD = os.path.join(REPO_ROOT, "BENCHMARKS.md")
 GB = 1e9
 
 # Llama-3.1-8B's config.json, as far as the model reads it.
@@ -407,20 +406,6 @@ def table(rows: list[Row]) -> str:
                  f"{r.ratio:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def record(title: str, info: dict[str, str], body: str) -> None:
-    """Appends a dated section to BENCHMARKS.md (creating the file with its header)."""
-    if not os.path.exists(BENCHMARKS_MD):
-        with open(BENCHMARKS_MD, "w") as f:
-            f.write("# Benchmarks\n")
-    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    lines = [f"\n## {title} ({stamp})\n"]
-    lines += [f"- {key}: {value}" for key, value in info.items()]
-    lines += ["- command: `" + " ".join(["python", *sys.argv]) + "`", "", body, ""]
-    with open(BENCHMARKS_MD, "a") as f:
-        f.write("\n".join(lines))
-    print(f"appended to {BENCHMARKS_MD}")
 
 
 def main(argv: list[str] | None = None) -> None:
