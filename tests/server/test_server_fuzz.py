@@ -28,13 +28,17 @@ STRINGS = st.one_of(st.sampled_from(NAMES + PATHS + ["q_proj", "adamw", "sgd", "
                                                      "skip", "refuse", "user", "assistant"]),
                     st.text(max_size=12))
 INTS = st.one_of(st.integers(-3, 300), st.sampled_from([-(2**63), 2**63 - 1, 2**31, 10**9]))
+# int32 fields take the int32 extremes (larger values cannot even be set on the message).
+INT32S = st.one_of(st.integers(-3, 300), st.sampled_from([-(2**31), 2**31 - 1, 10**9]))
 FLOATS = st.one_of(st.floats(-2.0, 2.0), st.sampled_from([0.0, 1e-3, 1e300, -1e300]),
                    st.floats(allow_nan=True, allow_infinity=True))
 
 
 def _scalar(field: FieldDescriptor):
     t = field.type
-    if t in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_INT32):
+    if t == FieldDescriptor.TYPE_INT32:
+        return INT32S
+    if t == FieldDescriptor.TYPE_INT64:
         return INTS
     if t == FieldDescriptor.TYPE_DOUBLE:
         return FLOATS
@@ -115,6 +119,7 @@ def valid_request(method: str, name: str):
         "UnloadAdapter": pb.UnloadAdapterRequest(name=name),
         "ListAdapters": pb.ListAdaptersRequest(),
         "ExportAdapter": pb.ExportAdapterRequest(name="adapter1", path=f"out/{name}"),
+        "Profile": pb.ProfileRequest(dir=f"trace-{name}", steps=2),
     }
     return requests[method]
 
