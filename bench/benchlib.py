@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,3 +23,19 @@ def record(title: str, info: dict[str, str], body: str) -> None:
     with open(BENCHMARKS_MD, "a") as f:
         f.write("\n".join(lines))
     print(f"appended to {BENCHMARKS_MD}")
+
+
+def library_revision() -> str:
+    """Git commit of this checkout, flagged when the library sources have local changes."""
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True,
+                             check=True)
+        return run.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "coserve_jax", "pallas_kernels")
+    except (OSError, subprocess.CalledProcessError):
+        return f"{REPO_ROOT} (not a git checkout)"
+    return commit + (" + uncommitted library changes" if dirty else "")

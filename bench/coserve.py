@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 
 import numpy as np
@@ -29,7 +28,7 @@ from coserve_jax.finetune.data import DataConfig, from_records
 from coserve_jax.slo import SLO, AdmissionError
 from coserve_jax.workload import poisson_arrivals, sharegpt_lengths
 
-from benchlib import record
+from benchlib import library_revision, record
 
 SEPARATE_FRACTIONS = (0.25, 0.5, 0.75)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,14 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     plot([r for r in shown if r["mode"] != "finetune-only"], args.plot)
     print(f"plot: {args.plot}")
     if not args.no_record:
-        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
         import jax
 
         record("coserve: scheduling modes side by side", {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"jax {jax.__version__} on {jax.devices()[0].platform}",
-            "commit": commit,
+            "commit": library_revision(),
             "setup": f"SLO TTFT {args.ttft_s:g} s, TPOT {args.tpot_ms:g} ms; {args.duration:g} s "
                      f"of Poisson trace per run, ShareGPT lengths x{args.scale:g}; finetune-only "
                      f"{ft_only:.0f} tok/s"},

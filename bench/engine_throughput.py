@@ -24,7 +24,6 @@ import functools
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
@@ -37,7 +36,7 @@ from coserve_jax import Engine, EngineConfig, Model, ModelConfig, SamplingParams
 from coserve_jax.config import RopeConfig
 from coserve_jax.models.llama import LayerParams, Params
 
-from benchlib import record
+from benchlib import library_revision, record
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,20 +65,6 @@ def machine_info() -> dict[str, str]:
     return info
 
 
-def library_revision() -> str:
-    """Git commit of the imported coserve_jax, flagged when its sources have local changes."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(coserve_jax.__file__)))
-
-    def git(*args: str) -> str:
-        run = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True)
-        return run.stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "coserve_jax", "pallas_kernels")
-    except (OSError, subprocess.CalledProcessError):
-        return f"{root} (not a git checkout)"
-    return commit + (" + uncommitted library changes" if dirty else "")
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:

@@ -40,7 +40,6 @@ import functools
 import importlib.metadata
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Callable
 
@@ -48,7 +47,6 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-import coserve_jax
 from coserve_jax.batch import TokenBatch
 from coserve_jax.config import ModelConfig
 from coserve_jax.finetune.buffers import TrainBuffers
@@ -60,7 +58,7 @@ from coserve_jax.model import single_adapter_lora
 from coserve_jax.models import llama
 from coserve_jax.step import BackwardPiece, backward_piece_fn, step_fn
 
-from benchlib import record
+from benchlib import library_revision, record
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
@@ -371,21 +369,6 @@ def machine_info(dtype_note: str) -> dict[str, str]:
     }
 
 
-def library_revision() -> str:
-    """Git commit of the imported coserve_jax, flagged when its sources have local changes."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(coserve_jax.__file__)))
-
-    def git(*args: str) -> str:
-        run = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
-                             check=True)
-        return run.stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "coserve_jax", "pallas_kernels")
-    except (OSError, subprocess.CalledProcessError):
-        return f"{root} (not a git checkout)"
-    return commit + (" + uncommitted library changes" if dirty else "")
 
 
 def gb(n: float) -> str:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import statistics
 import sys
@@ -64,7 +63,8 @@ from pallas_kernels.ragged_paged_attention.kernel import (  # noqa: E402
     default_pages_per_block,
 )
 
-BENCHMARKS_MD = os.path.join(REPO_ROOT, "BENCHMARKS.md")
+from benchlib import record  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 LORA_RANK, LORA_SLOTS = 16, 4
 PAGE_SIZE = 16
 
@@ -436,23 +436,15 @@ def run_cpu_check() -> str:
 # ------------------------------------------------------------------------------- main
 
 
-def record(body: str, args) -> None:
-    if not os.path.exists(BENCHMARKS_MD):
-        with open(BENCHMARKS_MD, "w") as f:
-            f.write("# Benchmarks\n")
-    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+def record_run(body: str, args) -> None:
     device = jax.devices()[0]
-    lines = [f"\n## kernels: Pallas kernels vs XLA and jax kernels ({stamp})\n",
-             f"- device: {device.device_kind} ({jax.default_backend()})",
-             f"- versions: jax {jax.__version__}, python {sys.version.split()[0]}",
-             "- shapes: Llama-3.1-8B (32/8 heads, head_dim 128, hidden 4096, intermediate "
-             f"14336), bfloat16, page size {PAGE_SIZE}; LoRA rank {LORA_RANK} x "
-             f"{LORA_SLOTS} slots",
-             f"- median of {args.repeats} runs after warm-up; errors vs the XLA reference",
-             "- command: `" + " ".join(["python", *sys.argv]) + "`", "", body, ""]
-    with open(BENCHMARKS_MD, "a") as f:
-        f.write("\n".join(lines))
-    print(f"appended to {BENCHMARKS_MD}")
+    record("kernels: Pallas kernels vs XLA and jax kernels", {
+        "device": f"{device.device_kind} ({jax.default_backend()})",
+        "versions": f"jax {jax.__version__}, python {sys.version.split()[0]}",
+        "shapes": "Llama-3.1-8B (32/8 heads, head_dim 128, hidden 4096, intermediate 14336), "
+                  f"bfloat16, page size {PAGE_SIZE}; LoRA rank {LORA_RANK} x {LORA_SLOTS} slots",
+        "timing": f"median of {args.repeats} runs after warm-up; errors vs the XLA reference",
+    }, body)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     table = run_gpu(QUICK if args.quick else FULL, args.repeats, args.tol)
     print("\nall cases:\n" + table)
     if not args.no_record:
-        record(table, args)
+        record_run(table, args)
     return 0 if "MISMATCH" not in table else 1
 
 
