@@ -68,3 +68,21 @@ def compiler_params_kwargs(interpret: bool, num_warps: int | None,
         return {}
     params = gpu_compiler_params(num_warps, num_stages)
     return {} if params is None else {"compiler_params": params}
+
+
+def online_softmax_step(acc: jax.Array, m: jax.Array, l: jax.Array, s: jax.Array,
+                        visible: jax.Array, v: jax.Array):
+    """One key block of flash attention's online softmax.
+
+    ``acc [rows, Dh]``, running max ``m [rows]`` and normaliser ``l [rows]`` absorb the
+    scores ``s [rows, block]`` (``visible`` masks them) against values ``v [block, Dh]``.
+    Masked entries are zeroed explicitly so a row that has seen no visible key yet
+    (``m == MASK_VALUE``) does not count ``exp(0) = 1`` for each masked one.
+    """
+    s = jnp.where(visible, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+    l = l * correction + jnp.sum(p, axis=1)
+    acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
+    return acc, m_new, l

@@ -39,6 +39,7 @@ from pallas_kernels._common import (
     dot,
     is_power_of_2,
     next_power_of_2,
+    online_softmax_step,
     round_up,
 )
 
@@ -79,13 +80,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, block_k: i
         v = v_ref[pl.ds(j * block_k, block_k), :]
         s = dot(q, k, trans_b=True) * scale
         visible = j * block_k + jnp.arange(block_k, dtype=jnp.int32)[None, :] <= q_pos
-        s = jnp.where(visible, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
-        l = l * correction + jnp.sum(p, axis=1)
-        acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return online_softmax_step(acc, m, l, s, visible, v)
 
     init = (jnp.zeros((rows, head_dim), jnp.float32),
             jnp.full((rows,), MASK_VALUE, jnp.float32),

@@ -48,6 +48,7 @@ from pallas_kernels._common import (
     dot,
     is_power_of_2,
     next_power_of_2,
+    online_softmax_step,
     round_up,
 )
 
@@ -167,15 +168,7 @@ def _paged_kernel(kv_len_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *
         s = dot(q, k, trans_b=True) * scale  # [rows, block_kv] float32
         key_pos = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)[None, :]
         visible = (key_pos <= row_pos) & (key_pos < context)
-        s = jnp.where(visible, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        correction = jnp.exp(m - m_new)
-        # Zeroing masked entries explicitly keeps a row that has seen no visible key yet
-        # (m == MASK_VALUE) from counting exp(0) = 1 for each masked one.
-        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
-        l = l * correction + jnp.sum(p, axis=1)
-        acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return online_softmax_step(acc, m, l, s, visible, v)
 
     init = (jnp.zeros((rows, head_dim), jnp.float32),
             jnp.full((rows,), MASK_VALUE, jnp.float32),
