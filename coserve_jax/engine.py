@@ -36,9 +36,10 @@ from coserve_jax.model import Model
 from coserve_jax.sampling import MAX_SEED, SamplingParams
 from coserve_jax.scheduler import Policy, parse_mode
 from coserve_jax.slo import SLO, AdmissionError, RequestMetrics
-from coserve_jax.step import build_step, enable_compilation_cache
+from coserve_jax.step import build_step, enable_compilation_cache, step_kernels
 from coserve_jax.telemetry import Profiler, ScalarWriter, backward_label, forward_label
 from coserve_jax.tiny_model import cache_root
+from pallas_kernels.dispatch import IMPLS as KERNEL_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,12 @@ class EngineConfig:
     """TensorBoard event files (job and serving scalars) go here; None writes none."""
     log_every: int = 50
     """Iterations between serving scalars."""
+    kernels: str = "auto"
+    """Attention and LoRA implementations of the step and the backward pieces, chosen once
+    when the engine is built: "auto" (the kernels on GPU and TPU, the jnp references on
+    CPU; $COSERVE_KERNELS overrides it), "kernel" (needs a GPU or TPU), "reference", or
+    "interpret" (the Pallas kernels in interpret mode, for CPU tests). Sharded engines
+    run the references."""
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
@@ -115,6 +122,9 @@ class EngineConfig:
             raise ValueError("finetuning (max_train_seqs > 0) needs max_adapters > 0")
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("EngineConfig.max_num_seqs cannot exceed max_num_batched_tokens")
+        if self.kernels not in KERNEL_IMPLS:
+            raise ValueError(f"EngineConfig.kernels must be one of "
+                             f"{', '.join(map(repr, KERNEL_IMPLS))}, got {self.kernels!r}")
         parse_mode(self.mode)
         SLO(self.default_ttft_s, self.default_tpot_s)
 
@@ -198,6 +208,8 @@ class Engine:
             self.registry = AdapterRegistry(mc, config.max_adapters, config.max_lora_rank,
                                             config.lora_target_modules, model.dtype,
                                             layout=self.layout)
+        # Resolved once, here: the step and the backward pieces share it.
+        self.kernels = step_kernels(config.kernels, self.layout)
         self.trainer = None
         if config.max_train_seqs:
             max_train_len = config.max_train_len or min(512, self.max_model_len)
@@ -208,7 +220,7 @@ class Engine:
                 max_seqs=config.max_train_seqs, max_len=max_train_len,
                 window=config.train_window, backward_layers=config.backward_layers,
                 attention_block=config.backward_attention_block),
-                model.dtype, layout=self.layout)
+                model.dtype, layout=self.layout, kernels=self.kernels)
         self.buckets = tuple(sorted(
             (Bucket(t, s, w, train)
              for t in powers_of_two(config.min_token_bucket, config.max_num_batched_tokens)
@@ -222,7 +234,7 @@ class Engine:
         if self.layout is not None:
             self.layout.check_divides_tokens(sorted({b.num_tokens for b in self.buckets}),
                                              "token buckets")
-        self._step = build_step(mc, layout=self.layout)
+        self._step = build_step(mc, layout=self.layout, kernels=self.kernels)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._requests: dict[str, Request] = {}

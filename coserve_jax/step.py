@@ -10,11 +10,17 @@ One iteration runs the step (inference tokens and finetuning forward windows
 in one ragged batch) and, when there is one, a backward piece right after it.
 They are two programs rather than one so that their compile variants add up
 instead of multiplying; XLA runs one program at a time either way.
+
+Attention and LoRA come from a ``pallas_kernels.dispatch.Kernels`` bundle that is
+resolved once, when the step is built (``step_kernels``), and is part of the
+builders' cache key: the Pallas kernels or the jnp references, never a per-call
+choice.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import flax.struct
@@ -25,14 +31,35 @@ from coserve_jax.batch import TokenBatch
 from coserve_jax.config import ModelConfig
 from coserve_jax.finetune.buffers import TrainBuffers, drop_negative
 from coserve_jax.kv_cache import KVCache
-from coserve_jax.lora.slots import AdapterSlots, multi_slot_lora
+from coserve_jax.lora.slots import AdapterSlots
 from coserve_jax.models import llama
 from coserve_jax.sampling import sample_tokens
-from pallas_kernels.lora import lora_single_reference
-from pallas_kernels.ragged_paged_attention import (
-    ragged_paged_attention_reference,
-    write_kv_pages,
-)
+from pallas_kernels.dispatch import Kernels, requested_impl, select_kernels
+from pallas_kernels.ragged_paged_attention import write_kv_pages
+
+log = logging.getLogger(__name__)
+
+REFERENCE_KERNELS = Kernels(impl="reference")
+"""The jnp references: what sharded steps and direct callers of the step functions use."""
+
+
+def step_kernels(impl: str | None = None, layout=None) -> Kernels:
+    """The attention and LoRA implementations a step is built with, resolved once.
+
+    ``impl`` is ``EngineConfig.kernels``: "auto" | "kernel" | "reference" | "interpret"
+    (None and "auto" defer to ``$COSERVE_KERNELS``). Raises ``ValueError`` for an unknown
+    name or a path this backend cannot run ("kernel" on CPU). With a ``layout`` (sharded)
+    the result is always the references.
+    """
+    if layout is None:
+        return select_kernels(impl)
+    # The kernels are single-device programs: under GSPMD they would need a shard_map
+    # around them, which they do not have yet, while XLA partitions the jnp references.
+    requested = requested_impl(impl)
+    if requested in ("kernel", "interpret"):
+        log.info("kernels=%r: a sharded step runs the jnp reference attention and LoRA (the "
+                 "Pallas kernels are single-device programs)", requested)
+    return REFERENCE_KERNELS
 
 
 @flax.struct.dataclass
@@ -56,15 +83,22 @@ class BackwardPiece:
 
 def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
             train: TrainBuffers | None, batch: TokenBatch, *, with_train: bool,
-            return_logits: bool, hints=None):
+            return_logits: bool, hints=None, kernels: Kernels = REFERENCE_KERNELS):
     """Forward the ragged batch, write KV, sample; for finetuning tokens also save layer
     inputs and the loss gradient at the last layer's output.
 
     ``hints`` (``sharding.layout.ShardingHints``, sharded runs only) lay out the
-    row-parallel projections; None is the plain single-device computation."""
+    row-parallel projections; None is the plain single-device computation.
+    ``kernels`` supplies the paged attention and the multi-slot LoRA."""
+    # Per-batch metadata (attention block layout, LoRA token grouping) is computed here
+    # once and reused by every layer of the scan.
+    attention = kernels.plan_paged_attention(
+        batch.seq_ids, batch.positions, batch.page_tables,
+        num_q_per_kv=cfg.num_heads // cfg.num_kv_heads, page_size=kv.page_size)
     adapters = lora = None
     if slots is not None:
-        adapters, lora = slots.per_layer(), multi_slot_lora(slots.scale, batch.adapter_slots)
+        adapters = slots.per_layer()
+        lora = kernels.multi_slot_lora(slots.scale, batch.adapter_slots)
     save = None
     if with_train:
         rows = drop_negative(batch.act_index, train.num_rows)
@@ -75,7 +109,7 @@ def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
             return acts.at[layer, rows].set(x.astype(acts.dtype), mode="drop")
 
     x, kv, acts = llama.forward_paged(
-        cfg, params, kv, batch, ragged_paged_attention_reference, write_kv_pages,
+        cfg, params, kv, batch, attention, write_kv_pages,
         adapters=adapters, lora=lora, extra=None if train is None else train.acts,
         on_layer_input=save, hints=hints)
     num_seqs = batch.num_seqs
@@ -105,15 +139,17 @@ def _head_loss(cfg, params, x, labels, weights):
 
 def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,
                       piece: BackwardPiece, *, num_layers: int, seq_len: int,
-                      attention_block: int = 256, hints=None) -> TrainBuffers:
+                      attention_block: int = 256, hints=None,
+                      kernels: Kernels = REFERENCE_KERNELS) -> TrainBuffers:
     """Backpropagates one sequence through ``num_layers`` layers from ``piece.layer_start``.
 
     Recomputes the layers' forward over the whole sequence (``seq_len`` rows, the
     sequence's bucket) from the saved input of the first layer, pulls back the
     stored boundary gradient, accumulates the slot's LoRA gradients and stores
-    the gradient at the piece's input for the next piece. Attention runs
-    ``attention_block`` queries at a time, so the piece holds scores of one block
-    against the sequence rather than the whole ``[L, L]`` square.
+    the gradient at the piece's input for the next piece. Attention is the flash
+    pair on the kernel paths of ``kernels``; otherwise it runs ``attention_block``
+    queries at a time, so the piece holds scores of one block against the sequence
+    rather than the whole ``[L, L]`` square.
 
     With data parallelism (``train.grad_groups`` G > 1, sharded runs only) the
     sequence's tokens are cut into G contiguous groups, one per data shard, and
@@ -143,7 +179,7 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
         if module not in la:
             return None
         if groups == 1:
-            return lora_single_reference(x, *la[module], scale)
+            return kernels.lora_single(x, *la[module], scale)
         # x [1, n, in] in G token groups; a [G, in, R] and b [G, R, out] are per-group
         # copies of the same weights, so their cotangents are per-group partial sums.
         a, b = la[module]
@@ -158,9 +194,10 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
         own = jax.tree.map(
             lambda w: jnp.broadcast_to(w[:, None], (w.shape[0], groups, *w.shape[1:])), own)
 
+    attention = kernels.attention_fn(fallback=llama.blocked_attention(attention_block))
+
     def forward(own_weights, h):
-        out, _ = llama.run_layers(cfg, layers, h[None], jnp.arange(seq_len)[None],
-                                  llama.blocked_attention(attention_block),
+        out, _ = llama.run_layers(cfg, layers, h[None], jnp.arange(seq_len)[None], attention,
                                   adapters=own_weights, lora=lora,
                                   first_layer=start, hints=hints)
         return out[0]
@@ -188,31 +225,57 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     )
 
 
-@functools.cache
-def build_step(cfg: ModelConfig, return_logits: bool = False, layout=None):
+def build_step(cfg: ModelConfig, return_logits: bool = False, layout=None,
+               kernels: Kernels | None = None):
     """``step(params, slots, kv, train, batch, with_train=...) -> (kv, train, StepOutput)``,
-    jitted, with ``kv`` and ``train`` donated. Cached: engines of the same model share
-    one jitted function, so a second engine reuses the first one's compilations.
+    jitted, with ``kv`` and ``train`` donated. Cached: engines of the same model (and
+    kernels) share one jitted function, so a second engine reuses the first one's
+    compilations.
 
     With a ``layout`` (``sharding.layout.Layout``) every input and output is pinned
-    to its sharding on the layout's mesh and the model gets its sharding hints."""
+    to its sharding on the layout's mesh and the model gets its sharding hints.
+    ``kernels`` (from ``step_kernels``; None resolves the default, "auto") picks the
+    attention and LoRA implementations."""
+    return _build_step(cfg, return_logits, layout, _resolved(kernels, layout))
+
+
+@functools.cache
+def _build_step(cfg: ModelConfig, return_logits: bool, layout, kernels: Kernels):
     if layout is None:
-        fn = functools.partial(step_fn, cfg, return_logits=return_logits)
+        fn = functools.partial(step_fn, cfg, return_logits=return_logits, kernels=kernels)
         return jax.jit(fn, donate_argnums=(2, 3), static_argnames=("with_train",))
-    fn = functools.partial(step_fn, cfg, return_logits=return_logits, hints=layout.hints)
+    fn = functools.partial(step_fn, cfg, return_logits=return_logits, hints=layout.hints,
+                           kernels=kernels)
     return layout.jit_step(fn, return_logits)
 
 
-@functools.cache
-def build_backward_piece(cfg: ModelConfig, attention_block: int = 256, layout=None):
+def build_backward_piece(cfg: ModelConfig, attention_block: int = 256, layout=None,
+                         kernels: Kernels | None = None):
     """``backward(params, slots, train, piece, num_layers=..., seq_len=...) -> train``,
-    jitted, with ``train`` donated (laid out on the mesh of ``layout`` if given)."""
+    jitted, with ``train`` donated (laid out on the mesh of ``layout`` if given);
+    ``kernels`` as in ``build_step``. Cached like it."""
+    return _build_backward_piece(cfg, attention_block, layout, _resolved(kernels, layout))
+
+
+@functools.cache
+def _build_backward_piece(cfg: ModelConfig, attention_block: int, layout, kernels: Kernels):
     if layout is None:
-        fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block)
+        fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block,
+                               kernels=kernels)
         return jax.jit(fn, donate_argnums=(2,), static_argnames=("num_layers", "seq_len"))
     fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block,
-                           hints=layout.hints)
+                           hints=layout.hints, kernels=kernels)
     return layout.jit_backward(fn)
+
+
+def _resolved(kernels: Kernels | None, layout) -> Kernels:
+    """The builders' cache key: a resolved ``Kernels``, the references when sharded."""
+    if kernels is None:
+        return step_kernels(None, layout)
+    if layout is not None and kernels.impl != "reference":
+        raise ValueError(f"a sharded step runs the jnp references, got kernels {kernels.impl!r} "
+                         "(resolve them with step_kernels(impl, layout))")
+    return kernels
 
 
 _cache_enabled = False

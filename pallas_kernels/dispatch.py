@@ -67,11 +67,22 @@ class KernelOptions:
     num_stages: int | None = None
 
 
+def requested_impl(impl: str | None = None) -> str:
+    """What was asked for, before looking at the backend: ``impl``, except that None and
+    ``"auto"`` defer to ``COSERVE_KERNELS`` when it is set."""
+    from_env = impl in (None, "auto") and bool(os.environ.get(ENV_VAR))
+    if from_env:
+        impl = os.environ[ENV_VAR]
+    impl = impl or "auto"
+    if impl not in IMPLS:
+        where = f" (from ${ENV_VAR})" if from_env else ""
+        raise ValueError(f"kernel impl must be one of {IMPLS}, got {impl!r}{where}")
+    return impl
+
+
 def resolve_impl(impl: str | None = None, backend: str | None = None) -> str:
     """The concrete path: ``"kernel"``, ``"tpu"``, ``"reference"`` or ``"interpret"``."""
-    impl = impl or os.environ.get(ENV_VAR) or "auto"
-    if impl not in IMPLS:
-        raise ValueError(f"kernel impl must be one of {IMPLS}, got {impl!r}")
+    impl = requested_impl(impl)
     backend = backend or jax.default_backend()
     on_gpu = backend in ("gpu", "cuda", "rocm")
     if impl == "auto":
@@ -80,8 +91,9 @@ def resolve_impl(impl: str | None = None, backend: str | None = None) -> str:
         if backend == "tpu":
             return "tpu"
         if not on_gpu:
-            raise ValueError(f"impl='kernel' needs a GPU (backend is {backend!r}); use "
-                             "'interpret' to run the kernels on CPU")
+            raise ValueError(f"kernel impl 'kernel' needs a GPU or TPU (backend is "
+                             f"{backend!r}); use 'interpret' to run the kernels on CPU, or "
+                             "'reference'")
     return impl
 
 
@@ -220,10 +232,11 @@ class Kernels:
         return lora_multi_slot_reference(x, a, b, scale, slot_ids)
 
     def multi_slot_lora(self, scale: jax.Array, slot_ids: jax.Array):
-        """A ``LoraFn`` ``(layer_adapter, module, x) -> delta | None`` for the ragged batch,
-        like ``coserve_jax.lora.slots.multi_slot_lora`` but grouping the tokens once here
-        (call it in the step, outside the layer scan). LoRA work is skipped at run time
-        when no token names a slot."""
+        """The step's ``LoraFn`` ``(layer_adapter, module, x) -> delta | None`` for the
+        ragged batch: each token uses its own slot (or none, ``slot_ids < 0``). Tokens are
+        grouped once here (call it in the step, outside the layer scan). When no token
+        names a slot the LoRA work is skipped at run time (``lax.cond``), so base-model
+        traffic pays nothing for the slot table."""
         any_adapter = jnp.any(slot_ids >= 0)
         groups = self.group_tokens(slot_ids, scale.shape[0], slot_ids.shape[0])
 
@@ -247,6 +260,6 @@ class Kernels:
 def select_kernels(impl: str | None = None, options: KernelOptions | None = None,
                    backend: str | None = None) -> Kernels:
     """The attention and LoRA implementations for this process's backend; call once when
-    the step is built. ``impl``: "auto" | "kernel" | "reference" | "interpret" (None reads
-    ``COSERVE_KERNELS``, default "auto")."""
+    the step is built. ``impl``: "auto" | "kernel" | "reference" | "interpret" (None and
+    "auto" defer to ``COSERVE_KERNELS`` when it is set)."""
     return Kernels(impl=resolve_impl(impl, backend), options=options or KernelOptions())

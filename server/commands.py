@@ -47,6 +47,10 @@ def add_serve(sub) -> None:
                    help="engine steps the start-up trace covers (with --profile-dir)")
     p.add_argument("--run-dir", help="TensorBoard scalars (serving and job curves) go here "
                    "(EngineConfig.run_dir; overrides --config)")
+    p.add_argument("--kernels", metavar="IMPL",
+                   help="attention and LoRA implementations (EngineConfig.kernels; overrides "
+                   "--config): auto (Pallas kernels on GPU/TPU, jnp references on CPU), "
+                   "kernel, reference, or interpret (kernels in Pallas interpret mode)")
     p.add_argument("--data-root", help="directory that dataset_path in requests is relative to")
     p.add_argument("--adapter-root", help="directory that adapter paths in requests are "
                    "relative to (LoadAdapter, ExportAdapter)")
@@ -97,6 +101,19 @@ def engine_config_from_file(path: str):
     return EngineConfig(**raw)
 
 
+def engine_config_from_args(args: argparse.Namespace):
+    """The ``EngineConfig`` of ``serve``: ``--config``'s fields, then the flags that override
+    them (``--run-dir``, ``--kernels``); None when neither is given (the default config)."""
+    engine_config = engine_config_from_file(args.config) if args.config else None
+    overrides = {name: value for name, value in (("run_dir", args.run_dir),
+                                                 ("kernels", args.kernels)) if value}
+    if overrides:
+        from coserve_jax import EngineConfig
+
+        engine_config = dataclasses.replace(engine_config or EngineConfig(), **overrides)
+    return engine_config
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from coserve_jax.logs import setup_logging
     from coserve_jax.tiny_model import cache_root
@@ -125,12 +142,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from sharding.launch import setup
 
     launch = setup(args)  # before any device use: jax.distributed, then the mesh
-    engine_config = engine_config_from_file(args.config) if args.config else None
-    if args.run_dir:
-        from coserve_jax import EngineConfig
-
-        engine_config = dataclasses.replace(engine_config or EngineConfig(),
-                                            run_dir=args.run_dir)
+    engine_config = engine_config_from_args(args)
     backend = real_backend(args.model, engine_config, dtype=args.dtype,
                            warmup=not args.no_warmup, mesh=launch.mesh)
     # Process 0 serves gRPC; the other processes (multi-host) follow its engine steps.

@@ -33,6 +33,8 @@ from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.step import BackwardPiece, build_step
 from sharding import MeshConfig, make_mesh
 
+from support import random_adapter
+
 VOCAB = 384
 ENGINE = dict(page_size=4, num_pages=64, max_num_seqs=4, max_num_batched_tokens=32,
               min_token_bucket=32, min_seq_bucket=4, min_page_bucket=16, max_model_len=64,
@@ -48,16 +50,6 @@ def hf_config(num_kv_heads: int) -> dict:
             "num_attention_heads": 8, "num_key_value_heads": num_kv_heads, "head_dim": 32,
             "hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": 2}
-
-
-def random_adapter(name: str, cfg, r: int, seed: int) -> cj.LoraAdapter:
-    """Non-zero A and B on all seven projections (B as large as a trained adapter's)."""
-    lora = cj.LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_TARGETS)
-    adapter = cj.LoraAdapter.zeros_b(name, lora, cfg, seed)
-    rng = np.random.default_rng(seed)
-    for m in ALL_TARGETS:
-        adapter.b[m] = rng.normal(0, 0.05, adapter.b[m].shape).astype(np.float32)
-    return adapter
 
 
 def scenario(model_dir: str, mesh) -> dict:

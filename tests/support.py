@@ -1,4 +1,5 @@
-"""Shared helpers for tests: the embedded model, greedy references, compile counting."""
+"""Shared helpers for tests: the embedded model, greedy references, compile counting, the
+LoRA gradients of one training sequence through the engine and through jax.grad."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import contextlib
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import coserve_jax
-from coserve_jax.model import Model
+from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, SamplingParams
+from coserve_jax.finetune.data import Dataset, TrainSequence, labels_and_weights
+from coserve_jax.lora.config import ALL_TARGETS
+from coserve_jax.model import Model, adapter_weights, single_adapter_lora
+from coserve_jax.models import llama
 
 COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -51,3 +57,68 @@ def count_compilations():
         yield counts
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def random_adapter(name: str, cfg, r: int, seed: int) -> coserve_jax.LoraAdapter:
+    """Non-zero A and B on all seven projections (B as large as a trained adapter's)."""
+    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_TARGETS)
+    adapter = coserve_jax.LoraAdapter.zeros_b(name, lora, cfg, seed)
+    rng = np.random.default_rng(seed)
+    for m in ALL_TARGETS:
+        adapter.b[m] = rng.normal(0, 0.05, adapter.b[m].shape).astype(np.float32)
+    return adapter
+
+
+def whole_sequence_grads(model, adapter, seq: TrainSequence):
+    """jax.grad of the plain whole-sequence loss w.r.t. the adapter's A and B."""
+    labels, weights = labels_and_weights(seq)
+    tokens = jnp.asarray(seq.tokens, jnp.int32)[None]
+    lora = single_adapter_lora(jnp.float32(adapter.config.scale))
+
+    def loss(w):
+        logits = llama.forward_dense(model.config, model.params, tokens, w, lora)[0]
+        ce = jax.nn.logsumexp(logits, -1) - logits[jnp.arange(len(labels)), labels]
+        return jnp.sum(ce * weights)
+
+    return jax.grad(loss)(adapter_weights(adapter))
+
+
+def random_sequence(rng, n: int) -> TrainSequence:
+    tokens = rng.integers(3, 259, size=n).tolist()
+    mask = [False] + [bool(x) for x in rng.random(n - 1) < 0.7]
+    mask[-1] = True
+    return TrainSequence(tuple(tokens), tuple(mask))
+
+
+def engine_grads(model, seq, window: int, backward_layers: int, serve: bool, block: int = 256,
+                 kernels: str = "auto"):
+    """Runs one sequence through the engine's windows and pieces; returns its LoRA grads."""
+    engine = Engine(model, EngineConfig(
+        page_size=4, num_pages=96, max_num_seqs=4, max_num_batched_tokens=16,
+        min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_train_seqs=1,
+        max_train_len=64, train_window=window, backward_layers=backward_layers,
+        max_lora_rank=8, backward_attention_block=block, kernels=kernels))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_TARGETS)
+    # Two sequences per step and max_steps=1: the first sequence's gradients stay in
+    # the accumulator (no optimizer step) for us to read.
+    job = FinetuneJob("g", Dataset([seq, seq]), lora=lora, sequences_per_step=2, max_steps=1)
+    engine.submit_job(job)
+    trainer = engine.trainer
+    run = trainer.jobs["g"]
+    rng = np.random.default_rng(1)
+    run.params = {m: {"a": p["a"], "b": jnp.asarray(rng.normal(0, 0.05, p["b"].shape),
+                                                    jnp.float32)}
+                  for m, p in run.params.items()}
+    adapter = trainer.adapter_of(run)
+    engine.registry.write(run.slot, adapter)
+    if serve:  # inference tokens (base model and the adapter) share the steps
+        for i, name in enumerate([None, "g", None]):
+            engine.add_request(rng.integers(3, 259, size=5 + 7 * i).tolist(),
+                               SamplingParams(max_tokens=6, ignore_eos=True), adapter=name)
+    while run.seqs_done < 1:
+        engine.step()
+    buf = trainer.buffers
+    r = lora.r
+    got = {m: (np.asarray(buf.grad_a[m][:, run.slot, :, :r]),
+               np.asarray(buf.grad_b[m][:, run.slot, :r, :])) for m in lora.target_modules}
+    return adapter, got, engine

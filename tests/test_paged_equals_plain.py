@@ -12,10 +12,8 @@ import coserve_jax
 from coserve_jax.batch import Bucket, SeqChunk, build_batch
 from coserve_jax.kv_cache import KVCache, PageAllocator
 from coserve_jax.models import llama
-from pallas_kernels.ragged_paged_attention import (
-    ragged_paged_attention_reference,
-    write_kv_pages,
-)
+from pallas_kernels import select_kernels
+from pallas_kernels.ragged_paged_attention import write_kv_pages
 
 from support import relative_error, tiny_model
 
@@ -25,8 +23,9 @@ NUM_SEQS = 4
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _paged_logits(cfg, params, kv, batch):
-    x, kv, _ = llama.forward_paged(cfg, params, kv, batch, ragged_paged_attention_reference,
-                                   write_kv_pages)
+    # The reference path's PagedAttentionFn (the plain jnp attention, taking ``layer=``).
+    attention = select_kernels("reference").paged_attention
+    x, kv, _ = llama.forward_paged(cfg, params, kv, batch, attention, write_kv_pages)
     return llama.lm_head(params, llama.final_norm(cfg, params, x)), kv
 
 

@@ -32,6 +32,7 @@ from coserve_jax.kv_cache import PageAllocator
 from coserve_jax.lora.adapter import LoraAdapter
 from coserve_jax.lora.slots import AdapterRegistry
 from coserve_jax.step import BackwardPiece, build_backward_piece
+from pallas_kernels.dispatch import Kernels
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,9 @@ class Trainer:
     """Runs every finetuning job of one engine."""
 
     def __init__(self, cfg: ModelConfig, registry: AdapterRegistry, allocator: PageAllocator,
-                 config: TrainerConfig, dtype, layout=None):
+                 config: TrainerConfig, dtype, layout=None, kernels: Kernels | None = None):
+        """``kernels``: the attention and LoRA implementations of the backward pieces (the
+        engine passes the step's, ``coserve_jax.step.step_kernels``; None: the default)."""
         if cfg.num_layers % config.backward_layers:
             raise ValueError(f"backward_layers ({config.backward_layers}) must divide the "
                              f"model's {cfg.num_layers} layers")
@@ -231,7 +234,7 @@ class Trainer:
         self.jobs: dict[str, JobRun] = {}
         self.writer = None  # a telemetry.ScalarWriter, set by the engine
         self._free_act = list(range(config.max_seqs - 1, -1, -1))
-        self._backward = build_backward_piece(cfg, config.attention_block, layout)
+        self._backward = build_backward_piece(cfg, config.attention_block, layout, kernels)
         self._kv_ids = 0
 
     # ----- jobs -----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 The table is a fixed-size pytree (slots x layers x padded rank) that the step
 reads; loading, replacing or unloading an adapter writes one slot through a
-jitted, donated update whose shapes never change, so nothing recompiles.
+jitted, donated update whose shapes never change, so nothing recompiles. The
+step's multi-slot ``LoraFn`` over this table is ``Kernels.multi_slot_lora``
+(``pallas_kernels.dispatch``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import numpy as np
 from coserve_jax.config import ModelConfig
 from coserve_jax.lora.adapter import LoraAdapter, module_shape
 from coserve_jax.lora.config import ALL_TARGETS
-from pallas_kernels.lora import lora_multi_slot_reference
 
 
 @flax.struct.dataclass
@@ -41,26 +42,6 @@ class AdapterSlots:
     def per_layer(self) -> dict[str, tuple[jax.Array, jax.Array]]:
         """What the layer scan slices: module -> (a, b) with layers leading."""
         return {m: (self.a[m], self.b[m]) for m in self.a}
-
-
-def multi_slot_lora(scale: jax.Array, slot_ids: jax.Array):
-    """A ``LoraFn`` for the ragged batch: each token uses its own slot (or none).
-
-    When no token of the batch names a slot the LoRA work is skipped at run time
-    (``lax.cond``), so base-model traffic pays nothing for the slot table.
-    """
-    any_adapter = jnp.any(slot_ids >= 0)
-
-    def lora(la, module, x):
-        if la is None or module not in la:
-            return None
-        a, b = la[module]
-        return jax.lax.cond(
-            any_adapter,
-            lambda: lora_multi_slot_reference(x, a, b, scale, slot_ids),
-            lambda: jnp.zeros((*x.shape[:-1], b.shape[-1]), x.dtype))
-
-    return lora
 
 
 def _write_slot(slots: AdapterSlots, index, a, b, scale) -> AdapterSlots:

@@ -319,13 +319,18 @@ def forward_paged(
     attends over its own sequence's pages, so chunks of one sequence in the same
     batch see each other causally. ``extra`` is threaded through
     ``on_layer_input(layer, x, extra) -> extra``.
+
+    ``paged_attention(q, k_pages, v_pages, page_tables, seq_ids, positions, *, layer)``
+    gets the whole stacked cache ``[L, P, ...]`` and the layer index (a
+    ``pallas_kernels.dispatch.PagedAttentionFn``), so a kernel can read the layer's
+    pages in place instead of XLA copying them out for every layer.
     """
 
     def attention(layer, q, k, v, carry):
         cache, ext = carry
         k_all, v_all = write_kv(cache.k, cache.v, k, v, batch.slots, layer)
-        out = paged_attention(q, k_all[layer], v_all[layer], batch.page_tables, batch.seq_ids,
-                              batch.positions)
+        out = paged_attention(q, k_all, v_all, batch.page_tables, batch.seq_ids,
+                              batch.positions, layer=layer)
         return out, (cache.replace(k=k_all, v=v_all), ext)
 
     hook = None
