@@ -37,10 +37,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def engine_config(mode: str, args) -> EngineConfig:
     """The same engine for every mode; only the scheduling policy differs."""
     max_model_len = getattr(args, "max_model_len", 512)
+    # One layer per backward piece: the smallest unit of backward work, so that a piece
+    # fits beside a decode step within the TPOT target rather than waiting for a lull.
     return EngineConfig(
         mode=mode, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=max_model_len,
         num_pages=512, max_train_seqs=8, max_train_len=min(256, max_model_len),
-        train_window=64, backward_layers=2, backward_pieces_per_step=8,
+        train_window=64, backward_layers=1, backward_pieces_per_step=8,
         min_page_bucket=getattr(args, "min_page_bucket", 8), default_ttft_s=args.ttft_s,
         default_tpot_s=args.tpot_ms / 1000)
 
@@ -135,7 +137,7 @@ def separate_cluster(records: list[dict], rates: list[float], ft_only: float) ->
     return out
 
 
-def compare(records: list[dict], rates: list[float]) -> list[str]:
+def compare(records: list[dict], rates: list[float], ft_only: float) -> list[str]:
     """Lines checking the issue's targets at each rate."""
     lines = []
     for rate in rates:
@@ -157,9 +159,12 @@ def compare(records: list[dict], rates: list[float]) -> list[str]:
                 continue
             best = max(rivals, key=lambda r: r["ft_tokens_per_s"])
             ratio = co["ft_tokens_per_s"] / max(best["ft_tokens_per_s"], 1e-9)
+            # Co-serving cannot finetune faster than finetune-only: the best ratio possible.
+            ceiling = ft_only / max(best["ft_tokens_per_s"], 1e-9)
             lines.append(f"rate {rate:g}: coserve finetuning {co['ft_tokens_per_s']:.0f} tok/s "
                          f"= {ratio:.2f}x best {label} ({best['mode']}) -> "
-                         f"{'OK' if ratio >= factor else 'MISSED'} (>= {factor}x)")
+                         f"{'OK' if ratio >= factor else 'MISSED'} (>= {factor}x; "
+                         f"finetune-only bounds it at {ceiling:.2f}x here)")
     return lines
 
 
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = [r for r in records if r["rate"] in rates or r["mode"] == "finetune-only"]
     shown += separate_cluster(records, rates, ft_only)
     text = table(shown, ft_only)
-    checks = compare(shown, rates)
+    checks = compare(shown, rates, ft_only)
     print(text)
     print("\n".join(checks))
     if args.json:

@@ -36,7 +36,12 @@ from coserve_jax.model import Model
 from coserve_jax.sampling import MAX_SEED, SamplingParams
 from coserve_jax.scheduler import Policy, parse_mode
 from coserve_jax.slo import SLO, AdmissionError, RequestMetrics
-from coserve_jax.step import build_step, enable_compilation_cache, step_kernels
+from coserve_jax.step import (
+    STEP_PROGRAM_VERSION,
+    build_step,
+    enable_compilation_cache,
+    step_kernels,
+)
 from coserve_jax.telemetry import Profiler, ScalarWriter, backward_label, forward_label
 from coserve_jax.tiny_model import cache_root
 from pallas_kernels.dispatch import IMPLS as KERNEL_IMPLS
@@ -231,9 +236,9 @@ class Engine:
              for train in ((False, True) if self.trainer else (False,))
              if s <= t),
             key=lambda b: (b.num_tokens, b.num_pages, b.num_seqs)))
+        self._token_buckets = sorted({b.num_tokens for b in self.buckets})
         if self.layout is not None:
-            self.layout.check_divides_tokens(sorted({b.num_tokens for b in self.buckets}),
-                                             "token buckets")
+            self.layout.check_divides_tokens(self._token_buckets, "token buckets")
         self._step = build_step(mc, layout=self.layout, kernels=self.kernels)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -248,11 +253,15 @@ class Engine:
         self.policy = Policy(config.mode)
         # Keyed by what sets step times: hardware, model and the engine's shapes (not the
         # scheduling mode, SLO defaults or admission settings).
+        # The resolved kernels (not the requested "auto") and the step program's version
+        # are part of the key too: both change what a bucket costs.
         shapes = dataclasses.replace(
             config, compilation_cache_dir=None, latency_model_dir=None, mode="coserve",
-            default_ttft_s=1.0, default_tpot_s=1.0, max_waiting=1, admission_control=True)
+            default_ttft_s=1.0, default_tpot_s=1.0, max_waiting=1, admission_control=True,
+            kernels=self.kernels.impl)
         self.latency_path = model_file(config.latency_model_dir or cache_root(),
-                                       jax.devices()[0].device_kind, jax.__version__, mc, shapes)
+                                       jax.devices()[0].device_kind, jax.__version__, mc, shapes,
+                                       self.kernels, STEP_PROGRAM_VERSION)
         self.latency = LatencyModel.load(self.latency_path) or LatencyModel()
         # Metrics of recently finished requests, newest last.
         self.finished: collections.deque[RequestMetrics] = collections.deque(maxlen=100_000)
@@ -462,14 +471,16 @@ class Engine:
         chunks = [self._chunk(req, n) for req, n in scheduled]
         limit = self.policy.iteration_limit(r.slo.tpot_s for r in self.running)
         windows, piece_s = [], 0.0
-        left = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
+        used = sum(n for _, n in scheduled)
+        left = self.config.max_num_batched_tokens - used
         if trainer is not None:
             shape = trainer.next_piece_shape()
             piece_s = 0.0 if shape is None else self.latency.predict(piece_key(*shape))
             tokens = self.policy.forward_tokens(
                 finetune_iteration=ft_iteration, inference_running=bool(scheduled),
                 tokens_left=left, time_limit=limit, piece_seconds=piece_s,
-                step_seconds=lambda n: self._predict_step(chunks, n))
+                step_seconds=lambda n: self._predict_step(chunks, n),
+                candidates=[t - used for t in self._token_buckets])
             windows = trainer.forward_windows(tokens, self.config.max_num_seqs - len(chunks))
         chunks += [chunk for _, chunk in windows]
         outputs, step_s, t_post, bucket = [], 0.0, 0.0, None
@@ -545,8 +556,10 @@ class Engine:
         num_seqs = len(chunks)
         widest = max((len(c.page_table) for c in chunks), default=1)
         if train_tokens:
-            num_seqs += min(trainer.config.max_seqs, -(-train_tokens // trainer.config.window))
-            widest = max(widest, self.allocator.pages_for(trainer.config.max_len))
+            windows, window_pages = trainer.window_shape(
+                train_tokens, self.config.max_num_seqs - len(chunks))
+            num_seqs += windows
+            widest = max(widest, window_pages)
         num_tokens = sum(len(c.token_ids) for c in chunks) + train_tokens
         try:
             bucket = pick_bucket(self.buckets, num_tokens, min(num_seqs, self.config.max_num_seqs),

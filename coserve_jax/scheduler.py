@@ -24,6 +24,7 @@ policy then decides the finetuning share of the iteration:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 
 def parse_mode(mode: str) -> tuple[str, int | None]:
@@ -104,19 +105,28 @@ class Policy:
 
     def forward_tokens(self, *, finetune_iteration: bool, inference_running: bool,
                        tokens_left: int, time_limit: float | None, step_seconds,
-                       piece_seconds: float) -> int:
+                       piece_seconds: float, candidates: Iterable[int] | None = None) -> int:
         """Finetuning forward tokens for this iteration.
 
         ``step_seconds(tokens)`` predicts the step with that many finetuning tokens
         added to the inference already scheduled. Under ``coserve`` the choice is
         the largest budget whose step, plus one backward piece when one is ready
-        (``piece_seconds`` > 0), fits ``time_limit`` (see ``iteration_limit``).
+        (``piece_seconds`` > 0), fits ``time_limit`` (see ``iteration_limit``); a piece
+        that could not fit even beside the inference alone reserves nothing.
+        ``candidates`` are the budgets worth pricing (default: powers of two and all
+        that is left); the engine passes the ones that exactly fill a token bucket,
+        since padding makes any smaller budget in the same bucket cost the same.
         """
         free = self._unconstrained(finetune_iteration, inference_running, time_limit)
         if free is not None:
             return tokens_left if free else 0
-        fitting = [n for n in _candidates(tokens_left)
-                   if step_seconds(n) + piece_seconds <= time_limit]
+        if step_seconds(0) + piece_seconds > time_limit:
+            # The ready piece cannot run beside this iteration's inference at all; it waits
+            # for a lighter iteration, and forward windows of other sequences go on.
+            piece_seconds = 0.0
+        options = _candidates(tokens_left) if candidates is None else sorted(
+            {0, *(n for n in candidates if 0 < n <= tokens_left)})
+        fitting = [n for n in options if step_seconds(n) + piece_seconds <= time_limit]
         return max(fitting, default=0)
 
     def backward_pieces(self, *, finetune_iteration: bool, inference_running: bool,

@@ -39,6 +39,10 @@ from pallas_kernels.ragged_paged_attention import write_kv_pages
 
 log = logging.getLogger(__name__)
 
+STEP_PROGRAM_VERSION = 2
+"""Bumped when the step's program changes what a bucket costs (saved latency models are
+keyed on it). 2: many-sequence batches attend by token on the reference path."""
+
 REFERENCE_KERNELS = Kernels(impl="reference")
 """The jnp references: what sharded steps and direct callers of the step functions use."""
 

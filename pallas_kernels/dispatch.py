@@ -8,7 +8,9 @@
   ``lax.ragged_dot`` for LoRA and the fallback for dense causal attention; the jnp
   references on CPU;
 - ``"kernel"``: the Pallas kernels, compiled (GPU; on TPU the TPU choices above);
-- ``"reference"``: the jnp references everywhere (the fallback);
+- ``"reference"``: the jnp references everywhere (the fallback); for paged attention over
+  many sequences, the reference's function in a formulation that scores each token only
+  against its own sequence (``ragged_paged_attention/xla.py``);
 - ``"interpret"``: the Pallas kernels in interpret mode (CPU tests of the kernel path).
 
 Shapes a kernel cannot tile (e.g. a head size that is not a power of two) fall back to
@@ -37,8 +39,8 @@ from pallas_kernels.ragged_paged_attention import flash
 from pallas_kernels.ragged_paged_attention import kernel as rpa_kernel
 from pallas_kernels.ragged_paged_attention.reference import (
     dense_causal_attention_reference,
-    ragged_paged_attention_reference,
 )
+from pallas_kernels.ragged_paged_attention.xla import ragged_paged_attention_xla
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +156,9 @@ class Kernels:
             _warn_fallback("ragged paged attention", "this jax has no TPU ragged kernel")
         if layer is not None:
             k_pages, v_pages = k_pages[layer], v_pages[layer]
-        return ragged_paged_attention_reference(q, k_pages, v_pages, page_tables, seq_ids,
-                                                positions, scale)
+        # The reference's function, in the formulation cheaper for this batch shape.
+        return ragged_paged_attention_xla(q, k_pages, v_pages, page_tables, seq_ids,
+                                          positions, scale)
 
     def plan_paged_attention(self, seq_ids: jax.Array, positions: jax.Array,
                              page_tables: jax.Array, *, num_q_per_kv: int,

@@ -133,10 +133,14 @@ def test_burst_squeezes_finetuning_to_zero_then_it_returns():
     _steps_with_latency(engine, _synthetic_times(engine, per_token=0.001, piece=0.002))
     tight = SLO(ttft_s=10.0, tpot_s=0.040)  # 36 ms usable: about 34 tokens and a piece
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True), slo=tight)
+    calm = []
     for _ in range(6):
         engine.step()
-    calm = engine.last_step
-    assert calm.inference_tokens == 1 and calm.finetune_tokens > 0
+        calm.append(engine.last_step)
+    # Every calm iteration carries finetuning work beside the decode token.
+    assert all(s.inference_tokens == 1 and (s.finetune_tokens or s.backward_pieces)
+               for s in calm[1:])
+    assert any(s.finetune_tokens > 0 for s in calm)
     # A burst of long prompts fills the whole 64-token budget.
     for p in _prompts(6, 40, 60, seed=1):
         engine.add_request(p, SamplingParams(max_tokens=2, ignore_eos=True), slo=tight)
@@ -147,7 +151,8 @@ def test_burst_squeezes_finetuning_to_zero_then_it_returns():
     while engine.waiting or len(engine.running) > 1:
         engine.step()
     engine.step()
-    assert engine.last_step.inference_tokens == 1 and engine.last_step.finetune_tokens > 0
+    after = engine.last_step
+    assert after.inference_tokens == 1 and (after.finetune_tokens or after.backward_pieces)
 
 
 def test_finetuning_yields_pages_before_inference_is_preempted():
@@ -233,3 +238,41 @@ def test_coserving_never_recompiles_in_steady_state():
             engine.step()
     assert compiled["n"] == 0, compiled["events"]
     assert engine.counters["mixed_steps"] > 10 and run.step > 1
+
+
+def test_policy_prices_the_candidates_it_is_given():
+    policy = Policy("coserve", safety=1.0)
+    # Buckets of 16/32/64 tokens with 10 inference tokens: budgets 6, 22 and 54 fill them.
+    cost = {16: 0.010, 32: 0.020, 64: 0.050}
+
+    def step(n):
+        return cost[next(t for t in sorted(cost) if t >= 10 + n)]
+
+    n = policy.forward_tokens(finetune_iteration=False, inference_running=True, tokens_left=54,
+                              time_limit=0.030, step_seconds=step, piece_seconds=0.0,
+                              candidates=[6, 22, 54])
+    assert n == 22  # fills the 32-token bucket; a power of two (16) would waste 6 tokens
+
+
+def test_a_piece_that_never_fits_does_not_block_forward_windows():
+    policy = Policy("coserve", safety=1.0)
+    step = lambda k: 0.001 * (8 + k)  # noqa: E731
+    # A 40 ms piece cannot run beside 8 ms of inference within 40 ms: it reserves nothing.
+    n = policy.forward_tokens(finetune_iteration=False, inference_running=True, tokens_left=60,
+                              time_limit=0.040, step_seconds=step, piece_seconds=0.040)
+    assert n == 32
+    assert policy.backward_pieces(finetune_iteration=False, inference_running=True,
+                                  tokens_left=28, max_pieces=8, time_limit=0.040,
+                                  step_seconds=step(n), piece_seconds=0.040) == 0
+
+
+def test_window_shape_predicts_the_windows_scheduled():
+    engine = _engine()
+    engine.submit_job(_job())
+    trainer = engine.trainer
+    for budget in (16, 40, 64, 5, 64, 64, 33):
+        expected = trainer.window_shape(budget, 8)
+        windows = trainer.forward_windows(budget, 8)
+        widest = max((len(c.page_table) for _, c in windows), default=0)
+        assert expected == (len(windows), widest), budget
+        trainer.after_forward(windows, np.zeros(len(windows)))

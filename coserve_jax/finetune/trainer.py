@@ -334,6 +334,31 @@ class Trainer:
 
     # ----- forward windows ------------------------------------------------------------------
 
+    def window_shape(self, budget: int, max_seqs: int) -> tuple[int, int]:
+        """(windows, widest page table) that ``forward_windows(budget, max_seqs)`` would
+        schedule, without scheduling anything: what the latency model needs to price a
+        budget. Windows grow a sequence's page table only up to their own end, so early
+        windows of long sequences stay in narrow (cheap) buckets."""
+        windows = widest = 0
+        free_act = len(self._free_act)
+        for run in sorted((r for r in self.jobs.values() if r.state == "running"),
+                          key=lambda r: r.tokens_scheduled / r.spec.weight):
+            # (first position, most tokens) of each window the job would run, in order.
+            todo = [(f.forwarded, min(self.config.window, f.length - f.forwarded))
+                    for f in run.inflight if f.forwarded < f.length]
+            step_end = min(run.total_seqs, (run.step + 1) * run.spec.sequences_per_step)
+            starts = min(free_act, max(0, step_end - run.seqs_started))
+            free_act -= starts
+            todo += [(0, self.config.window)] * starts  # a new sequence: at most one window
+            for start, most in todo:
+                if budget <= 0 or windows == max_seqs:
+                    return windows, widest
+                n = min(most, budget)
+                widest = max(widest, self.allocator.pages_for(start + n))
+                windows += 1
+                budget -= n
+        return windows, widest
+
     def forward_windows(self, budget: int, max_seqs: int) -> list[tuple[InFlight, SeqChunk]]:
         """Windows of training sequences for this iteration, within budget and free pages."""
         out = []
