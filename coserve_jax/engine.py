@@ -90,6 +90,10 @@ class EngineConfig:
     """Queries per attention block in backward pieces (bounds their attention memory)."""
     mode: str = "coserve"
     """coserve, inference-only, finetune-only, temporal:N or temporal:dynamic."""
+    spend_banked_slack: bool = True
+    """coserve: a request served faster than its TPOT target so far may absorb a longer
+    iteration (TPOT is a mean over the request). False keeps every iteration within the
+    safety margin of the tightest target."""
     default_ttft_s: float = 5.0
     """TTFT target of requests that set none (arrival to first token, queueing included)."""
     default_tpot_s: float = 0.1
@@ -250,7 +254,7 @@ class Engine:
         # Totals since start: steps, inference_tokens, train_tokens, mixed_steps (inference
         # and finetuning tokens in one batch), backward_pieces.
         self.counters: collections.Counter[str] = collections.Counter()
-        self.policy = Policy(config.mode)
+        self.policy = Policy(config.mode, spend_banked=config.spend_banked_slack)
         # Keyed by what sets step times: hardware, model and the engine's shapes (not the
         # scheduling mode, SLO defaults or admission settings).
         # The resolved kernels (not the requested "auto") and the step program's version
@@ -258,7 +262,7 @@ class Engine:
         shapes = dataclasses.replace(
             config, compilation_cache_dir=None, latency_model_dir=None, mode="coserve",
             default_ttft_s=1.0, default_tpot_s=1.0, max_waiting=1, admission_control=True,
-            kernels=self.kernels.impl)
+            kernels=self.kernels.impl, spend_banked_slack=True)
         self.latency_path = model_file(config.latency_model_dir or cache_root(),
                                        jax.devices()[0].device_kind, jax.__version__, mc, shapes,
                                        self.kernels, STEP_PROGRAM_VERSION)
@@ -469,7 +473,9 @@ class Engine:
             bool(self.running or self.waiting), ft_waiting, self._tpot_target())
         scheduled = [] if ft_iteration else self._schedule()
         chunks = [self._chunk(req, n) for req, n in scheduled]
-        limit = self.policy.iteration_limit(r.slo.tpot_s for r in self.running)
+        now = time.monotonic()  # the clock of first_token_time
+        limit = self.policy.iteration_limit([r.slo.tpot_s for r in self.running],
+                                            [self._banked(r, now) for r in self.running])
         windows, piece_s = [], 0.0
         used = sum(n for _, n in scheduled)
         left = self.config.max_num_batched_tokens - used
@@ -516,10 +522,10 @@ class Engine:
             t_post = time.perf_counter() - t0
         pieces = 0
         if trainer is not None:
-            pieces = self._run_backward(self.policy.backward_pieces(
+            pieces = self._run_backward(self.config.backward_pieces_per_step,
+                                        self.policy.backward_seconds(
                 finetune_iteration=ft_iteration, inference_running=bool(scheduled),
-                tokens_left=left, max_pieces=self.config.backward_pieces_per_step,
-                time_limit=limit, step_seconds=step_s, piece_seconds=piece_s))
+                tokens_left=left, time_limit=limit, step_seconds=step_s))
         total = time.perf_counter() - t_start
         self.policy.observe(total, had_inference=bool(scheduled),
                             had_finetune=bool(windows or pieces))
@@ -530,21 +536,32 @@ class Engine:
                                   ft_iteration, bucket, total)
         return outputs
 
-    def _run_backward(self, max_pieces: int) -> int:
-        """Runs up to ``max_pieces`` backward pieces, timing each for the latency model."""
-        done = 0
+    def _run_backward(self, max_pieces: int, seconds: float) -> int:
+        """Runs up to ``max_pieces`` backward pieces while the latency model says the next
+        one fits in what is left of ``seconds``; times each for the latency model."""
+        done, spent = 0, 0.0
         while done < max_pieces:
             shape = self.trainer.next_piece_shape()
-            if shape is None:
+            if shape is None or spent + self.latency.predict(piece_key(*shape)) > seconds:
                 break
             t0 = time.perf_counter()
             with jax.profiler.TraceAnnotation(backward_label(*shape)):
                 self.trainer.run_backward_piece(self.model.params)
                 jax.block_until_ready(self.trainer.buffers.grads_h)
-            self.latency.observe(piece_key(*shape), time.perf_counter() - t0)
+            seconds_taken = time.perf_counter() - t0
+            self.latency.observe(piece_key(*shape), seconds_taken)
+            spent += seconds_taken
             done += 1
         self.counters["backward_pieces"] += done
         return done
+
+    def _banked(self, req: Request, now: float) -> float:
+        """Seconds ``req`` is ahead of ``safety`` times its TPOT target so far (0 before its
+        first token; negative when behind)."""
+        if req.first_token_time is None:
+            return 0.0
+        elapsed = now - req.first_token_time
+        return self.policy.safety * req.slo.tpot_s * (len(req.output) - 1) - elapsed
 
     def _tpot_target(self) -> float | None:
         """The tightest TPOT target among running requests (None when none runs)."""

@@ -5,11 +5,10 @@ policy then decides the finetuning share of the iteration:
 
 - ``coserve``: the largest finetuning forward budget, plus backward pieces,
   that the latency model says keeps the iteration within the time the running
-  requests can give it (all of it when no inference is running): ``safety``
-  times the tightest TPOT target. A burst that fills the token budget leaves
-  finetuning nothing. (Spending slack that fast requests banked, since TPOT is a
-  mean, was tried and measured: on the CPU it pushed requests to the edge of
-  their target and latency-model error then broke it; see BENCHMARKS.md.)
+  requests can give it (all of it when no inference is running): for each request,
+  ``safety`` times its TPOT target plus the time it has banked by being served
+  faster than that so far (TPOT is a mean); the tightest request decides. A burst
+  that fills the token budget leaves finetuning nothing.
 - ``inference-only`` / ``finetune-only``: never / always finetune (the
   latter refuses inference requests).
 - ``temporal:N``: every N-th iteration is a finetuning-only iteration (no
@@ -44,8 +43,10 @@ def parse_mode(mode: str) -> tuple[str, int | None]:
 class Policy:
     """Per-iteration finetuning decisions of one engine."""
 
-    def __init__(self, mode: str, safety: float = 0.9, max_period: int = 1024):
+    def __init__(self, mode: str, safety: float = 0.9, max_period: int = 1024,
+                 spend_banked: bool = True):
         self.mode = mode
+        self.spend_banked = spend_banked
         self.kind, self.period = parse_mode(mode)
         self.safety = safety
         self.max_period = max_period
@@ -129,23 +130,34 @@ class Policy:
         fitting = [n for n in options if step_seconds(n) + piece_seconds <= time_limit]
         return max(fitting, default=0)
 
-    def backward_pieces(self, *, finetune_iteration: bool, inference_running: bool,
-                        tokens_left: int, max_pieces: int, time_limit: float | None,
-                        step_seconds: float, piece_seconds: float) -> int:
-        """Backward pieces to run after a step that took ``step_seconds``; none when
-        inference alone filled the token budget (a burst)."""
+    def backward_seconds(self, *, finetune_iteration: bool, inference_running: bool,
+                         tokens_left: int, time_limit: float | None,
+                         step_seconds: float) -> float:
+        """Seconds of backward pieces to run after a step that took ``step_seconds``
+        (``inf``: as many as are ready); none when inference alone filled the token
+        budget (a burst). The engine runs a piece only while its predicted time fits."""
         free = self._unconstrained(finetune_iteration, inference_running, time_limit)
         if free is not None:
-            return max_pieces if free else 0
-        room = time_limit - step_seconds
-        if tokens_left == 0 or room <= 0:
-            return 0
-        return min(max_pieces, int(room // piece_seconds)) if piece_seconds > 0 else max_pieces
+            return math.inf if free else 0.0
+        if tokens_left == 0:
+            return 0.0
+        return max(0.0, time_limit - step_seconds)
 
-    def iteration_limit(self, targets) -> float | None:
-        """Seconds this iteration may take: ``safety`` times the tightest of the running
-        requests' TPOT ``targets`` (None when no request runs)."""
-        return min((self.safety * t for t in targets), default=None)
+    def iteration_limit(self, targets, banked=None) -> float | None:
+        """Seconds this iteration may take (None when no request runs).
+
+        ``targets``: the running requests' TPOT targets. ``banked`` (same order, default
+        all 0): seconds each request is ahead of ``safety`` times its target so far,
+        ``safety * target * tokens_after_first - seconds_since_first_token`` (negative when
+        behind). TPOT is a mean, so a request that has been served fast can absorb a
+        longer iteration: each request allows ``safety * target + banked``, which keeps
+        its running mean within ``safety * target`` after this iteration's token too.
+        Built with ``spend_banked=False``, the policy ignores ``banked``."""
+        targets = list(targets)
+        if banked is None or not self.spend_banked:
+            banked = [0.0] * len(targets)
+        return min((self.safety * t + b for t, b in zip(targets, banked, strict=True)),
+                   default=None)
 
 
 def _candidates(tokens_left: int) -> list[int]:

@@ -88,6 +88,21 @@ def test_stop_tokens_and_max_tokens():
     assert reasons[ids[1]] == ("length", ref[:3])
 
 
+def test_many_sequence_batches_match_few_sequence_batches():
+    """Batches of 16 sequences take the by-token attention formulation on CPU, batches of
+    at most 4 the reference's; both give the whole-sequence greedy tokens."""
+    model = tiny_model()
+    prompts = _prompts(5, [3, 17, 30, 9, 1, 25, 12, 6, 21, 4, 14, 8, 19, 2, 27, 10])
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    wide = Engine(model, EngineConfig(
+        page_size=4, num_pages=256, max_num_seqs=16, max_num_batched_tokens=64,
+        min_token_bucket=16, min_seq_bucket=16, max_model_len=128))
+    got = wide.generate(prompts, params)
+    assert got == Engine(model, SMALL).generate(prompts, params)
+    for i in (0, 2):
+        assert got[i] == greedy_reference(model, prompts[i], 8)
+
+
 def test_abort_frees_pages_at_any_time():
     model = tiny_model()
     engine = Engine(model, SMALL)

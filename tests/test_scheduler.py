@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -73,12 +74,13 @@ def test_policy_picks_largest_budget_within_limit():
                               time_limit=0.040, step_seconds=lambda k: 0.001 * (8 + k),
                               piece_seconds=0.004)
     assert n == 16  # 8 + 16 tokens = 24 ms fits; 8 + 32 = 40 ms does not
-    assert policy.backward_pieces(finetune_iteration=False, inference_running=True,
-                                  tokens_left=44, max_pieces=8, time_limit=0.040,
-                                  step_seconds=0.024, piece_seconds=0.004) == 4
-    assert policy.backward_pieces(finetune_iteration=False, inference_running=True,
-                                  tokens_left=0, max_pieces=8, time_limit=0.040,
-                                  step_seconds=0.024, piece_seconds=0.004) == 0
+    assert policy.backward_seconds(finetune_iteration=False, inference_running=True,
+                                   tokens_left=44, time_limit=0.040,
+                                   step_seconds=0.024) == pytest.approx(0.016)
+    assert policy.backward_seconds(finetune_iteration=False, inference_running=True,
+                                   tokens_left=0, time_limit=0.040, step_seconds=0.024) == 0
+    assert policy.backward_seconds(finetune_iteration=False, inference_running=False,
+                                   tokens_left=60, time_limit=None, step_seconds=0.5) == math.inf
     assert policy.forward_tokens(finetune_iteration=False, inference_running=False,
                                  tokens_left=60, time_limit=None, step_seconds=lambda k: 1.0,
                                  piece_seconds=1.0) == 60
@@ -128,7 +130,8 @@ def test_inference_is_never_displaced_by_finetuning():
 
 
 def test_burst_squeezes_finetuning_to_zero_then_it_returns():
-    engine = _engine(mode="coserve")
+    # Synthetic step times; banked slack would mix in the wall clock of this machine.
+    engine = _engine(mode="coserve", spend_banked_slack=False)
     engine.submit_job(_job())
     _steps_with_latency(engine, _synthetic_times(engine, per_token=0.001, piece=0.002))
     tight = SLO(ttft_s=10.0, tpot_s=0.040)  # 36 ms usable: about 34 tokens and a piece
@@ -261,9 +264,8 @@ def test_a_piece_that_never_fits_does_not_block_forward_windows():
     n = policy.forward_tokens(finetune_iteration=False, inference_running=True, tokens_left=60,
                               time_limit=0.040, step_seconds=step, piece_seconds=0.040)
     assert n == 32
-    assert policy.backward_pieces(finetune_iteration=False, inference_running=True,
-                                  tokens_left=28, max_pieces=8, time_limit=0.040,
-                                  step_seconds=step(n), piece_seconds=0.040) == 0
+    assert policy.backward_seconds(finetune_iteration=False, inference_running=True,
+                                   tokens_left=28, time_limit=0.040, step_seconds=step(n)) == 0
 
 
 def test_window_shape_predicts_the_windows_scheduled():
@@ -276,3 +278,13 @@ def test_window_shape_predicts_the_windows_scheduled():
         widest = max((len(c.page_table) for _, c in windows), default=0)
         assert expected == (len(windows), widest), budget
         trainer.after_forward(windows, np.zeros(len(windows)))
+
+
+def test_iteration_limit_spends_what_fast_requests_banked():
+    policy = Policy("coserve", safety=0.9)
+    # 10 tokens after the first in 0.1 s against 40 ms: 0.26 s banked, 0.296 s allowed;
+    # a request 20 ms behind allows only 16 ms; the tightest request decides.
+    assert policy.iteration_limit([0.04], [0.9 * 0.04 * 10 - 0.1]) == pytest.approx(0.296)
+    assert policy.iteration_limit([0.04, 0.04], [0.26, -0.02]) == pytest.approx(0.016)
+    strict = Policy("coserve", safety=0.9, spend_banked=False)
+    assert strict.iteration_limit([0.04], [0.26]) == pytest.approx(0.036)
