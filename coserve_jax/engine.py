@@ -267,6 +267,7 @@ class Engine:
                                        jax.devices()[0].device_kind, jax.__version__, mc, shapes,
                                        self.kernels, STEP_PROGRAM_VERSION)
         self.latency = LatencyModel.load(self.latency_path) or LatencyModel()
+        self._compiled: set[str] = set()  # latency keys whose shape has run in this process
         # Metrics of recently finished requests, newest last.
         self.finished: collections.deque[RequestMetrics] = collections.deque(maxlen=100_000)
         self.last_step: StepInfo | None = None
@@ -508,7 +509,7 @@ class Engine:
             if trainer is not None:
                 trainer.buffers = train
             step_s = time.perf_counter() - t_device
-            self.latency.observe(bucket_key(bucket), step_s)
+            self._observe(bucket_key(bucket), step_s)
             self.num_steps += 1
             train_tokens = sum(len(c.token_ids) for _, c in windows)
             self.counters.update(steps=1, inference_tokens=num_tokens - train_tokens,
@@ -549,11 +550,20 @@ class Engine:
                 self.trainer.run_backward_piece(self.model.params)
                 jax.block_until_ready(self.trainer.buffers.grads_h)
             seconds_taken = time.perf_counter() - t0
-            self.latency.observe(piece_key(*shape), seconds_taken)
+            self._observe(piece_key(*shape), seconds_taken)
             spent += seconds_taken
             done += 1
         self.counters["backward_pieces"] += done
         return done
+
+    def _observe(self, key: str, seconds: float) -> None:
+        """Feeds an observed time to the latency model, except a shape's first run in this
+        process: it includes compilation, and a prediction inflated by it would keep the
+        scheduler from ever running (and re-measuring) that shape beside inference."""
+        if key in self._compiled:
+            self.latency.observe(key, seconds)
+        else:
+            self._compiled.add(key)
 
     def _banked(self, req: Request, now: float) -> float:
         """Seconds ``req`` is ahead of ``safety`` times its TPOT target so far (0 before its
@@ -687,6 +697,7 @@ class Engine:
         config is reused instead of measuring again.
         """
         measure = measure and not self.latency.times
+        self._compiled.update(bucket_key(b) for b in self.buckets)
         for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
             batch = build_batch([], bucket, self.config.page_size)
             if self.registry is not None:
@@ -697,6 +708,7 @@ class Engine:
                 self.latency.observe(bucket_key(bucket), float(np.median(times[1:])))
         if self.trainer is not None:
             times = self.trainer.warmup(self.model.params, progress, repeats=3 if measure else 1)
+            self._compiled.update(piece_key(*shape) for shape in times)
             for shape, seconds in times.items():
                 if measure:
                     self.latency.observe(piece_key(*shape), seconds)
