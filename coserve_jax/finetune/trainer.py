@@ -120,11 +120,16 @@ class JobRun:
         return min(self.spec.sequences_per_step,
                    self.total_seqs - step * self.spec.sequences_per_step)
 
-    def next_sequence(self) -> TrainSequence | None:
-        """The next sequence of the current optimizer step, or None if all have started
-        (the next step's sequences wait for this step's update)."""
+    @property
+    def unstarted_in_step(self) -> int:
+        """Sequences of the current optimizer step not yet started (the next step's
+        sequences wait for this step's update)."""
         step_end = min(self.total_seqs, (self.step + 1) * self.spec.sequences_per_step)
-        if self.seqs_started >= step_end:
+        return max(0, step_end - self.seqs_started)
+
+    def next_sequence(self) -> TrainSequence | None:
+        """The next sequence of the current optimizer step, or None if all have started."""
+        if not self.unstarted_in_step:
             return None
         n = len(self.spec.dataset)
         epoch, index = divmod(self.seqs_started, n)
@@ -299,8 +304,7 @@ class Trainer:
                 continue
             if any(f.forwarded < f.length for f in run.inflight):
                 return True
-            step_end = min(run.total_seqs, (run.step + 1) * run.spec.sequences_per_step)
-            if self._free_act and run.seqs_started < step_end:
+            if self._free_act and run.unstarted_in_step:
                 return True
         return False
 
@@ -346,8 +350,7 @@ class Trainer:
             # (first position, most tokens) of each window the job would run, in order.
             todo = [(f.forwarded, min(self.config.window, f.length - f.forwarded))
                     for f in run.inflight if f.forwarded < f.length]
-            step_end = min(run.total_seqs, (run.step + 1) * run.spec.sequences_per_step)
-            starts = min(free_act, max(0, step_end - run.seqs_started))
+            starts = min(free_act, run.unstarted_in_step)
             free_act -= starts
             todo += [(0, self.config.window)] * starts  # a new sequence: at most one window
             for start, most in todo:
