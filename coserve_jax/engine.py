@@ -475,8 +475,11 @@ class Engine:
         scheduled = [] if ft_iteration else self._schedule()
         chunks = [self._chunk(req, n) for req, n in scheduled]
         now = time.monotonic()  # the clock of first_token_time
-        limit = self.policy.iteration_limit([r.slo.tpot_s for r in self.running],
-                                            [self._banked(r, now) for r in self.running])
+        limit = self.policy.iteration_limit(
+            [r.slo.tpot_s for r in self.running],
+            [None if r.first_token_time is None else (len(r.output) - 1,
+                                                      now - r.first_token_time)
+             for r in self.running])
         windows, piece_s = [], 0.0
         used = sum(n for _, n in scheduled)
         left = self.config.max_num_batched_tokens - used
@@ -564,14 +567,6 @@ class Engine:
             self.latency.observe(key, seconds)
         else:
             self._compiled.add(key)
-
-    def _banked(self, req: Request, now: float) -> float:
-        """Seconds ``req`` is ahead of ``safety`` times its TPOT target so far (0 before its
-        first token; negative when behind)."""
-        if req.first_token_time is None:
-            return 0.0
-        elapsed = now - req.first_token_time
-        return self.policy.safety * req.slo.tpot_s * (len(req.output) - 1) - elapsed
 
     def _tpot_target(self) -> float | None:
         """The tightest TPOT target among running requests (None when none runs)."""

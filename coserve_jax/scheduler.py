@@ -143,21 +143,26 @@ class Policy:
             return 0.0
         return max(0.0, time_limit - step_seconds)
 
-    def iteration_limit(self, targets, banked=None) -> float | None:
+    def iteration_limit(self, targets, progress=None) -> float | None:
         """Seconds this iteration may take (None when no request runs).
 
-        ``targets``: the running requests' TPOT targets. ``banked`` (same order, default
-        all 0): seconds each request is ahead of ``safety`` times its target so far,
-        ``safety * target * tokens_after_first - seconds_since_first_token`` (negative when
-        behind). TPOT is a mean, so a request that has been served fast can absorb a
-        longer iteration: each request allows ``safety * target + banked``, which keeps
-        its running mean within ``safety * target`` after this iteration's token too.
-        Built with ``spend_banked=False``, the policy ignores ``banked``."""
+        ``targets``: the running requests' TPOT targets. ``progress`` (same order):
+        ``(tokens after the first, seconds since the first token)`` of each request, or
+        None before its first token. TPOT is a mean, so a request served faster than
+        ``safety`` times its target so far has banked the difference,
+        ``safety * target * tokens - seconds`` (negative when behind), and can absorb a
+        longer iteration: it allows ``safety * target + banked``, which keeps its running
+        mean within ``safety * target`` after this iteration's token too. Built with
+        ``spend_banked=False`` (or given no ``progress``), each allows ``safety * target``.
+        """
         targets = list(targets)
-        if banked is None or not self.spend_banked:
-            banked = [0.0] * len(targets)
-        return min((self.safety * t + b for t, b in zip(targets, banked, strict=True)),
-                   default=None)
+        if progress is None or not self.spend_banked:
+            progress = [None] * len(targets)
+        limits = []
+        for target, done in zip(targets, progress, strict=True):
+            banked = 0.0 if done is None else self.safety * target * done[0] - done[1]
+            limits.append(self.safety * target + banked)
+        return min(limits, default=None)
 
 
 def _candidates(tokens_left: int) -> list[int]:

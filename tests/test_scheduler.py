@@ -283,8 +283,10 @@ def test_window_shape_predicts_the_windows_scheduled():
 def test_iteration_limit_spends_what_fast_requests_banked():
     policy = Policy("coserve", safety=0.9)
     # 10 tokens after the first in 0.1 s against 40 ms: 0.26 s banked, 0.296 s allowed;
-    # a request 20 ms behind allows only 16 ms; the tightest request decides.
-    assert policy.iteration_limit([0.04], [0.9 * 0.04 * 10 - 0.1]) == pytest.approx(0.296)
-    assert policy.iteration_limit([0.04, 0.04], [0.26, -0.02]) == pytest.approx(0.016)
+    # a request 20 ms past its first token with no second allows only 16 ms; the
+    # tightest request decides; a request before its first token allows 36 ms.
+    assert policy.iteration_limit([0.04], [(10, 0.1)]) == pytest.approx(0.296)
+    assert policy.iteration_limit([0.04, 0.04], [(10, 0.1), (0, 0.02)]) == pytest.approx(0.016)
+    assert policy.iteration_limit([0.04, 0.04], [(10, 0.1), None]) == pytest.approx(0.036)
     strict = Policy("coserve", safety=0.9, spend_banked=False)
-    assert strict.iteration_limit([0.04], [0.26]) == pytest.approx(0.036)
+    assert strict.iteration_limit([0.04], [(10, 0.1)]) == pytest.approx(0.036)
