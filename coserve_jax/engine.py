@@ -89,7 +89,10 @@ class EngineConfig:
     backward_attention_block: int = 256
     """Queries per attention block in backward pieces (bounds their attention memory)."""
     mode: str = "coserve"
-    """coserve, inference-only, finetune-only, temporal:N or temporal:dynamic."""
+    """coserve, inference-only, finetune-only; temporal-seq:N or temporal-seq:dynamic
+    (FlexLLM's temporal sharing: one whole sample, forward and full backward, every N
+    iterations); temporal:N or temporal:dynamic (the token-level ablation). See
+    ``coserve_jax.scheduler``."""
     spend_banked_slack: bool = True
     """coserve: a request served faster than its TPOT target so far may absorb a longer
     iteration (TPOT is a mean over the request). False keeps every iteration within the
@@ -176,6 +179,8 @@ class StepInfo:
     finetune_iteration: bool
     bucket: Bucket | None
     seconds: float
+    whole_samples: int = 0
+    """Samples run whole (forward and full backward in one program: temporal-seq)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +260,9 @@ class Engine:
         # and finetuning tokens in one batch), backward_pieces.
         self.counters: collections.Counter[str] = collections.Counter()
         self.policy = Policy(config.mode, spend_banked=config.spend_banked_slack)
+        if self.policy.whole_samples and self.layout is not None:
+            raise ValueError(f"mode {config.mode} runs whole samples on one device; use "
+                             f"coserve or temporal:N on a mesh")
         # Keyed by what sets step times: hardware, model and the engine's shapes (not the
         # scheduling mode, SLO defaults or admission settings).
         # The resolved kernels (not the requested "auto") and the step program's version
@@ -468,10 +476,16 @@ class Engine:
     def _iteration(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
         trainer = self.trainer
-        ft_waiting = trainer is not None and (trainer.has_forward_work()
-                                              or trainer.next_piece_shape() is not None)
+        if trainer is None:
+            ft_waiting = False
+        elif self.policy.whole_samples:
+            ft_waiting = trainer.has_sample_work()
+        else:
+            ft_waiting = trainer.has_forward_work() or trainer.next_piece_shape() is not None
         ft_iteration = self.policy.finetune_iteration(
             bool(self.running or self.waiting), ft_waiting, self._tpot_target())
+        if ft_iteration and self.policy.whole_samples:
+            return self._whole_sample_iteration(t_start)
         scheduled = [] if ft_iteration else self._schedule()
         chunks = [self._chunk(req, n) for req, n in scheduled]
         now = time.monotonic()  # the clock of first_token_time
@@ -539,6 +553,18 @@ class Engine:
                                   sum(len(c.token_ids) for _, c in windows), pieces,
                                   ft_iteration, bucket, total)
         return outputs
+
+    def _whole_sample_iteration(self, t_start: float) -> list[RequestOutput]:
+        """A temporal-seq finetuning iteration: one whole sample, forward and backward, as a
+        standard trainer runs it; no inference tokens."""
+        with jax.profiler.TraceAnnotation("whole_sample"):
+            tokens = self.trainer.run_whole_sample(self.model.params)
+            jax.block_until_ready(self.trainer.buffers.grad_a)
+        total = time.perf_counter() - t_start
+        self.policy.observe(total, had_inference=False, had_finetune=True)
+        self.counters.update(train_tokens=tokens, whole_samples=1, iteration_s=total)
+        self.last_step = StepInfo(0, tokens, 0, True, None, total, whole_samples=1)
+        return []
 
     def _run_backward(self, max_pieces: int, seconds: float) -> int:
         """Runs up to ``max_pieces`` backward pieces while the latency model says the next
@@ -701,6 +727,8 @@ class Engine:
             times = [self._run_padding(batch, bucket) for _ in range(3 if measure else 1)]
             if measure:
                 self.latency.observe(bucket_key(bucket), float(np.median(times[1:])))
+        if self.trainer is not None and self.policy.whole_samples:
+            self.trainer.warmup_samples(self.model.params, progress)
         if self.trainer is not None:
             times = self.trainer.warmup(self.model.params, progress, repeats=3 if measure else 1)
             self._compiled.update(piece_key(*shape) for shape in times)

@@ -11,13 +11,20 @@ policy then decides the finetuning share of the iteration:
   that fills the token budget leaves finetuning nothing.
 - ``inference-only`` / ``finetune-only``: never / always finetune (the
   latter refuses inference requests).
-- ``temporal:N``: every N-th iteration is a finetuning-only iteration (no
-  inference tokens); the others carry no finetuning.
-- ``temporal:dynamic``: the same with N recomputed every iteration as the
-  smallest N whose amortised cost keeps the mean time per output token
-  within the tightest target, from observed iteration times: N - 1 inference
-  iterations of t_inf and one finetuning iteration of t_ft must average at most
-  safety * target per token.
+- ``temporal-seq:N`` (FlexLLM's temporal-sharing baseline): every N-th iteration
+  is a finetuning-only iteration that runs one whole training sample, its
+  forward over all tokens and its backward through every layer, as a standard
+  trainer runs it (one jitted ``jax.grad`` program, no token windows, no layer
+  pieces); the others carry no finetuning.
+- ``temporal:N`` (token-level ablation): the same period, but the finetuning
+  iteration runs this engine's own token-level windows and backward pieces, as
+  many as the token budget and ready pieces allow: co-serving's machinery
+  without the co-batching.
+- ``temporal-seq:dynamic`` / ``temporal:dynamic``: the same with N recomputed
+  every iteration as the smallest N (the largest finetuning frequency) whose
+  amortised cost keeps the mean time per output token within the tightest
+  target, from observed iteration times: N - 1 inference iterations of t_inf and
+  one finetuning iteration of t_ft must average at most safety * target per token.
 """
 
 from __future__ import annotations
@@ -26,18 +33,24 @@ import math
 from collections.abc import Iterable
 
 
+MODES_HELP = ("coserve, inference-only, finetune-only, temporal-seq:N, temporal-seq:dynamic "
+              "(FlexLLM's temporal sharing: a whole sample every N iterations), temporal:N or "
+              "temporal:dynamic (token-level ablation)")
+TEMPORAL_KINDS = ("temporal", "temporal-seq")
+
+
 def parse_mode(mode: str) -> tuple[str, int | None]:
-    """``"temporal:8"`` -> ("temporal", 8); ``"temporal:dynamic"`` -> ("temporal", None)."""
+    """``"temporal:8"`` -> ("temporal", 8); ``"temporal-seq:dynamic"`` -> ("temporal-seq",
+    None); raises ``ValueError`` naming the valid modes."""
     if mode in ("coserve", "inference-only", "finetune-only"):
         return mode, None
-    if mode.startswith("temporal:"):
-        arg = mode.split(":", 1)[1]
+    kind, _, arg = mode.partition(":")
+    if kind in TEMPORAL_KINDS:
         if arg == "dynamic":
-            return "temporal", None
+            return kind, None
         if arg.isdigit() and int(arg) >= 1:
-            return "temporal", int(arg)
-    raise ValueError(f"mode must be coserve, inference-only, finetune-only, temporal:N or "
-                     f"temporal:dynamic, got {mode!r}")
+            return kind, int(arg)
+    raise ValueError(f"mode must be one of {MODES_HELP}; got {mode!r}")
 
 
 class Policy:
@@ -59,10 +72,16 @@ class Policy:
     def serves_inference(self) -> bool:
         return self.kind != "finetune-only"
 
+    @property
+    def whole_samples(self) -> bool:
+        """Finetuning runs as whole samples (``temporal-seq``), never as token windows and
+        backward pieces."""
+        return self.kind == "temporal-seq"
+
     def finetune_iteration(self, inference_waiting: bool, finetune_waiting: bool,
                            tpot_target: float | None) -> bool:
         """Temporal sharing: whether this iteration is a finetuning-only one."""
-        if self.kind != "temporal" or not finetune_waiting:
+        if self.kind not in TEMPORAL_KINDS or not finetune_waiting:
             return False
         if not inference_waiting:
             return True
@@ -94,8 +113,8 @@ class Policy:
     def _unconstrained(self, finetune_iteration: bool, inference_running: bool,
                        time_limit: float | None) -> bool | None:
         """True: finetune freely; False: not at all; None: within ``time_limit``."""
-        if self.kind == "inference-only":
-            return False
+        if self.kind in ("inference-only", "temporal-seq"):
+            return False  # temporal-seq finetunes only through whole samples
         if self.kind == "finetune-only" or finetune_iteration:
             return True
         if self.kind == "temporal":

@@ -229,6 +229,62 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     )
 
 
+def sample_grads_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,
+                    tokens: jax.Array, labels: jax.Array, weights: jax.Array,
+                    adapter_slot: jax.Array, *, attention_block: int = 256,
+                    kernels: Kernels = REFERENCE_KERNELS) -> tuple[TrainBuffers, jax.Array]:
+    """One whole training sample as a standard trainer runs it: the forward over all its
+    tokens and ``jax.grad`` back through every layer, in one program (FlexLLM's
+    temporal-sharing baseline, ``temporal-seq``). No KV cache, no activation store.
+
+    ``tokens``, ``labels``, ``weights``: ``[n]`` (the sample padded to a length bucket;
+    padding has weight 0, and causality keeps real rows clean). Adds the gradients of
+    the weighted loss w.r.t. the slot's (rank-padded) A and B into the slot's
+    accumulators, as the windows and pieces of the token-level path do; returns the
+    buffers and the loss."""
+    own = {m: (jnp.take(slots.a[m], adapter_slot, axis=1),
+               jnp.take(slots.b[m], adapter_slot, axis=1)) for m in slots.a}
+    scale = slots.scale[adapter_slot]
+    attention = kernels.attention_fn(fallback=llama.blocked_attention(attention_block))
+
+    def lora(la, module, x):
+        return kernels.lora_single(x, *la[module], scale) if module in la else None
+
+    def loss(own_weights):
+        x, _ = llama.run_layers(cfg, params.layers, params.embed[tokens][None],
+                                jnp.arange(tokens.shape[0])[None], attention,
+                                adapters=own_weights, lora=lora)
+        total, _ = _head_loss(cfg, params, x[0], labels, weights)
+        return total
+
+    value, grads = jax.value_and_grad(loss)(own)
+
+    def accumulate(acc, grad):  # acc [L, N, ...], grad [L, ...]
+        return acc.at[:, adapter_slot].add(grad.astype(acc.dtype))
+
+    train = train.replace(grad_a={m: accumulate(train.grad_a[m], grads[m][0]) for m in grads},
+                          grad_b={m: accumulate(train.grad_b[m], grads[m][1]) for m in grads})
+    return train, value
+
+
+def build_sample_grads(cfg: ModelConfig, attention_block: int = 256, layout=None,
+                       kernels: Kernels | None = None):
+    """``sample(params, slots, train, tokens, labels, weights, slot) -> (train, loss)``,
+    jitted, with ``train`` donated; one compilation per sample-length bucket. Single
+    device only: the baseline it serves is measured on one device."""
+    if layout is not None:
+        raise ValueError("whole-sample finetuning (temporal-seq modes) runs on one device; "
+                         "use coserve or temporal:N on a mesh")
+    return _build_sample_grads(cfg, attention_block, _resolved(kernels, None))
+
+
+@functools.cache
+def _build_sample_grads(cfg: ModelConfig, attention_block: int, kernels: Kernels):
+    fn = functools.partial(sample_grads_fn, cfg, attention_block=attention_block,
+                           kernels=kernels)
+    return jax.jit(fn, donate_argnums=(2,))
+
+
 def build_step(cfg: ModelConfig, return_logits: bool = False, layout=None,
                kernels: Kernels | None = None):
     """``step(params, slots, kv, train, batch, with_train=...) -> (kv, train, StepOutput)``,

@@ -31,7 +31,7 @@ from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.kv_cache import PageAllocator
 from coserve_jax.lora.adapter import LoraAdapter
 from coserve_jax.lora.slots import AdapterRegistry
-from coserve_jax.step import BackwardPiece, build_backward_piece
+from coserve_jax.step import BackwardPiece, build_backward_piece, build_sample_grads
 from pallas_kernels.dispatch import Kernels
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,8 @@ class Trainer:
         self.writer = None  # a telemetry.ScalarWriter, set by the engine
         self._free_act = list(range(config.max_seqs - 1, -1, -1))
         self._backward = build_backward_piece(cfg, config.attention_block, layout, kernels)
+        self._kernels = kernels
+        self._sample_grads = None  # built on first use (temporal-seq modes only)
         self._kv_ids = 0
 
     # ----- jobs -----------------------------------------------------------------------------
@@ -455,15 +457,73 @@ class Trainer:
         return True
 
     def _sequence_done(self, f: InFlight) -> None:
-        run = f.job
-        run.inflight.remove(f)
+        f.job.inflight.remove(f)
         self._free_act.append(f.act_slot)
+        self._book_sequence(f.job, f.loss, f.length)
+
+    def _book_sequence(self, run: JobRun, loss: float, length: int) -> None:
+        """A sequence's gradients are complete: count it, and step the optimizer when it
+        was the last sequence of the step."""
         run.seqs_done += 1
         run.seqs_in_step += 1
-        run.loss_in_step += f.loss
-        run.tokens_trained += f.length
+        run.loss_in_step += loss
+        run.tokens_trained += length
         if run.seqs_in_step == run.seqs_for_step(run.step):
             self._optimizer_step(run)
+
+    # ----- whole samples (temporal-seq baselines) -------------------------------------------
+
+    def has_sample_work(self) -> bool:
+        """Some running job has a sample of its current optimizer step left to run whole."""
+        return any(r.state == "running" and r.unstarted_in_step for r in self.jobs.values())
+
+    def _sample_program(self):
+        if self._sample_grads is None:
+            self._sample_grads = build_sample_grads(self.cfg, self.config.attention_block,
+                                                    self.layout, self._kernels)
+        return self._sample_grads
+
+    def warmup_samples(self, params, progress: bool = True,
+                       repeats: int = 1) -> dict[int, float]:
+        """Compiles the whole-sample program for every length bucket and times it; returns
+        ``{length bucket: median seconds after the first run}`` (zero weights: no change)."""
+        from tqdm.auto import tqdm
+
+        program = self._sample_program()
+        times = {}
+        for n in tqdm(self.seq_buckets, desc="compiling samples", disable=not progress):
+            zeros = np.zeros(n, np.int32)
+            runs = []
+            for _ in range(max(repeats, 1)):
+                t0 = time.perf_counter()
+                self.buffers, loss = program(params, self.registry.table, self.buffers, zeros,
+                                             zeros, np.zeros(n, np.float32), np.int32(0))
+                jax.block_until_ready(loss)
+                runs.append(time.perf_counter() - t0)
+            times[n] = float(np.median(runs[1:] or runs))
+        return times
+
+    def run_whole_sample(self, params) -> int:
+        """Runs the next sample of the job furthest behind its share, whole: its forward over
+        all tokens and its backward through every layer in one program, as a standard
+        trainer does (``temporal-seq``). Returns its tokens, 0 if no job has one ready."""
+        runs = [r for r in self.jobs.values() if r.state == "running" and r.unstarted_in_step]
+        if not runs:
+            return 0
+        run = min(runs, key=lambda r: r.tokens_scheduled / r.spec.weight)
+        seq = run.next_sequence()
+        labels, weights = labels_and_weights(seq)
+        length = len(seq.tokens)
+        n = self._seq_bucket(length)
+        pad = n - length
+        tokens = np.pad(np.asarray(seq.tokens, np.int32), (0, pad))
+        self.buffers, loss = self._sample_program()(
+            params, self.registry.table, self.buffers, tokens,
+            np.pad(labels, (0, pad)).astype(np.int32), np.pad(weights, (0, pad)),
+            np.int32(run.slot))
+        run.tokens_scheduled += length
+        self._book_sequence(run, float(loss), length)
+        return length
 
     def _optimizer_step(self, run: JobRun) -> None:
         n = run.seqs_in_step
