@@ -49,6 +49,25 @@ TINY_HF_CONFIG = {
 }
 
 
+SMALL_MODEL_VERSION = "v1"
+SMALL_SEED = 20260102
+# SmolLM2-135M's shapes (30 layers, hidden 576, 9/3 heads, vocab 49152) with random
+# weights: a second benchmark tier, so CPU figures are not only those of a model that
+# fits in the processor's cache. The byte tokenizer uses the first 259 ids.
+SMALL_HF_CONFIG = TINY_HF_CONFIG | {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
+
+
 def cache_root() -> str:
     """Where generated artefacts live: $COSERVE_HOME or ~/.cache/coserve_jax."""
     return os.environ.get("COSERVE_HOME") or os.path.join(
@@ -58,7 +77,19 @@ def cache_root() -> str:
 
 def tiny_model_dir() -> str:
     """Path of the embedded default model, generating it on first call."""
-    target = os.path.join(cache_root(), "models", f"tiny-llama-{TINY_MODEL_VERSION}")
+    return _generated_model(f"tiny-llama-{TINY_MODEL_VERSION}", TINY_HF_CONFIG, TINY_SEED,
+                            TINY_HEAD_STD)
+
+
+def small_model_dir() -> str:
+    """Path of the small benchmark tier (SmolLM2-135M shapes, random float32 weights, the
+    byte tokenizer), generating it on first call (about 540 MB)."""
+    return _generated_model(f"small-llama-{SMALL_MODEL_VERSION}", SMALL_HF_CONFIG, SMALL_SEED,
+                            None)
+
+
+def _generated_model(name: str, hf_config: dict, seed: int, head_std: float | None) -> str:
+    target = os.path.join(cache_root(), "models", name)
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -66,7 +97,7 @@ def tiny_model_dir() -> str:
     # sees a half-written model.
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=os.path.dirname(target))
     try:
-        write_random_model(tmp, TINY_HF_CONFIG, TINY_SEED, head_std=TINY_HEAD_STD)
+        write_random_model(tmp, hf_config, seed, head_std=head_std)
         save_byte_tokenizer(tmp)
         try:
             os.rename(tmp, target)
