@@ -34,7 +34,7 @@ from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.lora.slots import AdapterRegistry
 from coserve_jax.model import Model
 from coserve_jax.sampling import MAX_SEED, SamplingParams
-from coserve_jax.scheduler import Policy, parse_mode
+from coserve_jax.scheduler import BeforeFirstToken, Policy, parse_mode
 from coserve_jax.slo import SLO, AdmissionError, RequestMetrics
 from coserve_jax.step import (
     STEP_PROGRAM_VERSION,
@@ -489,16 +489,17 @@ class Engine:
         scheduled = [] if ft_iteration else self._schedule()
         chunks = [self._chunk(req, n) for req, n in scheduled]
         now = time.monotonic()  # the clock of first_token_time
-        limit = self.policy.iteration_limit(
-            [r.slo.tpot_s for r in self.running],
-            [None if r.first_token_time is None else (len(r.output) - 1,
-                                                      now - r.first_token_time)
-             for r in self.running])
+        limit = self.policy.iteration_limit([r.slo.tpot_s for r in self.running],
+                                            [self._progress(r, now) for r in self.running])
         windows, piece_s = [], 0.0
         used = sum(n for _, n in scheduled)
         left = self.config.max_num_batched_tokens - used
         if trainer is not None:
-            shape = trainer.next_piece_shape()
+            # The piece this iteration would run: the furthest along that fits beside the
+            # inference alone (or simply the furthest along when nothing limits the time).
+            room = None if limit is None else limit - self._predict_step(chunks, 0)
+            shape = trainer.next_piece_shape(
+                None if room is None else lambda s: self.latency.predict(piece_key(*s)) <= room)
             piece_s = 0.0 if shape is None else self.latency.predict(piece_key(*shape))
             tokens = self.policy.forward_tokens(
                 finetune_iteration=ft_iteration, inference_running=bool(scheduled),
@@ -571,12 +572,15 @@ class Engine:
         one fits in what is left of ``seconds``; times each for the latency model."""
         done, spent = 0, 0.0
         while done < max_pieces:
-            shape = self.trainer.next_piece_shape()
-            if shape is None or spent + self.latency.predict(piece_key(*shape)) > seconds:
+            def fits(shape, spent=spent):
+                return spent + self.latency.predict(piece_key(*shape)) <= seconds
+
+            shape = self.trainer.next_piece_shape(fits)
+            if shape is None:
                 break
             t0 = time.perf_counter()
             with jax.profiler.TraceAnnotation(backward_label(*shape)):
-                self.trainer.run_backward_piece(self.model.params)
+                self.trainer.run_backward_piece(self.model.params, fits)
                 jax.block_until_ready(self.trainer.buffers.grads_h)
             seconds_taken = time.perf_counter() - t0
             self._observe(piece_key(*shape), seconds_taken)
@@ -593,6 +597,15 @@ class Engine:
             self.latency.observe(key, seconds)
         else:
             self._compiled.add(key)
+
+    def _progress(self, req: Request, now: float):
+        """What ``Policy.iteration_limit`` needs of a running request (clock: monotonic)."""
+        if req.first_token_time is not None:
+            return len(req.output) - 1, now - req.first_token_time
+        # Prefill left after this iteration's chunk, at a full token budget per iteration.
+        budget = self.config.max_num_batched_tokens
+        return BeforeFirstToken(req.slo.ttft_s - (now - req.arrival_time),
+                                -(-req.pending // budget))
 
     def _tpot_target(self) -> float | None:
         """The tightest TPOT target among running requests (None when none runs)."""

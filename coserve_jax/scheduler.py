@@ -29,9 +29,9 @@ policy then decides the finetuning share of the iteration:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
-
 
 MODES_HELP = ("coserve, inference-only, finetune-only, temporal-seq:N, temporal-seq:dynamic "
               "(FlexLLM's temporal sharing: a whole sample every N iterations), temporal:N or "
@@ -166,12 +166,16 @@ class Policy:
         """Seconds this iteration may take (None when no request runs).
 
         ``targets``: the running requests' TPOT targets. ``progress`` (same order):
-        ``(tokens after the first, seconds since the first token)`` of each request, or
-        None before its first token. TPOT is a mean, so a request served faster than
-        ``safety`` times its target so far has banked the difference,
-        ``safety * target * tokens - seconds`` (negative when behind), and can absorb a
-        longer iteration: it allows ``safety * target + banked``, which keeps its running
-        mean within ``safety * target`` after this iteration's token too. Built with
+        ``(tokens after the first, seconds since the first token)`` of each request, a
+        ``BeforeFirstToken`` for one still in its prefill, or None (nothing known).
+
+        TPOT is a mean, so a request served faster than ``safety`` times its target so far
+        has banked the difference, ``safety * target * tokens - seconds`` (negative when
+        behind), and can absorb a longer iteration: it allows ``safety * target + banked``,
+        which keeps its running mean within ``safety * target`` after this iteration's token
+        too. Before its first token a request's TPOT clock has not started; what binds it
+        is its TTFT, so it allows ``safety`` times the time left to its TTFT target, shared
+        by the prefill iterations it still needs (at least ``safety * target``). Built with
         ``spend_banked=False`` (or given no ``progress``), each allows ``safety * target``.
         """
         targets = list(targets)
@@ -179,9 +183,25 @@ class Policy:
             progress = [None] * len(targets)
         limits = []
         for target, done in zip(targets, progress, strict=True):
-            banked = 0.0 if done is None else self.safety * target * done[0] - done[1]
-            limits.append(self.safety * target + banked)
+            floor = self.safety * target
+            if isinstance(done, BeforeFirstToken):
+                limits.append(max(floor, self.safety * done.ttft_left_s
+                                  / max(done.prefill_iterations, 1)))
+            elif done is not None:
+                limits.append(floor + self.safety * target * done[0] - done[1])
+            else:
+                limits.append(floor)
         return min(limits, default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeforeFirstToken:
+    """A running request that has not produced its first token yet (it is in prefill)."""
+
+    ttft_left_s: float
+    """Seconds left until its TTFT target (negative when already missed)."""
+    prefill_iterations: int
+    """Iterations it still needs to reach its first token, this one included."""
 
 
 def _candidates(tokens_left: int) -> list[int]:

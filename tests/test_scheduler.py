@@ -19,7 +19,7 @@ from coserve_jax import (
 )
 from coserve_jax.finetune.data import synthetic_task
 from coserve_jax.latency import LatencyModel, bucket_key, piece_key
-from coserve_jax.scheduler import Policy, parse_mode
+from coserve_jax.scheduler import BeforeFirstToken, Policy, parse_mode
 from coserve_jax.slo import SLO, AdmissionError
 
 from support import count_compilations, greedy_reference, tiny_model
@@ -290,3 +290,39 @@ def test_iteration_limit_spends_what_fast_requests_banked():
     assert policy.iteration_limit([0.04, 0.04], [(10, 0.1), None]) == pytest.approx(0.036)
     strict = Policy("coserve", safety=0.9, spend_banked=False)
     assert strict.iteration_limit([0.04], [(10, 0.1)]) == pytest.approx(0.036)
+
+
+def test_prefilling_requests_allow_their_ttft_slack():
+    policy = Policy("coserve", safety=0.9)
+    # Before its first token a request's TPOT clock has not started: its TTFT binds.
+    assert policy.iteration_limit([0.04], [BeforeFirstToken(2.0, 1)]) == pytest.approx(1.8)
+    assert policy.iteration_limit([0.04], [BeforeFirstToken(2.0, 4)]) == pytest.approx(0.45)
+    # A missed (or nearly missed) TTFT never allows less than a normal iteration.
+    assert policy.iteration_limit([0.04], [BeforeFirstToken(-1.0, 1)]) == pytest.approx(0.036)
+    # The tightest request still decides: one that just produced its first token banks 0.
+    assert policy.iteration_limit([0.04, 0.04], [BeforeFirstToken(2.0, 1), (0, 0.0)]) == (
+        pytest.approx(0.036))
+    off = Policy("coserve", safety=0.9, spend_banked=False)
+    assert off.iteration_limit([0.04], [BeforeFirstToken(2.0, 1)]) == pytest.approx(0.036)
+
+
+def test_a_shorter_ready_piece_runs_when_the_furthest_one_does_not_fit():
+    engine = _engine(mode="finetune-only", backward_pieces_per_step=1, train_window=64)
+    records = [{"text": "x" * 50}, {"text": "y" * 8}]
+    data = from_records(records, tiny_model().tokenizer, DataConfig(max_seq_len=64))
+    engine.submit_job(FinetuneJob("two", data, lora=LoraConfig(r=4, lora_alpha=8),
+                                  sequences_per_step=2, max_steps=1))
+    engine.step()  # both forwards (58 tokens) in one step, then one piece
+    trainer = engine.trainer
+    ready = sorted(trainer._ready_pieces(), key=lambda f: f.layers_left)
+    assert len(ready) == 2 and engine.counters["backward_pieces"] == 1
+    furthest, other = ready
+    big = trainer._piece_shape(furthest)
+    assert trainer.next_piece_shape() == big
+    small = trainer.next_piece_shape(lambda shape: shape != big)
+    assert small == trainer._piece_shape(other) != big
+    assert trainer.next_piece_shape(lambda shape: False) is None
+    left = other.layers_left
+    assert trainer.run_backward_piece(engine.model.params, lambda shape: shape != big)
+    assert other.layers_left == left - engine.config.backward_layers
+    assert not trainer.run_backward_piece(engine.model.params, lambda shape: False)

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -314,13 +315,24 @@ class Trainer:
         return [f for r in self.jobs.values() if r.state == "running"
                 for f in r.inflight if f.layers_left]
 
-    def next_piece_shape(self) -> tuple[int, int] | None:
-        """(sequence bucket, layers) of the piece ``run_backward_piece`` would run next."""
-        ready = self._ready_pieces()
-        if not ready:
-            return None
-        f = min(ready, key=lambda x: x.layers_left)
+    def next_piece_shape(self, fits: Callable[[tuple[int, int]], bool] | None = None,
+                         ) -> tuple[int, int] | None:
+        """(sequence bucket, layers) of the piece ``run_backward_piece(params, fits)`` would
+        run next; None when no piece is ready (or none ``fits``)."""
+        f = self._pick_piece(fits)
+        return None if f is None else self._piece_shape(f)
+
+    def _piece_shape(self, f: InFlight) -> tuple[int, int]:
         return self._seq_bucket(f.length), self.config.backward_layers
+
+    def _pick_piece(self, fits: Callable[[tuple[int, int]], bool] | None) -> InFlight | None:
+        """The ready sequence furthest along whose next piece ``fits`` (any, without
+        ``fits``): when the furthest one's piece is too long for the time left, a shorter
+        sequence's piece can still use that time."""
+        for f in sorted(self._ready_pieces(), key=lambda x: x.layers_left):
+            if fits is None or fits(self._piece_shape(f)):
+                return f
+        return None
 
     def _seq_bucket(self, length: int) -> int:
         return next(b for b in self.seq_buckets if b >= length)
@@ -434,15 +446,16 @@ class Trainer:
             times[(seq_len, k)] = float(np.median(runs[1:] or runs))
         return times
 
-    def run_backward_piece(self, params) -> bool:
-        """Runs one backward piece of the sequence furthest along; False if none is ready.
+    def run_backward_piece(self, params,
+                           fits: Callable[[tuple[int, int]], bool] | None = None) -> bool:
+        """Runs one backward piece of the sequence furthest along (among those whose piece
+        ``fits``, see ``next_piece_shape``); False if none is ready.
 
         ``params`` are the frozen base weights the piece recomputes its layers with.
         """
-        ready = self._ready_pieces()
-        if not ready:
+        f = self._pick_piece(fits)
+        if f is None:
             return False
-        f = min(ready, key=lambda x: x.layers_left)
         k = self.config.backward_layers
         start = f.layers_left - k
         seq_len = self._seq_bucket(f.length)
