@@ -88,6 +88,11 @@ class EngineConfig:
     """Backward pieces run after each step at most."""
     backward_attention_block: int = 256
     """Queries per attention block in backward pieces (bounds their attention memory)."""
+    backward_block: int = 0
+    """Tokens per backward piece for training sequences longer than this: such a sequence
+    is pulled back one layer and one token block at a time, so a piece's cost is bounded
+    by the block rather than the sequence and fits beside a decode step; 0 keeps every
+    piece over the whole sequence. A power of two; single device only."""
     mode: str = "coserve"
     """coserve, inference-only, finetune-only; temporal-seq:N or temporal-seq:dynamic
     (FlexLLM's temporal sharing: one whole sample, forward and full backward, every N
@@ -126,7 +131,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("max_adapters", "max_train_seqs"):
+        for name in ("max_adapters", "max_train_seqs", "backward_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 0, got {value!r}")
@@ -233,7 +238,7 @@ class Engine:
             self.trainer = Trainer(mc, self.registry, self.allocator, TrainerConfig(
                 max_seqs=config.max_train_seqs, max_len=max_train_len,
                 window=config.train_window, backward_layers=config.backward_layers,
-                attention_block=config.backward_attention_block),
+                attention_block=config.backward_attention_block, block=config.backward_block),
                 model.dtype, layout=self.layout, kernels=self.kernels)
         self.buckets = tuple(sorted(
             (Bucket(t, s, w, train)

@@ -21,8 +21,11 @@ def bucket_key(b: Bucket) -> str:
     return f"t{b.num_tokens}-s{b.num_seqs}-w{b.num_pages}-{'train' if b.train else 'infer'}"
 
 
-def piece_key(seq_len: int, num_layers: int) -> str:
-    return f"piece-n{seq_len}-k{num_layers}"
+def piece_key(seq_len: int, num_layers: int, block: int | None = None) -> str:
+    """A backward piece's shape: ``num_layers`` layers over a sequence bucket of ``seq_len``
+    tokens, or over a ``block`` of them (token-block pieces)."""
+    rows = "" if block is None or block >= seq_len else f"-b{block}"
+    return f"piece-n{seq_len}-k{num_layers}{rows}"
 
 
 class LatencyModel:

@@ -26,6 +26,7 @@ import os
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from coserve_jax.batch import TokenBatch
 from coserve_jax.config import ModelConfig
@@ -83,6 +84,7 @@ class BackwardPiece:
     layer_start: jax.Array  # int32: first layer of the piece
     length: jax.Array  # int32: real tokens of the sequence
     adapter_slot: jax.Array  # int32: the job's slot
+    block_start: jax.Array = np.int32(0)  # int32: first row of a token-block piece
 
 
 def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
@@ -227,6 +229,97 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
         grad_a={m: accumulate(train.grad_a[m], d_own[m][0]) for m in train.grad_a},
         grad_b={m: accumulate(train.grad_b[m], d_own[m][1]) for m in train.grad_b},
     )
+
+
+def backward_block_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,
+                      piece: BackwardPiece, *, seq_len: int, block: int,
+                      kernels: Kernels = REFERENCE_KERNELS) -> TrainBuffers:
+    """Backpropagates one block of ``block`` tokens (rows ``piece.block_start ..``) of one
+    sequence through one layer (``piece.layer_start``): a backward piece whose cost is
+    bounded by the block, not the sequence, so it fits beside a decode step.
+
+    The layer's blocks run last first. Attention couples a block's queries to the keys
+    and values of every earlier row, so the piece recomputes K and V of the whole
+    sequence from the layer's saved input (a small share of a layer's work) and pulls
+    its gradient back through them too: what it finds for rows before the block (their
+    K/V path) and for the block itself goes into ``train.grads_next``. After the block
+    at row 0 every later query has been through, ``grads_next`` holds the whole
+    gradient at the layer's input: it becomes ``grads_h`` (the next layer down's
+    boundary) and is cleared. LoRA gradients of all paths go into the slot's
+    accumulators. Single device: the sharded paths run whole-sequence pieces."""
+    layer, slot, start = piece.layer_start, piece.adapter_slot, piece.block_start
+    lp = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False),
+                      params.layers)
+    own = {m: (slots.a[m][layer, slot], slots.b[m][layer, slot]) for m in slots.a}
+    scale = slots.scale[slot]
+    d = cfg.hidden_size
+    rows = jnp.arange(seq_len)
+    valid = (rows < piece.length)[:, None]
+    h_all = jax.lax.dynamic_slice(train.acts, (layer, piece.act_row, 0), (1, seq_len, d))[0]
+    h_all = jnp.where(valid, h_all, 0)  # rows past the sequence hold stale data
+    x_blk = jax.lax.dynamic_slice_in_dim(h_all, start, block)
+    valid_blk = ((start + jnp.arange(block)) < piece.length)[:, None]
+    g = jax.lax.dynamic_slice(train.grads_h, (piece.act_row + start, 0), (block, d))
+    g = jnp.where(valid_blk, g, 0)
+    cos_all, sin_all = llama.rope_cos_sin(cfg, rows)
+    cos_blk, sin_blk = llama.rope_cos_sin(cfg, start + jnp.arange(block))
+
+    def lora(la, module, x):
+        return kernels.lora_single(x, *la[module], scale) if module in la else None
+
+    def forward(own_weights, x_blk, h_all):
+        k_all, v_all = llama.key_values(cfg, lp, own_weights, h_all, cos_all, sin_all, lora)
+
+        def attention(_, q, k, v, carry):  # the block's queries over every row's K/V
+            out = llama.dense_causal_attention(q[None], k_all[None], v_all[None],
+                                               q_offset=start)
+            return out[0], carry
+
+        out, _ = llama.decoder_layer(cfg, lp, own_weights, layer, x_blk, cos_blk, sin_blk,
+                                     attention, None, lora)
+        return out
+
+    _, pullback = jax.vjp(forward, own, x_blk, h_all)
+    d_own, d_blk, d_all = pullback(g.astype(h_all.dtype))
+    below = jax.lax.dynamic_slice(train.grads_next, (piece.act_row, 0), (seq_len, d))
+    # The layer's first block (the one holding the last row) starts a fresh sum, whatever
+    # a sequence dropped mid-backward left in these rows.
+    below = jnp.where(start + block >= piece.length, 0.0, below)
+    below = below + jnp.where(valid, d_all, 0).astype(jnp.float32)
+    mine = jax.lax.dynamic_slice_in_dim(below, start, block)
+    below = jax.lax.dynamic_update_slice_in_dim(
+        below, mine + jnp.where(valid_blk, d_blk, 0).astype(jnp.float32), start, axis=0)
+    boundary = jax.lax.dynamic_slice(train.grads_h, (piece.act_row, 0), (seq_len, d))
+    last = start == 0  # the layer's last block: its input gradient is complete
+    boundary = jnp.where(last, below, boundary)
+    below = jnp.where(last, 0.0, below)
+
+    def accumulate(acc, grad):  # acc [L, N, ...], grad [...]
+        at = (layer, slot) + (0,) * (acc.ndim - 2)
+        cur = jax.lax.dynamic_slice(acc, at, (1, 1, *acc.shape[2:]))
+        return jax.lax.dynamic_update_slice(acc, cur + grad.astype(acc.dtype)[None, None], at)
+
+    return train.replace(
+        grads_h=jax.lax.dynamic_update_slice(train.grads_h, boundary, (piece.act_row, 0)),
+        grads_next=jax.lax.dynamic_update_slice(train.grads_next, below, (piece.act_row, 0)),
+        grad_a={m: accumulate(train.grad_a[m], d_own[m][0]) for m in train.grad_a},
+        grad_b={m: accumulate(train.grad_b[m], d_own[m][1]) for m in train.grad_b},
+    )
+
+
+def build_backward_block(cfg: ModelConfig, layout=None, kernels: Kernels | None = None):
+    """``block(params, slots, train, piece, seq_len=..., block=...) -> train``, jitted, with
+    ``train`` donated; one compilation per (sequence bucket, block). Single device only."""
+    if layout is not None:
+        raise ValueError("token-block backward pieces (EngineConfig.backward_block) run on "
+                         "one device; a sharded engine runs whole-sequence pieces")
+    return _build_backward_block(cfg, _resolved(kernels, None))
+
+
+@functools.cache
+def _build_backward_block(cfg: ModelConfig, kernels: Kernels):
+    fn = functools.partial(backward_block_fn, cfg, kernels=kernels)
+    return jax.jit(fn, donate_argnums=(2,), static_argnames=("seq_len", "block"))
 
 
 def sample_grads_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,

@@ -48,8 +48,10 @@ def forward_label(bucket, decode: int, prefill: int, finetune: int) -> str:
             f" decode={decode} prefill={prefill} ft_fwd={finetune}")
 
 
-def backward_label(seq_len: int, layers: int) -> str:
-    return f"coserve_backward seq={seq_len} layers={layers}"
+def backward_label(seq_len: int, layers: int, block: int | None = None) -> str:
+    """Trace label of a backward piece: its sequence bucket, layers and token block."""
+    rows = "" if block is None or block >= seq_len else f" block={block}"
+    return f"coserve_backward seq={seq_len} layers={layers}{rows}"
 
 
 class Profiler:

@@ -31,12 +31,16 @@ class TrainBuffers:
     grads_h: jax.Array  # [A * max_len, D] float32: dLoss/d(hidden) at the current boundary
     grad_a: dict[str, jax.Array]  # module -> [L, N, in, R] float32 (or [G, L, N, in, R])
     grad_b: dict[str, jax.Array]  # module -> [L, N, R, out] float32 (or [G, L, N, R, out])
+    # [A * max_len, D] float32: the input gradient of the layer whose token blocks are being
+    # pulled back, summed over blocks; None unless token-block pieces are used.
+    grads_next: jax.Array | None = None
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, slots: AdapterSlots, num_seqs: int, max_len: int,
-              dtype, groups: int = 1) -> TrainBuffers:
+              dtype, groups: int = 1, blocks: bool = False) -> TrainBuffers:
         """Empty buffers; ``groups`` > 1 gives the accumulators one partial sum per data
-        shard (a leading axis of that size)."""
+        shard (a leading axis of that size); ``blocks`` adds ``grads_next`` for token-block
+        backward pieces."""
         rows = num_seqs * max_len
         lead = (groups,) if groups > 1 else ()
         return cls(
@@ -44,6 +48,7 @@ class TrainBuffers:
             grads_h=jnp.zeros((rows, cfg.hidden_size), jnp.float32),
             grad_a={m: jnp.zeros(lead + a.shape, jnp.float32) for m, a in slots.a.items()},
             grad_b={m: jnp.zeros(lead + b.shape, jnp.float32) for m, b in slots.b.items()},
+            grads_next=jnp.zeros((rows, cfg.hidden_size), jnp.float32) if blocks else None,
         )
 
     @property

@@ -32,10 +32,19 @@ from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.kv_cache import PageAllocator
 from coserve_jax.lora.adapter import LoraAdapter
 from coserve_jax.lora.slots import AdapterRegistry
-from coserve_jax.step import BackwardPiece, build_backward_piece, build_sample_grads
+from coserve_jax.step import (
+    BackwardPiece,
+    build_backward_block,
+    build_backward_piece,
+    build_sample_grads,
+)
 from pallas_kernels.dispatch import Kernels
 
 log = logging.getLogger(__name__)
+
+PieceShape = tuple[int, int, int]
+"""(sequence bucket, layers, token block) of a backward piece; the block equals the bucket
+for whole-sequence pieces."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +63,9 @@ class TrainerConfig:
     """Smallest sequence-length bucket of the backward piece."""
     attention_block: int = 256
     """Queries per attention block in backward pieces (bounds their attention memory)."""
+    block: int = 0
+    """Tokens per backward piece for sequences longer than this (one layer, a token block
+    at a time: ``step.backward_block_fn``); 0 keeps every piece over the whole sequence."""
 
 
 @dataclasses.dataclass
@@ -68,6 +80,7 @@ class InFlight:
     kv_id: tuple
     forwarded: int = 0
     layers_left: int = 0  # layers still to backpropagate (0 while forwarding)
+    rows_left: int = 0  # token-block pieces: rows of the current layer still to pull back
     loss: float = 0.0
 
     @property
@@ -229,10 +242,16 @@ class Trainer:
         self.layout = layout
         self.seq_buckets = powers_of_two(min(config.min_seq_bucket, config.max_len),
                                          config.max_len)
+        if config.block and (config.block & (config.block - 1) or config.block < 2):
+            raise ValueError(f"backward_block ({config.block}) must be a power of two >= 2 "
+                             f"(or 0 for whole-sequence pieces)")
         if layout is None:
             self.buffers = TrainBuffers.zeros(cfg, registry.table, config.max_seqs,
-                                              config.max_len, dtype)
+                                              config.max_len, dtype, blocks=config.block > 0)
         else:  # one partial gradient sum per data shard (see TrainBuffers)
+            if config.block:
+                raise ValueError("token-block backward pieces (EngineConfig.backward_block) "
+                                 "run on one device; use backward_block=0 on a mesh")
             layout.check_divides_tokens(self.seq_buckets, "backward sequence buckets")
             self.buffers = layout.zeros(TrainBuffers.zeros, cfg, registry.table,
                                         config.max_seqs, config.max_len, dtype,
@@ -241,6 +260,8 @@ class Trainer:
         self.writer = None  # a telemetry.ScalarWriter, set by the engine
         self._free_act = list(range(config.max_seqs - 1, -1, -1))
         self._backward = build_backward_piece(cfg, config.attention_block, layout, kernels)
+        self._backward_block = (build_backward_block(cfg, layout, kernels) if config.block
+                                else None)
         self._kernels = kernels
         self._sample_grads = None  # built on first use (temporal-seq modes only)
         self._kv_ids = 0
@@ -315,17 +336,25 @@ class Trainer:
         return [f for r in self.jobs.values() if r.state == "running"
                 for f in r.inflight if f.layers_left]
 
-    def next_piece_shape(self, fits: Callable[[tuple[int, int]], bool] | None = None,
-                         ) -> tuple[int, int] | None:
-        """(sequence bucket, layers) of the piece ``run_backward_piece(params, fits)`` would
-        run next; None when no piece is ready (or none ``fits``)."""
+    def next_piece_shape(self, fits: Callable[[PieceShape], bool] | None = None,
+                         ) -> PieceShape | None:
+        """(sequence bucket, layers, token block) of the piece ``run_backward_piece(params,
+        fits)`` would run next; None when no piece is ready (or none ``fits``)."""
         f = self._pick_piece(fits)
         return None if f is None else self._piece_shape(f)
 
-    def _piece_shape(self, f: InFlight) -> tuple[int, int]:
-        return self._seq_bucket(f.length), self.config.backward_layers
+    def _piece_shape(self, f: InFlight) -> PieceShape:
+        return self._shape_of(self._seq_bucket(f.length))
 
-    def _pick_piece(self, fits: Callable[[tuple[int, int]], bool] | None) -> InFlight | None:
+    def _shape_of(self, seq_len: int) -> PieceShape:
+        """Pieces of sequences in bucket ``seq_len``: whole-sequence pieces of
+        ``backward_layers`` layers, or one layer a token block at a time."""
+        block = self.config.block
+        if block and seq_len > block:
+            return seq_len, 1, block
+        return seq_len, self.config.backward_layers, seq_len
+
+    def _pick_piece(self, fits: Callable[[PieceShape], bool] | None) -> InFlight | None:
         """The ready sequence furthest along whose next piece ``fits`` (any, without
         ``fits``): when the furthest one's piece is too long for the time left, a shorter
         sequence's piece can still use that time."""
@@ -420,52 +449,65 @@ class Trainer:
             f.loss += float(seq_loss[i])
             if f.forwarded == f.length:
                 self.allocator.free(f.kv_id)
-                f.layers_left = self.cfg.num_layers
+                f.layers_left, f.rows_left = self.cfg.num_layers, f.length
 
     # ----- backward pieces ------------------------------------------------------------------
 
     def warmup(self, params, progress: bool = True,
-               repeats: int = 1) -> dict[tuple[int, int], float]:
-        """Compiles the backward piece for every sequence bucket and times it; returns
-        ``{(seq_len, layers): median seconds after the first run}``. A zero-length piece
-        changes nothing (every row is masked) but costs the same as a full one."""
+               repeats: int = 1) -> dict[PieceShape, float]:
+        """Compiles the backward piece of every sequence bucket and times it; returns
+        ``{(seq_len, layers, block): median seconds after the first run}``. A zero-length
+        piece changes nothing (every row is masked) but costs the same as a full one."""
         from tqdm.auto import tqdm
 
-        empty = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0), length=np.int32(0),
-                              adapter_slot=np.int32(0))
-        k = self.config.backward_layers
         times = {}
         for seq_len in tqdm(self.seq_buckets, desc="compiling backward", disable=not progress):
+            shape = self._shape_of(seq_len)
+            # The last block of layer 0 of an empty sequence: nothing to pull back.
+            empty = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0),
+                                  length=np.int32(0), adapter_slot=np.int32(0),
+                                  block_start=np.int32(0))
             runs = []
             for _ in range(max(repeats, 1)):
                 t0 = time.perf_counter()
-                self.buffers = self._backward(params, self.registry.table, self.buffers, empty,
-                                              num_layers=k, seq_len=seq_len)
+                self.buffers = self._run_piece(params, empty, shape)
                 jax.block_until_ready(self.buffers.grads_h)
                 runs.append(time.perf_counter() - t0)
-            times[(seq_len, k)] = float(np.median(runs[1:] or runs))
+            times[shape] = float(np.median(runs[1:] or runs))
         return times
 
+    def _run_piece(self, params, piece: BackwardPiece, shape: PieceShape) -> TrainBuffers:
+        seq_len, layers, block = shape
+        if block < seq_len:
+            return self._backward_block(params, self.registry.table, self.buffers, piece,
+                                        seq_len=seq_len, block=block)
+        return self._backward(params, self.registry.table, self.buffers, piece,
+                              num_layers=layers, seq_len=seq_len)
+
     def run_backward_piece(self, params,
-                           fits: Callable[[tuple[int, int]], bool] | None = None) -> bool:
+                           fits: Callable[[PieceShape], bool] | None = None) -> bool:
         """Runs one backward piece of the sequence furthest along (among those whose piece
         ``fits``, see ``next_piece_shape``); False if none is ready.
 
-        ``params`` are the frozen base weights the piece recomputes its layers with.
-        """
+        ``params`` are the frozen base weights the piece recomputes its layers with. A
+        whole-sequence piece covers ``backward_layers`` layers; a token-block piece one
+        block of the current layer, last block first."""
         f = self._pick_piece(fits)
         if f is None:
             return False
-        k = self.config.backward_layers
-        start = f.layers_left - k
-        seq_len = self._seq_bucket(f.length)
+        shape = self._piece_shape(f)
+        seq_len, layers, block = shape
+        layer = f.layers_left - layers
+        first_row = (f.rows_left - 1) // block * block if block < seq_len else 0
         piece = BackwardPiece(
-            act_row=np.int32(f.act_slot * self.config.max_len), layer_start=np.int32(start),
-            length=np.int32(f.length), adapter_slot=np.int32(f.job.slot))
-        self.buffers = self._backward(params, self.registry.table, self.buffers, piece,
-                                      num_layers=k, seq_len=seq_len)
-        f.layers_left = start
-        if start == 0:
+            act_row=np.int32(f.act_slot * self.config.max_len), layer_start=np.int32(layer),
+            length=np.int32(f.length), adapter_slot=np.int32(f.job.slot),
+            block_start=np.int32(first_row))
+        self.buffers = self._run_piece(params, piece, shape)
+        f.rows_left = first_row
+        if first_row == 0:  # the layers are done; the next piece starts below them
+            f.layers_left, f.rows_left = layer, f.length
+        if f.layers_left == 0:
             self._sequence_done(f)
         return True
 

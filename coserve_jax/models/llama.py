@@ -110,6 +110,22 @@ class ProjectionHints(Protocol):
         """``x`` with its hidden axis pinned to the residual stream's layout."""
 
 
+def _projector(lp: LayerParams, la: object, lora: LoraFn | None,
+               hints: ProjectionHints | None = None):
+    """``proj(name, h, bias=None)``: one projection of the layer, with its LoRA update."""
+
+    def proj(name: str, h: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        if hints is not None:
+            y = hints.project(name, h, getattr(lp, name), bias, la, lora)
+            if y is not None:
+                return y
+        y = _linear(h, getattr(lp, name), bias)
+        delta = None if lora is None else lora(la, name, h)
+        return y if delta is None else y + delta.astype(y.dtype)
+
+    return proj
+
+
 def decoder_layer(
     cfg: ModelConfig,
     lp: LayerParams,
@@ -129,27 +145,33 @@ def decoder_layer(
     ``lora`` understands; None for the base model). ``hints`` (sharded runs only)
     may take over a projection to fix where its reduction happens.
     """
-
-    def proj(name: str, h: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-        if hints is not None:
-            y = hints.project(name, h, getattr(lp, name), bias, la, lora)
-            if y is not None:
-                return y
-        y = _linear(h, getattr(lp, name), bias)
-        delta = None if lora is None else lora(la, name, h)
-        return y if delta is None else y + delta.astype(y.dtype)
-
+    proj = _projector(lp, la, lora, hints)
     lead = x.shape[:-1]
     h = rms_norm(x, lp.input_norm, cfg.rms_norm_eps)
     q = proj("q_proj", h, lp.q_bias).reshape(*lead, cfg.num_heads, cfg.head_dim)
-    k = proj("k_proj", h, lp.k_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-    v = proj("v_proj", h, lp.v_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = _key_values(cfg, lp, proj, h, cos, sin)
+    q = apply_rope(q, cos, sin)
     attn, carry = attention(layer_index, q, k, v, carry)
     x = x + proj("o_proj", attn.reshape(*lead, cfg.q_size), lp.o_bias)
     h = rms_norm(x, lp.post_norm, cfg.rms_norm_eps)
     mlp = proj("down_proj", jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h))
     return x + mlp, carry
+
+
+def _key_values(cfg: ModelConfig, lp: LayerParams, proj, h: jax.Array, cos: jax.Array,
+                sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    lead = h.shape[:-1]
+    k = proj("k_proj", h, lp.k_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    v = proj("v_proj", h, lp.v_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    return apply_rope(k, cos, sin), v
+
+
+def key_values(cfg: ModelConfig, lp: LayerParams, la: object, x: jax.Array, cos: jax.Array,
+               sin: jax.Array, lora: LoraFn | None = None) -> tuple[jax.Array, jax.Array]:
+    """The K (rotary applied) and V ``[..., Hkv, Dh]`` a layer computes from its input
+    ``x [..., D]``: exactly what ``decoder_layer`` hands its attention (single device)."""
+    return _key_values(cfg, lp, _projector(lp, la, lora),
+                       rms_norm(x, lp.input_norm, cfg.rms_norm_eps), cos, sin)
 
 
 def run_layers(
