@@ -66,6 +66,7 @@ def engine_config(mode: str, args) -> EngineConfig:
         mode=mode, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=max_model_len,
         num_pages=512, max_train_seqs=8, max_train_len=min(256, max_model_len),
         train_window=64, backward_layers=1, backward_pieces_per_step=8,
+        backward_block=getattr(args, "backward_block", 0),
         min_page_bucket=getattr(args, "min_page_bucket", 8), default_ttft_s=args.ttft_s,
         default_tpot_s=args.tpot_ms / 1000)
 
@@ -390,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="TPOT target as a multiple of inference-only's decode TPOT")
     p.add_argument("--tpot-ms", type=float, help="a fixed TPOT target instead (ms)")
     p.add_argument("--peak-bisections", type=int, help="bisection steps of the peak search")
+    p.add_argument("--backward-block", type=int, default=0,
+                   help="EngineConfig.backward_block (0: whole-sequence backward pieces)")
     p.add_argument("--scale", type=float, default=0.25, help="ShareGPT length scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="model directory (overrides --tier)")
@@ -440,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                        + (f"{peak:.2f} req/s" if peak else "not measured (fixed rates)")
                        + f"; {args.arrivals} arrivals"
                        + (f" (cv {args.gamma_cv:g})" if args.arrivals == "gamma" else "")
-                       + f", seed {args.seed}, {args.duration:g} s per run, ShareGPT lengths "
+                       + f", seed {args.seed}, {args.duration:g} s per run, backward pieces "
+                       + (f"of {args.backward_block}-token blocks" if args.backward_block
+                          else "over whole sequences")
+                       + ", ShareGPT lengths "
                        f"x{args.scale:g}; finetune-only {ft_only:.0f} tok/s"),
             "took": f"{time.monotonic() - started:.0f} s"},
             text + "\n\n" + "\n".join(f"- {c}" for c in checks))
