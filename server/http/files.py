@@ -77,7 +77,8 @@ class FileStore:
                 "created_at": int(time.time()), "filename": filename, "purpose": purpose,
                 "status": "processed", "status_details": None, "expires_at": None,
                 "lines": lines}
-        _write_atomic(meta_path, json.dumps({"tenant": tenant, "file": meta}).encode())
+        _write_atomic(meta_path, json.dumps({"tenant": tenant, "file": meta,
+                                                    "created": time.time()}).encode())
         return meta
 
     def _validate(self, path: str, filename: str) -> int:
@@ -92,6 +93,9 @@ class FileStore:
         return len(dataset) + dataset.num_skipped
 
     def get(self, tenant: str, file_id: str) -> dict:
+        return self._stored(tenant, file_id)["file"]
+
+    def _stored(self, tenant: str, file_id: str) -> dict:
         _, meta_path = self._paths(tenant, file_id)
         try:
             with open(meta_path) as f:
@@ -100,7 +104,7 @@ class FileStore:
             raise self._missing(file_id) from None
         if stored["tenant"] != tenant:  # a different tenant whose key collided: not theirs
             raise self._missing(file_id)
-        return stored["file"]
+        return stored
 
     def content(self, tenant: str, file_id: str) -> bytes:
         self.get(tenant, file_id)
@@ -116,16 +120,15 @@ class FileStore:
         directory = self._dir(tenant)
         if not os.path.isdir(directory):
             return []
-        out = []
+        stored = []
         for name in os.listdir(directory):
             if name.endswith(".json"):
                 try:
-                    meta = self.get(tenant, name[:-5])
+                    stored.append(self._stored(tenant, name[:-5]))
                 except HttpError:
                     continue
-                if purpose is None or meta["purpose"] == purpose:
-                    out.append(meta)
-        return sorted(out, key=lambda m: (m["created_at"], m["id"]), reverse=True)
+        stored.sort(key=lambda s: (s["created"], s["file"]["id"]), reverse=True)
+        return [s["file"] for s in stored if purpose is None or s["file"]["purpose"] == purpose]
 
     def delete(self, tenant: str, file_id: str) -> dict:
         self.get(tenant, file_id)

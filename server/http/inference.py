@@ -175,7 +175,12 @@ def _completion_logprobs(ctx: HttpContext, deltas: list[Delta], offset: int) -> 
             text = _token_text(ctx, token)
             tokens.append(text)
             values.append(value)
-            tops.append({_token_text(ctx, t): v for t, v in top})
+            # Keyed by text, as OpenAI's legacy format is: ids with the same text keep the
+            # likeliest one's logprob.
+            by_text: dict[str, float] = {}
+            for t, v in top:
+                by_text.setdefault(_token_text(ctx, t), v)
+            tops.append(by_text)
             offsets.append(offset)
             offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,

@@ -56,6 +56,8 @@ class JobMeta:
     losses: list[float] = dataclasses.field(default_factory=list)
     step_times: list[int] = dataclasses.field(default_factory=list)
     """When each step's loss was first seen (an event's ``created_at``)."""
+    created: float = 0.0
+    """``time.time()`` at creation, to the microsecond: the order of the job list."""
 
 
 def _samples(records: list[dict]) -> pb.Samples:
@@ -160,7 +162,7 @@ class JobStore:
                        training_file=body.training_file, created_at=int(time.time()),
                        hyperparameters={"n_epochs": epochs, "batch_size": batch,
                                         "learning_rate_multiplier": multiplier},
-                       seed=body.seed or 0, suffix=body.suffix)
+                       seed=body.seed or 0, suffix=body.suffix, created=time.time())
         self.jobs[job_id] = meta
         self._save(meta)
         return await self.job(tenant, job_id)
@@ -216,7 +218,7 @@ class JobStore:
 
     async def list(self, tenant: str, after: str | None, limit: int) -> dict:
         mine = sorted((m for m in self.jobs.values() if m.tenant == tenant),
-                      key=lambda m: (m.created_at, m.id), reverse=True)
+                      key=lambda m: (m.created, m.id), reverse=True)
         page = _page(mine, after, limit, lambda m: m.id, "after")
         return {"object": "list",
                 "data": [self._object(m, await self._refresh(m)) for m in page["items"]],
