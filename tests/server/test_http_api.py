@@ -78,7 +78,7 @@ def test_logprobs_come_with_each_token(server):
     for i, token in enumerate(tokens):
         best, top = MockEngine.logprobs_at(token, i, 3)
         assert lp.token_logprobs[i] == pytest.approx(best)
-        assert list(lp.top_logprobs[i].values())[0] == pytest.approx(best)
+        assert next(iter(lp.top_logprobs[i].values())) == pytest.approx(best)
         assert lp.top_logprobs[i] == {text: v for text, v in reversed(
             [(TOK.decode([t]), v) for t, v in top])}  # the likeliest of the same text
     assert lp.tokens == [TOK.decode([t]) for t in tokens]
