@@ -42,7 +42,7 @@ def start_server(mock: bool, config_path: str) -> tuple[subprocess.Popen, str, s
             tempfile.mkdtemp(prefix="coserve-bench-")]
     args += ["--mock-engine", json.dumps({"step_delay": 0.0, "max_num_seqs": 64,
                                           "max_model_len": 512})] if mock \
-        else ["--config", config_path]
+        else ["--config", config_path, "--no-warmup"]  # the warm-up rounds compile what is used
     proc = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []

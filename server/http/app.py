@@ -20,8 +20,9 @@ import os
 import socket
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..service import CoserveService
 from . import errors, finetuning, inference
@@ -36,8 +37,12 @@ PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")
 UPLOAD_PATH = "/v1/files"
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised from ``receive`` when a body without a declared length grows past its limit
+    (an ``HTTPException``, so FastAPI's body parsing lets it through)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than {limit} bytes")
 
 
 class Gate:
@@ -76,7 +81,7 @@ class Gate:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge
+                    raise _TooLarge(limit)
             return message
 
         async def tracked_send(message):
@@ -87,7 +92,7 @@ class Gate:
 
         try:
             await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
+        except _TooLarge:  # read outside FastAPI's handlers (e.g. by a streaming route)
             if not started:
                 await self._refuse(send, too_large)
 
@@ -109,6 +114,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
     app.include_router(finetuning.router)
     app.add_exception_handler(HttpError, errors.handle_http_error)
     app.add_exception_handler(RequestValidationError, errors.handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, errors.handle_starlette_error)
     app.add_exception_handler(KeyError, errors.handle_any_error)
     app.add_exception_handler(ValueError, errors.handle_any_error)
     app.add_exception_handler(Exception, errors.handle_any_error)

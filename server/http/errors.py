@@ -31,7 +31,8 @@ _BY_STATUS: dict[grpc.StatusCode, tuple[int, str, str]] = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error", "service_unavailable"),
 }
 _TYPE_BY_HTTP = {400: "invalid_request_error", 401: "authentication_error",
-                 404: "invalid_request_error", 409: "invalid_request_error",
+                 404: "invalid_request_error", 405: "invalid_request_error",
+                 409: "invalid_request_error",
                  413: "invalid_request_error", 422: "invalid_request_error",
                  429: "rate_limit_error", 503: "service_unavailable_error"}
 # "field: ..." or "field must ..." at the start of a message names the parameter.
@@ -94,6 +95,19 @@ async def handle_http_error(request: Request, error: HttpError) -> JSONResponse:
 async def handle_validation_error(request: Request, error: RequestValidationError
                                   ) -> JSONResponse:
     return validation_error(error).response()
+
+
+_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+async def handle_starlette_error(request: Request, error) -> JSONResponse:
+    """Routing errors (an unknown path: 404, a wrong method: 405) and a body over its
+    limit (413), in OpenAI's body."""
+    message = error.detail if isinstance(error.detail, str) else str(error.detail)
+    if error.status_code == 404 and message == "Not Found":
+        message = f"no route {request.method} {request.url.path}"
+    return HttpError(error.status_code, message, None,
+                     _CODES.get(error.status_code)).response()
 
 
 async def handle_any_error(request: Request, error: Exception) -> JSONResponse:

@@ -27,7 +27,7 @@ import grpc
 from coserve_jax.sampling import SamplingParams
 
 from ..engine_api import ServingEngine, make_slo
-from ..service import CoserveService, ServiceError
+from ..service import _OUTCOMES, CoserveService, ServiceError, classify
 from .errors import HttpError, from_exception
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,9 @@ class Generation:
         try:
             await service.bridge.call(add)
         except BaseException as e:
+            self._outcome = _outcome(e) if isinstance(e, Exception) else "cancelled"
             self._close_all(abort=False)
             if isinstance(e, Exception):
-                self._count(e)
                 raise from_exception(e) from None
             raise
 
@@ -274,6 +274,13 @@ class Generation:
 
         bridge.post(drop)
 
+    def close(self) -> None:
+        """Aborts what is unfinished and frees the stream slots; safe to call again (a
+        streamed response calls it when it ends, in case its body was never iterated)."""
+        if self._choices and self._outcome == "error":
+            self._outcome = "cancelled"
+        self._close_all(abort=True)
+
     def _close_all(self, abort: bool) -> None:
         """Aborts unfinished choices and gives their stream slots back (once)."""
         choices, self._choices = self._choices, []
@@ -288,7 +295,10 @@ class Generation:
             self.service.metrics.requests.labels(self._outcome).inc()
 
     def _count(self, error: Exception) -> None:
-        from ..service import _OUTCOMES, classify
+        self.service.metrics.requests.labels(_outcome(error)).inc()
 
-        code, _ = classify(error)
-        self.service.metrics.requests.labels(_OUTCOMES.get(code, "error")).inc()
+
+def _outcome(error: Exception) -> str:
+    """The ``coserve_requests_total`` outcome of an error, as gRPC counts it."""
+    code, _ = classify(error)
+    return _OUTCOMES.get(code, "error")

@@ -8,6 +8,7 @@ and every fine-tuning job's (the job's ``fine_tuned_model``), while it trains an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -147,11 +148,15 @@ async def _collect(request: Request, gen: Generation) -> list[list[Delta]]:
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if not task.done() and await request.is_disconnected():
                 task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # its finally aborted the engine requests
+                raise HttpError(400, "the client disconnected", None, "client_disconnected")
         task.result()  # raises what the generation raised
         return per_choice
     finally:
         if not task.done():
             task.cancel()
+        gen.close()
 
 
 def _usage(gen: Generation) -> dict:
@@ -219,7 +224,7 @@ async def completions(body: CompletionRequest, request: Request,
                     "logprobs": _completion_logprobs(ctx, [d], 0)}]}
             if body.stream_options and body.stream_options.include_usage:
                 yield {**base, "choices": [], "usage": _usage(gen)}
-        return stream_response(chunks())
+        return stream_response(chunks(), gen.close)
 
     per_choice = await _collect(request, gen)
     choices = []
@@ -277,7 +282,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                     "finish_reason": d.finish_reason, "logprobs": _chat_logprobs(ctx, [d])}]}
             if body.stream_options and body.stream_options.include_usage:
                 yield {**base, "choices": [], "usage": _usage(gen)}
-        return stream_response(chunks())
+        return stream_response(chunks(), gen.close)
 
     per_choice = await _collect(request, gen)
     choices = [{"index": index,

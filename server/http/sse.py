@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 
@@ -29,7 +29,24 @@ async def _guarded(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     yield DONE
 
 
-def stream_response(chunks: AsyncIterator[dict]) -> StreamingResponse:
+class _Stream(StreamingResponse):
+    """A streamed response that runs ``on_close`` however it ends: finished, failed, or
+    cancelled by a client that hung up, even before its body was first iterated (then
+    the body's own ``finally`` never runs)."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def stream_response(chunks: AsyncIterator[dict], on_close: Callable[[], None]
+                    ) -> StreamingResponse:
     # No proxy buffering: tokens must reach the client as they are made.
-    return StreamingResponse(_guarded(chunks), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _Stream(_guarded(chunks), on_close, media_type="text/event-stream",
+                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

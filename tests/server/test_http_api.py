@@ -190,6 +190,8 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server):
     status, error = post("/completions", json.dumps(
         {"model": "mock", "prompt": "x" * (80 << 10)}).encode())
     assert status == 413 and error["code"] == "request_too_large"
+    status, error = post("/completions", (b"x" * 1024 for _ in range(80)))  # chunked
+    assert status == 413 and error["code"] == "request_too_large"
     c = client(server)
     with pytest.raises(openai.BadRequestError) as e:
         c.files.create(file=("bad.jsonl", JSONL + b'{"text": 1}\n' + JSONL),

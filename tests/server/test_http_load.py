@@ -1,12 +1,15 @@
 """Both front doors under load on one engine: 64 concurrent streaming clients, HTTP and
 gRPC mixed, each completes with its whole output or is refused at once (429 /
 RESOURCE_EXHAUSTED) by the shared stream cap; HTTP clients that hang up free their KV
-pages within an iteration or so."""
+pages within an iteration or so; ``coserve serve --http-port`` serves both doors and
+drains on SIGTERM."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
+import signal
 import socket
 import threading
 import time
@@ -19,7 +22,7 @@ from server.client import Client, collect, generate_request
 from server.mock_engine import ByteTokenizer, MockEngine
 from server.service import Limits
 
-from server_support import mock_server, scrape, wait_for
+from server_support import ServerProcess, mock_server, scrape, wait_for
 
 CLIENTS = 64
 CAP = 40
@@ -121,3 +124,21 @@ def test_clients_that_hang_up_free_their_pages(tmp_path):
         assert server.server.service.open_streams == 0
         metrics = scrape(server.metrics_url)
         assert metrics['coserve_requests_total{outcome="cancelled"}'] == 7
+
+
+def test_serve_command_opens_both_doors_and_drains(tmp_path):
+    proc = ServerProcess(["--mock-engine", "{}", "--http-port", "0", "--state-dir",
+                          str(tmp_path)])
+    try:
+        address = proc.address()
+        url = wait_for(lambda: (m := re.search(r"OpenAI-compatible API on (\S+)",
+                                               proc.output)) and m.group(1))
+        http = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        assert http.completions.create(model="mock", prompt="hi",
+                                       max_tokens=3).usage.completion_tokens == 3
+        with Client(address) as c:
+            assert len(c.generate("hi", max_tokens=3).token_ids) == 3
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0, proc.output
+    finally:
+        proc.kill()
