@@ -183,7 +183,9 @@ class Generation:
             await service.bridge.call(add)
         except BaseException as e:
             self._outcome = _outcome(e) if isinstance(e, Exception) else "cancelled"
-            self._close_all(abort=False)
+            # Cancelled while waiting, the command may still add them: abort (a no-op for
+            # ids the engine never took; the queue runs commands in order).
+            self._close_all(abort=True)
             if isinstance(e, Exception):
                 raise from_exception(e) from None
             raise

@@ -70,6 +70,20 @@ def test_completions_streamed_and_not(server):
         len(expected("hi", max_tokens=9, seed=s, stop_token_ids=(stop,))) for s in (5, 6))
 
 
+def test_stop_strings_end_the_choice_before_them(server):
+    c = client(server)
+    full = TOK.decode(expected("stop me", max_tokens=20, seed=3), skip_special_tokens=True)
+    cut = full.index("Pa")  # (seed 3 makes "...Par..." at 12)
+    r = c.completions.create(model="mock", prompt="stop me", max_tokens=20, seed=3,
+                             stop=["zz", "Pa"])
+    assert r.choices[0].text == full[:cut] and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 20
+    chunks = list(c.completions.create(model="mock", prompt="stop me", max_tokens=20,
+                                       seed=3, stop="Pa", stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == full[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_logprobs_come_with_each_token(server):
     r = client(server).completions.create(model="mock", prompt="abc", max_tokens=4, seed=1,
                                           logprobs=3)
