@@ -82,7 +82,10 @@ class FileStore:
         return meta
 
     def _validate(self, path: str, filename: str) -> int:
-        config = DataConfig(max_seq_len=max(self.max_train_len, 2), overlong="truncate")
+        # As a job would read it (the engine's longest sequence); a server that does not
+        # finetune still checks the lines, its jobs are refused when created.
+        longest = self.max_train_len if self.max_train_len >= 2 else 1 << 30
+        config = DataConfig(max_seq_len=longest, overlong="truncate")
         try:
             dataset = load_jsonl(path, self.tokenizer, config)
         except ValueError as e:  # "<path>, line N: ..." -> "file (name), line N: ..."

@@ -83,17 +83,27 @@ def test_a_file_becomes_a_job_whose_adapter_serves_while_it_trains(served):
     records = synthetic_task("uppercase", 32, seed=0, min_len=3, max_len=5)
     data = "".join(json.dumps(r) + "\n" for r in records).encode()
     f = client.files.create(file=("upper.jsonl", data), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(
-        training_file=f.id, model=base, suffix="upper", seed=1,
-        hyperparameters={"batch_size": 2, "learning_rate_multiplier": 5.0},
-        extra_body={"max_steps": 6, "lora": {"r": 8}, "max_seq_len": 64})
-    adapter = job.fine_tuned_model
-    assert adapter in {m.id for m in client.models.list()}
-    # Served at once, beside the training.
+    common = dict(training_file=f.id, model=base, seed=1,
+                  hyperparameters={"batch_size": 2, "learning_rate_multiplier": 5.0})
+    extra = {"lora": {"r": 8}, "max_seq_len": 64}
+    # A job that trains as long as the test needs: its adapter serves at once, beside it.
+    busy = client.fine_tuning.jobs.create(**common, suffix="busy",
+                                          extra_body={**extra, "max_steps": 10**5})
+    assert busy.fine_tuned_model in {m.id for m in client.models.list()}
     prompt = records[0]["prompt"]
-    r = client.completions.create(model=adapter, prompt=prompt, max_tokens=4, temperature=0)
-    assert r.usage.completion_tokens <= 4 and r.model == adapter
-    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"  # still training
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(busy.id).step >= 2, timeout=300,
+             what="training steps")
+    r = client.completions.create(model=busy.fine_tuned_model, prompt=prompt, max_tokens=4,
+                                  temperature=0)
+    assert r.usage.completion_tokens <= 4 and r.model == busy.fine_tuned_model
+    events = client.fine_tuning.jobs.list_events(busy.id, limit=100).data
+    assert [e.data["step"] for e in events if e.type == "metrics"][-1] == 1  # oldest last
+    assert client.fine_tuning.jobs.retrieve(busy.id).status == "running"
+    assert client.fine_tuning.jobs.cancel(busy.id).status == "cancelled"
+
+    # A job that completes, its events followed as it goes.
+    job = client.fine_tuning.jobs.create(**common, suffix="upper",
+                                         extra_body={**extra, "max_steps": 4})
     steps_seen = set()
 
     def finished():
@@ -104,8 +114,9 @@ def test_a_file_becomes_a_job_whose_adapter_serves_while_it_trains(served):
         return client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
 
     wait_for(finished, timeout=300, interval=0.2, what="the job")
-    assert steps_seen == set(range(1, 7))
+    assert steps_seen == set(range(1, 5))
     # After training the adapter gives what the engine alone gives with the job's weights.
+    adapter = job.fine_tuned_model
     internal = server.server.service._record("default", adapter).internal
     trained = asyncio.run_coroutine_threadsafe(
         server.server.bridge.call(lambda e: e.trained_adapter(internal)),
@@ -116,4 +127,4 @@ def test_a_file_becomes_a_job_whose_adapter_serves_while_it_trains(served):
     r = client.completions.create(model=adapter, prompt=prompt, max_tokens=6, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].text == model.tokenizer.decode(want, skip_special_tokens=True)
-    assert client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number == 6
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number == 4
