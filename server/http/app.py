@@ -130,11 +130,9 @@ def make_context(service: CoserveService, model_name: str | None = None,
     state = service.roots.state_dir
     files = FileStore(state and os.path.join(state, "files"), backend.tokenizer,
                       backend.max_train_len)
-    ctx = HttpContext(service=service, model_id=model_id, limits=limits or HttpLimits(),
-                      files=files, jobs=None)
-    ctx.jobs = JobStore(service, files, state and os.path.join(state, "openai_jobs"),
-                        model_id)
-    return ctx
+    jobs = JobStore(service, files, state and os.path.join(state, "openai_jobs"), model_id)
+    return HttpContext(service=service, model_id=model_id, limits=limits or HttpLimits(),
+                       files=files, jobs=jobs)
 
 
 class _Uvicorn(uvicorn.Server):

@@ -14,6 +14,8 @@ from ..auth import internal_name
 from ..engine_api import Backend
 from ..service import CoserveService
 from .errors import HttpError
+from .files import FileStore
+from .jobs import JobStore
 
 
 @dataclasses.dataclass
@@ -34,8 +36,8 @@ class HttpContext:
     model_id: str
     """The base model's name in ``/v1/models`` and in requests' ``model``."""
     limits: HttpLimits
-    files: object  # server.http.files.FileStore (typed loosely: no import cycle)
-    jobs: object  # server.http.jobs.JobStore
+    files: FileStore
+    jobs: JobStore
     started: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @property

@@ -26,7 +26,8 @@ from .errors import HttpError
 PURPOSES = ("fine-tune",)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes a file whole or not at all (a crash never leaves half of it)."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -67,7 +68,7 @@ class FileStore:
         directory = self._dir(tenant)
         os.makedirs(directory, exist_ok=True)
         data_path, meta_path = self._paths(tenant, file_id)
-        _write_atomic(data_path, data)
+        write_atomic(data_path, data)
         try:
             lines = await asyncio.to_thread(self._validate, data_path, filename)
         except BaseException:
@@ -77,7 +78,7 @@ class FileStore:
                 "created_at": int(time.time()), "filename": filename, "purpose": purpose,
                 "status": "processed", "status_details": None, "expires_at": None,
                 "lines": lines}
-        _write_atomic(meta_path, json.dumps({"tenant": tenant, "file": meta,
+        write_atomic(meta_path, json.dumps({"tenant": tenant, "file": meta,
                                                     "created": time.time()}).encode())
         return meta
 

@@ -7,16 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
-from .context import Ctx, HttpContext, Tenant
+from .context import Ctx, Tenant
 from .errors import HttpError
-from .jobs import JobStore
 from .schemas import FineTuningJobRequest
 
 router = APIRouter()
-
-
-def _jobs(ctx: HttpContext) -> JobStore:
-    return ctx.jobs  # type: ignore[return-value]
 
 
 @router.post("/v1/files")
@@ -49,7 +44,7 @@ async def file_content(file_id: str, ctx: Ctx,
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, ctx: Ctx,
                       who: Tenant):
-    for job in _jobs(ctx).jobs.values():
+    for job in ctx.jobs.jobs.values():
         if job.tenant == who and job.training_file == file_id and job.finished_at is None:
             raise HttpError(409, f"file_id: {file_id!r} is the training file of job "
                             f"{job.id}, which has not finished", "file_id", "file_in_use")
@@ -59,33 +54,33 @@ async def delete_file(file_id: str, ctx: Ctx,
 @router.post("/v1/fine_tuning/jobs")
 async def create_job(body: FineTuningJobRequest, ctx: Ctx,
                      who: Tenant):
-    return await _jobs(ctx).create(who, body)
+    return await ctx.jobs.create(who, body)
 
 
 @router.get("/v1/fine_tuning/jobs")
 async def list_jobs(ctx: Ctx, who: Tenant, after: str | None = None, limit: int = 20):
-    return await _jobs(ctx).list(who, after, limit)
+    return await ctx.jobs.list(who, after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 async def get_job(job_id: str, ctx: Ctx,
                   who: Tenant):
-    return await _jobs(ctx).job(who, job_id)
+    return await ctx.jobs.job(who, job_id)
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, ctx: Ctx,
                      who: Tenant):
-    return await _jobs(ctx).cancel(who, job_id)
+    return await ctx.jobs.cancel(who, job_id)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 async def job_events(ctx: Ctx, who: Tenant, job_id: str, after: str | None = None,
                      limit: int = 20):
-    return await _jobs(ctx).events(who, job_id, after, limit)
+    return await ctx.jobs.events(who, job_id, after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 async def job_checkpoints(ctx: Ctx, who: Tenant, job_id: str, after: str | None = None,
                           limit: int = 10):
-    return await _jobs(ctx).checkpoints(who, job_id, after, limit)
+    return await ctx.jobs.checkpoints(who, job_id, after, limit)

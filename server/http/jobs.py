@@ -29,7 +29,7 @@ from ..auth import internal_name
 from ..proto import coserve_pb2 as pb
 from ..service import CoserveService, JobRecord
 from .errors import HttpError, from_exception
-from .files import FileStore, _write_atomic
+from .files import FileStore, write_atomic
 from .schemas import FineTuningJobRequest, Hyperparameters
 
 STATUS = {"queued": "queued", "running": "running", "completed": "succeeded",
@@ -92,7 +92,7 @@ class JobStore:
                 self.jobs[meta.id] = meta
 
     def _save(self, meta: JobMeta) -> None:
-        _write_atomic(os.path.join(self.root, f"{meta.id}.json"),
+        write_atomic(os.path.join(self.root, f"{meta.id}.json"),
                       json.dumps(dataclasses.asdict(meta)).encode())
 
     def _meta(self, tenant: str, job_id: str) -> JobMeta:
