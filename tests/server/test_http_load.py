@@ -2,7 +2,8 @@
 gRPC mixed, each completes with its whole output or is refused at once (429 /
 RESOURCE_EXHAUSTED) by the shared stream cap; HTTP clients that hang up free their KV
 pages within an iteration or so; ``coserve serve --http-port`` serves both doors and
-drains on SIGTERM."""
+drains on SIGTERM; a drain lets HTTP streams finish, a device failure ends them with an
+error event."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import grpc
 import openai
 
 from coserve_jax.sampling import SamplingParams
+from server.app import ServerThread
 from server.client import Client, collect, generate_request
-from server.mock_engine import ByteTokenizer, MockEngine
+from server.mock_engine import ByteTokenizer, MockEngine, mock_backend
 from server.service import Limits
 
-from server_support import ServerProcess, mock_server, scrape, wait_for
+from server_support import ServerProcess, config, mock_server, scrape, wait_for
 
 CLIENTS = 64
 CAP = 40
@@ -142,3 +144,41 @@ def test_serve_command_opens_both_doors_and_drains(tmp_path):
         assert proc.wait() == 0, proc.output
     finally:
         proc.kill()
+
+
+def test_a_drain_lets_http_streams_finish_and_refuses_new_ones(tmp_path):
+    server = ServerThread(mock_backend(step_delay=0.02), config(tmp_path, http_port=0)).start()
+    http = openai.OpenAI(base_url=server.http_url, api_key="x", max_retries=0)
+    stream = http.completions.create(model="mock", prompt="long", max_tokens=40, seed=1,
+                                     stream=True)
+    first = next(iter(stream))
+    codes = {}
+    drainer = threading.Thread(target=lambda: codes.setdefault("exit", server.drain()))
+    drainer.start()
+    wait_for(lambda: server.server.service.draining)
+    try:
+        http.completions.create(model="mock", prompt="late", max_tokens=1)
+        raise AssertionError("a request during a drain was served")
+    except openai.APIStatusError as e:
+        assert e.status_code == 503 and e.body["code"] == "service_unavailable"
+    text = first.choices[0].text + "".join(ch.choices[0].text for ch in stream)
+    want = MockEngine.expected_output(TOK.encode("long"), SamplingParams(max_tokens=40, seed=1))
+    assert text == TOK.decode(want, skip_special_tokens=True)
+    drainer.join(60)
+    assert codes["exit"] == 0
+
+
+def test_a_device_failure_ends_http_streams_with_an_error_event(tmp_path):
+    server = ServerThread(mock_backend(step_delay=0.01, fail_at_step=5),
+                          config(tmp_path, http_port=0)).start()
+    try:
+        http = openai.OpenAI(base_url=server.http_url, api_key="x", max_retries=0)
+        try:
+            list(http.completions.create(model="mock", prompt="doomed", max_tokens=50,
+                                         stream=True))
+            raise AssertionError("the stream ended without an error")
+        except openai.APIError as e:  # the SSE error event, raised by the client
+            assert "engine failed" in str(e)
+        assert server.join(30) == 1
+    finally:
+        server.drain()
