@@ -161,7 +161,8 @@ class CoserveServer:
                                HttpLimits(self.config.http_max_body_bytes,
                                           self.config.http_max_upload_bytes))
             self.http = HttpServer(ctx, self.config.host, self.config.http_port,
-                                   self.config.tls_cert, self.config.tls_key)
+                                   self.config.tls_cert, self.config.tls_key,
+                                   self.config.tls_client_ca)
             await self.http.start()
             log.info("HTTP API on %s:%s", self.config.host, self.http.port)
         await server.start()

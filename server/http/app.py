@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 
 import uvicorn
 from fastapi import FastAPI, HTTPException
@@ -147,11 +148,13 @@ class HttpServer:
     """The HTTP door of one :class:`server.app.CoserveServer`, on its event loop."""
 
     def __init__(self, ctx: HttpContext, host: str, port: int, ssl_certfile: str | None = None,
-                 ssl_keyfile: str | None = None):
+                 ssl_keyfile: str | None = None, ssl_client_ca: str | None = None):
         self.ctx = ctx
         self.host = host
         self.requested_port = port
         self.ssl = (ssl_certfile, ssl_keyfile)
+        self.ssl_client_ca = ssl_client_ca
+        """With a CA, clients must present a certificate it signed, as over gRPC."""
         self.port: int | None = None
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task | None = None
@@ -168,8 +171,10 @@ class HttpServer:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(create_app(self.ctx), lifespan="off", log_level="warning",
                                 access_log=False, ssl_certfile=self.ssl[0],
-                                ssl_keyfile=self.ssl[1], timeout_graceful_shutdown=5,
-                                backlog=1024)
+                                ssl_keyfile=self.ssl[1], ssl_ca_certs=self.ssl_client_ca,
+                                ssl_cert_reqs=ssl.CERT_REQUIRED if self.ssl_client_ca
+                                else ssl.CERT_NONE,
+                                timeout_graceful_shutdown=5, backlog=1024)
         self._server = _Uvicorn(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
         while not self._server.started:

@@ -1,13 +1,16 @@
 """The OpenAI-compatible HTTP API over the mock engine, through the official ``openai``
 client on loopback: completions streamed and not (tokens, text, usage, logprobs, n, stop
 ids), adapters by ``model``, files and fine-tuning jobs (events, checkpoints, cancel,
-pagination, a restart), bad input answered with OpenAI error bodies, and tenants that
-never see each other's files, jobs or adapters."""
+pagination, a restart), bad input answered with OpenAI error bodies, tenants that never
+see each other's files, jobs or adapters, and HTTPS with client certificates."""
 
 from __future__ import annotations
 
 import json
+import ssl
 import time
+import urllib.error
+import urllib.request
 
 import httpx2
 import openai
@@ -20,7 +23,7 @@ from coserve_jax.sampling import SamplingParams
 from server.http.generation import TextTracker
 from server.mock_engine import ByteTokenizer, MockEngine, mock_model_config
 
-from server_support import mock_server, wait_for
+from server_support import make_certificates, mock_server, wait_for
 
 RECORDS = [{"prompt": f"q{i}: ", "completion": f"a{i}"} for i in range(6)] + [
     {"text": "plain text sample"}]
@@ -274,3 +277,22 @@ def test_files_and_jobs_survive_a_restart(tmp_path):
         assert c.completions.create(model=job.fine_tuned_model, prompt="x",
                                     max_tokens=1).usage.completion_tokens == 1
         assert time.monotonic() - t0 < 10
+
+
+def test_https_and_mutual_tls_as_over_grpc(tmp_path):
+    certs = make_certificates(tmp_path)
+
+    def models(server, client_cert: bool) -> list[str]:
+        context = ssl.create_default_context(cafile=certs["ca.pem"])
+        if client_cert:
+            context.load_cert_chain(certs["client.pem"], certs["client.key"])
+        with urllib.request.urlopen(server.http_url + "/models", context=context,
+                                    timeout=10) as r:
+            return [m["id"] for m in json.load(r)["data"]]
+
+    with mock_server(tmp_path, tls_cert=certs["server.pem"], tls_key=certs["server.key"],
+                     tls_client_ca=certs["ca.pem"], host="localhost", http_port=0) as server:
+        assert server.http_url.startswith("https://")
+        assert models(server, client_cert=True) == ["mock"]
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            models(server, client_cert=False)  # the door asks for a certificate
