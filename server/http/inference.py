@@ -36,7 +36,6 @@ from .sse import stream_response
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
-DISCONNECT_POLL_S = 0.05
 
 
 # ----- request -> engine requests ------------------------------------------------------------
@@ -135,27 +134,31 @@ async def _generation(ctx: HttpContext, who: str, body: SamplingBody,
 
 
 async def _collect(request: Request, gen: Generation) -> list[list[Delta]]:
-    """Every delta of a non-streamed request, per choice; a client that hangs up aborts it."""
+    """Every delta of a non-streamed request, per choice; a client that hangs up aborts it
+    at once (its ``http.disconnect`` is awaited beside the generation, not polled)."""
     per_choice: list[list[Delta]] = [[] for _ in gen.specs]
 
     async def run() -> None:
         async for delta in gen.deltas():
             per_choice[delta.index].append(delta)
 
-    task = asyncio.ensure_future(run())
+    async def hang_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(run()), asyncio.ensure_future(hang_up())
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task  # its finally aborted the engine requests
-                raise HttpError(400, "the client disconnected", None, "client_disconnected")
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():  # the client is gone
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # its finally aborted the engine requests
+            raise HttpError(400, "the client disconnected", None, "client_disconnected")
         task.result()  # raises what the generation raised
         return per_choice
     finally:
-        if not task.done():
-            task.cancel()
+        for t in (task, watcher):
+            t.cancel()
         gen.close()
 
 

@@ -121,7 +121,8 @@ def test_clients_that_hang_up_free_their_pages(tmp_path):
         wait_for(lambda: scrape(server.metrics_url)["coserve_kv_pages_used"] == 0,
                  interval=0.005, what="the pages to be freed")
         # Aborted, not finished: 200 tokens would take 200 steps.
-        assert engine.num_steps - step < 40
+        # (The test's own polling of the metrics endpoint takes a few of these 10 ms steps.)
+        assert engine.num_steps - step < 10
         assert not engine.running and not engine.waiting
         assert server.server.service.open_streams == 0
         metrics = scrape(server.metrics_url)
