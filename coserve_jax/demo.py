@@ -1,7 +1,8 @@
 """``make demo``: the gRPC server on the embedded model, a mixed workload, a summary.
 
 It starts the server in this process (on a free loopback port, with its Prometheus
-endpoint), then drives it only through the gRPC client: generation streams arrive at
+endpoint and its OpenAI-compatible HTTP API, whose ``curl`` line it prints and runs
+once), then drives it through the gRPC client: generation streams arrive at
 a Poisson rate, each with TTFT/TPOT targets, while a LoRA finetuning job learns the
 synthetic "uppercase" task (``uppercase: abc`` -> ``ABC``) in the same engine steps.
 A live bar shows the job's step, loss and tokens/s and the streams served. At the end
@@ -158,13 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engine ready in {compile_s:.1f}s ({len(backend.engine.buckets)} batch buckets)")
 
     state = tempfile.mkdtemp(prefix="coserve-demo-")
-    config = ServerConfig(port=0, metrics_port=0, state_dir=os.path.join(state, "state"),
+    config = ServerConfig(port=0, metrics_port=0, http_port=0,
+                          state_dir=os.path.join(state, "state"),
                           adapter_root=os.path.join(state, "adapters"))
     server = ServerThread(backend, config).start()
-    print(f"server: {server.address} (gRPC), metrics: {server.metrics_url}")
+    print(f"server: {server.address} (gRPC), {server.http_url} (OpenAI-compatible HTTP), "
+          f"metrics: {server.metrics_url}")
     client = Client(server.address)
     exit_code = 1
     try:
+        http = _http_check(server)
         records = synthetic_task("uppercase", 1024, seed=args.seed, min_len=3, max_len=5)
         held_out = synthetic_task("uppercase", held_out_n, seed=99, min_len=3, max_len=5)
         # The job's adapter starts with B = 0, i.e. exactly the base model.
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_job(job))
         summary = _summary(workload, job, before, after, compile_s, work_s,
                            args.ttft_slo, args.tpot_slo)
+        summary["http"] = http
         _print_summary(summary)
         ok = (not workload.errors and job.state == 3
               and all(r["complete"] for r in workload.results))
@@ -198,6 +203,29 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
     return exit_code
+
+
+def _http_check(server) -> dict:
+    """Prints the curl line that reaches the running server's HTTP API, and sends the same
+    request once (what it printed works)."""
+    import shlex
+    import urllib.request
+
+    model = server.server.http.ctx.model_id
+    url = f"{server.http_url}/completions"
+    body = json.dumps({"model": model, "prompt": EXAMPLE_PROMPTS[0], "max_tokens": 16,
+                       "temperature": 0})
+    curl = (f"curl {url} -H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    print(f"try the HTTP API while the demo runs (any OpenAI client works, base URL "
+          f"{server.http_url}):\n  {curl}")
+    request = urllib.request.Request(url, body.encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.load(response)
+    print(f"  -> {answer['choices'][0]['text']!r} "
+          f"({answer['usage']['completion_tokens']} tokens)")
+    return {"url": server.http_url, "curl": curl, "model": model,
+            "completion_tokens": answer["usage"]["completion_tokens"]}
 
 
 def _follow(client, workload: Workload, steps: int):

@@ -198,6 +198,10 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     metrics: RequestMetrics | None = None  # set when finished
+    logprobs: list[float] | None = None
+    """Logprob of each new token (raw distribution), when the request asked for logprobs."""
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    """Per new token, the ``params.logprobs`` most likely (token id, logprob), best first."""
 
 
 class Engine:
@@ -529,6 +533,11 @@ class Engine:
                 self.kv, train, out = self._step(self.model.params, self._slots(), self.kv,
                                                  train, batch, with_train=bucket.train)
                 next_tokens = np.asarray(out.next_tokens)
+                # Logprobs cross to the host only in iterations where someone asked.
+                logprobs = None
+                if any(r.params.logprobs is not None for r, _ in scheduled):
+                    logprobs = (np.asarray(out.sampled_logprobs), np.asarray(out.top_logprobs),
+                                np.asarray(out.top_token_ids))
             if trainer is not None:
                 trainer.buffers = train
             step_s = time.perf_counter() - t_device
@@ -540,7 +549,8 @@ class Engine:
                                  mixed_steps=int(bool(scheduled and windows)))
             t0 = time.perf_counter()
             outputs = [o for i, (req, n) in enumerate(scheduled)
-                       if (o := self._advance(req, n, int(next_tokens[i]))) is not None]
+                       if (o := self._advance(req, n, int(next_tokens[i]),
+                                              _row_logprobs(logprobs, i, req.params))) is not None]
             if windows:
                 trainer.after_forward(windows, np.asarray(out.seq_loss)[len(scheduled):])
             t_post = time.perf_counter() - t0
@@ -700,7 +710,9 @@ class Engine:
             adapter_slot=-1 if self.registry is None else self.registry.slot_of(req.adapter),
         )
 
-    def _advance(self, req: Request, n: int, token: int) -> RequestOutput | None:
+    def _advance(self, req: Request, n: int, token: int,
+                 logprobs: tuple[float, list[tuple[int, float]]] | None = None,
+                 ) -> RequestOutput | None:
         req.num_computed += n
         if req.pending:  # mid-prefill: the sampled token is not the sequence's next one
             return None
@@ -723,7 +735,9 @@ class Engine:
                                      len(req.prompt), len(req.output), req.slo)
             self.finished.append(metrics)
         return RequestOutput(req.request_id, [token], list(req.output),
-                             req.finish_reason is not None, req.finish_reason, metrics)
+                             req.finish_reason is not None, req.finish_reason, metrics,
+                             None if logprobs is None else [logprobs[0]],
+                             None if logprobs is None else [logprobs[1]])
 
     # ----- compilation ----------------------------------------------------------------------
 
@@ -780,3 +794,14 @@ class Engine:
                 if out.finished:
                     results[out.request_id] = out.output_token_ids
         return [results[i] for i in ids]
+
+
+def _row_logprobs(logprobs, row: int, params: SamplingParams
+                  ) -> tuple[float, list[tuple[int, float]]] | None:
+    """Row ``row``'s (sampled token's logprob, top ``params.logprobs`` pairs), if asked for."""
+    if logprobs is None or params.logprobs is None:
+        return None
+    sampled, top, top_ids = logprobs
+    n = params.logprobs
+    return float(sampled[row]), [(int(t), float(v)) for t, v in zip(top_ids[row, :n],
+                                                                     top[row, :n], strict=True)]

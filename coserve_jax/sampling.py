@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 MAX_SEED = 2**31 - 1
+MAX_LOGPROBS = 20
+"""Top logprobs the step returns per sampled token (OpenAI's ``top_logprobs`` allows 20)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,9 @@ class SamplingParams:
     """Tokens that end the generation (kept in the output), besides the model's EOS."""
     ignore_eos: bool = False
     """Keep generating past the model's EOS tokens."""
+    logprobs: int | None = None
+    """With a number n in [0, MAX_LOGPROBS], each output token comes with its logprob and
+    the n most likely tokens' logprobs (of the model's raw distribution); None: neither."""
 
     def __post_init__(self):
         _check_int("max_tokens", self.max_tokens, lo=1)
@@ -44,6 +49,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, lo=0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
@@ -79,6 +86,17 @@ def sample_tokens(
         lambda: jnp.where(temperature > 0, _sample(logits, temperature, top_k, top_p, seeds,
                                                    sample_counts), greedy),
         lambda: greedy)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array,
+                   k: int = MAX_LOGPROBS) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Logprobs of the model's raw distribution (before temperature, top-k and top-p, as
+    vLLM reports them by default) for each row's sampled token ``[S]`` and its ``k`` most
+    likely tokens: ``(sampled [S], top [S, k], top_ids [S, k] int32)``."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    sampled = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top, top_ids = jax.lax.top_k(logprobs, min(k, logits.shape[-1]))
+    return sampled, top, top_ids.astype(jnp.int32)
 
 
 def _sample(logits, temperature, top_k, top_p, seeds, sample_counts) -> jax.Array:

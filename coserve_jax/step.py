@@ -34,15 +34,17 @@ from coserve_jax.finetune.buffers import TrainBuffers, drop_negative
 from coserve_jax.kv_cache import KVCache
 from coserve_jax.lora.slots import AdapterSlots
 from coserve_jax.models import llama
-from coserve_jax.sampling import sample_tokens
+from coserve_jax.sampling import sample_tokens, token_logprobs
 from pallas_kernels.dispatch import Kernels, requested_impl, select_kernels
 from pallas_kernels.ragged_paged_attention import write_kv_pages
 
 log = logging.getLogger(__name__)
 
-STEP_PROGRAM_VERSION = 2
+STEP_PROGRAM_VERSION = 3
 """Bumped when the step's program changes what a bucket costs (saved latency models are
-keyed on it). 2: many-sequence batches attend by token on the reference path."""
+keyed on it). 2: many-sequence batches attend by token on the reference path. 3: the step
+also returns the sampled tokens' logprobs and the top ``MAX_LOGPROBS`` (a top-k over the
+vocabulary per sequence)."""
 
 REFERENCE_KERNELS = Kernels(impl="reference")
 """The jnp references: what sharded steps and direct callers of the step functions use."""
@@ -73,6 +75,10 @@ class StepOutput:
 
     next_tokens: jax.Array  # [S] int32: sampled token of each sequence's logits token
     seq_loss: jax.Array  # [S] float32: weighted loss of each sequence's finetuning tokens
+    # Of the model's raw distribution at each logits token (sampling.token_logprobs):
+    sampled_logprobs: jax.Array  # [S] float32: logprob of the sampled token
+    top_logprobs: jax.Array  # [S, MAX_LOGPROBS] float32, most likely first
+    top_token_ids: jax.Array  # [S, MAX_LOGPROBS] int32
     logits: jax.Array | None = None  # [S, V] float32, only when built with return_logits
 
 
@@ -130,8 +136,10 @@ def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
     logits = llama.lm_head(params, h)
     next_tokens = sample_tokens(logits, batch.temperature, batch.top_k, batch.top_p,
                                 batch.seeds, batch.sample_counts)
+    sampled_logprobs, top_logprobs, top_token_ids = token_logprobs(logits, next_tokens)
     out = StepOutput(next_tokens=next_tokens, seq_loss=seq_loss,
-                     logits=logits if return_logits else None)
+                     sampled_logprobs=sampled_logprobs, top_logprobs=top_logprobs,
+                     top_token_ids=top_token_ids, logits=logits if return_logits else None)
     return kv, train, out
 
 

@@ -1,7 +1,9 @@
-"""The server process: gRPC (grpc.aio) in front, the engine on its own thread behind.
+"""The server process: gRPC (grpc.aio) and, with ``http_port``, the OpenAI-compatible HTTP
+API (:mod:`server.http`) in front, on one event loop; the engine on its own thread behind.
 
 :class:`CoserveServer` wires the servicer, health, reflection, auth, TLS and metrics
-together and owns the shutdown paths:
+together (the HTTP door reuses the same service state, tokens and metrics) and owns the
+shutdown paths:
 
 * **Drain** (SIGTERM, SIGINT, :meth:`CoserveServer.request_drain`): stop admitting
   (UNAVAILABLE, health NOT_SERVING), let in-flight streams finish within
@@ -74,6 +76,14 @@ class ServerConfig:
     """Seconds between a device failure and the stop (time for errors to reach clients)."""
     tick_interval: float = 0.5
     """Seconds between job-progress samples for metrics and job bookkeeping."""
+    http_port: int | None = None
+    """OpenAI-compatible HTTP API port (on ``host``); None: no HTTP door, 0: a free port."""
+    served_model_name: str | None = None
+    """The base model's name in the HTTP API (default: the model directory's name)."""
+    http_max_body_bytes: int = 4 << 20
+    """Largest JSON request body the HTTP API reads (413 above it)."""
+    http_max_upload_bytes: int = 64 << 20
+    """Largest file upload (``POST /v1/files``)."""
 
 
 class CoserveServer:
@@ -98,6 +108,7 @@ class CoserveServer:
                                          if config.state_dir else None)))
         self.bridge.on_tick = self.service.tick
         self.health = health.aio.HealthServicer()
+        self.http = None  # server.http.app.HttpServer, when config.http_port is set
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.exit_code: int | None = None
@@ -142,6 +153,18 @@ class CoserveServer:
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port,
                                                    self.config.metrics_host)
+        if self.config.http_port is not None:
+            from .http.app import HttpServer, make_context
+            from .http.context import HttpLimits
+
+            ctx = make_context(self.service, self.config.served_model_name,
+                               HttpLimits(self.config.http_max_body_bytes,
+                                          self.config.http_max_upload_bytes))
+            self.http = HttpServer(ctx, self.config.host, self.config.http_port,
+                                   self.config.tls_cert, self.config.tls_key,
+                                   self.config.tls_client_ca)
+            await self.http.start()
+            log.info("HTTP API on %s:%s", self.config.host, self.http.port)
         await server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -199,6 +222,8 @@ class CoserveServer:
 
     async def _shutdown(self, code: int) -> None:
         self.exit_code = max(self.exit_code or 0, code)
+        if self.http is not None:
+            await self.http.stop()
         await self._server.stop(grace=1.0)
         await asyncio.to_thread(self.bridge.stop)
         self.metrics.close()
@@ -221,6 +246,10 @@ def serve(backend: Backend, config: ServerConfig, announce=print) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_drain)
         announce(f"coserve: serving on {config.host}:{server.port}")
+        if server.http is not None:
+            scheme = "https" if config.tls_cert else "http"
+            announce(f"coserve: OpenAI-compatible API on {scheme}://{config.host}:"
+                     f"{server.http.port}/v1")
         if server.metrics_port is not None:
             announce(f"coserve: metrics on http://{config.metrics_host}:{server.metrics_port}"
                      "/metrics")
@@ -253,6 +282,12 @@ class ServerThread:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.server.port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API (``.../v1``), with ``http_port`` set."""
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{self.config.host}:{self.server.http.port}/v1"
 
     @property
     def metrics_url(self) -> str:

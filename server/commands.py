@@ -30,6 +30,17 @@ def add_serve(sub) -> None:
     p.add_argument("--config", help="JSON file of EngineConfig fields, e.g. configs/demo.json")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: any free)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
+                   "/v1/chat/completions, /v1/models, /v1/files, /v1/fine_tuning/jobs) on "
+                   "this port, on the same engine, tokens and caps (default: none; 0: any "
+                   "free)")
+    p.add_argument("--served-model-name", help="the base model's name in the HTTP API "
+                   "(default: the model directory's name)")
+    p.add_argument("--http-max-body-mb", type=float, default=4.0,
+                   help="largest HTTP JSON body (MiB; 413 above it)")
+    p.add_argument("--http-max-upload-mb", type=float, default=64.0,
+                   help="largest file upload to /v1/files (MiB)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus /metrics port (default: no endpoint; 0: any free)")
     p.add_argument("--metrics-host", default="127.0.0.1")
@@ -132,7 +143,10 @@ def serve_command(args: argparse.Namespace) -> int:
         profile_dir=args.profile_dir, profile_steps=args.profile_steps,
         limits=Limits(max_streams=args.max_streams, max_queue=args.max_queue,
                       max_jobs=args.max_jobs),
-        drain_timeout=args.drain_timeout)
+        drain_timeout=args.drain_timeout, http_port=args.http_port,
+        served_model_name=args.served_model_name,
+        http_max_body_bytes=int(args.http_max_body_mb * (1 << 20)),
+        http_max_upload_bytes=int(args.http_max_upload_mb * (1 << 20)))
     if args.mock_engine is not None:
         from .mock_engine import mock_backend
 

@@ -131,6 +131,13 @@ class MockEngine:
         """The ``index``-th output token of a prompt: never EOS, so only stops end early."""
         return 3 + (sum(prompt) * 31 + len(prompt) * 7 + index * 17 + seed * 13) % (VOCAB - 3)
 
+    @staticmethod
+    def logprobs_at(token: int, index: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+        """The logprob of the ``index``-th output token and the ``n`` top (id, logprob) pairs:
+        the token itself is the most likely, the ids after it follow, each less likely."""
+        best = -0.25 * (1 + index % 4)
+        return best, [(3 + (token - 3 + j) % (VOCAB - 3), best - j) for j in range(n)]
+
     @classmethod
     def expected_output(cls, prompt: list[int], params: SamplingParams) -> list[int]:
         """What a request with these (seeded) parameters produces."""
@@ -228,8 +235,13 @@ class MockEngine:
                 self.running.remove(req)
                 del self._requests[req.request_id]
                 req.pages = 0
+            logprobs = top = None
+            if req.params.logprobs is not None:
+                logprobs, top = self.logprobs_at(token, len(req.output) - 1, req.params.logprobs)
             outputs.append(RequestOutput(req.request_id, [token], list(req.output),
-                                         reason is not None, reason))
+                                         reason is not None, reason, None,
+                                         None if logprobs is None else [logprobs],
+                                         None if top is None else [top]))
         for name, job in self._jobs.items():
             if job.state == "running":
                 self._train(name, job)

@@ -272,7 +272,9 @@ class Layout:
             rep = NamedSharding(self.mesh, P())
             from coserve_jax.step import StepOutput
 
-            out = StepOutput(next_tokens=rep, seq_loss=rep, logits=rep if return_logits else None)
+            out = StepOutput(next_tokens=rep, seq_loss=rep, sampled_logprobs=rep,
+                             top_logprobs=rep, top_token_ids=rep,
+                             logits=rep if return_logits else None)
             return ins, (ins[2], ins[3], out)
 
         return LayoutJit(self, fn, shardings, donate_argnums=(2, 3),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coserve_jax.sampling import SamplingParams, sample_tokens
+from coserve_jax.sampling import MAX_LOGPROBS, SamplingParams, sample_tokens, token_logprobs
 
 _sample = jax.jit(sample_tokens)
 
@@ -64,3 +64,24 @@ def test_same_seed_same_tokens_different_seed_different():
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_token_logprobs_are_the_raw_log_softmax():
+    """The sampled token's logprob and the top MAX_LOGPROBS, against numpy, whatever the
+    sampling settings were (vLLM's default: the model's raw distribution)."""
+    logits = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32) * 3
+    tokens = np.array([5, 0, 63, 17], np.int32)
+    sampled, top, top_ids = jax.jit(token_logprobs)(jnp.asarray(logits), jnp.asarray(tokens))
+    ref = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+        -1, keepdims=True)) - logits.max(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(sampled), ref[np.arange(4), tokens], atol=1e-5)
+    order = np.argsort(-ref, axis=-1)[:, :MAX_LOGPROBS]
+    np.testing.assert_array_equal(np.asarray(top_ids), order)
+    np.testing.assert_allclose(np.asarray(top), np.take_along_axis(ref, order, -1), atol=1e-5)
+
+
+def test_logprobs_param_is_bounded():
+    assert SamplingParams(logprobs=0).logprobs == 0
+    for bad in (-1, MAX_LOGPROBS + 1, 1.5):
+        with pytest.raises(ValueError, match="logprobs"):
+            SamplingParams(logprobs=bad)

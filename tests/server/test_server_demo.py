@@ -28,3 +28,5 @@ def test_quick_demo_summary_is_sane(tmp_path):
     assert ft["state"] == 3 and ft["steps"] > 0 and ft["tokens_per_s"] > 0
     assert ft["loss_end"] < ft["loss_start"]  # it learns
     assert s["accuracy_after"]["chars"] >= s["accuracy_before"]["chars"]
+    # The printed curl line reached the demo's HTTP API.
+    assert s["http"]["curl"] in proc.stdout and s["http"]["completion_tokens"] == 16
