@@ -138,8 +138,9 @@ class ShardedKernels:
         def body(q, kv, page_tables, seq_ids, positions, metadata, *layer):
             layer = layer[0] if has_layer else None
             if heads.copies_kv:
-                kv = tuple(heads.kv_of_device(pages if layer is None else pages[layer])
-                           for pages in kv)
+                kv = jax.tree.map(
+                    lambda pages: heads.kv_of_device(pages if layer is None else pages[layer]),
+                    kv)
                 layer = None
             return self.kernels.paged_attention(q, *kv, page_tables, seq_ids, positions,
                                                 layer=layer, metadata=metadata)
@@ -150,25 +151,29 @@ class ShardedKernels:
             q, tuple(kv), page_tables, seq_ids, positions, metadata,
             *((layer,) if has_layer else ()))
 
-    def _kv_specs(self, kv: tuple[jax.Array, ...]) -> tuple[P, ...]:
-        """The layout's specs of the KV arrays, read off the ``KVCache`` pytree."""
-        template = KVCache(**{f.name: 0 for f in dataclasses.fields(KVCache)})
-        treedef = jax.tree.structure(template)
-        if treedef.num_leaves != len(kv):
-            raise ValueError(f"paged attention got {len(kv)} KV arrays; KVCache holds "
-                             f"{treedef.num_leaves}")
-        specs = jax.tree.leaves(self.layout.specs(jax.tree.unflatten(treedef, list(kv))),
-                                is_leaf=_is_spec)
-        heads = self.heads
-        for pages, spec in zip(kv, specs, strict=True):
+    def _kv_specs(self, kv: tuple) -> tuple:
+        """The layout's specs of the KV arguments (``KVCache`` objects, or the arrays a
+        ``KVCache`` holds, in its field order), read off the ``KVCache`` pytree."""
+        if all(isinstance(x, KVCache) for x in kv):
+            specs = tuple(self.layout.specs(x) for x in kv)
+        else:
+            template = KVCache(**{f.name: 0 for f in dataclasses.fields(KVCache) if f.init})
+            treedef = jax.tree.structure(template)
+            if treedef.num_leaves != len(kv):
+                raise ValueError(f"paged attention got {len(kv)} KV arrays; KVCache holds "
+                                 f"{treedef.num_leaves}")
+            specs = tuple(jax.tree.leaves(
+                self.layout.specs(jax.tree.unflatten(treedef, list(kv))), is_leaf=_is_spec))
+        for pages, spec in zip(jax.tree.leaves(kv), jax.tree.leaves(specs, is_leaf=_is_spec),
+                               strict=True):
             axes = tuple(spec) + (None,) * (pages.ndim - len(spec))
             # Only the KV head axis may be split, and only on model: the kernel's pages
             # are otherwise whole on every device.
             if any(a is not None for i, a in enumerate(axes) if i != pages.ndim - 2) or \
-                    axes[-2] not in (None, MODEL) or (axes[-2] == MODEL) != heads.kv_split:
+                    axes[-2] not in (None, MODEL) or (axes[-2] == MODEL) != self.heads.kv_split:
                 raise ValueError(f"paged attention under shard_map needs KV pages split on "
                                  f"KV heads only, got {spec} for {pages.shape}")
-        return tuple(specs)
+        return specs
 
     # ----- dense causal flash attention (the backward pieces) ------------------------------
 

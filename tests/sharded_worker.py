@@ -349,6 +349,60 @@ def attention_case(hq: int, hkv: int, mesh, head_dim: int = 16, page_size: int =
             "per_query": kernels.heads.per_query}
 
 
+def cuda_lowering(cases: list[str]) -> dict:
+    """Triton calls in the CUDA lowering (on this host, no GPU) of the compiled kernels
+    under ``ShardedKernels`` at Llama-3.1-8B-like widths in bfloat16: paged attention with
+    a column- and a row-parallel LoRA projection, and the flash pair's forward and
+    backward. A case is ``HQ,HKV,MESH``."""
+    from coserve_jax.config import ModelConfig
+    from coserve_jax.kv_cache import KVCache
+    from coserve_jax.sharded_kernels import ShardedKernels
+    from pallas_kernels.dispatch import Kernels
+    from sharding import Layout
+
+    shape, bf16, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.int32
+    hidden, head_dim, page_size, t, seqs, width, slots, rank = 4096, 128, 16, 64, 8, 12, 4, 16
+    report = {}
+    for case in cases:
+        hq, hkv, spec = case.split(",", 2)
+        hq, hkv = int(hq), int(hkv)
+        cfg = ModelConfig.from_hf_dict(hf_config(hkv) | {
+            "num_attention_heads": hq, "head_dim": head_dim, "hidden_size": hidden,
+            "intermediate_size": 14336})
+        layout = Layout(make_mesh(MeshConfig.parse(spec)), cfg)
+        kernels = ShardedKernels(Kernels(impl="kernel"), layout)
+        pages = shape((2, 64, page_size, hkv, head_dim), bf16)
+
+        def step(q, kv, tables, seq_ids, positions, x, a, b, scale, slot_ids, kernels=kernels,
+                 hq=hq, hkv=hkv, model=layout.model_size):
+            attention = kernels.plan_paged_attention(seq_ids, positions, tables,
+                                                     num_q_per_kv=hq // hkv, page_size=page_size)
+            out = attention(q, *jax.tree.leaves(kv), tables, seq_ids, positions,
+                            layer=jnp.int32(1))
+            lora = kernels.multi_slot_lora(scale, slot_ids)
+            parts = lora.row_parallel_parts({"o_proj": (a, b)}, "o_proj",
+                                            x.reshape(t, model, hidden // model))
+            return out, lora({"q_proj": (a, b)}, "q_proj", x), parts
+
+        args = (shape((t, hq, head_dim), bf16), KVCache(k=pages, v=pages),
+                shape((seqs, width), i32), shape((t,), i32), shape((t,), i32),
+                shape((t, hidden), bf16), shape((slots, hidden, rank), bf16),
+                shape((slots, rank, hidden), bf16), shape((slots,), jnp.float32),
+                shape((t,), i32))
+        flash = kernels.attention_fn()
+
+        def flash_fwd_bwd(q, k, v, w, flash=flash):
+            out, pullback = jax.vjp(lambda q, k, v: flash(0, q, k, v, None)[0], q, k, v)
+            return out, pullback(w)
+
+        seq = [shape((1, 256, h, head_dim), bf16) for h in (hq, hkv, hkv, hq)]
+        report[case] = {name: jax.jit(fn).trace(*a).lower(lowering_platforms=("cuda",))
+                        .as_text().count("__gpu$xla.gpu.triton")
+                        for name, fn, a in (("step", step, args),
+                                            ("flash", flash_fwd_bwd, seq))}
+    return report
+
+
 def count_collectives(hlo: str) -> dict[str, int]:
     """Collective instructions in compiled HLO text (async pairs counted once): in the
     whole program and inside the layer loop (the scan body, where LoRA runs)."""
@@ -443,6 +497,8 @@ def main(argv: list[str]) -> None:
         print(json.dumps(kernel_parity(model_dir, meshes)))
     elif what == "attention":  # HQ,HKV,MESH cases (no model directory)
         print(json.dumps(attention_parity([model_dir, *meshes])))
+    elif what == "cuda":  # HQ,HKV,MESH cases (no model directory)
+        print(json.dumps(cuda_lowering([model_dir, *meshes])))
     elif what == "hlo":  # MODEL_DIR MODEL_PARALLEL_MESH DATA_PARALLEL_MESH
         print(json.dumps({"forward": collectives(model_dir, meshes[0]),
                           "gradients": gradient_reductions(model_dir, meshes[1])}))

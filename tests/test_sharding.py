@@ -179,6 +179,16 @@ def test_sharded_attention_kernels_on_each_devices_heads(cases):
         assert report["12,3,model=4"]["per_query"], report
 
 
+def test_sharded_kernels_lower_to_triton():
+    """The compiled kernels under shard_map lower for CUDA through Triton on this host (no
+    GPU) at Llama-3.1-8B widths in bfloat16, on the three kinds of head split: paged
+    attention and a column- and a row-parallel LoRA (1 + 2 + 2 Triton calls), and the
+    flash pair (forward, dq, dk/dv)."""
+    report = run_worker("cuda", "32,8,model=8", "32,8,data=2,model=4", "32,2,model=4")
+    for case, counts in report.items():
+        assert counts == {"step": 5, "flash": 3}, (case, counts)
+
+
 @pytest.fixture(scope="module")
 def hlo_report(model_dirs) -> dict:
     return run_worker("hlo", model_dirs[8], "model=8", "data=2,model=4")
