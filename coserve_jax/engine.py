@@ -121,7 +121,8 @@ class EngineConfig:
     when the engine is built: "auto" (the kernels on GPU and TPU, the jnp references on
     CPU; $COSERVE_KERNELS overrides it), "kernel" (needs a GPU or TPU), "reference", or
     "interpret" (the Pallas kernels in interpret mode, for CPU tests). Sharded engines
-    run the references."""
+    run the Pallas kernels under shard_map (jax's TPU kernels are not wrapped: a sharded
+    TPU engine runs the references)."""
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",

@@ -14,7 +14,8 @@ instead of multiplying; XLA runs one program at a time either way.
 Attention and LoRA come from a ``pallas_kernels.dispatch.Kernels`` bundle that is
 resolved once, when the step is built (``step_kernels``), and is part of the
 builders' cache key: the Pallas kernels or the jnp references, never a per-call
-choice.
+choice. Sharded programs run the Pallas kernels under ``shard_map``
+(``coserve_jax.sharded_kernels``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ also returns the sampled tokens' logprobs and the top ``MAX_LOGPROBS`` (a top-k 
 vocabulary per sequence)."""
 
 REFERENCE_KERNELS = Kernels(impl="reference")
-"""The jnp references: what sharded steps and direct callers of the step functions use."""
+"""The jnp references: what direct callers of the step functions use by default."""
 
 
 def step_kernels(impl: str | None = None, layout=None) -> Kernels:
@@ -56,16 +57,14 @@ def step_kernels(impl: str | None = None, layout=None) -> Kernels:
     ``impl`` is ``EngineConfig.kernels``: "auto" | "kernel" | "reference" | "interpret"
     (None and "auto" defer to ``$COSERVE_KERNELS``). Raises ``ValueError`` for an unknown
     name or a path this backend cannot run ("kernel" on CPU). With a ``layout`` (sharded)
-    the result is always the references.
+    the Pallas kernels run under ``shard_map`` (``coserve_jax.sharded_kernels``); jax's
+    TPU kernels are not wrapped yet, so a sharded TPU step runs the references.
     """
-    if layout is None:
-        return select_kernels(impl)
-    # The kernels are single-device programs: under GSPMD they would need a shard_map
-    # around them, which they do not have yet, while XLA partitions the jnp references.
-    requested = requested_impl(impl)
-    if requested in ("kernel", "interpret"):
-        log.info("kernels=%r: a sharded step runs the jnp reference attention and LoRA (the "
-                 "Pallas kernels are single-device programs)", requested)
+    kernels = select_kernels(impl)
+    if layout is None or kernels.impl != "tpu":
+        return kernels
+    log.info("kernels=%r: a sharded TPU step runs the jnp reference attention and LoRA (jax's "
+             "TPU kernels are not placed under shard_map)", requested_impl(impl))
     return REFERENCE_KERNELS
 
 
@@ -406,7 +405,7 @@ def _build_step(cfg: ModelConfig, return_logits: bool, layout, kernels: Kernels)
         fn = functools.partial(step_fn, cfg, return_logits=return_logits, kernels=kernels)
         return jax.jit(fn, donate_argnums=(2, 3), static_argnames=("with_train",))
     fn = functools.partial(step_fn, cfg, return_logits=return_logits, hints=layout.hints,
-                           kernels=kernels)
+                           kernels=_on_mesh(kernels, layout))
     return layout.jit_step(fn, return_logits)
 
 
@@ -425,18 +424,28 @@ def _build_backward_piece(cfg: ModelConfig, attention_block: int, layout, kernel
                                kernels=kernels)
         return jax.jit(fn, donate_argnums=(2,), static_argnames=("num_layers", "seq_len"))
     fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block,
-                           hints=layout.hints, kernels=kernels)
+                           hints=layout.hints, kernels=_on_mesh(kernels, layout))
     return layout.jit_backward(fn)
 
 
 def _resolved(kernels: Kernels | None, layout) -> Kernels:
-    """The builders' cache key: a resolved ``Kernels``, the references when sharded."""
+    """The builders' cache key: a resolved ``Kernels``."""
     if kernels is None:
         return step_kernels(None, layout)
-    if layout is not None and kernels.impl != "reference":
-        raise ValueError(f"a sharded step runs the jnp references, got kernels {kernels.impl!r} "
-                         "(resolve them with step_kernels(impl, layout))")
+    if layout is not None and kernels.impl == "tpu":
+        raise ValueError("a sharded step cannot run jax's TPU kernels (they are not placed "
+                         "under shard_map); resolve kernels with step_kernels(impl, layout)")
     return kernels
+
+
+def _on_mesh(kernels: Kernels, layout):
+    """What a sharded program calls: the Pallas kernels under ``shard_map`` on the layout's
+    mesh; the references as they are (GSPMD partitions them)."""
+    if not kernels.uses_pallas:
+        return kernels
+    from coserve_jax.sharded_kernels import ShardedKernels
+
+    return ShardedKernels(kernels, layout)
 
 
 _cache_enabled = False

@@ -18,8 +18,9 @@ the reference for that call, decided at trace time from static shapes, with a wa
 
 The step should compute per-batch metadata once and reuse it in every layer:
 ``kernels.plan_paged_attention(...)`` and ``kernels.multi_slot_lora(...)`` do that.
-Under a sharded layout (``sharding.layout``), use ``impl="reference"``: the kernels here
-are single-device programs (they would need a ``shard_map`` around them).
+The kernels here are single-device programs: a sharded step (``sharding.layout``) runs
+them inside ``shard_map`` (``coserve_jax/sharded_kernels.py``), each device on its own
+heads and tokens.
 """
 
 from __future__ import annotations
@@ -166,15 +167,26 @@ class Kernels:
         """Computes the batch's block layout once (call it in the step, outside the layer
         scan) and returns a ``PagedAttentionFn`` for that batch: the last three positional
         arguments it receives must be this batch's (they are ignored by the kernel)."""
-        if not self.uses_pallas:
+        metadata = self.attention_metadata(seq_ids, positions, page_tables,
+                                           num_q_per_kv=num_q_per_kv, page_size=page_size)
+        if metadata is None:
             return self.paged_attention
+        return functools.partial(self.paged_attention, metadata=metadata)
+
+    def attention_metadata(self, seq_ids: jax.Array, positions: jax.Array,
+                           page_tables: jax.Array, *, num_q_per_kv: int,
+                           page_size: int) -> rpa_kernel.RaggedAttentionMetadata | None:
+        """The batch's block layout for ``paged_attention(..., metadata=)`` (None on paths
+        that do not use one). ``plan_paged_attention`` binds it; a sharded step computes
+        it per data shard."""
+        if not self.uses_pallas:
+            return None
         o = self.options
         block_q = o.attention_block_q or rpa_kernel.default_block_q(
             num_q_per_kv, seq_ids.shape[0], page_tables.shape[0])
         ppb = o.attention_pages_per_block or rpa_kernel.default_pages_per_block(page_size)
-        metadata = rpa_kernel.ragged_attention_metadata(
+        return rpa_kernel.ragged_attention_metadata(
             seq_ids, positions, page_tables, block_q=block_q, pages_per_block=ppb)
-        return functools.partial(self.paged_attention, metadata=metadata)
 
     # ---- dense causal attention (the finetuning backward pieces) ----
 

@@ -376,6 +376,11 @@ class LayoutJit:
         jitted, args = self._args(args)
         return jitted.lower(*args, *self._statics(static))
 
+    def trace(self, *args, **static):
+        """``jax.jit(...).trace`` of the program with these arguments (its jaxpr)."""
+        jitted, args = self._args(args)
+        return jitted.trace(*args, *self._statics(static))
+
 
 class ShardingHints:
     """In-model hints for a layout (the single-device path passes no hints).
@@ -400,7 +405,9 @@ class ShardingHints:
         product and LoRA update (``x_d @ A_d @ B``) are per-part partial sums; they are
         added first and summed over the parts once, which is the projection's single
         all-reduce. GSPMD left to itself reduces ``x @ A`` on its own (an extra
-        all-reduce per layer) before multiplying by the replicated B.
+        all-reduce per layer) before multiplying by the replicated B. A ``lora`` with a
+        ``row_parallel_parts(la, name, x_parts) -> [..., m, out]`` method computes those
+        per-part updates itself (the Pallas kernels under ``shard_map``).
         """
         layout = self.layout
         m = layout.model_size
@@ -418,15 +425,19 @@ class ShardingHints:
         ws = w.reshape(m, fan_in // m, w.shape[-1])
         parts = jnp.einsum("...mi,mio->...mo", xs, ws)
         if lora is not None and la is not None and name in la:
-            a, b = la[name]
-            a_parts = a.reshape(*a.shape[:-2], m, fan_in // m, a.shape[-1])
-            axis = a_parts.ndim - 3
+            row_parallel_parts = getattr(lora, "row_parallel_parts", None)
+            if row_parallel_parts is not None:  # a LoraFn that places the parts itself
+                delta = row_parallel_parts(la, name, xs)  # (the kernels, under shard_map)
+            else:
+                a, b = la[name]
+                a_parts = a.reshape(*a.shape[:-2], m, fan_in // m, a.shape[-1])
+                axis = a_parts.ndim - 3
 
-            def part(x_part, a_part):
-                return lora({name: (a_part, b)}, name, x_part)
+                def part(x_part, a_part):
+                    return lora({name: (a_part, b)}, name, x_part)
 
-            delta = jax.vmap(part, in_axes=(xs.ndim - 2, axis), out_axes=xs.ndim - 2)(
-                xs, a_parts)
+                delta = jax.vmap(part, in_axes=(xs.ndim - 2, axis), out_axes=xs.ndim - 2)(
+                    xs, a_parts)
             parts = parts + delta.astype(parts.dtype)
         parts = self._constrain(parts, (*self._lead(lead), MODEL, None))
         # One all-reduce back to the replicated residual layout (not a reduce-scatter that

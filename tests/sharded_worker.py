@@ -16,7 +16,9 @@ mesh. Each prints one JSON line; the test asserts on it.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import os
 import re
@@ -35,6 +37,8 @@ from sharding import MeshConfig, make_mesh
 
 from support import random_adapter
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pallas_kernels"))
+
 VOCAB = 384
 ENGINE = dict(page_size=4, num_pages=64, max_num_seqs=4, max_num_batched_tokens=32,
               min_token_bucket=32, min_seq_bucket=4, min_page_bucket=16, max_model_len=64,
@@ -52,14 +56,15 @@ def hf_config(num_kv_heads: int) -> dict:
             "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": 2}
 
 
-def scenario(model_dir: str, mesh) -> dict:
+def scenario(model_dir: str, mesh, kernels: str = "auto") -> dict:
     """One engine's run; returns what the parity check compares (host arrays)."""
     model = cj.load_model(model_dir, progress=False, mesh=mesh)
-    engine = cj.Engine(model, cj.EngineConfig(**ENGINE), mesh=mesh)
+    engine = cj.Engine(model, cj.EngineConfig(**ENGINE, kernels=kernels), mesh=mesh)
     cfg = model.config
     # The same step, built to return logits too (the engine reads only tokens and losses),
     # so the logits check below reuses the programs the scenario compiled.
-    engine._step = build_step(cfg, return_logits=True, layout=engine.layout)
+    engine._step = build_step(cfg, return_logits=True, layout=engine.layout,
+                              kernels=engine.kernels)
     for i, r in enumerate((8, 4)):
         engine.load_adapter(random_adapter(f"ad{i}", cfg, r, 10 + i))
     rng = np.random.default_rng(3)
@@ -163,6 +168,241 @@ def parity(model_dir: str, meshes: list[str]) -> dict:
     return report
 
 
+def kernel_steps(model_dir: str, mesh, kernels: str) -> dict:
+    """Two co-serving steps and the backward pieces of their finetuning sequence, driven
+    directly (two compiled programs: the finetuning step bucket and one backward piece).
+
+    Step 1 prefills a base, an ``ad0`` and an ``ad1`` prompt (greedy, greedy, sampled)
+    around the first 16-token window of a 30-token training sequence; step 2 decodes one
+    token of each and forwards the second window over the first one's cached KV. Then both
+    one-layer backward pieces run. Returns logits, sampled tokens, losses, the job slot's
+    LoRA gradients and whether the programs contain Pallas calls."""
+    fallbacks = Messages(logging.getLogger("pallas_kernels.dispatch"))
+    model = cj.load_model(model_dir, progress=False, mesh=mesh)
+    engine = cj.Engine(model, cj.EngineConfig(**ENGINE, kernels=kernels), mesh=mesh)
+    cfg, trainer = model.config, engine.trainer
+    step = build_step(cfg, return_logits=True, layout=engine.layout, kernels=engine.kernels)
+    for i, r in enumerate((8, 4)):
+        engine.load_adapter(random_adapter(f"ad{i}", cfg, r, 10 + i))
+    rng = np.random.default_rng(3)
+    seq = TrainSequence(tuple(rng.integers(3, VOCAB, 30).tolist()),
+                        tuple([False] * 5 + [True] * 25))
+    # Two sequences per optimizer step: the gradients of the first stay accumulated.
+    engine.submit_job(cj.FinetuneJob("job", Dataset([seq, seq]), lora=cj.LoraConfig(
+        r=4, lora_alpha=8, target_modules=ALL_TARGETS), sequences_per_step=2))
+    run = trainer.jobs["job"]
+    start = random_adapter("job", cfg, 4, 20)
+    start.a = {m: np.asarray(v) for m, v in trainer.adapter_of(run).a.items()}
+    engine.registry.write(run.slot, start)  # a non-zero B, so every gradient is non-zero
+    prompts = [(rng.integers(3, VOCAB, n).tolist(), slot, t)
+               for n, slot, t in ((5, -1, 0.0), (6, 0, 0.0), (5, 1, 0.9))]
+    bucket = Bucket(32, 4, 16, train=True)
+    result: dict = {"logits": [], "next": [], "loss": []}
+    for i in range(2):
+        [window] = trainer.forward_windows(16, 1)
+        chunks = []
+        for j, (tokens, slot, temperature) in enumerate(prompts):
+            start_position = 0 if i == 0 else len(tokens) - 1
+            chunks.append(SeqChunk(
+                token_ids=tokens[start_position:], start_position=start_position,
+                page_table=engine.allocator.grow(("prompt", j), len(tokens)),
+                temperature=temperature, seed=5, sample_count=i, adapter_slot=slot))
+        chunks.insert(1, window[1])  # the window's tokens straddle both data shards
+        batch = build_batch(chunks, bucket, engine.config.page_size)
+        if i == 0:
+            args = (model.params, engine.registry.table, engine.kv, trainer.buffers, batch)
+            jaxpr = str(step.trace(*args, with_train=True).jaxpr)
+            if mesh is not None:  # the program the call below runs (a persistent-cache hit)
+                hlo = step.lower(*args, with_train=True).compile().as_text()
+                result["collectives"] = count_collectives(hlo)
+        engine.kv, trainer.buffers, out = step(model.params, engine.registry.table, engine.kv,
+                                               trainer.buffers, batch, with_train=True)
+        trainer.after_forward([window], np.asarray(out.seq_loss)[1:2])
+        order = [0, 2, 3]  # the prompts' rows (the window is row 1)
+        next_tokens = np.asarray(out.next_tokens)
+        for j, row in enumerate(order):
+            prompts[j][0].append(int(next_tokens[row]))
+        result["logits"].append(np.asarray(out.logits)[order])
+        result["next"].append(next_tokens[order].tolist())
+        result["loss"].append(float(np.asarray(out.seq_loss)[1]))
+    piece = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0), length=np.int32(30),
+                          adapter_slot=np.int32(run.slot))
+    backward_jaxpr = str(trainer._backward.trace(
+        model.params, engine.registry.table, trainer.buffers, piece, num_layers=1,
+        seq_len=32).jaxpr)
+    while trainer.run_backward_piece(model.params):
+        pass
+    result["grads"] = {m: tuple(np.asarray(g) for g in ab)
+                       for m, ab in trainer.buffers.slot_grads(run.slot).items()}
+    result["pallas"] = {"step": "pallas_call" in jaxpr, "backward": "pallas_call" in backward_jaxpr}
+    result["misplaced"] = misplaced(engine, run) if engine.layout is not None else []
+    result["fallbacks"] = fallbacks.close()
+    return result
+
+
+class Messages(logging.Handler):
+    """Collects a logger's warnings (the kernel dispatch's fallbacks) until ``close``."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__(logging.WARNING)
+        self.logger, self.messages = logger, []
+        logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def close(self) -> list[str]:
+        self.logger.removeHandler(self)
+        super().close()
+        return self.messages
+
+
+def kernel_parity(model_dir: str, meshes: list[str]) -> dict:
+    """``kernel_steps`` with the Pallas kernels in interpret mode on each mesh against the
+    single-device references."""
+    ref = kernel_steps(model_dir, None, "reference")
+    report = {}
+    for spec in meshes:
+        got = kernel_steps(model_dir, make_mesh(MeshConfig.parse(spec)), "interpret")
+        errs = {f"logits.{i}": rel(g, r)
+                for i, (g, r) in enumerate(zip(got["logits"], ref["logits"], strict=True))}
+        errs["loss"] = rel(got["loss"], ref["loss"])
+        for m, (ga, gb) in ref["grads"].items():
+            errs[f"grad_a.{m}"] = rel(got["grads"][m][0], ga)
+            errs[f"grad_b.{m}"] = rel(got["grads"][m][1], gb)
+        report[spec] = {
+            "next_equal": got["next"] == ref["next"],
+            "max_rel_err": max(errs.values()), "worst": max(errs, key=errs.get),
+            "grads_nonzero": all(np.abs(g).max() > 0 for ab in ref["grads"].values()
+                                 for g in ab),
+            "finite": bool(all(np.isfinite(x).all() for x in got["logits"])),
+            "pallas": got["pallas"], "reference_pallas": ref["pallas"],
+            "fallbacks": got["fallbacks"], "collectives": got["collectives"],
+            "misplaced": got["misplaced"],
+        }
+    return report
+
+
+def attention_parity(cases: list[str]) -> dict:
+    """The paged attention and flash kernels (interpret mode) under ``ShardedKernels`` on
+    small head layouts, against the single-device references. A case is
+    ``HQ,HKV,MESH``; 12 query and 3 KV heads on model=4 give each device query heads of
+    two KV heads (the per-query-head KV copy), 8 and 2 one KV head per device."""
+    report = {}
+    for case in cases:
+        hq, hkv, spec = case.split(",", 2)
+        report[case] = attention_case(int(hq), int(hkv), make_mesh(MeshConfig.parse(spec)))
+    return report
+
+
+def attention_case(hq: int, hkv: int, mesh, head_dim: int = 16, page_size: int = 4) -> dict:
+    from kernel_cases import paged_batch, rel_err
+
+    from coserve_jax.config import ModelConfig
+    from coserve_jax.kv_cache import KVCache
+    from coserve_jax.sharded_kernels import ShardedKernels
+    from pallas_kernels.dispatch import select_kernels
+    from pallas_kernels.ragged_paged_attention.reference import (
+        dense_causal_attention_reference,
+        ragged_paged_attention_reference,
+    )
+    from sharding import Layout
+
+    cfg = ModelConfig.from_hf_dict(hf_config(hkv) | {
+        "num_attention_heads": hq, "head_dim": head_dim, "hidden_size": hq * head_dim})
+    layout = Layout(mesh, cfg)
+    kernels = ShardedKernels(select_kernels("interpret"), layout)
+    rng = np.random.default_rng(hq * 10 + hkv)
+    b = paged_batch(rng, "mixed", num_q_per_kv=hq // hkv, num_kv_heads=hkv,
+                    head_dim=head_dim, page_size=page_size, pad_tokens=4)
+    # A stacked two-layer cache read at layer 1, laid out as the engine's.
+    kv = layout.put(KVCache(k=jnp.stack([b.v_pages, b.k_pages]),
+                            v=jnp.stack([b.k_pages, b.v_pages])))
+
+    @jax.jit
+    def paged(q, kv, page_tables, seq_ids, positions):
+        attention = kernels.plan_paged_attention(
+            seq_ids, positions, page_tables, num_q_per_kv=hq // hkv, page_size=page_size)
+        return attention(q, *jax.tree.leaves(kv), page_tables, seq_ids, positions,
+                         layer=jnp.int32(1))
+
+    errs = {"paged": rel_err(paged(b.q, kv, b.page_tables, b.seq_ids, b.positions),
+                             ragged_paged_attention_reference(*b.args))}
+    q, k, v, w = (jnp.asarray(rng.standard_normal((1, 24, h, head_dim), np.float32))
+                  for h in (hq, hkv, hkv, hq))
+    flash = kernels.attention_fn()
+
+    def loss(attention, q, k, v):
+        return jnp.sum(attention(q, k, v) * w)
+
+    def sharded(q, k, v):
+        return flash(0, q, k, v, None)[0]
+
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, sharded), argnums=(0, 1, 2)))(
+        q, k, v)
+    want = jax.value_and_grad(functools.partial(loss, dense_causal_attention_reference),
+                              argnums=(0, 1, 2))(q, k, v)
+    errs["flash"] = rel_err(got[0], want[0])
+    for name, g, r in zip(("dq", "dk", "dv"), got[1], want[1], strict=True):
+        errs[f"flash.{name}"] = rel_err(g, r)
+    return {"errs": errs, "copies_kv": kernels.heads.copies_kv,
+            "per_query": kernels.heads.per_query}
+
+
+def cuda_lowering(cases: list[str]) -> dict:
+    """Triton calls in the CUDA lowering (on this host, no GPU) of the compiled kernels
+    under ``ShardedKernels`` at Llama-3.1-8B-like widths in bfloat16: paged attention with
+    a column- and a row-parallel LoRA projection, and the flash pair's forward and
+    backward. A case is ``HQ,HKV,MESH``."""
+    from coserve_jax.config import ModelConfig
+    from coserve_jax.kv_cache import KVCache
+    from coserve_jax.sharded_kernels import ShardedKernels
+    from pallas_kernels.dispatch import Kernels
+    from sharding import Layout
+
+    shape, bf16, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.int32
+    hidden, head_dim, page_size, t, seqs, width, slots, rank = 4096, 128, 16, 64, 8, 12, 4, 16
+    report = {}
+    for case in cases:
+        hq, hkv, spec = case.split(",", 2)
+        hq, hkv = int(hq), int(hkv)
+        cfg = ModelConfig.from_hf_dict(hf_config(hkv) | {
+            "num_attention_heads": hq, "head_dim": head_dim, "hidden_size": hidden,
+            "intermediate_size": 14336})
+        layout = Layout(make_mesh(MeshConfig.parse(spec)), cfg)
+        kernels = ShardedKernels(Kernels(impl="kernel"), layout)
+        pages = shape((2, 64, page_size, hkv, head_dim), bf16)
+
+        def step(q, kv, tables, seq_ids, positions, x, a, b, scale, slot_ids, kernels=kernels,
+                 hq=hq, hkv=hkv, model=layout.model_size):
+            attention = kernels.plan_paged_attention(seq_ids, positions, tables,
+                                                     num_q_per_kv=hq // hkv, page_size=page_size)
+            out = attention(q, *jax.tree.leaves(kv), tables, seq_ids, positions,
+                            layer=jnp.int32(1))
+            lora = kernels.multi_slot_lora(scale, slot_ids)
+            parts = lora.row_parallel_parts({"o_proj": (a, b)}, "o_proj",
+                                            x.reshape(t, model, hidden // model))
+            return out, lora({"q_proj": (a, b)}, "q_proj", x), parts
+
+        args = (shape((t, hq, head_dim), bf16), KVCache(k=pages, v=pages),
+                shape((seqs, width), i32), shape((t,), i32), shape((t,), i32),
+                shape((t, hidden), bf16), shape((slots, hidden, rank), bf16),
+                shape((slots, rank, hidden), bf16), shape((slots,), jnp.float32),
+                shape((t,), i32))
+        flash = kernels.attention_fn()
+
+        def flash_fwd_bwd(q, k, v, w, flash=flash):
+            out, pullback = jax.vjp(lambda q, k, v: flash(0, q, k, v, None)[0], q, k, v)
+            return out, pullback(w)
+
+        seq = [shape((1, 256, h, head_dim), bf16) for h in (hq, hkv, hkv, hq)]
+        report[case] = {name: jax.jit(fn).trace(*a).lower(lowering_platforms=("cuda",))
+                        .as_text().count("__gpu$xla.gpu.triton")
+                        for name, fn, a in (("step", step, args),
+                                            ("flash", flash_fwd_bwd, seq))}
+    return report
+
+
 def count_collectives(hlo: str) -> dict[str, int]:
     """Collective instructions in compiled HLO text (async pairs counted once): in the
     whole program and inside the layer loop (the scan body, where LoRA runs)."""
@@ -175,14 +415,15 @@ def count_collectives(hlo: str) -> dict[str, int]:
     return counts
 
 
-def collectives(model_dir: str, spec: str) -> dict:
+def collectives(model_dir: str, spec: str, kernels: str = "auto") -> dict:
     """Collectives of the compiled step with adapter slots (and tokens naming them) vs the
     same step with no LoRA work, for an inference and a finetuning bucket."""
     mesh = make_mesh(MeshConfig.parse(spec))
     model = cj.load_model(model_dir, progress=False, mesh=mesh)
     report = {}
     for name, extra in (("lora", {}), ("base", {"max_adapters": 0, "max_train_seqs": 0})):
-        engine = cj.Engine(model, cj.EngineConfig(**(ENGINE | extra)), mesh=mesh)
+        engine = cj.Engine(model, cj.EngineConfig(**(ENGINE | extra), kernels=kernels),
+                           mesh=mesh)
         for train in (False, True):
             if train and engine.trainer is None:
                 continue
@@ -252,6 +493,12 @@ def main(argv: list[str]) -> None:
     what, model_dir, *meshes = argv
     if what == "parity":
         print(json.dumps(parity(model_dir, meshes)))
+    elif what == "kernels":
+        print(json.dumps(kernel_parity(model_dir, meshes)))
+    elif what == "attention":  # HQ,HKV,MESH cases (no model directory)
+        print(json.dumps(attention_parity([model_dir, *meshes])))
+    elif what == "cuda":  # HQ,HKV,MESH cases (no model directory)
+        print(json.dumps(cuda_lowering([model_dir, *meshes])))
     elif what == "hlo":  # MODEL_DIR MODEL_PARALLEL_MESH DATA_PARALLEL_MESH
         print(json.dumps({"forward": collectives(model_dir, meshes[0]),
                           "gradients": gradient_reductions(model_dir, meshes[1])}))

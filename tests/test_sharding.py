@@ -131,6 +131,64 @@ def test_sharded_step_equals_single_device_replicated_kv(model_dirs):
     check_parity(run_worker("parity", model_dirs[2], "model=4"))
 
 
+def check_kernel_parity(report: dict) -> None:
+    for mesh, r in report.items():
+        # The kernels ran, under shard_map, with no shape falling back to a reference.
+        assert r["pallas"] == {"step": True, "backward": True}, (mesh, r["pallas"])
+        assert r["reference_pallas"] == {"step": False, "backward": False}, mesh
+        assert r["fallbacks"] == [], (mesh, r["fallbacks"])
+        assert r["misplaced"] == [], (mesh, r["misplaced"])
+        assert r["next_equal"] and r["finite"] and r["grads_nonzero"], (mesh, r)
+        assert r["max_rel_err"] <= TOL, (mesh, r["worst"], r["max_rel_err"])
+        # Inside the layer loop only the base model's two all-reduces (o_proj, down_proj):
+        # the kernels' LoRA adds no collective.
+        assert r["collectives"]["all-reduce in layer"] == 2, (mesh, r["collectives"])
+
+
+def test_sharded_kernel_steps_equal_single_device(model_dirs):
+    """The Pallas kernels (interpret mode) under shard_map on model=8 and data=2 x model=4
+    (8 KV heads): two mixed steps (prompts on the base model and two adapters, greedy and
+    sampled, around finetuning windows), then the sequence's backward pieces: logits,
+    sampled tokens, losses and LoRA gradients equal the single-device references'."""
+    report = run_worker("kernels", model_dirs[8], "model=8", "data=2,model=4")
+    check_kernel_parity(report)
+    counts = report["model=8"]["collectives"]
+    others = {k: v for k, v in counts.items()
+              if k.endswith(" in layer") and k != "all-reduce in layer"}
+    assert not any(others.values()), counts
+
+
+def test_sharded_kernel_steps_equal_single_device_replicated_kv(model_dirs):
+    """model=4 with 2 KV heads: KV pages replicated, each device's attention kernel reads
+    the one KV head its two query heads share."""
+    check_kernel_parity(run_worker("kernels", model_dirs[2], "model=4"))
+
+
+@pytest.mark.parametrize("cases", [
+    ["12,3,model=4"],
+    pytest.param(["8,2,model=4", "8,8,data=2,model=4", "8,8,model=8"], marks=pytest.mark.slow),
+])
+def test_sharded_attention_kernels_on_each_devices_heads(cases):
+    """The paged attention and flash kernels under shard_map against the single-device
+    references (flash: value and gradients). 12 query heads over 3 KV heads on model=4:
+    each device's 3 query heads span 2 KV heads, so it reads one KV head per query head."""
+    report = run_worker("attention", *cases)
+    for case, r in report.items():
+        assert max(r["errs"].values()) <= TOL, (case, r["errs"])
+    if "12,3,model=4" in report:
+        assert report["12,3,model=4"]["per_query"], report
+
+
+def test_sharded_kernels_lower_to_triton():
+    """The compiled kernels under shard_map lower for CUDA through Triton on this host (no
+    GPU) at Llama-3.1-8B widths in bfloat16, on the three kinds of head split: paged
+    attention and a column- and a row-parallel LoRA (1 + 2 + 2 Triton calls), and the
+    flash pair (forward, dq, dk/dv)."""
+    report = run_worker("cuda", "32,8,model=8", "32,8,data=2,model=4", "32,2,model=4")
+    for case, counts in report.items():
+        assert counts == {"step": 5, "flash": 3}, (case, counts)
+
+
 @pytest.fixture(scope="module")
 def hlo_report(model_dirs) -> dict:
     return run_worker("hlo", model_dirs[8], "model=8", "data=2,model=4")

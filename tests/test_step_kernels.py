@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from coserve_jax import Engine, EngineConfig, SamplingParams
+from coserve_jax import step as step_module
 from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.step import REFERENCE_KERNELS, BackwardPiece, build_step, step_kernels
-from pallas_kernels.dispatch import ENV_VAR
+from pallas_kernels.dispatch import ENV_VAR, Kernels
 from pallas_kernels.ragged_paged_attention import flash
 from pallas_kernels.ragged_paged_attention import kernel as rpa_kernel
 from server.commands import engine_config_from_args
@@ -146,16 +147,25 @@ def test_kernels_resolved_once_and_environment_overrides_auto(monkeypatch):
         cfg, kernels=REFERENCE_KERNELS)
 
 
-def test_sharded_steps_run_the_references(caplog):
-    """The kernels are single-device programs: a layout gets the references, with a note
-    when kernels were asked for; a kernel bundle with a layout is refused."""
+def test_sharded_steps_resolve_the_kernels(monkeypatch, caplog):
+    """With a layout the Pallas kernels are kept (the sharded builders run them under
+    shard_map; tests/test_sharding.py checks the numbers); "auto" is still the references
+    on CPU and "kernel" still needs an accelerator. jax's TPU kernels are not placed under
+    shard_map: a sharded TPU step runs the references and says so."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
     layout = object()  # only its presence matters to the resolution
+    assert step_kernels("interpret", layout) == step_kernels("interpret")
+    assert step_kernels("interpret", layout).impl == "interpret"
+    assert step_kernels("auto", layout) == REFERENCE_KERNELS
+    with pytest.raises(ValueError, match=r"'kernel' needs a GPU or TPU"):
+        step_kernels("kernel", layout)
+    monkeypatch.setattr(step_module, "select_kernels", lambda impl: Kernels(impl="tpu"))
+    assert step_kernels("auto").impl == "tpu"
     with caplog.at_level(logging.INFO, logger="coserve_jax.step"):
-        assert step_kernels("interpret", layout) == REFERENCE_KERNELS
         assert step_kernels("auto", layout) == REFERENCE_KERNELS
-    assert "sharded step runs the jnp reference" in caplog.text
-    with pytest.raises(ValueError, match="sharded step runs the jnp references"):
-        build_step(tiny_model().config, layout=layout, kernels=step_kernels("interpret"))
+    assert "not placed under shard_map" in caplog.text
+    with pytest.raises(ValueError, match="TPU kernels"):
+        build_step(tiny_model().config, layout=layout, kernels=Kernels(impl="tpu"))
 
 
 def test_the_tiny_model_takes_the_kernel_path():
