@@ -39,9 +39,10 @@ from pallas_kernels.ragged_paged_attention import write_kv_pages
 
 log = logging.getLogger(__name__)
 
-STEP_PROGRAM_VERSION = 2
+STEP_PROGRAM_VERSION = 3
 """Bumped when the step's program changes what a bucket costs (saved latency models are
-keyed on it). 2: many-sequence batches attend by token on the reference path."""
+keyed on it). 2: many-sequence batches attend by token on the reference path. 3: the KV
+cache is one array with K and V combined on the head axis (one scatter per layer)."""
 
 REFERENCE_KERNELS = Kernels(impl="reference")
 """The jnp references: what sharded steps and direct callers of the step functions use."""
