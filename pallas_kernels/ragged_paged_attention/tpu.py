@@ -39,7 +39,8 @@ What we found comparing layouts (jax 0.10.2):
   tests run the interpreter and expect exactly that failure on such a jax (so a jax
   that can interpret it makes the test a numerical check), and check the rest on CPU:
   the inputs against jax's own jnp reference of the kernel and its input validation,
-  the cache handed over uncopied, and the kernel lowering to Mosaic for TPU.
+  the cache handed over uncopied, and the step traced through the real kernel at
+  Llama-3.1-8B shapes. (Lowering it to Mosaic asks for a TPU device kind: not on CPU.)
 """
 
 from __future__ import annotations
