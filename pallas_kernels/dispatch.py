@@ -148,13 +148,17 @@ class Kernels:
                 pages_per_block=o.attention_pages_per_block, interpret=self._interpret,
                 num_warps=o.num_warps, num_stages=o.num_stages)
         if self.impl == "tpu" and _tpu_kernel_available():
-            from pallas_kernels.ragged_paged_attention.tpu import tpu_ragged_paged_attention
+            from pallas_kernels.ragged_paged_attention import tpu
 
-            return tpu_ragged_paged_attention(q, kv_pages, page_tables, seq_ids, positions,
-                                              scale, layer=layer)
+            hq, hkv = q.shape[-2], kv_pages.shape[-2] // 2
+            if tpu.tpu_kernel_supports(dh, hq, hkv, q.dtype, kv_pages.dtype):
+                return tpu.tpu_ragged_paged_attention(q, kv_pages, page_tables, seq_ids,
+                                                      positions, scale, layer=layer)
+            _warn_fallback("ragged paged attention (TPU kernel)",
+                           f"head_dim {dh}, {hq} query / {hkv} kv heads, {kv_pages.dtype}")
         if self.uses_pallas:
             _warn_fallback("ragged paged attention", f"head_dim {dh}, page_size {page_size}")
-        elif self.impl == "tpu":
+        elif self.impl == "tpu" and not _tpu_kernel_available():
             _warn_fallback("ragged paged attention", "this jax has no TPU ragged kernel")
         if layer is not None:
             kv_pages = kv_pages[layer]

@@ -21,10 +21,11 @@ What we found comparing layouts (jax 0.10.2):
   trailing padding tokens (sequence 0, position 0) are not part of any sequence there;
   the adapter drops them from the counts and returns zeros for them (the reference gives
   them attention over position 0 of sequence 0; the step discards both).
-- **Constraints of the TPU kernel** (not checked here): ``head_dim`` a multiple of 128
-  (its softmax statistics are 128 lanes wide and are broadcast onto ``head_dim``
-  columns; smaller heads fail an assertion while tracing), ``2 * Hkv`` in (2, 4, 8) or
-  a multiple of 8 for float32 (half that packing for bfloat16), float32/bfloat16. Block
+- **Constraints of the TPU kernel** (``tpu_kernel_supports``; the dispatch falls back to
+  the jnp path for other shapes): ``head_dim`` a multiple of 128 (its softmax
+  statistics are 128 lanes wide and are broadcast onto ``head_dim`` columns; smaller
+  heads fail an assertion while tracing), ``2 * Hkv`` in (2, 4, 8) or a multiple of 8
+  for float32 (``Hkv`` so for bfloat16, which packs two per row), float32/bfloat16. Block
   sizes come from its tuned table, which asks the device for its TPU version: off TPU,
   pass ``num_kv_pages_per_block`` and ``num_queries_per_block``.
 - **Running it on CPU.** ``interpret=True`` runs the kernel under Pallas' TPU interpret
@@ -64,6 +65,21 @@ def real_token_mask(seq_ids: jax.Array, positions: jax.Array) -> jax.Array:
     prev_pos = jnp.concatenate([jnp.full((1,), -1, positions.dtype), positions[:-1]])
     ok = (seq_ids > prev_seq) | ((seq_ids == prev_seq) & (positions == prev_pos + 1))
     return jnp.cumprod(ok.astype(jnp.int32)).astype(bool)
+
+
+def tpu_kernel_supports(head_dim: int, num_q_heads: int, num_kv_heads: int, q_dtype,
+                        kv_dtype) -> bool:
+    """Whether jax's TPU kernel takes these shapes: ``head_dim`` a multiple of 128 and head
+    counts its blocks can tile (asked of the kernel's own ``get_min_heads_per_blk``)."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as tpu_kernel
+
+    if head_dim % 128 or num_q_heads % num_kv_heads:
+        return False
+    try:
+        tpu_kernel.get_min_heads_per_blk(num_q_heads, 2 * num_kv_heads, q_dtype, kv_dtype)
+    except ValueError:  # "Not implemented: ... can not be XLA fully tiled"
+        return False
+    return True
 
 
 def tpu_kernel_inputs(

@@ -27,6 +27,7 @@ from pallas_kernels import Kernels
 from pallas_kernels.ragged_paged_attention import combine_kv, ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention.tpu import (
     real_token_mask,
+    tpu_kernel_supports,
     tpu_ragged_paged_attention,
 )
 
@@ -194,7 +195,7 @@ def test_traced_step_hands_the_cache_to_the_kernel(layer):
 def test_dispatch_routes_tpu_attention_to_the_adapter(monkeypatch):
     """``Kernels(impl="tpu")``, what a TPU step is built with, hands the kernel the cache."""
     rng = np.random.default_rng(23)
-    batch = paged_batch(rng, "mixed", num_q_per_kv=4, num_kv_heads=1, head_dim=32,
+    batch = paged_batch(rng, "mixed", num_q_per_kv=4, num_kv_heads=1, head_dim=128,
                         page_size=8)
     kernel = _RecordingKernel()
     monkeypatch.setattr(tpu_rpa, "ragged_paged_attention", kernel)
@@ -206,6 +207,23 @@ def test_dispatch_routes_tpu_attention_to_the_adapter(monkeypatch):
     real = np.asarray(real_token_mask(batch.seq_ids, batch.positions))
     assert_close(np.asarray(out)[real],
                  np.asarray(ragged_paged_attention_reference(*batch.args))[real])
+
+
+def test_shapes_the_kernel_cannot_take_fall_back_to_the_reference(monkeypatch, caplog):
+    """head_dim 64 (Llama-3.2-1B) is not a multiple of the kernel's 128 lanes: the TPU
+    path runs the jnp attention instead, with a warning, rather than failing to trace."""
+    assert tpu_kernel_supports(128, 32, 8, jnp.bfloat16, jnp.bfloat16)  # Llama-3.1-8B
+    assert tpu_kernel_supports(128, 28, 4, jnp.bfloat16, jnp.bfloat16)  # Qwen2.5-7B
+    assert not tpu_kernel_supports(64, 32, 8, jnp.bfloat16, jnp.bfloat16)
+    assert not tpu_kernel_supports(128, 12, 3, jnp.float32, jnp.float32)  # 6 combined heads
+    batch = paged_batch(np.random.default_rng(24), "decode", num_q_per_kv=2,
+                        num_kv_heads=2, head_dim=64, page_size=8)
+    kernel = _RecordingKernel()
+    monkeypatch.setattr(tpu_rpa, "ragged_paged_attention", kernel)
+    with caplog.at_level("WARNING"):
+        out = Kernels(impl="tpu").paged_attention(*batch.args)
+    assert not kernel.calls and "falling back" in caplog.text
+    assert_close(out, ragged_paged_attention_reference(*batch.args))
 
 
 def test_combine_kv_interleaves_heads():
