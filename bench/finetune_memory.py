@@ -140,8 +140,8 @@ def abstract_train(cfg: ModelConfig, slots: AdapterSlots, rows: int,
 
 def abstract_kv(cfg: ModelConfig, num_pages: int, page_size: int, dtype: DTypeLike) -> KVCache:
     """A ``KVCache`` of ``num_pages`` pages for every layer."""
-    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(k=sds(shape, dtype), v=sds(shape, dtype))
+    shape = (cfg.num_layers, num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(pages=sds(shape, dtype))
 
 
 def abstract_batch(num_tokens: int, num_seqs: int, num_pages: int) -> TokenBatch:

@@ -57,6 +57,7 @@ from pallas_kernels.ragged_paged_attention import (  # noqa: E402
     ragged_attention_metadata,
     ragged_paged_attention,
     ragged_paged_attention_reference,
+    split_kv,
 )
 from pallas_kernels.ragged_paged_attention.kernel import (  # noqa: E402
     default_block_q,
@@ -175,7 +176,8 @@ def paged_inputs(rng: np.random.Generator, chunks: list[tuple[int, int]], num_to
                  dtype, *, hq: int, hkv: int, dh: int,
                  page_size: int) -> tuple[jax.Array, ...]:
     """A TokenBatch-shaped ragged batch ((chunk length, first position) per sequence,
-    padding tokens last) over a pool of random pages."""
+    padding tokens last) over a pool of random pages in the cache's combined K/V layout
+    ``[P, page_size, 2 * Hkv, Dh]``: ``(q, kv_pages, page_tables, seq_ids, positions)``."""
     num_seqs = len(chunks)
     width = max(-(-(s + n) // page_size) for n, s in chunks)
     num_pages = num_seqs * width + 1
@@ -192,9 +194,8 @@ def paged_inputs(rng: np.random.Generator, chunks: list[tuple[int, int]], num_to
     def normal(*shape):
         return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
 
-    return (normal(num_tokens, hq, dh), normal(num_pages, page_size, hkv, dh),
-            normal(num_pages, page_size, hkv, dh), jnp.asarray(tables, jnp.int32),
-            jnp.asarray(seq_ids), jnp.asarray(positions))
+    return (normal(num_tokens, hq, dh), normal(num_pages, page_size, 2 * hkv, dh),
+            jnp.asarray(tables, jnp.int32), jnp.asarray(seq_ids), jnp.asarray(positions))
 
 
 def dense_inputs(rng, b, length, dtype, *, hq, hkv, dh):
@@ -250,7 +251,8 @@ def bench_paged_attention(bench: Bench, rng, sz: Sizes) -> None:
     for name, (chunks, num_tokens) in cases.items():
         args = paged_inputs(rng, chunks, num_tokens, dtype, hq=sz.hq, hkv=hkv, dh=dh,
                             page_size=sz.page_size)
-        q, k_pages, v_pages, tables, seq_ids, positions = args
+        q, kv_pages, tables, seq_ids, positions = args
+        k_pages, v_pages = split_kv(kv_pages)  # for the non-paged baselines only
         # The layout is computed once per step and shared by every layer: not timed.
         meta = jax.jit(ragged_attention_metadata, static_argnames=(
             "block_q", "pages_per_block"))(

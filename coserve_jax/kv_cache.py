@@ -1,9 +1,12 @@
 """Paged KV cache: device arrays of pages and the host-side page allocator.
 
-The device side is a pytree of two arrays ``[L, P, page_size, Hkv, Dh]``; the
-step donates it and writes new tokens in place. The host side decides which
-pages each sequence owns; page tables are plain lists until a ``TokenBatch``
-packs them.
+The device side is one array ``[L, P, page_size, 2 * Hkv, Dh]`` with K and V
+combined on the head axis (K of kv head ``h`` at ``2h``, V at ``2h + 1``): the
+layout jax's TPU ragged paged attention kernel reads, so it gets the cache
+itself, and the one every other attention path reads too
+(``pallas_kernels.ragged_paged_attention.reference``). The step donates it and
+writes new tokens in place. The host side decides which pages each sequence
+owns; page tables are plain lists until a ``TokenBatch`` packs them.
 """
 
 from __future__ import annotations
@@ -19,23 +22,22 @@ from coserve_jax.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    """Key and value pages of every layer."""
+    """Key and value pages of every layer, combined on the head axis."""
 
-    k: jax.Array  # [L, P, page_size, Hkv, Dh]
-    v: jax.Array  # [L, P, page_size, Hkv, Dh]
+    pages: jax.Array  # [L, P, page_size, 2 * Hkv, Dh]: K of head h at 2h, V at 2h + 1
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
-        shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        shape = (cfg.num_layers, num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+        return cls(pages=jnp.zeros(shape, dtype))
 
     @property
     def num_pages(self) -> int:
-        return self.k.shape[1]
+        return self.pages.shape[1]
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.pages.shape[2]
 
 
 class OutOfPagesError(RuntimeError):

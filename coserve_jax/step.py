@@ -41,11 +41,12 @@ from pallas_kernels.ragged_paged_attention import write_kv_pages
 
 log = logging.getLogger(__name__)
 
-STEP_PROGRAM_VERSION = 3
+STEP_PROGRAM_VERSION = 4
 """Bumped when the step's program changes what a bucket costs (saved latency models are
 keyed on it). 2: many-sequence batches attend by token on the reference path. 3: the step
 also returns the sampled tokens' logprobs and the top ``MAX_LOGPROBS`` (a top-k over the
-vocabulary per sequence)."""
+vocabulary per sequence). 4: the KV cache is one array with K and V combined on the head
+axis (one scatter per layer)."""
 
 REFERENCE_KERNELS = Kernels(impl="reference")
 """The jnp references: what direct callers of the step functions use by default."""

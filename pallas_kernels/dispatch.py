@@ -4,7 +4,8 @@
 
 - ``impl="auto"`` (default; the ``COSERVE_KERNELS`` environment variable overrides it):
   the Pallas kernels on GPU; on TPU jax's own TPU ragged paged attention kernel (through
-  ``ragged_paged_attention/tpu.py``, which documents the KV layout copy it needs),
+  ``ragged_paged_attention/tpu.py``; the KV cache is in that kernel's layout, so it is
+  handed over uncopied),
   ``lax.ragged_dot`` for LoRA and the fallback for dense causal attention; the jnp
   references on CPU;
 - ``"kernel"``: the Pallas kernels, compiled (GPU; on TPU the TPU choices above);
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 IMPLS = ("auto", "kernel", "reference", "interpret")
 ENV_VAR = "COSERVE_KERNELS"
 
-# (q, k_pages, v_pages, page_tables, seq_ids, positions, scale=None, *, layer=None) -> [T, Hq, Dh]
+# (q, kv_pages, page_tables, seq_ids, positions, scale=None, *, layer=None) -> [T, Hq, Dh];
+# kv_pages [P, page_size, 2 * Hkv, Dh] (K of head h at 2h, V at 2h + 1), or [L, P, ...]
 PagedAttentionFn = Callable[..., jax.Array]
 # (q [B, L, Hq, Dh], k, v) -> [B, L, Hq, Dh], differentiable
 CausalAttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -134,32 +136,36 @@ class Kernels:
 
     # ---- ragged paged attention (the step's forward over paged KV) ----
 
-    def paged_attention(self, q, k_pages, v_pages, page_tables, seq_ids, positions,
+    def paged_attention(self, q, kv_pages, page_tables, seq_ids, positions,
                         scale=None, *, layer=None, metadata=None) -> jax.Array:
         """Drop-in for ``ragged_paged_attention_reference`` (plus ``layer``: pass the
         stacked ``[L, P, ...]`` cache and the layer index, so no layer copy is made)."""
-        dh, page_size = q.shape[-1], k_pages.shape[-3]
+        dh, page_size = q.shape[-1], kv_pages.shape[-3]
         if self.uses_pallas and rpa_kernel.kernel_supports(dh, page_size):
             o = self.options
             return rpa_kernel.ragged_paged_attention(
-                q, k_pages, v_pages, page_tables, seq_ids, positions, scale, layer=layer,
+                q, kv_pages, page_tables, seq_ids, positions, scale, layer=layer,
                 metadata=metadata, block_q=o.attention_block_q,
                 pages_per_block=o.attention_pages_per_block, interpret=self._interpret,
                 num_warps=o.num_warps, num_stages=o.num_stages)
         if self.impl == "tpu" and _tpu_kernel_available():
-            from pallas_kernels.ragged_paged_attention.tpu import tpu_ragged_paged_attention
+            from pallas_kernels.ragged_paged_attention import tpu
 
-            return tpu_ragged_paged_attention(q, k_pages, v_pages, page_tables, seq_ids,
-                                              positions, scale, layer=layer)
+            hq, hkv = q.shape[-2], kv_pages.shape[-2] // 2
+            if tpu.tpu_kernel_supports(dh, hq, hkv, q.dtype, kv_pages.dtype):
+                return tpu.tpu_ragged_paged_attention(q, kv_pages, page_tables, seq_ids,
+                                                      positions, scale, layer=layer)
+            _warn_fallback("ragged paged attention (TPU kernel)",
+                           f"head_dim {dh}, {hq} query / {hkv} kv heads, {kv_pages.dtype}")
         if self.uses_pallas:
             _warn_fallback("ragged paged attention", f"head_dim {dh}, page_size {page_size}")
-        elif self.impl == "tpu":
+        elif self.impl == "tpu" and not _tpu_kernel_available():
             _warn_fallback("ragged paged attention", "this jax has no TPU ragged kernel")
         if layer is not None:
-            k_pages, v_pages = k_pages[layer], v_pages[layer]
+            kv_pages = kv_pages[layer]
         # The reference's function, in the formulation cheaper for this batch shape.
-        return ragged_paged_attention_xla(q, k_pages, v_pages, page_tables, seq_ids,
-                                          positions, scale)
+        return ragged_paged_attention_xla(q, kv_pages, page_tables, seq_ids, positions,
+                                          scale)
 
     def plan_paged_attention(self, seq_ids: jax.Array, positions: jax.Array,
                              page_tables: jax.Array, *, num_q_per_kv: int,

@@ -11,8 +11,9 @@ The base model's plan is fixed first (Megatron-style tensor parallelism on the
 - Embedding and LM head are split on the vocabulary (the lookup is a masked
   local gather plus an all-reduce; logits come out split on the vocabulary).
 - Norms and o_proj's bias are replicated; q/k/v biases follow their columns.
-- KV pages ``[L, P, page, Hkv, Dh]`` are split on KV heads (each device keeps the
-  K/V of its own heads); with fewer KV heads than the model axis, K/V weights and
+- KV pages ``[L, P, page, 2 * Hkv, Dh]`` (K and V interleaved per head) are split on
+  the combined head axis, which keeps each head's K/V pair on one device (each device
+  keeps the K/V of its own heads); with fewer KV heads than the model axis, K/V weights and
   pages are replicated (GQA: every device needs the KV heads its query heads read).
 
 Adapters follow the base plan (dependent parallelization, FlexLLM section 5):
@@ -175,7 +176,8 @@ class Layout:
             spec = (*([None] * (ndim - 2)), *self.weight_spec(leaf))
         elif leaf in _BIAS_OF:
             spec = (*([None] * (ndim - 1)), self.weight_spec(_BIAS_OF[leaf])[1])
-        elif leaf in ("k", "v") and ndim == 5:  # KV pages [L, P, page, Hkv, Dh]
+        elif leaf == "pages" and ndim == 5:  # KV pages [L, P, page, 2 * Hkv, Dh]
+            # Contiguous shards of the interleaved axis hold whole (K, V) head pairs.
             spec = (None, None, None, self._model(d.kv_heads), None)
         elif leaf == "embed" and ndim == 2:  # [V, D]
             spec = (self._model(d.vocab), None)

@@ -1,10 +1,15 @@
-"""The host-side page allocator."""
+"""The host-side page allocator and the device-side cache layout."""
 
 from __future__ import annotations
 
+import types
+
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from coserve_jax.kv_cache import OutOfPagesError, PageAllocator
+from coserve_jax.kv_cache import KVCache, OutOfPagesError, PageAllocator
+from pallas_kernels.ragged_paged_attention import write_kv_pages
 
 
 def test_grow_free_and_usage():
@@ -38,3 +43,22 @@ def test_request_that_never_fits():
     alloc.check_fits(16)
     with pytest.raises(ValueError, match=r"never|at most"):
         alloc.check_fits(17)
+
+
+def test_cache_layout_is_the_tpu_kernels_combined_heads():
+    """``KVCache`` is one ``[L, P, page, 2 * Hkv, Dh]`` array; ``write_kv_pages`` puts K of
+    head h at ``2h`` and V at ``2h + 1`` of the token's slot in the given layer, and drops
+    padding slots."""
+    cfg = types.SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=4)  # what zeros reads
+    kv = KVCache.zeros(cfg, num_pages=5, page_size=4, dtype=jnp.float32)
+    assert kv.pages.shape == (3, 5, 4, 4, 4) and (kv.num_pages, kv.page_size) == (5, 4)
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    v = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    slots = jnp.asarray([9, 2, -1], jnp.int32)  # page 2 offset 1, page 0 offset 2, padding
+    pages = np.asarray(write_kv_pages(kv.pages, jnp.asarray(k), jnp.asarray(v), slots,
+                                      jnp.int32(1)))
+    for t, (page, offset) in enumerate([(2, 1), (0, 2)]):
+        np.testing.assert_array_equal(pages[1, page, offset, 0::2], k[t])
+        np.testing.assert_array_equal(pages[1, page, offset, 1::2], v[t])
+    assert np.count_nonzero(pages) == 2 * 2 * 2 * 4  # nothing else written (padding dropped)

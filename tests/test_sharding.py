@@ -91,12 +91,14 @@ def test_layout_follows_megatron_and_dependent_parallelization():
         P("data", None, None, "model", None)
     # A job's weights and its optax state, found by module name under any prefix.
     assert spec(("0", "mu", "down_proj", "a"), (48, 13824, 16)) == P(None, "model", None)
-    assert spec(("k",), (48, 100, 16, 8, 128)) == P(None, None, None, "model", None)
+    # KV pages [L, P, page, 2 * Hkv, Dh]: the combined head axis, whole (K, V) pairs a shard.
+    assert spec(("pages",), (48, 100, 16, 16, 128)) == P(None, None, None, "model", None)
     assert spec(("acts",), (48, 512, 5120)) == P(None, None, "model")
     # 2 KV heads on a 4-way model axis: KV weights and pages are replicated (GQA).
     few_kv = ModelConfig.from_hf_dict(hf_config(2))
     layout = Layout(abstract_mesh(MeshConfig(model=4)), few_kv)
-    assert layout.spec_for(("k",), (2, 64, 4, 2, 32)) == P(None, None, None, None, None)
+    # (4 combined heads would divide 4 ways, but that would part each head's K from its V.)
+    assert layout.spec_for(("pages",), (2, 64, 4, 4, 32)) == P(None, None, None, None, None)
     assert layout.spec_for(("layers", "k_proj"), (2, 256, 64)) == P(None, None, None)
     assert layout.spec_for(("b", "k_proj"), (2, 3, 8, 64)) == P(None, None, None, None)
     assert layout.spec_for(("layers", "q_proj"), (2, 256, 256)) == P(None, None, "model")

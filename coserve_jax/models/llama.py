@@ -342,18 +342,18 @@ def forward_paged(
     batch see each other causally. ``extra`` is threaded through
     ``on_layer_input(layer, x, extra) -> extra``.
 
-    ``paged_attention(q, k_pages, v_pages, page_tables, seq_ids, positions, *, layer)``
-    gets the whole stacked cache ``[L, P, ...]`` and the layer index (a
+    ``paged_attention(q, kv_pages, page_tables, seq_ids, positions, *, layer)``
+    gets the whole stacked cache ``[L, P, page_size, 2 * Hkv, Dh]`` and the layer index (a
     ``pallas_kernels.dispatch.PagedAttentionFn``), so a kernel can read the layer's
     pages in place instead of XLA copying them out for every layer.
     """
 
     def attention(layer, q, k, v, carry):
         cache, ext = carry
-        k_all, v_all = write_kv(cache.k, cache.v, k, v, batch.slots, layer)
-        out = paged_attention(q, k_all, v_all, batch.page_tables, batch.seq_ids,
-                              batch.positions, layer=layer)
-        return out, (cache.replace(k=k_all, v=v_all), ext)
+        pages = write_kv(cache.pages, k, v, batch.slots, layer)
+        out = paged_attention(q, pages, batch.page_tables, batch.seq_ids, batch.positions,
+                              layer=layer)
+        return out, (cache.replace(pages=pages), ext)
 
     hook = None
     if on_layer_input is not None:

@@ -24,7 +24,11 @@ positions give the causal mask, so a block mixes rows at different positions fre
 (chunks that continue a cached prefix, padding rows).
 
 GPU notes: K/V pages are indexed through a whole-array BlockSpec (on Triton that is just
-a base pointer) and gathered ``pages_per_block`` pages per load; every loaded tile has
+a base pointer) and gathered ``pages_per_block`` pages per load. The cache holds K and V
+combined on the head axis (K of kv head ``h`` at ``2h``, V at ``2h + 1``); it is passed
+twice, as the K operand with block index ``2h`` on that axis and as the V operand with
+``2h + 1``, so each program reads its head's K and V straight from the cache (strided
+addresses, no split copy); every loaded tile has
 power-of-two sizes (``block_q * G``, ``page_size``, ``head_dim``), which Triton requires,
 and every matmul is at least 16 on each side when the defaults are used.
 """
@@ -188,8 +192,7 @@ def kernel_supports(head_dim: int, page_size: int) -> bool:
                                              "num_warps", "num_stages"))
 def ragged_paged_attention(
     q: jax.Array,  # [T, Hq, Dh]
-    k_pages: jax.Array,  # [P, page_size, Hkv, Dh], or [L, P, page_size, Hkv, Dh] with `layer`
-    v_pages: jax.Array,  # same shape as k_pages
+    kv_pages: jax.Array,  # [P, page_size, 2 * Hkv, Dh], or [L, P, ...] with `layer`
     page_tables: jax.Array,  # [S, W] int32
     seq_ids: jax.Array,  # [T] int32
     positions: jax.Array,  # [T] int32
@@ -209,7 +212,7 @@ def ragged_paged_attention(
     result). Extras:
 
     - ``layer``: pass the whole stacked cache ``[L, P, ...]`` and the layer index instead of
-      ``k_pages[layer]``; the kernel then offsets page ids by ``layer * P`` rather than
+      ``kv_pages[layer]``; the kernel then offsets page ids by ``layer * P`` rather than
       having XLA copy the layer's pages out for the custom call.
     - ``metadata``: the block layout from ``ragged_attention_metadata`` (compute it once
       per step; it is recomputed here when absent). Its ``block_q`` wins over the argument.
@@ -218,13 +221,13 @@ def ragged_paged_attention(
     """
     t, hq, dh = q.shape
     if layer is not None:
-        num_layers, num_pages = k_pages.shape[:2]
-        k_pages = k_pages.reshape(num_layers * num_pages, *k_pages.shape[2:])
-        v_pages = v_pages.reshape(num_layers * num_pages, *v_pages.shape[2:])
+        num_layers, num_pages = kv_pages.shape[:2]
+        kv_pages = kv_pages.reshape(num_layers * num_pages, *kv_pages.shape[2:])
         page_offset = jnp.asarray(layer, jnp.int32) * num_pages
     else:
         page_offset = None
-    _, page_size, hkv, _ = k_pages.shape
+    total_pages, page_size, hkv2, _ = kv_pages.shape
+    hkv = hkv2 // 2
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
     if not kernel_supports(dh, page_size):
@@ -271,15 +274,17 @@ def ragged_paged_attention(
             pl.BlockSpec((bq,), lambda i, h: (i,)),  # row positions
             pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),  # block tables
             pl.BlockSpec((bq, None, gp, dh), lambda i, h: (i, h, 0, 0)),  # q
-            pl.BlockSpec((k_pages.shape[0], page_size, None, dh), lambda i, h: (0, 0, h, 0)),
-            pl.BlockSpec((v_pages.shape[0], page_size, None, dh), lambda i, h: (0, 0, h, 0)),
+            # The combined cache twice: K of head h at 2h, V at 2h + 1.
+            pl.BlockSpec((total_pages, page_size, None, dh), lambda i, h: (0, 0, 2 * h, 0)),
+            pl.BlockSpec((total_pages, page_size, None, dh),
+                         lambda i, h: (0, 0, 2 * h + 1, 0)),
         ],
         out_specs=pl.BlockSpec((bq, None, gp, dh), lambda i, h: (i, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((nb * bq, hkv, gp, dh), q.dtype),
         interpret=interpret,
         name="ragged_paged_attention",
         **compiler_params_kwargs(interpret, num_warps, num_stages),
-    )(metadata.kv_len, metadata.row_pos, tables, q_blocks, k_pages, v_pages)
+    )(metadata.kv_len, metadata.row_pos, tables, q_blocks, kv_pages, kv_pages)
     out = out[:, :, :groups].reshape(nb * bq, hq, dh)
     # Every real token has a row; tokens the layout could not hold (invariant broken) get 0.
     return jnp.take(out, metadata.dest, axis=0, mode="fill", fill_value=0)

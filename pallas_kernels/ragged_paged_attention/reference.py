@@ -2,9 +2,12 @@
 
 Layout (shared with the KV cache and the token batch):
 
-- ``k_pages``/``v_pages``: ``[num_pages, page_size, num_kv_heads, head_dim]``
-  for one layer. Position ``p`` of a sequence lives in page
-  ``page_table[p // page_size]`` at offset ``p % page_size``.
+- ``kv_pages``: ``[num_pages, page_size, 2 * num_kv_heads, head_dim]`` for one
+  layer, K and V combined on the head axis: K of kv head ``h`` at index ``2h``,
+  V at ``2h + 1`` (the layout of jax's TPU ragged paged attention kernel, so
+  the cache is handed to it as is; ``split_kv``/``combine_kv`` convert). Position
+  ``p`` of a sequence lives in page ``page_table[p // page_size]`` at offset
+  ``p % page_size``.
 - Tokens are a flat ragged list ``[T]``; token ``t`` belongs to sequence
   ``seq_ids[t]`` at position ``positions[t]`` and attends causally to
   positions ``0..positions[t]`` of its own sequence, all of which must already
@@ -18,32 +21,41 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def combine_kv(k: jax.Array, v: jax.Array) -> jax.Array:
+    """``[..., Hkv, Dh]`` K and V as one ``[..., 2 * Hkv, Dh]`` array, K of head h at
+    ``2h`` and V at ``2h + 1``."""
+    return jnp.stack([k, v], axis=-2).reshape(*k.shape[:-2], 2 * k.shape[-2], k.shape[-1])
+
+
+def split_kv(kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The K and V halves ``[..., Hkv, Dh]`` of a combined ``[..., 2 * Hkv, Dh]`` array
+    (strided slices of the head axis)."""
+    return kv[..., 0::2, :], kv[..., 1::2, :]
+
+
 def write_kv_pages(
-    k_pages: jax.Array,  # [P, S, Hkv, Dh], or [L, P, S, Hkv, Dh] with `layer`
-    v_pages: jax.Array,  # same shape as k_pages
+    kv_pages: jax.Array,  # [P, S, 2 * Hkv, Dh], or [L, P, S, 2 * Hkv, Dh] with `layer`
     k: jax.Array,  # [T, Hkv, Dh]
     v: jax.Array,  # [T, Hkv, Dh]
     slots: jax.Array,  # [T] int32: page * page_size + offset; -1 for padding
     layer: jax.Array | None = None,  # scalar int32 when the pages of all layers are passed
-) -> tuple[jax.Array, jax.Array]:
+) -> jax.Array:
     """Scatters the new tokens' K/V into their slots in place; padding slots are dropped.
 
     Passing all layers with a layer index lets the step update the stacked
-    cache in place rather than copying one layer's pages out and back.
+    cache in place rather than copying one layer's pages out and back. K and V
+    are interleaved per token (``[T, 2 * Hkv, Dh]``, small) so one scatter writes both.
     """
-    num_pages, page_size = k_pages.shape[-4:-2]
+    num_pages, page_size = kv_pages.shape[-4:-2]
     # Padding slots point past the last page; mode="drop" discards them.
     page = jnp.where(slots < 0, num_pages, slots // page_size)
     index = (page, slots % page_size) if layer is None else (layer, page, slots % page_size)
-    k_pages = k_pages.at[index].set(k.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[index].set(v.astype(v_pages.dtype), mode="drop")
-    return k_pages, v_pages
+    return kv_pages.at[index].set(combine_kv(k, v).astype(kv_pages.dtype), mode="drop")
 
 
 def ragged_paged_attention_reference(
     q: jax.Array,  # [T, Hq, Dh]
-    k_pages: jax.Array,  # [P, S, Hkv, Dh]
-    v_pages: jax.Array,  # [P, S, Hkv, Dh]
+    kv_pages: jax.Array,  # [P, S, 2 * Hkv, Dh]
     page_tables: jax.Array,  # [num_seqs, W] int32
     seq_ids: jax.Array,  # [T] int32
     positions: jax.Array,  # [T] int32
@@ -59,12 +71,12 @@ def ragged_paged_attention_reference(
     reference usable on CPU; the kernels do only the needed work.
     """
     t, hq, dh = q.shape
-    _, page_size, hkv, _ = k_pages.shape
+    _, page_size, hkv2, _ = kv_pages.shape
+    hkv = hkv2 // 2
     num_seqs, width = page_tables.shape
     ctx = width * page_size
     scale = 1.0 / np.sqrt(dh) if scale is None else scale
-    k = k_pages[page_tables].reshape(num_seqs, ctx, hkv, dh)
-    v = v_pages[page_tables].reshape(num_seqs, ctx, hkv, dh)
+    k, v = split_kv(kv_pages[page_tables].reshape(num_seqs, ctx, hkv2, dh))
     qg = q.reshape(t, hkv, hq // hkv, dh)
     scores = jnp.einsum("tkgd,sckd->tkgsc", qg, k, preferred_element_type=jnp.float32) * scale
     own = seq_ids[:, None] == jnp.arange(num_seqs)[None, :]  # [T, S]

@@ -17,7 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention.reference import (
+    ragged_paged_attention_reference,
+    split_kv,
+)
 
 # Sequences per batch from which scoring only each token's own context wins over the
 # reference's all-sequences scoring (measured on CPU for head sizes 64-128: the reference
@@ -28,8 +31,7 @@ TOKEN_BLOCK = 16
 
 def ragged_paged_attention_by_token(
     q: jax.Array,  # [T, Hq, Dh]
-    k_pages: jax.Array,  # [P, page_size, Hkv, Dh]
-    v_pages: jax.Array,  # [P, page_size, Hkv, Dh]
+    kv_pages: jax.Array,  # [P, page_size, 2 * Hkv, Dh], K of head h at 2h, V at 2h + 1
     page_tables: jax.Array,  # [num_seqs, W] int32
     seq_ids: jax.Array,  # [T] int32
     positions: jax.Array,  # [T] int32
@@ -40,12 +42,12 @@ def ragged_paged_attention_by_token(
     ``T * num_seqs * W * page_size``: ``[T, Hq, Dh]``. Tokens go in blocks of ``block``
     (``lax.map``) so each block's gathered contexts stay small."""
     t, hq, dh = q.shape
-    _, page_size, hkv, _ = k_pages.shape
+    _, page_size, hkv2, _ = kv_pages.shape
+    hkv = hkv2 // 2
     num_seqs, width = page_tables.shape
     ctx = width * page_size
     scale = 1.0 / np.sqrt(dh) if scale is None else scale
-    k_seq = k_pages[page_tables].reshape(num_seqs, ctx, hkv, dh)
-    v_seq = v_pages[page_tables].reshape(num_seqs, ctx, hkv, dh)
+    k_seq, v_seq = split_kv(kv_pages[page_tables].reshape(num_seqs, ctx, hkv2, dh))
     block = min(block, t)
     pad = -t % block
 
@@ -71,11 +73,11 @@ def ragged_paged_attention_by_token(
     return out[:t].astype(q.dtype)
 
 
-def ragged_paged_attention_xla(q, k_pages, v_pages, page_tables, seq_ids, positions,
+def ragged_paged_attention_xla(q, kv_pages, page_tables, seq_ids, positions,
                                scale=None) -> jax.Array:
     """The cheaper of the two exact jnp formulations for this batch shape (static)."""
     if page_tables.shape[0] >= BY_TOKEN_MIN_SEQS:
-        return ragged_paged_attention_by_token(q, k_pages, v_pages, page_tables, seq_ids,
+        return ragged_paged_attention_by_token(q, kv_pages, page_tables, seq_ids,
                                                positions, scale)
-    return ragged_paged_attention_reference(q, k_pages, v_pages, page_tables, seq_ids,
+    return ragged_paged_attention_reference(q, kv_pages, page_tables, seq_ids,
                                             positions, scale)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.ragged_paged_attention.reference import combine_kv
+
 
 def rel_err(out, ref) -> float:
     """Max abs error relative to the reference's max magnitude."""
@@ -35,16 +37,14 @@ def assert_close(out, ref, tol: float = 1e-5, what: str = "output") -> float:
 @dataclasses.dataclass
 class PagedBatch:
     q: jax.Array  # [T, Hq, Dh]
-    k_pages: jax.Array  # [P, page_size, Hkv, Dh]
-    v_pages: jax.Array
+    kv_pages: jax.Array  # [P, page_size, 2 * Hkv, Dh]: K of head h at 2h, V at 2h + 1
     page_tables: jax.Array  # [S, W]
     seq_ids: jax.Array  # [T]
     positions: jax.Array  # [T]
 
     @property
     def args(self) -> tuple[jax.Array, ...]:
-        return (self.q, self.k_pages, self.v_pages, self.page_tables, self.seq_ids,
-                self.positions)
+        return (self.q, self.kv_pages, self.page_tables, self.seq_ids, self.positions)
 
 
 # Ragged mixes: (chunk length, first position) per sequence. Decode rows are one token
@@ -81,8 +81,9 @@ def paged_batch(rng: np.random.Generator, mix: str, *, num_q_per_kv: int, num_kv
 
     return PagedBatch(
         q=normal(t, hq, head_dim),
-        k_pages=normal(num_pages, page_size, hkv, head_dim),
-        v_pages=normal(num_pages, page_size, hkv, head_dim),
+        # Drawn as separate K and V (the same values as before the cache was combined).
+        kv_pages=combine_kv(normal(num_pages, page_size, hkv, head_dim),
+                            normal(num_pages, page_size, hkv, head_dim)),
         page_tables=jnp.asarray(tables, jnp.int32),
         seq_ids=jnp.asarray(seq_ids, jnp.int32),
         positions=jnp.asarray(positions, jnp.int32),

@@ -36,14 +36,13 @@ GPU = Kernels(impl="kernel", options=KernelOptions())
                                                  (28, 4, 8, 64), (8, 8, 16, 8)])
 def test_paged_attention_lowers_to_triton(hq, hkv, page_size, t):
     dh, pages, seqs, width = 128, 64, 8, 12
-    args = (S((t, hq, dh), BF16), S((2, pages, page_size, hkv, dh), BF16),
-            S((2, pages, page_size, hkv, dh), BF16), S((seqs, width), I32), S((t,), I32),
-            S((t,), I32))
+    args = (S((t, hq, dh), BF16), S((2, pages, page_size, 2 * hkv, dh), BF16),
+            S((seqs, width), I32), S((t,), I32), S((t,), I32))
 
-    def step(q, k, v, tables, seq_ids, positions):
+    def step(q, kv, tables, seq_ids, positions):
         attention = GPU.plan_paged_attention(seq_ids, positions, tables,
                                              num_q_per_kv=hq // hkv, page_size=page_size)
-        return attention(q, k, v, tables, seq_ids, positions, layer=jnp.int32(1))
+        return attention(q, kv, tables, seq_ids, positions, layer=jnp.int32(1))
 
     text = lower_for_cuda(step, *args)
     assert text.count(TRITON_CALL) == 1

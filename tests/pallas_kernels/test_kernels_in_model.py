@@ -13,7 +13,7 @@ from coserve_jax.batch import Bucket, SeqChunk, build_batch
 from coserve_jax.kv_cache import KVCache
 from coserve_jax.lora.adapter import module_shape
 from coserve_jax.models import llama
-from pallas_kernels import select_kernels, write_kv_pages
+from pallas_kernels import combine_kv, select_kernels, write_kv_pages
 
 from support import tiny_model
 
@@ -52,8 +52,9 @@ def test_tiny_model_step_kernels_equal_reference():
               SeqChunk(rng.integers(3, 300, 1).tolist(), 12, [2, 4], adapter_slot=1)]
     batch = build_batch(chunks, Bucket(num_tokens=24, num_seqs=4, num_pages=2), PAGE_SIZE)
     kv = KVCache.zeros(cfg, 6, PAGE_SIZE, model.dtype)
-    kv = kv.replace(k=jnp.asarray(rng.standard_normal(kv.k.shape, np.float32), kv.k.dtype),
-                    v=jnp.asarray(rng.standard_normal(kv.v.shape, np.float32), kv.v.dtype))
+    half = (*kv.pages.shape[:3], cfg.num_kv_heads, cfg.head_dim)  # K or V alone
+    k, v = (jnp.asarray(rng.standard_normal(half, np.float32), kv.pages.dtype) for _ in "kv")
+    kv = kv.replace(pages=combine_kv(k, v))
     args = (model.params, adapters, scale, kv, batch)
     ref = _step_logits(cfg, "reference", *args)
     out = _step_logits(cfg, "interpret", *args)

@@ -10,12 +10,12 @@ from jax.experimental import pallas as pl
 from kernel_cases import MIXES, assert_close, paged_batch
 
 from pallas_kernels.ragged_paged_attention import (
+    combine_kv,
     ragged_attention_metadata,
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
 from pallas_kernels.ragged_paged_attention.kernel import max_query_blocks
-from pallas_kernels.ragged_paged_attention.tpu import real_token_mask, tpu_kernel_inputs
 
 
 def test_interpreter_poisons_unwritten_outputs():
@@ -59,12 +59,12 @@ def test_stacked_cache_with_layer_index_and_precomputed_metadata():
     rng = np.random.default_rng(7)
     batch = paged_batch(rng, "mixed", num_q_per_kv=4, num_kv_heads=2, head_dim=64,
                         page_size=8)
-    other = jnp.asarray(rng.standard_normal(batch.k_pages.shape, np.float32))
-    k_all = jnp.stack([other, batch.k_pages, other])
-    v_all = jnp.stack([other, batch.v_pages, -other])
+    num_pages, page_size, hkv2, dh = batch.kv_pages.shape
+    other = jnp.asarray(rng.standard_normal((num_pages, page_size, hkv2 // 2, dh), np.float32))
+    kv_all = jnp.stack([combine_kv(other, other), batch.kv_pages, combine_kv(other, -other)])
     meta = ragged_attention_metadata(batch.seq_ids, batch.positions, batch.page_tables,
                                      block_q=8, pages_per_block=2)
-    out = ragged_paged_attention(batch.q, k_all, v_all, *batch.args[3:], layer=jnp.int32(1),
+    out = ragged_paged_attention(batch.q, kv_all, *batch.args[2:], layer=jnp.int32(1),
                                  metadata=meta, pages_per_block=2, interpret=True)
     assert_close(out, ragged_paged_attention_reference(*batch.args))
 
@@ -108,19 +108,3 @@ def test_metadata_layout(mix, block_q):
         else:
             assert meta.kv_len[blk] == 0
 
-
-def test_tpu_adapter_inputs_match_jax_tpu_reference():
-    """The mapping onto jax's TPU kernel (combined K/V pages, cu_q_lens, kv_lens), checked
-    with that kernel's own jnp reference; the kernel itself needs a TPU."""
-    tpu_module = pytest.importorskip("jax.experimental.pallas.ops.tpu.ragged_paged_attention")
-    ref_ragged_paged_attention = tpu_module.ref_ragged_paged_attention
-
-    rng = np.random.default_rng(5)
-    batch = paged_batch(rng, "prefill", num_q_per_kv=4, num_kv_heads=2, head_dim=64,
-                        page_size=8)
-    real = np.asarray(real_token_mask(batch.seq_ids, batch.positions))
-    n = sum(c for c, _ in MIXES["prefill"])
-    assert real.tolist() == [True] * n + [False] * (real.size - n)
-    inputs, _ = tpu_kernel_inputs(*batch.args)
-    out = ref_ragged_paged_attention(*inputs, sm_scale=1 / np.sqrt(64))
-    assert_close(out, np.asarray(ragged_paged_attention_reference(*batch.args))[:n])
