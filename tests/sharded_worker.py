@@ -315,9 +315,9 @@ def attention_case(hq: int, hkv: int, mesh, head_dim: int = 16, page_size: int =
     rng = np.random.default_rng(hq * 10 + hkv)
     b = paged_batch(rng, "mixed", num_q_per_kv=hq // hkv, num_kv_heads=hkv,
                     head_dim=head_dim, page_size=page_size, pad_tokens=4)
-    # A stacked two-layer cache read at layer 1, laid out as the engine's.
-    kv = layout.put(KVCache(k=jnp.stack([b.v_pages, b.k_pages]),
-                            v=jnp.stack([b.k_pages, b.v_pages])))
+    # A stacked two-layer cache read at layer 1, laid out as the engine's (layer 0 holds
+    # other values: the pages reversed).
+    kv = layout.put(KVCache(pages=jnp.stack([b.kv_pages[::-1], b.kv_pages])))
 
     @jax.jit
     def paged(q, kv, page_tables, seq_ids, positions):
@@ -371,7 +371,7 @@ def cuda_lowering(cases: list[str]) -> dict:
             "intermediate_size": 14336})
         layout = Layout(make_mesh(MeshConfig.parse(spec)), cfg)
         kernels = ShardedKernels(Kernels(impl="kernel"), layout)
-        pages = shape((2, 64, page_size, hkv, head_dim), bf16)
+        pages = shape((2, 64, page_size, 2 * hkv, head_dim), bf16)
 
         def step(q, kv, tables, seq_ids, positions, x, a, b, scale, slot_ids, kernels=kernels,
                  hq=hq, hkv=hkv, model=layout.model_size):
@@ -384,7 +384,7 @@ def cuda_lowering(cases: list[str]) -> dict:
                                             x.reshape(t, model, hidden // model))
             return out, lora({"q_proj": (a, b)}, "q_proj", x), parts
 
-        args = (shape((t, hq, head_dim), bf16), KVCache(k=pages, v=pages),
+        args = (shape((t, hq, head_dim), bf16), KVCache(pages=pages),
                 shape((seqs, width), i32), shape((t,), i32), shape((t,), i32),
                 shape((t, hidden), bf16), shape((slots, hidden, rank), bf16),
                 shape((slots, rank, hidden), bf16), shape((slots,), jnp.float32),
