@@ -81,7 +81,11 @@ def copy_bandwidth(nbytes: int, repeats: int, dtype: str = "bfloat16") -> float:
     import jax.numpy as jnp
 
     itemsize = jnp.dtype(dtype).itemsize
-    x = jax.random.normal(jax.random.key(0), (nbytes // itemsize,), dtype)
+    # A random block tiled to the size: random (not zeros, which can run faster), and no
+    # random-bits generation over more than 2^31 elements.
+    block = min(nbytes // itemsize, 1 << 24)
+    x = jnp.tile(jax.random.normal(jax.random.key(0), (block,), dtype),
+                 max(nbytes // itemsize // block, 1))
     add = jax.jit(lambda x: x + 1)
     seconds = time_per_call(add, (x,), max(repeats, 5), calls_per_repeat=4)
     return 2 * x.size * itemsize / seconds

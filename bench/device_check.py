@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -386,8 +387,9 @@ def run_env(rep: Report, shapes: Shapes) -> None:
     rep.platform = f"{devices[0].device_kind} ({jax.default_backend()})"
     rep.save()
 
+    # 2 GiB (40 times the H200's L2) and an 8192-cube matmul (1.1 TFLOP per call).
     copy_bytes, n, dtype = ((16 << 20, 256, "float32") if shapes.dry_run
-                            else (4 << 30, 8192, "bfloat16"))
+                            else (2 << 30, 8192, "bfloat16"))
     bandwidth = benchlib.copy_bandwidth(copy_bytes, repeats=10, dtype=dtype)
     rep.results["copy_bandwidth_Bps"] = bandwidth
     rep.results["copy_bytes"] = copy_bytes
@@ -422,7 +424,7 @@ def measured_ceilings(rep: Report, shapes: Shapes) -> tuple[float, float]:
         return results["copy_bandwidth_Bps"], results["matmul_flops"]
     import benchlib
 
-    copy_bytes, n = (16 << 20, 256) if shapes.dry_run else (4 << 30, 8192)
+    copy_bytes, n = (16 << 20, 256) if shapes.dry_run else (2 << 30, 8192)
     rep.note("part 1's ceilings were not available: measured again in this part")
     return (benchlib.copy_bandwidth(copy_bytes, 5, shapes.dtype),
             benchlib.matmul_flops(n, 5, shapes.dtype))
@@ -739,15 +741,18 @@ def run_engine(rep: Report, shapes: Shapes) -> None:
     impl = shapes.kernels_impl
     tiny = coserve_jax.load_model(coserve_jax.tiny_model_dir(), dtype="float32", progress=False)
     compare_engines(rep, "embedded model", tiny, impl, rank=8, max_tokens=8)
-    if rep.out_of_time("the 8B-shape engine comparison"):
-        return
-    cfg = shapes.model_config()
-    model = et.random_weight_model(cfg, jnp.dtype(jnp.float32))
-    label = f"8B shapes ({cfg.num_layers} layers, random float32 weights)"
-    compare_engines(rep, label, model, impl, rank=16, max_tokens=8)
-    rep.summary = ", ".join(
-        f"{k}: {'identical' if v['identical'] else 'DIFFERENT'}"
-        for k, v in rep.results.items() if isinstance(v, dict) and "identical" in v)
+    if not rep.out_of_time("the 8B-shape engine comparison"):
+        cfg = shapes.model_config()
+        model = et.random_weight_model(cfg, jnp.dtype(jnp.float32))
+        label = f"8B shapes ({cfg.num_layers} layers, random float32 weights)"
+        compare_engines(rep, label, model, impl, rank=16, max_tokens=8)
+    compared = {k: v for k, v in rep.results.items() if isinstance(v, dict)}
+    rep.table("Greedy tokens through the kernels vs the references", [
+        "model", "kernels", "result"], [
+        [k, v["kernels"], "identical" if v["identical"] else v.get("error", "DIFFERENT")]
+        for k, v in compared.items()])
+    rep.summary = ", ".join(f"{k}: {'identical' if v['identical'] else 'DIFFERENT'}"
+                            for k, v in compared.items())
 
 
 # ================================================================ part 4: decode and prefill
@@ -841,7 +846,7 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
         rep.check("prefill measured", math.isfinite(elapsed) and elapsed > 0,
                   f"{elapsed * 1e3:.1f} ms")
     rep.table(f"Decode and prefill ({cfg.num_layers} layers, {dtype}, random weights, "
-              f"kernels={engine.kernels.impl})",
+              f"kernels={rep.results['kernels_resolved']})",
               ["metric", "measured", "tok/s", "floor", "floor / measured"], rows)
     rep.note(f"Memory floor = (weights + KV read) / {bandwidth / 1e9:,.1f} GB/s measured copy "
              f"bandwidth; matmul floor = FLOPs / {flops / 1e12:,.2f} TFLOP/s measured. "
@@ -1083,6 +1088,55 @@ def orchestrate(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == STATUS_OK for r in done) else 1
 
 
+def load_records(path: str) -> list[dict]:
+    """The records of a run: a combined ``device_check.json`` or a per-part directory."""
+    if os.path.isdir(path):
+        records = []
+        for part in PARTS:
+            record = read_record(path, part)
+            if record is not None:
+                records.append(record)
+        return records
+    with open(path) as f:
+        return json.load(f)
+
+
+def record_benchmarks(path: str) -> int:
+    """Appends a run's figures (fetched from the device) to BENCHMARKS.md, with the device
+    and the date of the run."""
+    import benchlib
+
+    records = load_records(path)
+    if not records:
+        raise SystemExit(f"no device-check records in {path}")
+    env = next((r for r in records if r["part"] == "env"), {}).get("results", {})
+    versions = env.get("versions", {})
+    device = ", ".join(env.get("devices", [])) or records[0].get("platform", "?")
+    info = {
+        "device": device + (f" ({env['nvidia_smi']})" if env.get("nvidia_smi") else ""),
+        "run at": records[0].get("written_at", "?") + " (UTC, when its first part ended)",
+        "versions": ", ".join(f"{k} {versions[k]}" for k in
+                              ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin",
+                               "flax", "optax") if versions.get(k, "absent") != "absent"),
+        "coserve_jax": env.get("library_revision", "?"),
+        "dry run": str(any(r.get("dry_run") for r in records)),
+    }
+    body = [summary_table(records)]
+    for r in records:
+        body.append(f"### {r['index']:02d} {r['part']}: {r['status']}")
+        failed = [c for c in r.get("checks", []) if not c["passed"]]
+        body += [f"- FAILED {c['name']}: {c['detail']}" for c in failed]
+        body += [f"- target {t['name']}: {'met' if t['met'] else 'MISSED'} ({t['detail']})"
+                 for t in r.get("targets", []) if t["met"] is not None]
+        if r.get("body_md"):
+            # The part's own tables, one heading level down.
+            body.append(re.sub(r"^## ", "#### ", r["body_md"], flags=re.MULTILINE))
+        if r.get("error") and r["status"] != STATUS_OK:
+            body.append(f"- error: {r['error'].strip().splitlines()[-1]}")
+    benchlib.record(f"device_check: {device}", info, "\n\n".join(body))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true",
@@ -1100,9 +1154,14 @@ def main(argv: list[str] | None = None) -> int:
                         "parts would disturb each other's timings)")
     p.add_argument("--layers", type=int,
                    help="layers of the 8B-shape model in parts 3-5 (default 32; 2 dry)")
+    p.add_argument("--record", metavar="PATH",
+                   help="append the figures of a finished run (its combined device_check.json "
+                        "or its --out directory) to BENCHMARKS.md, and do nothing else")
     p.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
     p.add_argument("--child-budget-s", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.record:
+        return record_benchmarks(args.record)
     if args.out is None:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         args.out = os.path.join(REPO_ROOT, "bench", "out", "device_check", stamp)

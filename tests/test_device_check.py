@@ -117,14 +117,34 @@ def test_coserve_ran(dry_run):
     assert records[0]["requests"] > 0 and 0 <= records[0]["slo_attainment"] <= 1
 
 
-def test_a_part_killed_at_its_budget_is_recorded(tmp_path):
-    """The parent kills a part at its budget and records it as timed out, with the output
-    so far; a part given too little of the total is recorded as skipped."""
+def import_device_check():
     sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
     try:
         import device_check
+
+        import benchlib
     finally:
         sys.path.pop(0)
+    return benchlib, device_check
+
+
+def test_record_appends_the_run_to_benchmarks(dry_run, tmp_path, monkeypatch):
+    benchlib, device_check = import_device_check()
+    target = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(benchlib, "BENCHMARKS_MD", str(target))
+    combined = dry_run[1] / "device_check.json"
+    assert device_check.main(["--record", str(combined)]) == 0
+    text = target.read_text()
+    assert "## device_check: cpu (cpu)" in text and "- dry run: True" in text
+    for i, part in enumerate(PARTS, 1):
+        assert f"### {i:02d} {part}: ok" in text
+    assert "#### Kernels vs references" in text and "#### Greedy tokens" in text
+
+
+def test_a_part_killed_at_its_budget_is_recorded(tmp_path):
+    """The parent kills a part at its budget and records it as timed out, with the output
+    so far; a part given too little of the total is recorded as skipped."""
+    _, device_check = import_device_check()
     args = argparse.Namespace(out=str(tmp_path), dry_run=True, layers=None)
     # One second: the child is still importing jax when it is killed.
     r = device_check.run_part_process(args, "env", 1.0)
