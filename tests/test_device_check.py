@@ -158,3 +158,49 @@ def test_a_part_killed_at_its_budget_is_recorded(tmp_path):
                               str(skipped)])
     assert code == 1
     assert json.loads((skipped / "02_kernels.json").read_text())["status"] == "skipped"
+
+
+def test_checked_bench_holds_kernels_to_a_float32_reference(tmp_path):
+    """The GPU path of the kernel checks, on CPU: bfloat16 inputs are checked against the
+    reference run on float32 copies; a kernel that leaves an element unwritten (NaN) or
+    raises fails its check; comparison implementations never fail the part."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    _, device_check = import_device_check()
+    rep = device_check.Report(str(tmp_path), "kernels", budget_s=60, dry_run=True)
+    bench = device_check.CheckedBench(rep, bound=2e-2, repeats=1, calls=1)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((32, 16)), jnp.bfloat16)
+
+    def matmul(x, w):
+        return x @ w
+
+    def unwritten(x, w):
+        return (x @ w).at[3, 5].set(jnp.nan)
+
+    def raises(x, w):
+        raise RuntimeError("no kernel here")
+
+    bench.case("bf16 matmul", {
+        "XLA reference": (jax.jit(matmul), (x, w)),
+        "ours (same)": (jax.jit(matmul), (x, w)),
+        "ours (unwritten)": (jax.jit(unwritten), (x, w)),
+        "ours (raises)": (raises, (x, w)),
+        "someone else's (raises)": (raises, (x, w)),
+        "cuDNN": "not applicable here",
+    })
+    rows = {r["impl"]: r for r in bench.rows}
+    # bf16 output rounding against the float32 product: small, but not zero.
+    assert 1e-4 < rows["XLA reference"]["rel_err"] < 1e-2
+    assert rows["ours (same)"]["rel_err"] == rows["XLA reference"]["rel_err"]
+    assert rows["ours (unwritten)"]["rel_err"] == float("inf")
+    assert rows["cuDNN"]["note"] == "not applicable here"
+    results = {c["name"]: c["passed"] for c in rep.checks}
+    assert results == {"bf16 matmul: XLA reference finite": True,
+                       "bf16 matmul: ours (same)": True,
+                       "bf16 matmul: ours (unwritten)": False,
+                       "bf16 matmul: ours (raises) runs": False}
+    assert rep.final_status() == "failed"
