@@ -8,6 +8,7 @@ The dry run is one subprocess (its parts run two at a time: about 1-3 minutes on
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -70,6 +71,7 @@ def test_environment_ceilings(dry_run):
     results = record(dry_run[0], 1, "env")["results"]
     assert results["backend"] == "cpu"
     assert results["versions"]["jax"] != "absent"
+    assert results["project_path"] == REPO_ROOT  # this checkout, not an installed copy
     assert results["project_imports"] == dict.fromkeys(
         ("coserve_jax", "pallas_kernels", "coserve_jax.engine", "coserve_jax.step"), "ok")
     for key in ("copy_bandwidth_Bps", "matmul_flops"):
@@ -117,19 +119,17 @@ def test_coserve_ran(dry_run):
     assert records[0]["requests"] > 0 and 0 <= records[0]["slo_attainment"] <= 1
 
 
-def import_device_check():
+def import_bench(*names: str) -> list:
+    """Modules of bench/ (a folder of scripts, not a package)."""
     sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
     try:
-        import device_check
-
-        import benchlib
+        return [importlib.import_module(name) for name in names]
     finally:
         sys.path.pop(0)
-    return benchlib, device_check
 
 
 def test_record_appends_the_run_to_benchmarks(dry_run, tmp_path, monkeypatch):
-    benchlib, device_check = import_device_check()
+    benchlib, device_check = import_bench("benchlib", "device_check")
     target = tmp_path / "BENCHMARKS.md"
     monkeypatch.setattr(benchlib, "BENCHMARKS_MD", str(target))
     combined = dry_run[1] / "device_check.json"
@@ -144,7 +144,7 @@ def test_record_appends_the_run_to_benchmarks(dry_run, tmp_path, monkeypatch):
 def test_a_part_killed_at_its_budget_is_recorded(tmp_path):
     """The parent kills a part at its budget and records it as timed out, with the output
     so far; a part given too little of the total is recorded as skipped."""
-    _, device_check = import_device_check()
+    (device_check,) = import_bench("device_check")
     args = argparse.Namespace(out=str(tmp_path), dry_run=True, layers=None)
     # One second: the child is still importing jax when it is killed.
     r = device_check.run_part_process(args, "env", 1.0)
@@ -168,9 +168,9 @@ def test_checked_bench_holds_kernels_to_a_float32_reference(tmp_path):
     import jax.numpy as jnp
     import numpy as np
 
-    _, device_check = import_device_check()
-    rep = device_check.Report(str(tmp_path), "kernels", budget_s=60, dry_run=True)
-    bench = device_check.CheckedBench(rep, bound=2e-2, repeats=1, calls=1)
+    device_records, device_parts = import_bench("device_records", "device_parts")
+    rep = device_records.Report(str(tmp_path), "kernels", budget_s=60, dry_run=True)
+    bench = device_parts.CheckedBench(rep, bound=2e-2, repeats=1, calls=1)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((32, 16)), jnp.bfloat16)
