@@ -724,6 +724,12 @@ def run_part(part: str, out_dir: str, budget_s: float, dry_run: bool,
     rep = Report(out_dir, part, budget_s, dry_run)
     rep.save()
     shapes = Shapes(dry_run=dry_run, layers=layers)
+    # The engine's persistent compilation cache for every part ($COSERVE_XLA_CACHE): a
+    # second run on the same machine skips compiles. A failing import is part 1's to report.
+    with contextlib.suppress(ImportError):
+        from coserve_jax.step import enable_compilation_cache
+
+        enable_compilation_cache()
     error = None
     try:
         PART_FUNCTIONS[part](rep, shapes)
