@@ -699,8 +699,11 @@ def run_coserve(rep: Report, shapes: Shapes) -> None:
                      f"{record['tpot_p50_s'] * 1e3:.1f}/{record['tpot_p99_s'] * 1e3:.1f}",
                      f"{record['inference_tokens_per_s']:.0f}",
                      f"{record['ft_tokens_per_s']:.0f}"])
-        rep.check(f"{mode} ran", record["requests"] >= 0 and math.isfinite(
-            record["slo_attainment"]), f"{record['requests']} requests")
+        rep.check(f"{mode} served its trace",
+                  record["requests"] > 0 and 0 <= record["slo_attainment"] <= 1
+                  and record["unfinished"] + record["refused"] <= record["requests"],
+                  f"{record['requests']} requests, {record['refused']} refused, "
+                  f"{record['unfinished']} unfinished, {record['steps']} steps")
         rep.save()
     rep.table(f"Co-serving ({cfg.num_layers} layers, {shapes.dtype}, TPOT target "
               f"{tpot_ms:.1f} ms, {args.duration:g} s of Poisson trace)",
