@@ -39,3 +39,104 @@ def library_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return f"{REPO_ROOT} (not a git checkout)"
     return commit + (" + uncommitted library changes" if dirty else "")
+
+
+# ----- measuring on a device (imports jax lazily: a caller may only orchestrate) --------------
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def time_per_call(fn, args: tuple, repeats: int, calls_per_repeat: int = 1) -> float:
+    """Median seconds per call of ``fn(*args)`` after two warm-up calls (compilation).
+
+    Each repeat dispatches ``calls_per_repeat`` calls and waits once, so the host's
+    dispatch overlaps the device's work and short kernels are not timed as launch gaps.
+    """
+    import statistics
+    import time
+
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls_per_repeat):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / calls_per_repeat)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, repeats: int, dtype: str = "bfloat16") -> float:
+    """Device bytes/s of ``x + 1`` over random data (one read and one write per element)."""
+    import jax
+    import jax.numpy as jnp
+
+    itemsize = jnp.dtype(dtype).itemsize
+    # A random block tiled to the size: random (not zeros, which can run faster), and no
+    # random-bits generation over more than 2^31 elements.
+    block = min(nbytes // itemsize, 1 << 24)
+    x = jnp.tile(jax.random.normal(jax.random.key(0), (block,), dtype),
+                 max(nbytes // itemsize // block, 1))
+    add = jax.jit(lambda x: x + 1)
+    seconds = time_per_call(add, (x,), max(repeats, 5), calls_per_repeat=4)
+    return 2 * x.size * itemsize / seconds
+
+
+def matmul_flops(n: int, repeats: int, dtype: str = "bfloat16") -> float:
+    """Device FLOP/s of an ``n x n`` by ``n x n`` matmul over random data."""
+    import jax
+
+    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(2), (n, n), dtype)
+    mm = jax.jit(lambda a, b: a @ b)
+    return 2 * n**3 / time_per_call(mm, (a, b), max(repeats, 5), calls_per_repeat=4)
+
+
+def relative_error(out, ref) -> float:
+    """``||out - ref|| / ||ref||`` (Frobenius, in float64); inf when ``out`` is not finite."""
+    import numpy as np
+
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if out.shape != ref.shape:
+        raise ValueError(f"shapes differ: {out.shape} vs {ref.shape}")
+    if not np.isfinite(out).all():
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def poison_allocator(nbytes: int) -> None:
+    """Fills ``nbytes`` of freshly allocated device memory with NaN and frees it.
+
+    The device allocator hands freed blocks to the next allocations, so an output that a
+    kernel then leaves partly unwritten is likely to hold NaN there rather than stale
+    finite values: a best-effort poisoning of outputs we do not allocate ourselves.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    poison = jnp.full((max(nbytes // 4, 1),), jnp.nan, jnp.float32)
+    jax.block_until_ready(poison)
+    poison.delete()
+
+
+def distribution_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed version of each distribution, or ``"absent"``."""
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions

@@ -25,7 +25,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from coserve_jax import Engine, EngineConfig, Model, ModelConfig, SamplingParams
 from coserve_jax.config import RopeConfig
 from coserve_jax.models.llama import LayerParams, Params
 
-from benchlib import library_revision, record
+from benchlib import copy_bandwidth, library_revision, markdown_table, matmul_flops, record
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,12 +84,6 @@ def random_prompts(rng: np.random.Generator, n: int, length: int, vocab: int) ->
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ----- CPU part: the tiny model, coserve vs transformers ---------------------------------------
@@ -386,23 +380,6 @@ def random_params(cfg: ModelConfig, dtype: jnp.dtype, seed: int = 0) -> Params:
     )
 
 
-def copy_bandwidth(nbytes: int, repeats: int) -> float:
-    """Device bytes/s of ``x + 1`` on a bf16 array (one read and one write per element)."""
-    x = jnp.zeros((nbytes // 2,), jnp.bfloat16)
-    add = jax.jit(lambda x: x + 1)
-    jax.block_until_ready(add(x))
-    t = median_time(lambda: jax.block_until_ready(add(x)), max(repeats, 5))
-    return 2 * x.size * x.dtype.itemsize / t
-
-
-def matmul_flops(n: int, repeats: int) -> float:
-    """Device FLOP/s of an ``n x n`` bf16 matmul."""
-    a = _normal(jax.random.key(1), (n, n), jnp.bfloat16, 1.0)
-    mm = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(mm(a))
-    return 2 * n**3 / median_time(lambda: jax.block_until_ready(mm(a)), max(repeats, 5))
-
-
 def decode_context(sizes: ShapeSizes, batch: int, budget: int) -> int:
     """Longest sequence a decode measurement can reach (prompt and every token it samples).
 
@@ -414,19 +391,24 @@ def decode_context(sizes: ShapeSizes, batch: int, budget: int) -> int:
 
 
 def decode_step_time(
-    engine: Engine, batch: int, sizes: ShapeSizes, rng: np.random.Generator
+    engine: Engine,
+    batch: int,
+    sizes: ShapeSizes,
+    rng: np.random.Generator,
+    adapters: Sequence[str | None] = (None,),
 ) -> tuple[float, float]:
     """Median seconds of one steady decode step of ``batch`` sequences, and their mean context.
 
     Every request is prefilled first; a few untimed decode steps compile the
-    bucket; max_tokens lets no request finish while timed.
+    bucket; max_tokens lets no request finish while timed. Request ``i`` uses adapter
+    ``adapters[i % len(adapters)]`` (None: the base model).
     """
     vocab = engine.model.config.vocab_size
     max_tokens = engine.max_model_len - sizes.decode_prompt_len
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     ids = [
-        engine.add_request(p, params)
-        for p in random_prompts(rng, batch, sizes.decode_prompt_len, vocab)
+        engine.add_request(p, params, adapter=adapters[i % len(adapters)])
+        for i, p in enumerate(random_prompts(rng, batch, sizes.decode_prompt_len, vocab))
     ]
     started: set[str] = set()
     while len(started) < batch:  # prefill (the last prefill chunk yields the first token)
@@ -455,6 +437,73 @@ def prefill_time(engine: Engine, sizes: ShapeSizes, rng: np.random.Generator) ->
     return median_time(lambda: engine.generate(prompts, params), sizes.repeats)
 
 
+def decode_engine_config(sizes: ShapeSizes, kernels: str = "auto", max_adapters: int = 4,
+                         max_lora_rank: int = 16) -> EngineConfig:
+    """The decode measurements' engine: max_model_len just covers the workload, so the KV
+    pages fit and every timed step uses one page-width bucket (compiled by the warm steps)."""
+    max_seqs = max(sizes.decode_batches)
+    budget = max(sizes.max_num_batched_tokens, max_seqs)
+    max_len = round_up(decode_context(sizes, max_seqs, budget), 16)
+    return EngineConfig(
+        page_size=16,
+        num_pages=max_seqs * max_len // 16 + 8,
+        max_model_len=max_len,
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        min_token_bucket=16,
+        min_seq_bucket=4,
+        max_adapters=max_adapters,
+        max_lora_rank=max_lora_rank,
+        kernels=kernels,
+    )
+
+
+def prefill_engine_config(sizes: ShapeSizes, kernels: str = "auto") -> EngineConfig:
+    """The prefill measurement's engine: every prompt fits, chunks of the token budget."""
+    max_len = round_up(sizes.prefill_len + 1, 16)
+    return EngineConfig(
+        page_size=16,
+        num_pages=sizes.prefill_prompts * max_len // 16 + 8,
+        max_model_len=max_len,
+        max_num_seqs=max(4, sizes.max_num_batched_tokens // sizes.prefill_len),
+        max_num_batched_tokens=sizes.max_num_batched_tokens,
+        min_token_bucket=16,
+        min_seq_bucket=4,
+        kernels=kernels,
+    )
+
+
+def decode_bytes(model: Model, batch: int, mean_context: float) -> float:
+    """Bytes a decode step must read: every weight once (but only ``batch`` embedding
+    rows, so none of the table is counted) and each sequence's K and V in every layer."""
+    params, cfg = model.params, model.config
+    itemsize = jnp.dtype(model.dtype).itemsize
+    weights = sum(x.size for x in jax.tree.leaves(params.layers))
+    head = params.lm_head.size + params.final_norm.size
+    kv_per_token = 2 * cfg.num_layers * cfg.kv_size * itemsize  # K and V, all layers
+    return (weights + head) * itemsize + batch * mean_context * kv_per_token
+
+
+def prefill_flops(model: Model, sizes: ShapeSizes) -> float:
+    """FLOPs of prefilling the prompts: 2 per matmul weight per token, causal attention,
+    and the LM head on each prompt's last token."""
+    params, cfg = model.params, model.config
+    tokens = sizes.prefill_prompts * sizes.prefill_len
+    layer_matmul = sum(
+        getattr(params.layers, name).size
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
+    attention = 2 * cfg.num_layers * cfg.q_size * tokens * sizes.prefill_len  # QK^T + PV, causal
+    return 2 * layer_matmul * tokens + attention + 2 * params.lm_head.size * sizes.prefill_prompts
+
+
+def random_weight_model(cfg: ModelConfig, dtype: jnp.dtype, tokenizer=None) -> Model:
+    """A model of ``cfg``'s shapes with random weights made on the device."""
+    params = random_params(cfg, dtype)
+    jax.block_until_ready(params)
+    return Model(config=cfg, params=params, tokenizer=tokenizer, path="", dtype=dtype)
+
+
 def run_shapes(args: argparse.Namespace) -> None:
     make_config, sizes = SHAPES[args.shapes]
     cfg = make_config(args.layers) if args.layers else make_config()
@@ -479,47 +528,22 @@ def run_shapes(args: argparse.Namespace) -> None:
         flush=True,
     )
 
-    params = random_params(cfg, dtype)
-    jax.block_until_ready(params)
-    model = Model(config=cfg, params=params, tokenizer=None, path="", dtype=dtype)
-    layer_weights = sum(x.size for x in jax.tree.leaves(params.layers))
-    layer_matmul = sum(
-        getattr(params.layers, name).size
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    )
-    head = params.lm_head.size + params.final_norm.size
-    kv_per_token = 2 * cfg.num_layers * cfg.kv_size * dtype.itemsize  # K and V, all layers
+    model = random_weight_model(cfg, dtype)
+    params = model.params
+    kv_per_token = 2 * cfg.num_layers * cfg.kv_size * dtype.itemsize
     print(
-        f"parameters {(layer_weights + head + params.embed.size) / 1e9:.3f} B, "
+        f"parameters {sum(x.size for x in jax.tree.leaves(params)) / 1e9:.3f} B, "
         f"KV {kv_per_token / 1024:.1f} KiB/token",
         flush=True,
     )
 
     rows = []
-    # Decode: every step reads all weights once (but only `batch` embedding rows) and each
-    # sequence's KV so far. max_model_len just covers the workload, so the KV pages fit and
-    # every timed step uses one page-width bucket (compiled by the warm steps).
-    max_seqs = max(sizes.decode_batches)
-    budget = max(sizes.max_num_batched_tokens, max_seqs)
-    max_len = round_up(decode_context(sizes, max_seqs, budget), 16)
-    engine = Engine(
-        model,
-        EngineConfig(
-            page_size=16,
-            num_pages=max_seqs * max_len // 16 + 8,
-            max_model_len=max_len,
-            max_num_seqs=max_seqs,
-            max_num_batched_tokens=budget,
-            min_token_bucket=16,
-            min_seq_bucket=4,
-        ),
-    )
+    engine = Engine(model, decode_engine_config(sizes))
     rng = np.random.default_rng(0)
     for batch in sizes.decode_batches:
         print(f"decode batch {batch} ...", flush=True)
         step, mean_context = decode_step_time(engine, batch, sizes, rng)
-        read = (layer_weights + head) * dtype.itemsize + batch * mean_context * kv_per_token
-        floor = read / bandwidth
+        floor = decode_bytes(model, batch, mean_context) / bandwidth
         rows.append(
             [
                 f"decode b={batch} (ctx ~{mean_context:.0f})",
@@ -531,27 +555,11 @@ def run_shapes(args: argparse.Namespace) -> None:
         )
     del engine
 
-    # Prefill: 2 FLOPs per matmul weight per token, plus causal attention and the LM head
-    # on each prompt's last token.
     tokens = sizes.prefill_prompts * sizes.prefill_len
-    max_len = round_up(sizes.prefill_len + 1, 16)
-    engine = Engine(
-        model,
-        EngineConfig(
-            page_size=16,
-            num_pages=sizes.prefill_prompts * max_len // 16 + 8,
-            max_model_len=max_len,
-            max_num_seqs=max(4, sizes.max_num_batched_tokens // sizes.prefill_len),
-            max_num_batched_tokens=sizes.max_num_batched_tokens,
-            min_token_bucket=16,
-            min_seq_bucket=4,
-        ),
-    )
+    engine = Engine(model, prefill_engine_config(sizes))
     print("prefill ...", flush=True)
     elapsed = prefill_time(engine, sizes, rng)
-    attention = 2 * cfg.num_layers * cfg.q_size * tokens * sizes.prefill_len  # QK^T + PV, causal
-    work = 2 * layer_matmul * tokens + attention + 2 * params.lm_head.size * sizes.prefill_prompts
-    floor = work / flops
+    floor = prefill_flops(model, sizes) / flops
     rows.append(
         [
             f"prefill {sizes.prefill_prompts}x{sizes.prefill_len} tok",
