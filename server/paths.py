@@ -4,7 +4,8 @@ A request names a path relative to a root the operator configured. It is refused
 it is empty, absolute, contains a NUL or a ``..`` component, or if, with every
 symlink resolved (``os.path.realpath``), it lands outside the root's own resolved
 path. Files that are then read inside an allowed directory are checked the same way,
-so a symlink inside the root cannot point elsewhere either.
+so a symlink inside the root cannot point elsewhere either. State files under those
+roots are written with ``write_atomic``.
 """
 
 from __future__ import annotations
@@ -57,3 +58,13 @@ def check_files_within(root: str, directory: str, names: tuple[str, ...], field:
         path = os.path.join(directory, name)
         if os.path.lexists(path) and not is_within(real_root, os.path.realpath(path)):
             raise PathError(f"{field}: {name} leads outside the root (through a symlink)")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes a file whole or not at all (a crash never leaves half of it)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

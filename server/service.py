@@ -27,7 +27,7 @@ from .auth import Auth, internal_name, public_name
 from .bridge import EngineFailed, EngineLoop
 from .engine_api import Backend, ServingEngine, accepts_slo, checkpoint_job, make_slo
 from .metrics import Metrics
-from .paths import RootMissing, check_files_within, resolve_under
+from .paths import RootMissing, check_files_within, resolve_under, write_atomic
 from .proto import coserve_pb2 as pb
 from .proto import coserve_pb2_grpc as pb_grpc
 
@@ -378,8 +378,8 @@ class CoserveService(pb_grpc.CoserveServicer):
         directory = record.directory
         if directory is not None:  # persisted only once the engine took it
             os.makedirs(directory, exist_ok=True)
-            _write_atomic(os.path.join(directory, SPEC_FILE), request.SerializeToString())
-            _write_atomic(os.path.join(directory, META_FILE), json.dumps(
+            write_atomic(os.path.join(directory, SPEC_FILE), request.SerializeToString())
+            write_atomic(os.path.join(directory, META_FILE), json.dumps(
                 {"tenant": tenant, "name": request.name,
                  "num_samples": record.num_samples}).encode())
         return await self._job_message(record)
@@ -411,7 +411,7 @@ class CoserveService(pb_grpc.CoserveServicer):
         self._refresh_live()
         self.metrics.job_tokens_per_s.labels(record.tenant, record.name).set(0.0)
         if record.directory is not None and os.path.isdir(record.directory):
-            _write_atomic(os.path.join(record.directory, FINAL_FILE),
+            write_atomic(os.path.join(record.directory, FINAL_FILE),
                           json.dumps(progress).encode())
 
     async def _progress(self, record: JobRecord) -> dict:
@@ -687,13 +687,4 @@ class CoserveService(pb_grpc.CoserveServicer):
         await self.bridge.call(start)
         log.info("profiling %d steps into %s (tenant %s)", steps, path, tenant)
         return pb.ProfileResponse(dir=request.dir)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 

@@ -21,19 +21,10 @@ import time
 from coserve_jax.finetune.data import DataConfig, load_jsonl
 
 from ..auth import tenant_key
+from ..paths import write_atomic
 from .errors import HttpError
 
 PURPOSES = ("fine-tune",)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Writes a file whole or not at all (a crash never leaves half of it)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class FileStore:

@@ -26,10 +26,11 @@ from coserve_jax.finetune.optim import OptimizerConfig
 
 from .. import convert
 from ..auth import internal_name
+from ..paths import write_atomic
 from ..proto import coserve_pb2 as pb
 from ..service import CoserveService, JobRecord
 from .errors import HttpError, from_exception
-from .files import FileStore, write_atomic
+from .files import FileStore
 from .schemas import FineTuningJobRequest, Hyperparameters
 
 STATUS = {"queued": "queued", "running": "running", "completed": "succeeded",
