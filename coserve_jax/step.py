@@ -450,11 +450,15 @@ def _on_mesh(kernels: Kernels, layout):
 
 
 _cache_enabled = False
+_cache_disabled = False
 
 
-def enable_compilation_cache(path: str | None = None) -> str:
-    """Turns on JAX's persistent compilation cache (once per process); returns its directory."""
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache (once per process); returns its directory,
+    or None when this process keeps it off (``disable_compilation_cache``)."""
     global _cache_enabled
+    if _cache_disabled:
+        return None
     path = path or os.environ.get("COSERVE_XLA_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "coserve_jax", "xla"
     )
@@ -465,3 +469,12 @@ def enable_compilation_cache(path: str | None = None) -> str:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         _cache_enabled = True
     return jax.config.jax_compilation_cache_dir
+
+
+def disable_compilation_cache() -> None:
+    """Keeps this process from writing or reading the persistent compilation cache (engines
+    built afterwards compile in memory only). Call before the first engine is built."""
+    global _cache_disabled
+    if _cache_enabled:
+        raise RuntimeError("the persistent compilation cache is already on in this process")
+    _cache_disabled = True

@@ -12,7 +12,17 @@ import pytest
 # ~/.cache; the XLA compilation cache stays shared, it only makes things faster.
 os.environ.setdefault("COSERVE_HOME", tempfile.mkdtemp(prefix="coserve-home-"))
 
+from coserve_jax.step import disable_compilation_cache
+
 from hf_models import save_hf_model
+
+# The pytest process itself compiles in memory only. After the whole suite has run in one
+# process (about 400 tests), jaxlib 0.10.2 crashed with a segmentation fault inside
+# ``executable.serialize()`` while writing a new executable to the persistent cache (twice,
+# at the same test; each test file alone, and the root, pallas_kernels and server folders
+# alone, pass). Cache writes are the only caller of ``serialize``. Subprocesses the tests
+# start (workers, the CLI, the device check) still use the shared cache.
+disable_compilation_cache()
 
 
 def _saved(tmp_path_factory, style: str) -> str:
