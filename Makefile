@@ -17,9 +17,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m coserve_jax.demo
 
+# The suite runs as three pytest processes. In one process of the whole suite (about 400
+# tests) jaxlib 0.10.2 crashed with a segmentation fault, three times at the same test,
+# inside XLA's CPU compile or executable serialization; each of these three parts alone
+# passes. The cause is not found yet (see tests/conftest.py).
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/pallas_kernels
+	$(BIN)/python -m pytest -q tests/server
+	$(BIN)/python -m pytest -q tests --ignore=tests/pallas_kernels --ignore=tests/server
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
