@@ -151,6 +151,16 @@ def _head_loss(cfg, params, x, labels, weights):
     return jnp.sum(ce * weights), ce
 
 
+def _one_slot_lora(kernels: Kernels, scale: jax.Array) -> llama.LoraFn:
+    """The ``LoraFn`` of one job's adapter ``{module: (a, b)}`` applied to every token (the
+    backward pieces and whole samples, which carry one sequence of one job)."""
+
+    def lora(la, module, x):
+        return kernels.lora_single(x, *la[module], scale) if module in la else None
+
+    return lora
+
+
 def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,
                       piece: BackwardPiece, *, num_layers: int, seq_len: int,
                       attention_block: int = 256, hints=None,
@@ -189,11 +199,13 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     if hints is not None:
         h0 = hints.tokens(h0)
 
+    one_slot = _one_slot_lora(kernels, scale)
+
     def lora(la, module, x):
         if module not in la:
             return None
         if groups == 1:
-            return kernels.lora_single(x, *la[module], scale)
+            return one_slot(la, module, x)
         # x [1, n, in] in G token groups; a [G, in, R] and b [G, R, out] are per-group
         # copies of the same weights, so their cotangents are per-group partial sums.
         a, b = la[module]
@@ -259,7 +271,7 @@ def backward_block_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     lp = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False),
                       params.layers)
     own = {m: (slots.a[m][layer, slot], slots.b[m][layer, slot]) for m in slots.a}
-    scale = slots.scale[slot]
+    lora = _one_slot_lora(kernels, slots.scale[slot])
     d = cfg.hidden_size
     rows = jnp.arange(seq_len)
     valid = (rows < piece.length)[:, None]
@@ -271,9 +283,6 @@ def backward_block_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     g = jnp.where(valid_blk, g, 0)
     cos_all, sin_all = llama.rope_cos_sin(cfg, rows)
     cos_blk, sin_blk = llama.rope_cos_sin(cfg, start + jnp.arange(block))
-
-    def lora(la, module, x):
-        return kernels.lora_single(x, *la[module], scale) if module in la else None
 
     def forward(own_weights, x_blk, h_all):
         k_all, v_all = llama.key_values(cfg, lp, own_weights, h_all, cos_all, sin_all, lora)
@@ -345,11 +354,8 @@ def sample_grads_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainB
     buffers and the loss."""
     own = {m: (jnp.take(slots.a[m], adapter_slot, axis=1),
                jnp.take(slots.b[m], adapter_slot, axis=1)) for m in slots.a}
-    scale = slots.scale[adapter_slot]
+    lora = _one_slot_lora(kernels, slots.scale[adapter_slot])
     attention = kernels.attention_fn(fallback=llama.blocked_attention(attention_block))
-
-    def lora(la, module, x):
-        return kernels.lora_single(x, *la[module], scale) if module in la else None
 
     def loss(own_weights):
         x, _ = llama.run_layers(cfg, params.layers, params.embed[tokens][None],
