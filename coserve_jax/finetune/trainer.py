@@ -467,13 +467,11 @@ class Trainer:
             empty = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0),
                                   length=np.int32(0), adapter_slot=np.int32(0),
                                   block_start=np.int32(0))
-            runs = []
-            for _ in range(max(repeats, 1)):
-                t0 = time.perf_counter()
+            def run(empty=empty, shape=shape):
                 self.buffers = self._run_piece(params, empty, shape)
-                jax.block_until_ready(self.buffers.grads_h)
-                runs.append(time.perf_counter() - t0)
-            times[shape] = float(np.median(runs[1:] or runs))
+                return self.buffers.grads_h
+
+            times[shape] = _median_seconds(run, repeats)
         return times
 
     def _run_piece(self, params, piece: BackwardPiece, shape: PieceShape) -> TrainBuffers:
@@ -547,15 +545,13 @@ class Trainer:
         program = self._sample_program()
         times = {}
         for n in tqdm(self.seq_buckets, desc="compiling samples", disable=not progress):
-            zeros = np.zeros(n, np.int32)
-            runs = []
-            for _ in range(max(repeats, 1)):
-                t0 = time.perf_counter()
+            def run(n=n):
+                zeros = np.zeros(n, np.int32)
                 self.buffers, loss = program(params, self.registry.table, self.buffers, zeros,
                                              zeros, np.zeros(n, np.float32), np.int32(0))
-                jax.block_until_ready(loss)
-                runs.append(time.perf_counter() - t0)
-            times[n] = float(np.median(runs[1:] or runs))
+                return loss
+
+            times[n] = _median_seconds(run, repeats)
         return times
 
     def run_whole_sample(self, params) -> int:
@@ -633,6 +629,17 @@ class Trainer:
             self._free_act.append(f.act_slot)
             run.seqs_started -= 1
         run.inflight = []
+
+
+def _median_seconds(run: Callable[[], jax.Array], repeats: int) -> float:
+    """Median wall time of ``run()`` (waited for) over ``repeats`` calls, the first (which
+    compiles) left out when there are more."""
+    times = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:] or times))
 
 
 def tree_to_host(tree):
