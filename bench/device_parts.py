@@ -730,7 +730,7 @@ def run_part(part: str, out_dir: str, budget_s: float, dry_run: bool,
     # The engine's persistent compilation cache for every part ($COSERVE_XLA_CACHE): a
     # second run on the same machine skips compiles. A failing import is part 1's to report.
     with contextlib.suppress(ImportError):
-        from coserve_jax.step import enable_compilation_cache
+        from coserve_jax.programs import enable_compilation_cache
 
         enable_compilation_cache()
     error = None

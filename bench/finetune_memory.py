@@ -154,7 +154,7 @@ def abstract_batch(num_tokens: int, num_seqs: int, num_pages: int) -> TokenBatch
         logits_indices=sds(s, i32), temperature=sds(s, f32), top_k=sds(s, i32),
         top_p=sds(s, f32), seeds=sds(s, i32), sample_counts=sds(s, i32),
         adapter_slots=sds(t, i32), labels=sds(t, i32), loss_weights=sds(t, f32),
-        act_index=sds(t, i32))
+        act_index=sds(t, i32), feed_rows=sds(t, i32))
 
 
 def abstract_piece() -> BackwardPiece:

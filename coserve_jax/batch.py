@@ -37,6 +37,8 @@ class TokenBatch:
     labels: jax.Array  # [T] int32: finetuning target of the token (next token); 0 if none
     loss_weights: jax.Array  # [T] float32: 1/targets-of-its-sequence for targets, else 0
     act_index: jax.Array  # [T] int32: row of the activation store to save to; -1 for none
+    feed_rows: jax.Array  # [T] int32: row of the previous step's sampled tokens that is
+    #   this token's id (a decode token planned before its id reached the host); -1: none
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +99,7 @@ class SeqChunk:
     labels: np.ndarray | None = None  # [n] int32, finetuning windows only
     loss_weights: np.ndarray | None = None  # [n] float32, finetuning windows only
     act_base: int = -1  # activation-store row of position 0; -1 saves nothing
+    feed_row: int = -1  # the first token's id is row feed_row of the previous step's samples
 
 
 def build_batch(chunks: list[SeqChunk], bucket: Bucket, page_size: int) -> TokenBatch:
@@ -118,6 +121,7 @@ def build_batch(chunks: list[SeqChunk], bucket: Bucket, page_size: int) -> Token
     labels = np.zeros(t, np.int32)
     loss_weights = np.zeros(t, np.float32)
     act_index = np.full(t, -1, np.int32)
+    feed_rows = np.full(t, -1, np.int32)
     cursor = 0
     for i, c in enumerate(chunks):
         n = len(c.token_ids)
@@ -138,11 +142,13 @@ def build_batch(chunks: list[SeqChunk], bucket: Bucket, page_size: int) -> Token
             labels[sl], loss_weights[sl] = c.labels, c.loss_weights
         if c.act_base >= 0:
             act_index[sl] = c.act_base + pos
+        if c.feed_row >= 0:
+            feed_rows[cursor] = c.feed_row
         cursor += n
     return TokenBatch(
         token_ids=token_ids, positions=positions, seq_ids=seq_ids, slots=slots,
         token_mask=token_mask, page_tables=page_tables, logits_indices=logits_indices,
         temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
         sample_counts=sample_counts, adapter_slots=adapter_slots, labels=labels,
-        loss_weights=loss_weights, act_index=act_index,
+        loss_weights=loss_weights, act_index=act_index, feed_rows=feed_rows,
     )

@@ -1,22 +1,23 @@
-"""The inference engine: continuous batching over paged KV with chunked prefill.
+"""The engine: one model, one KV cache and one jitted co-serving step, driven one
+iteration at a time.
 
-Each ``step()`` schedules one iteration on the host (decode tokens of running
-requests first, then prefill chunks of waiting requests, oldest first, within a
-token budget and the free KV pages), packs it into a bucketed ``TokenBatch``,
-runs the jitted step once, and turns the sampled tokens into outputs. When KV
-pages run out the newest request is preempted: its pages are freed and it is
-recomputed later from its prompt and the tokens it already produced, so its
-output is unchanged.
+Each ``step()`` is one iteration in three stages (see ``coserve_jax.scheduler``):
+the ``Scheduler`` plans it on the host (inference first, then the finetuning share the
+policy gives it), the ``Runner`` runs it on the device (the step, then backward
+pieces), and the scheduler applies the sampled tokens, matched by request id. With
+``EngineConfig.overlap_host`` the next iteration is planned and dispatched before the
+current one's tokens are read back, so the host's work hides behind the device's.
 
-The engine is single-threaded: callers (the gRPC server, ``generate``) own the
-loop and call ``add_request``/``abort``/``step`` from one thread.
+The engine itself validates requests, owns the adapter and job API, compiles and
+measures (``warmup``), and keeps the counters and telemetry. It is single-threaded:
+callers (the gRPC server, ``generate``) own the loop and call
+``add_request``/``abort``/``step`` from one thread.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import random
 import time
 
@@ -24,27 +25,29 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from coserve_jax.batch import Bucket, SeqChunk, build_batch, pick_bucket, powers_of_two
+from coserve_jax.batch import Bucket, build_batch, powers_of_two
+from coserve_jax.finetune.buffers import TrainBuffers
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
-from coserve_jax.finetune.trainer import Trainer, TrainerConfig
+from coserve_jax.finetune.trainer import Trainer, TrainerConfig, train_seq_buckets
 from coserve_jax.kv_cache import KVCache, KVUsage, PageAllocator
 from coserve_jax.latency import LatencyModel, bucket_key, model_file, piece_key
 from coserve_jax.lora.adapter import LoraAdapter
 from coserve_jax.lora.config import ALL_TARGETS
-from coserve_jax.lora.slots import AdapterRegistry
+from coserve_jax.lora.slots import AdapterRegistry, AdapterSlots, slot_modules
 from coserve_jax.model import Model
+from coserve_jax.policy import TEMPORAL_KINDS, Policy, parse_mode
+from coserve_jax.programs import enable_compilation_cache
+from coserve_jax.runner import Runner
+from coserve_jax.runner_commands import RunStep
 from coserve_jax.sampling import MAX_SEED, SamplingParams
-from coserve_jax.scheduler import BeforeFirstToken, Policy, parse_mode
+from coserve_jax.scheduler import IterationPlan, Request, RequestOutput, Scheduler
 from coserve_jax.slo import SLO, AdmissionError, RequestMetrics
-from coserve_jax.step import (
-    STEP_PROGRAM_VERSION,
-    build_step,
-    enable_compilation_cache,
-    step_kernels,
-)
+from coserve_jax.step import STEP_PROGRAM_VERSION, StepOutput, step_kernels
 from coserve_jax.telemetry import Profiler, ScalarWriter, backward_label, forward_label
 from coserve_jax.tiny_model import cache_root
 from pallas_kernels.dispatch import IMPLS as KERNEL_IMPLS
+
+__all__ = ["Engine", "EngineConfig", "Request", "RequestOutput", "StepInfo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,11 @@ class EngineConfig:
     (FlexLLM's temporal sharing: one whole sample, forward and full backward, every N
     iterations); temporal:N or temporal:dynamic (the token-level ablation). See
     ``coserve_jax.scheduler``."""
+    overlap_host: bool = True
+    """Plan and dispatch iteration i+1 while iteration i runs on the device, so host time
+    hides behind device time (sampled tokens feed the next step on the device). False runs
+    the synchronous loop: schedule, run, read back, update. Temporal-sharing modes always
+    run synchronously (their dynamic period is set from each iteration's own time)."""
     spend_banked_slack: bool = True
     """coserve: a request served faster than its TPOT target so far may absorb a longer
     iteration (TPOT is a mean over the request). False keeps every iteration within the
@@ -147,34 +155,6 @@ class EngineConfig:
         SLO(self.default_ttft_s, self.default_tpot_s)
 
 
-@dataclasses.dataclass
-class Request:
-    """Host state of one generation request."""
-
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    seed: int
-    arrival_index: int
-    arrival_time: float
-    output: list[int] = dataclasses.field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V are in the cache
-    finish_reason: str | None = None
-    num_preemptions: int = 0
-    adapter: str | None = None
-    slo: SLO | None = None
-    first_token_time: float | None = None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-    @property
-    def pending(self) -> int:
-        """Known tokens whose K/V are not yet in the cache."""
-        return len(self.prompt) + len(self.output) - self.num_computed
-
-
 @dataclasses.dataclass(frozen=True)
 class StepInfo:
     """What the last iteration carried."""
@@ -189,24 +169,20 @@ class StepInfo:
     """Samples run whole (forward and full backward in one program: temporal-seq)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request."""
+@dataclasses.dataclass
+class _Launched:
+    """An iteration dispatched to the device whose sampled tokens the host has not read."""
 
-    request_id: str
-    new_token_ids: list[int]
-    output_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None = None
-    metrics: RequestMetrics | None = None  # set when finished
-    logprobs: list[float] | None = None
-    """Logprob of each new token (raw distribution), when the request asked for logprobs."""
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    """Per new token, the ``params.logprobs`` most likely (token id, logprob), best first."""
+    plan: IterationPlan
+    out: StepOutput
+    dispatched: float
+    """``perf_counter`` when the step was dispatched."""
+    pieces: int
+    """Backward pieces dispatched after the step."""
 
 
 class Engine:
-    """Continuous-batching inference over one model, one KV cache and one jitted step."""
+    """Continuous-batching inference and token-level finetuning over one model."""
 
     def __init__(self, model: Model, config: EngineConfig | None = None, mesh=None):
         self.model = model
@@ -223,28 +199,30 @@ class Engine:
         self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or 2048)
         self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
         enable_compilation_cache(config.compilation_cache_dir)
-        self.kv = (KVCache.zeros(mc, config.num_pages, config.page_size, model.dtype)
-                   if self.layout is None else self.layout.zeros(
-                       KVCache.zeros, mc, config.num_pages, config.page_size, model.dtype))
+        # Resolved once, here: the step and the backward pieces share it.
+        self.kernels = step_kernels(config.kernels, self.layout)
         self.allocator = PageAllocator(config.num_pages, config.page_size, self.max_pages_per_seq)
+        trainer_config = self._trainer_config()
+        modules = slot_modules(config.lora_target_modules)
+        slots = train = None
+        if config.max_adapters:
+            slots = self._zeros(AdapterSlots.zeros, mc, config.max_adapters,
+                                config.max_lora_rank, modules, model.dtype)
+        if trainer_config is not None:
+            train = self._train_buffers(trainer_config, slots)
+        self.runner = Runner(
+            mc, model.params, kv=self._zeros(KVCache.zeros, mc, config.num_pages,
+                                             config.page_size, model.dtype),
+            feed_size=config.max_num_seqs, slots=slots, train=train, kernels=self.kernels,
+            attention_block=config.backward_attention_block, layout=self.layout)
         self.registry = None
         if config.max_adapters:
             self.registry = AdapterRegistry(mc, config.max_adapters, config.max_lora_rank,
-                                            config.lora_target_modules, model.dtype,
-                                            layout=self.layout)
-        # Resolved once, here: the step and the backward pieces share it.
-        self.kernels = step_kernels(config.kernels, self.layout)
+                                            modules, self.runner.execute)
         self.trainer = None
-        if config.max_train_seqs:
-            max_train_len = config.max_train_len or min(512, self.max_model_len)
-            if not 2 <= max_train_len <= self.max_model_len:
-                raise ValueError(f"EngineConfig.max_train_len ({max_train_len}) must be in "
-                                 f"[2, model length {self.max_model_len}]")
-            self.trainer = Trainer(mc, self.registry, self.allocator, TrainerConfig(
-                max_seqs=config.max_train_seqs, max_len=max_train_len,
-                window=config.train_window, backward_layers=config.backward_layers,
-                attention_block=config.backward_attention_block, block=config.backward_block),
-                model.dtype, layout=self.layout, kernels=self.kernels)
+        if trainer_config is not None:
+            self.trainer = Trainer(mc, self.registry, self.allocator, trainer_config,
+                                   self.runner)
         self.buckets = tuple(sorted(
             (Bucket(t, s, w, train)
              for t in powers_of_two(config.min_token_bucket, config.max_num_batched_tokens)
@@ -255,20 +233,9 @@ class Engine:
              for train in ((False, True) if self.trainer else (False,))
              if s <= t),
             key=lambda b: (b.num_tokens, b.num_pages, b.num_seqs)))
-        self._token_buckets = sorted({b.num_tokens for b in self.buckets})
         if self.layout is not None:
-            self.layout.check_divides_tokens(self._token_buckets, "token buckets")
-        self._step = build_step(mc, layout=self.layout, kernels=self.kernels)
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []
-        self._requests: dict[str, Request] = {}
-        self._arrivals = itertools.count()
-        self._seed_rng = random.Random()
-        self.num_steps = 0
-        self.num_preemptions = 0
-        # Totals since start: steps, inference_tokens, train_tokens, mixed_steps (inference
-        # and finetuning tokens in one batch), backward_pieces.
-        self.counters: collections.Counter[str] = collections.Counter()
+            self.layout.check_divides_tokens(sorted({b.num_tokens for b in self.buckets}),
+                                              "token buckets")
         self.policy = Policy(config.mode, spend_banked=config.spend_banked_slack)
         if self.policy.whole_samples and self.layout is not None:
             raise ValueError(f"mode {config.mode} runs whole samples on one device; use "
@@ -280,20 +247,86 @@ class Engine:
         shapes = dataclasses.replace(
             config, compilation_cache_dir=None, latency_model_dir=None, mode="coserve",
             default_ttft_s=1.0, default_tpot_s=1.0, max_waiting=1, admission_control=True,
-            kernels=self.kernels.impl, spend_banked_slack=True)
+            kernels=self.kernels.impl, spend_banked_slack=True, overlap_host=True)
         self.latency_path = model_file(config.latency_model_dir or cache_root(),
                                        jax.devices()[0].device_kind, jax.__version__, mc, shapes,
                                        self.kernels, STEP_PROGRAM_VERSION)
         self.latency = LatencyModel.load(self.latency_path) or LatencyModel()
+        self.scheduler = Scheduler(
+            buckets=self.buckets, page_size=config.page_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_pages_per_seq=self.max_pages_per_seq, max_waiting=config.max_waiting,
+            admission_control=config.admission_control, allocator=self.allocator,
+            latency=self.latency, policy=self.policy, eos_token_ids=mc.eos_token_ids,
+            registry=self.registry, trainer=self.trainer)
+        # Temporal sharing sets its period from each iteration's own time: synchronous.
+        self.overlap = config.overlap_host and self.policy.kind not in TEMPORAL_KINDS
+        self._launched: _Launched | None = None
+        self._device_free: float | None = None  # when the device last went idle, if known
+        self.last_step_seconds = 0.0  # dispatch to tokens read back, of the last step
         self._compiled: set[str] = set()  # latency keys whose shape has run in this process
-        # Metrics of recently finished requests, newest last.
-        self.finished: collections.deque[RequestMetrics] = collections.deque(maxlen=100_000)
+        self._seed_rng = random.Random()
+        self.num_steps = 0
+        # Totals since start: steps, inference_tokens, train_tokens, mixed_steps (inference
+        # and finetuning tokens in one batch), backward_pieces.
+        self.counters: collections.Counter[str] = collections.Counter()
         self.last_step: StepInfo | None = None
         self.profiler = Profiler()
         self.writer = ScalarWriter(config.run_dir) if config.run_dir else None
         if self.trainer is not None:
             self.trainer.writer = self.writer
         self._logged = {"finished": 0, "counters": collections.Counter()}
+
+    def _trainer_config(self) -> TrainerConfig | None:
+        config = self.config
+        if not config.max_train_seqs:
+            return None
+        max_train_len = config.max_train_len or min(512, self.max_model_len)
+        if not 2 <= max_train_len <= self.max_model_len:
+            raise ValueError(f"EngineConfig.max_train_len ({max_train_len}) must be in "
+                             f"[2, model length {self.max_model_len}]")
+        return TrainerConfig(
+            max_seqs=config.max_train_seqs, max_len=max_train_len, window=config.train_window,
+            backward_layers=config.backward_layers,
+            attention_block=config.backward_attention_block, block=config.backward_block)
+
+    def _train_buffers(self, tc: TrainerConfig, slots) -> TrainBuffers:
+        mc, dtype = self.model.config, self.model.dtype
+        seq_buckets = train_seq_buckets(tc)
+        if self.layout is None:
+            return TrainBuffers.zeros(mc, slots, tc.max_seqs, tc.max_len, dtype,
+                                      blocks=tc.block > 0)
+        if tc.block:
+            raise ValueError("token-block backward pieces (EngineConfig.backward_block) "
+                             "run on one device; use backward_block=0 on a mesh")
+        self.layout.check_divides_tokens(seq_buckets, "backward sequence buckets")
+        # One partial gradient sum per data shard (see TrainBuffers).
+        return self.layout.zeros(TrainBuffers.zeros, mc, slots, tc.max_seqs, tc.max_len,
+                                 dtype, groups=self.layout.data_size)
+
+    def _zeros(self, fn, *args):
+        """``fn(*args)``'s zeros, built directly in their layout on a mesh."""
+        return fn(*args) if self.layout is None else self.layout.zeros(fn, *args)
+
+    # ----- what the scheduler holds ---------------------------------------------------------
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
+
+    @property
+    def finished(self) -> collections.deque[RequestMetrics]:
+        """Metrics of recently finished requests, newest last."""
+        return self.scheduler.finished
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
 
     # ----- requests -------------------------------------------------------------------------
 
@@ -327,54 +360,27 @@ class Engine:
         if adapter is not None and (self.registry is None
                                     or adapter not in self.registry.names()):
             raise ValueError(f"unknown adapter {adapter!r}")
-        if request_id is not None and str(request_id) in self._requests:
+        if request_id is not None and str(request_id) in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         slo = slo or SLO(self.config.default_ttft_s, self.config.default_tpot_s)
         if admission:
-            self._admit(len(prompt), slo)
-        index = next(self._arrivals)
+            self.scheduler.admit(len(prompt), slo)
+        index = next(self.scheduler.arrivals)
         request_id = str(index) if request_id is None else str(request_id)
         seed = params.seed if params.seed is not None else self._seed_rng.randint(0, MAX_SEED)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         req = Request(request_id, prompt, params, seed, index, arrival, adapter=adapter, slo=slo)
-        self._requests[request_id] = req
-        self.waiting.append(req)
+        self.scheduler.add(req)
         return request_id
-
-    def _admit(self, prompt_len: int, slo: SLO) -> None:
-        """Refuses, rather than queues without bound, what cannot meet its TTFT."""
-        if len(self.waiting) >= self.config.max_waiting:
-            raise AdmissionError(f"queue full ({self.config.max_waiting} requests waiting)")
-        if not self.config.admission_control:
-            return
-        # Prefill tokens ahead of this request (its own included), at the rate a full
-        # iteration clears them after the running requests' decode tokens.
-        ahead = prompt_len + sum(r.pending for r in self.waiting)
-        per_iteration = max(1, self.config.max_num_batched_tokens - len(self.running))
-        full = self.buckets[-1] if not self.buckets[-1].train else next(
-            b for b in reversed(self.buckets) if not b.train)
-        estimate = -(-ahead // per_iteration) * self.latency.predict(bucket_key(full))
-        if estimate > slo.ttft_s:
-            raise AdmissionError(f"cannot meet the TTFT target of {slo.ttft_s:g}s: about "
-                                 f"{estimate:.2f}s of prefill is queued ahead")
 
     def abort(self, request_id: str) -> bool:
         """Drops a request wherever it is and frees its pages; False if it is unknown."""
-        req = self._requests.pop(request_id, None)
-        if req is None:
-            return False
-        if req in self.running:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
-        self.allocator.free(req.request_id)
-        req.finish_reason = "abort"
-        return True
+        return self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
         """Inference requests or finetuning jobs still have work."""
-        return bool(self.waiting or self.running) or (
-            self.trainer is not None and self.trainer.has_work())
+        return (self.scheduler.has_requests() or self._launched is not None
+                or (self.trainer is not None and self.trainer.has_work()))
 
     # ----- adapters and jobs ----------------------------------------------------------------
 
@@ -485,109 +491,108 @@ class Engine:
 
     def _iteration(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
-        trainer = self.trainer
-        if trainer is None:
-            ft_waiting = False
-        elif self.policy.whole_samples:
-            ft_waiting = trainer.has_sample_work()
+        plan = self.scheduler.schedule()
+        if plan.whole_sample:
+            outputs = self._collect_launched()
+            return outputs + self._whole_sample_iteration(plan, t_start)
+        t_planned = time.perf_counter()
+        launched = None
+        if plan.batch is not None:
+            launched = self._launch(plan)
+        if self.overlap:
+            # Pieces go right behind the step, priced by the latency model; the previous
+            # iteration's tokens are read while this one runs.
+            step_s = self.scheduler.predicted_step_seconds(plan)
+            pieces = self._run_backward(plan, step_s, timed=False)
+            if launched is not None:
+                launched.pieces = pieces
+            outputs = self._collect_launched()
+            self._launched = launched
         else:
-            ft_waiting = trainer.has_forward_work() or trainer.next_piece_shape() is not None
-        ft_iteration = self.policy.finetune_iteration(
-            bool(self.running or self.waiting), ft_waiting, self._tpot_target())
-        if ft_iteration and self.policy.whole_samples:
-            return self._whole_sample_iteration(t_start)
-        scheduled = [] if ft_iteration else self._schedule()
-        chunks = [self._chunk(req, n) for req, n in scheduled]
-        now = time.monotonic()  # the clock of first_token_time
-        limit = self.policy.iteration_limit([r.slo.tpot_s for r in self.running],
-                                            [self._progress(r, now) for r in self.running])
-        windows, piece_s = [], 0.0
-        used = sum(n for _, n in scheduled)
-        left = self.config.max_num_batched_tokens - used
-        if trainer is not None:
-            # The piece this iteration would run: the furthest along that fits beside the
-            # inference alone (or simply the furthest along when nothing limits the time).
-            room = None if limit is None else limit - self._predict_step(chunks, 0)
-            shape = trainer.next_piece_shape(
-                None if room is None else lambda s: self.latency.predict(piece_key(*s)) <= room)
-            piece_s = 0.0 if shape is None else self.latency.predict(piece_key(*shape))
-            tokens = self.policy.forward_tokens(
-                finetune_iteration=ft_iteration, inference_running=bool(scheduled),
-                tokens_left=left, time_limit=limit, piece_seconds=piece_s,
-                step_seconds=lambda n: self._predict_step(chunks, n),
-                candidates=[t - used for t in self._token_buckets])
-            windows = trainer.forward_windows(tokens, self.config.max_num_seqs - len(chunks))
-        chunks += [chunk for _, chunk in windows]
-        outputs, step_s, t_post, bucket = [], 0.0, 0.0, None
-        t_device = time.perf_counter()
-        if chunks:
-            widest = max(len(c.page_table) for c in chunks)
-            num_tokens = sum(len(c.token_ids) for c in chunks)
-            bucket = pick_bucket(self.buckets, num_tokens, len(chunks), widest, bool(windows))
-            batch = build_batch(chunks, bucket, self.config.page_size)
-            t_device = time.perf_counter()
-            train = None if trainer is None else trainer.buffers
-            decode = sum(1 for r, n in scheduled if n == 1 and r.output)
-            label = forward_label(bucket, decode, sum(n for _, n in scheduled) - decode,
-                                  sum(len(c.token_ids) for _, c in windows))
-            with jax.profiler.TraceAnnotation(label):
-                self.kv, train, out = self._step(self.model.params, self._slots(), self.kv,
-                                                 train, batch, with_train=bucket.train)
-                next_tokens = np.asarray(out.next_tokens)
-                # Logprobs cross to the host only in iterations where someone asked.
-                logprobs = None
-                if any(r.params.logprobs is not None for r, _ in scheduled):
-                    logprobs = (np.asarray(out.sampled_logprobs), np.asarray(out.top_logprobs),
-                                np.asarray(out.top_token_ids))
-            if trainer is not None:
-                trainer.buffers = train
-            step_s = time.perf_counter() - t_device
-            self._observe(bucket_key(bucket), step_s)
-            self.num_steps += 1
-            train_tokens = sum(len(c.token_ids) for _, c in windows)
-            self.counters.update(steps=1, inference_tokens=num_tokens - train_tokens,
-                                 train_tokens=train_tokens,
-                                 mixed_steps=int(bool(scheduled and windows)))
-            t0 = time.perf_counter()
-            outputs = [o for i, (req, n) in enumerate(scheduled)
-                       if (o := self._advance(req, n, int(next_tokens[i]),
-                                              _row_logprobs(logprobs, i, req.params))) is not None]
-            if windows:
-                trainer.after_forward(windows, np.asarray(out.seq_loss)[len(scheduled):])
-            t_post = time.perf_counter() - t0
-        pieces = 0
-        if trainer is not None:
-            pieces = self._run_backward(self.config.backward_pieces_per_step,
-                                        self.policy.backward_seconds(
-                finetune_iteration=ft_iteration, inference_running=bool(scheduled),
-                tokens_left=left, time_limit=limit, step_seconds=step_s))
+            outputs, step_s = [], 0.0
+            if launched is not None:
+                self._launched = launched
+                outputs = self._collect_launched()
+                step_s = self.last_step_seconds
+            pieces = self._run_backward(plan, step_s, timed=True)
         total = time.perf_counter() - t_start
-        self.policy.observe(total, had_inference=bool(scheduled),
-                            had_finetune=bool(windows or pieces))
-        # Host time: scheduling and batch packing before the step, bookkeeping after it.
-        self.counters.update(host_s=(t_device - t_start) + t_post, iteration_s=total)
-        self.last_step = StepInfo(sum(n for _, n in scheduled),
-                                  sum(len(c.token_ids) for _, c in windows), pieces,
-                                  ft_iteration, bucket, total)
+        self.policy.observe(total, had_inference=bool(plan.rows),
+                            had_finetune=bool(plan.windows or pieces))
+        # Host time: planning and packing before the dispatch (with overlap, reading back
+        # and applying the previous iteration's tokens is hidden behind this one's step).
+        self.counters.update(host_s=t_planned - t_start, iteration_s=total)
+        self.last_step = StepInfo(plan.inference_tokens, plan.finetune_tokens, pieces,
+                                  plan.finetune_iteration, plan.bucket, total)
         return outputs
 
-    def _whole_sample_iteration(self, t_start: float) -> list[RequestOutput]:
+    def _launch(self, plan: IterationPlan) -> _Launched:
+        """Dispatches the plan's step (the device runs it while the host goes on)."""
+        label = forward_label(plan.bucket, plan.decode_rows,
+                              plan.inference_tokens - plan.decode_rows, plan.finetune_tokens)
+        t0 = time.perf_counter()
+        with jax.profiler.TraceAnnotation(label):
+            out = self.runner.execute(RunStep(plan.batch, plan.bucket.train))
+        if plan.windows:
+            self.trainer.attach_losses(list(plan.windows), out.seq_loss, len(plan.rows))
+        self.num_steps += 1
+        self.counters.update(steps=1, inference_tokens=plan.inference_tokens,
+                             train_tokens=plan.finetune_tokens,
+                             mixed_steps=int(bool(plan.rows and plan.windows)))
+        return _Launched(plan, out, t0, 0)
+
+    def _collect_launched(self) -> list[RequestOutput]:
+        """Reads back the launched iteration's sampled tokens (waiting for its step) and
+        applies them; times the step for the latency model where the time is known."""
+        launched, self._launched = self._launched, None
+        if launched is None:
+            return []
+        out, plan = launched.out, launched.plan
+        was_running = not out.next_tokens.is_ready()
+        next_tokens = np.asarray(out.next_tokens)
+        t_ready = time.perf_counter()
+        # Logprobs cross to the host only in iterations where someone asked.
+        logprobs = None
+        if any(r.request.params.logprobs is not None for r in plan.rows):
+            logprobs = (np.asarray(out.sampled_logprobs), np.asarray(out.top_logprobs),
+                        np.asarray(out.top_token_ids))
+        # The step's device time: from when it could start (dispatched, and the device
+        # free of earlier work) to when its tokens were ready. With overlap that is known
+        # only if the host was waiting for it and the device's earlier work had a known
+        # end (no backward pieces, whose end is not read).
+        if not self.overlap:
+            start = launched.dispatched
+        elif was_running and self._device_free is not None:
+            start = max(launched.dispatched, self._device_free)
+        else:
+            start = None
+        self.last_step_seconds = t_ready - launched.dispatched
+        if start is not None:
+            self._observe(bucket_key(plan.bucket), t_ready - start)
+        self._device_free = t_ready if was_running and not launched.pieces else None
+        return self.scheduler.update(plan, next_tokens, logprobs)
+
+    def _whole_sample_iteration(self, plan: IterationPlan,
+                                t_start: float) -> list[RequestOutput]:
         """A temporal-seq finetuning iteration: one whole sample, forward and backward, as a
         standard trainer runs it; no inference tokens."""
         with jax.profiler.TraceAnnotation("whole_sample"):
-            tokens = self.trainer.run_whole_sample(self.model.params)
-            jax.block_until_ready(self.trainer.buffers.grad_a)
+            tokens = self.trainer.run_whole_sample()
+            jax.block_until_ready(self.runner.train.grad_a)
         total = time.perf_counter() - t_start
         self.policy.observe(total, had_inference=False, had_finetune=True)
         self.counters.update(train_tokens=tokens, whole_samples=1, iteration_s=total)
         self.last_step = StepInfo(0, tokens, 0, True, None, total, whole_samples=1)
         return []
 
-    def _run_backward(self, max_pieces: int, seconds: float) -> int:
-        """Runs up to ``max_pieces`` backward pieces while the latency model says the next
-        one fits in what is left of ``seconds``; times each for the latency model."""
+    def _run_backward(self, plan: IterationPlan, step_seconds: float, timed: bool) -> int:
+        """Runs up to ``backward_pieces_per_step`` backward pieces while the latency model
+        says the next one fits in what the policy leaves after a step of ``step_seconds``;
+        ``timed``: waits for each and times it for the latency model."""
+        if self.trainer is None:
+            return 0
+        seconds = self.scheduler.backward_seconds(plan, step_seconds)
         done, spent = 0, 0.0
-        while done < max_pieces:
+        while done < self.config.backward_pieces_per_step:
             def fits(shape, spent=spent):
                 return spent + self.latency.predict(piece_key(*shape)) <= seconds
 
@@ -596,11 +601,15 @@ class Engine:
                 break
             t0 = time.perf_counter()
             with jax.profiler.TraceAnnotation(backward_label(*shape)):
-                self.trainer.run_backward_piece(self.model.params, fits)
-                jax.block_until_ready(self.trainer.buffers.grads_h)
-            seconds_taken = time.perf_counter() - t0
-            self._observe(piece_key(*shape), seconds_taken)
-            spent += seconds_taken
+                self.trainer.run_backward_piece(fits)
+                if timed:
+                    jax.block_until_ready(self.runner.train.grads_h)
+            if timed:
+                seconds_taken = time.perf_counter() - t0
+                self._observe(piece_key(*shape), seconds_taken)
+                spent += seconds_taken
+            else:
+                spent += self.latency.predict(piece_key(*shape))
             done += 1
         self.counters["backward_pieces"] += done
         return done
@@ -613,132 +622,6 @@ class Engine:
             self.latency.observe(key, seconds)
         else:
             self._compiled.add(key)
-
-    def _progress(self, req: Request, now: float):
-        """What ``Policy.iteration_limit`` needs of a running request (clock: monotonic)."""
-        if req.first_token_time is not None:
-            return len(req.output) - 1, now - req.first_token_time
-        # Prefill left after this iteration's chunk, at a full token budget per iteration.
-        budget = self.config.max_num_batched_tokens
-        return BeforeFirstToken(req.slo.ttft_s - (now - req.arrival_time),
-                                -(-req.pending // budget))
-
-    def _tpot_target(self) -> float | None:
-        """The tightest TPOT target among running requests (None when none runs)."""
-        return min((r.slo.tpot_s for r in self.running), default=None)
-
-    def _predict_step(self, chunks: list[SeqChunk], train_tokens: int) -> float:
-        """Predicted step seconds with ``train_tokens`` finetuning tokens added to ``chunks``."""
-        trainer = self.trainer
-        num_seqs = len(chunks)
-        widest = max((len(c.page_table) for c in chunks), default=1)
-        if train_tokens:
-            windows, window_pages = trainer.window_shape(
-                train_tokens, self.config.max_num_seqs - len(chunks))
-            num_seqs += windows
-            widest = max(widest, window_pages)
-        num_tokens = sum(len(c.token_ids) for c in chunks) + train_tokens
-        try:
-            bucket = pick_bucket(self.buckets, num_tokens, min(num_seqs, self.config.max_num_seqs),
-                                 min(widest, self.max_pages_per_seq), train_tokens > 0)
-        except ValueError:
-            return float("inf")
-        return self.latency.predict(bucket_key(bucket))
-
-    def _slots(self):
-        return None if self.registry is None else self.registry.table
-
-    def _schedule(self) -> list[tuple[Request, int]]:
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Request, int]] = []
-        taken: set[str] = set()
-        # Running requests: decodes (one pending token) first, then unfinished prefills.
-        for req in sorted(self.running, key=lambda r: (r.pending > 1, r.arrival_index)):
-            if budget == 0 or len(scheduled) == self.config.max_num_seqs:
-                break
-            if req not in self.running:  # preempted earlier in this loop
-                continue
-            n = min(req.pending, budget)
-            if not self._make_room(req, req.num_computed + n, taken):
-                continue
-            self.allocator.grow(req.request_id, req.num_computed + n)
-            scheduled.append((req, n))
-            taken.add(req.request_id)
-            budget -= n
-        # Waiting requests, oldest first, while budget, sequence slots and pages last.
-        while self.waiting and budget > 0 and len(scheduled) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            n = min(req.pending, budget)
-            if not self.allocator.can_grow(req.request_id, n):
-                break
-            self.waiting.popleft()
-            self.allocator.grow(req.request_id, n)
-            self.running.append(req)
-            scheduled.append((req, n))
-            taken.add(req.request_id)
-            budget -= n
-        return scheduled
-
-    def _make_room(self, req: Request, num_tokens: int, taken: set[str]) -> bool:
-        """Finetuning yields its pages first, then newer requests are preempted until ``req``
-        can hold ``num_tokens``; False if req itself was preempted."""
-        if (not self.allocator.can_grow(req.request_id, num_tokens)
-                and self.trainer is not None and self.trainer.yield_pages()):
-            self.counters["finetune_yields"] += 1
-        while not self.allocator.can_grow(req.request_id, num_tokens):
-            victims = [r for r in self.running if r.request_id not in taken]
-            victim = max(victims, key=lambda r: r.arrival_index)
-            self._preempt(victim)
-            if victim is req:
-                return False
-        return True
-
-    def _preempt(self, req: Request) -> None:
-        self.allocator.free(req.request_id)
-        self.running.remove(req)
-        req.num_computed = 0
-        req.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(req)
-
-    def _chunk(self, req: Request, n: int) -> SeqChunk:
-        p = req.params
-        start = req.num_computed
-        return SeqChunk(
-            token_ids=req.tokens[start:start + n], start_position=start,
-            page_table=self.allocator.page_table(req.request_id), temperature=p.temperature,
-            top_k=p.top_k, top_p=p.top_p, seed=req.seed, sample_count=len(req.output),
-            adapter_slot=-1 if self.registry is None else self.registry.slot_of(req.adapter),
-        )
-
-    def _advance(self, req: Request, n: int, token: int,
-                 logprobs: tuple[float, list[tuple[int, float]]] | None = None,
-                 ) -> RequestOutput | None:
-        req.num_computed += n
-        if req.pending:  # mid-prefill: the sampled token is not the sequence's next one
-            return None
-        req.output.append(token)
-        if req.first_token_time is None:
-            req.first_token_time = time.monotonic()
-        stop = set(req.params.stop_token_ids)
-        if not req.params.ignore_eos:
-            stop.update(self.model.config.eos_token_ids)
-        if token in stop:
-            req.finish_reason = "stop"
-        elif len(req.output) >= req.params.max_tokens:
-            req.finish_reason = "length"
-        metrics = None
-        if req.finish_reason is not None:
-            self.running.remove(req)
-            self.allocator.free(req.request_id)
-            del self._requests[req.request_id]
-            metrics = RequestMetrics(req.arrival_time, req.first_token_time, time.monotonic(),
-                                     len(req.prompt), len(req.output), req.slo)
-            self.finished.append(metrics)
-        return RequestOutput(req.request_id, [token], list(req.output),
-                             req.finish_reason is not None, req.finish_reason, metrics,
-                             None if logprobs is None else [logprobs[0]],
-                             None if logprobs is None else [logprobs[1]])
 
     # ----- compilation ----------------------------------------------------------------------
 
@@ -761,9 +644,9 @@ class Engine:
             if measure:
                 self.latency.observe(bucket_key(bucket), float(np.median(times[1:])))
         if self.trainer is not None and self.policy.whole_samples:
-            self.trainer.warmup_samples(self.model.params, progress)
+            self.trainer.warmup_samples(progress)
         if self.trainer is not None:
-            times = self.trainer.warmup(self.model.params, progress, repeats=3 if measure else 1)
+            times = self.trainer.warmup(progress, repeats=3 if measure else 1)
             self._compiled.update(piece_key(*shape) for shape in times)
             for shape, seconds in times.items():
                 if measure:
@@ -773,11 +656,7 @@ class Engine:
 
     def _run_padding(self, batch, bucket) -> float:
         t0 = time.perf_counter()
-        train = None if self.trainer is None else self.trainer.buffers
-        self.kv, train, out = self._step(self.model.params, self._slots(), self.kv, train,
-                                         batch, with_train=bucket.train)
-        if self.trainer is not None:
-            self.trainer.buffers = train
+        out = self.runner.execute(RunStep(batch, bucket.train))
         jax.block_until_ready(out.next_tokens)
         return time.perf_counter() - t0
 
@@ -795,14 +674,3 @@ class Engine:
                 if out.finished:
                     results[out.request_id] = out.output_token_ids
         return [results[i] for i in ids]
-
-
-def _row_logprobs(logprobs, row: int, params: SamplingParams
-                  ) -> tuple[float, list[tuple[int, float]]] | None:
-    """Row ``row``'s (sampled token's logprob, top ``params.logprobs`` pairs), if asked for."""
-    if logprobs is None or params.logprobs is None:
-        return None
-    sampled, top, top_ids = logprobs
-    n = params.logprobs
-    return float(sampled[row]), [(int(t), float(v)) for t, v in zip(top_ids[row, :n],
-                                                                     top[row, :n], strict=True)]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -67,11 +65,6 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_dense_jit(cfg, params, tokens, adapter_weights, scale):
-    return llama.forward_dense(cfg, params, tokens, adapter_weights, single_adapter_lora(scale))
-
-
 def single_adapter_lora(scale) -> llama.LoraFn:
     """A ``LoraFn`` applying one adapter ``{module: (a, b)}`` (per layer) to every token."""
 
@@ -107,5 +100,7 @@ def forward_logits(model: Model, tokens, adapter=None) -> np.ndarray:
     if adapter is not None:
         adapter.check_matches(model.config)
         weights, scale = adapter_weights(adapter), adapter.config.scale
-    return np.asarray(_forward_dense_jit(model.config, model.params, jnp.asarray(arr, jnp.int32),
+    from coserve_jax.programs import forward_dense
+
+    return np.asarray(forward_dense(model.config, model.params, jnp.asarray(arr, jnp.int32),
                                          weights, jnp.float32(scale)))

@@ -138,7 +138,7 @@ def abstract_batch(num_tokens: int, num_seqs: int, num_pages: int):
         page_tables=_sds((num_seqs, num_pages), i32), logits_indices=_sds(s, i32),
         temperature=_sds(s, f32), top_k=_sds(s, i32), top_p=_sds(s, f32), seeds=_sds(s, i32),
         sample_counts=_sds(s, i32), adapter_slots=_sds(t, i32), labels=_sds(t, i32),
-        loss_weights=_sds(t, f32), act_index=_sds(t, i32))
+        loss_weights=_sds(t, f32), act_index=_sds(t, i32), feed_rows=_sds(t, i32))
 
 
 def abstract_job(cfg: ModelConfig, job: LoraConfig, optimizer: str = "adamw"):

@@ -1,215 +1,462 @@
-"""How much finetuning work each iteration carries: the hybrid policy and its baselines.
+"""The scheduler: request queues, KV pages, preemption, admission, and each iteration's plan.
 
-Inference is always scheduled first (decode tokens, then prefill chunks). The
-policy then decides the finetuning share of the iteration:
+One engine iteration has three stages, in the manner of vLLM v1's engine core:
 
-- ``coserve``: the largest finetuning forward budget, plus backward pieces,
-  that the latency model says keeps the iteration within the time the running
-  requests can give it (all of it when no inference is running): for each request,
-  ``safety`` times its TPOT target plus the time it has banked by being served
-  faster than that so far (TPOT is a mean); the tightest request decides. A burst
-  that fills the token budget leaves finetuning nothing.
-- ``inference-only`` / ``finetune-only``: never / always finetune (the
-  latter refuses inference requests).
-- ``temporal-seq:N`` (FlexLLM's temporal-sharing baseline): every N-th iteration
-  is a finetuning-only iteration that runs one whole training sample, its
-  forward over all tokens and its backward through every layer, as a standard
-  trainer runs it (one jitted ``jax.grad`` program, no token windows, no layer
-  pieces); the others carry no finetuning.
-- ``temporal:N`` (token-level ablation): the same period, but the finetuning
-  iteration runs this engine's own token-level windows and backward pieces, as
-  many as the token budget and ready pieces allow: co-serving's machinery
-  without the co-batching.
-- ``temporal-seq:dynamic`` / ``temporal:dynamic``: the same with N recomputed
-  every iteration as the smallest N (the largest finetuning frequency) whose
-  amortised cost keeps the mean time per output token within the tightest
-  target, from observed iteration times: N - 1 inference iterations of t_inf and
-  one finetuning iteration of t_ft must average at most safety * target per token.
+1. ``Scheduler.schedule`` decides, from host state alone, everything the iteration
+   runs and returns it as an ``IterationPlan``: decode tokens of running requests
+   first, then prefill chunks of waiting ones (oldest first, within the token budget
+   and the free KV pages; when pages run out the newest request is preempted and later
+   recomputed from its prompt and the tokens it produced, so its output is unchanged);
+   then, through the ``policy.Policy``, the finetuning forward windows that fit beside
+   them (the trainer proposes windows, the scheduler prices each proposal with the
+   latency model and commits the one it picks), the time left for backward pieces, or
+   a whole-sample iteration (``temporal-seq``).
+2. The engine hands the plan's batch to the ``runner.Runner`` (the device), then the
+   backward pieces.
+3. ``Scheduler.update`` applies what the step sampled, matched by request id, and
+   returns the outputs of the requests that advanced.
+
+Scheduling advances each request's ``num_computed`` when it plans the tokens, and a
+row whose chunk reaches the end of the request's known tokens puts one token "in
+flight". That lets the engine plan iteration i+1 while iteration i still runs on the
+device: a request with a token in flight is scheduled as a decode whose token id the
+step reads from the previous step's samples on the device (``SeqChunk.feed_row``). A
+request never plans past ``max_tokens``; one that stops on a stop token in iteration i
+may have had one more token computed in i+1, which ``update`` drops, so outputs are
+those of the synchronous loop.
+
+The scheduler holds no device arrays and runs no programs: tests drive it with a
+latency model and no model at all.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import math
-from collections.abc import Iterable
+import itertools
+import time
 
-MODES_HELP = ("coserve, inference-only, finetune-only, temporal-seq:N, temporal-seq:dynamic "
-              "(FlexLLM's temporal sharing: a whole sample every N iterations), temporal:N or "
-              "temporal:dynamic (token-level ablation)")
-TEMPORAL_KINDS = ("temporal", "temporal-seq")
+import numpy as np
 
-
-def parse_mode(mode: str) -> tuple[str, int | None]:
-    """``"temporal:8"`` -> ("temporal", 8); ``"temporal-seq:dynamic"`` -> ("temporal-seq",
-    None); raises ``ValueError`` naming the valid modes."""
-    if mode in ("coserve", "inference-only", "finetune-only"):
-        return mode, None
-    kind, _, arg = mode.partition(":")
-    if kind in TEMPORAL_KINDS:
-        if arg == "dynamic":
-            return kind, None
-        if arg.isdigit() and int(arg) >= 1:
-            return kind, int(arg)
-    raise ValueError(f"mode must be one of {MODES_HELP}; got {mode!r}")
+from coserve_jax.batch import Bucket, SeqChunk, TokenBatch, build_batch, pick_bucket
+from coserve_jax.finetune.trainer import InFlight, Trainer
+from coserve_jax.kv_cache import PageAllocator
+from coserve_jax.latency import LatencyModel, bucket_key, piece_key
+from coserve_jax.lora.slots import AdapterRegistry
+from coserve_jax.policy import BeforeFirstToken, Policy
+from coserve_jax.sampling import SamplingParams
+from coserve_jax.slo import SLO, AdmissionError, RequestMetrics
 
 
-class Policy:
-    """Per-iteration finetuning decisions of one engine."""
+@dataclasses.dataclass
+class Request:
+    """Host state of one generation request."""
 
-    def __init__(self, mode: str, safety: float = 0.9, max_period: int = 1024,
-                 spend_banked: bool = True):
-        self.mode = mode
-        self.spend_banked = spend_banked
-        self.kind, self.period = parse_mode(mode)
-        self.safety = safety
-        self.max_period = max_period
-        self._since_finetune = 0
-        # Observed seconds of inference-only and finetuning-only iterations (temporal).
-        self._t_inference: float | None = None
-        self._t_finetune: float | None = None
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    arrival_index: int
+    arrival_time: float
+    output: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache or planned into it
+    in_flight: int = 0  # sampled tokens planned but not yet seen by the host (0 or 1)
+    feed_row: int = -1  # the batch row of its token in flight, in the last planned step
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    adapter: str | None = None
+    slo: SLO | None = None
+    first_token_time: float | None = None
 
     @property
-    def serves_inference(self) -> bool:
-        return self.kind != "finetune-only"
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
 
     @property
-    def whole_samples(self) -> bool:
-        """Finetuning runs as whole samples (``temporal-seq``), never as token windows and
-        backward pieces."""
-        return self.kind == "temporal-seq"
+    def num_known(self) -> int:
+        """Tokens of the sequence so far: prompt, output and the token in flight."""
+        return len(self.prompt) + len(self.output) + self.in_flight
 
-    def finetune_iteration(self, inference_waiting: bool, finetune_waiting: bool,
-                           tpot_target: float | None) -> bool:
-        """Temporal sharing: whether this iteration is a finetuning-only one."""
-        if self.kind not in TEMPORAL_KINDS or not finetune_waiting:
-            return False
-        if not inference_waiting:
-            return True
-        period = self.period or self._dynamic_period(tpot_target)
-        if self._since_finetune + 1 >= period:
-            self._since_finetune = 0
-            return True
-        self._since_finetune += 1
-        return False
+    @property
+    def pending(self) -> int:
+        """Tokens whose K/V are neither in the cache nor planned into it."""
+        return self.num_known - self.num_computed
 
-    def _dynamic_period(self, tpot_target: float | None) -> int:
-        if tpot_target is None or self._t_finetune is None or self._t_inference is None:
-            return self.max_period
-        slack = self.safety * tpot_target - self._t_inference
-        if slack <= 0:
-            return self.max_period
-        return max(2, min(self.max_period, math.ceil(self._t_finetune / slack) + 1))
-
-    def observe(self, seconds: float, had_inference: bool, had_finetune: bool) -> None:
-        """Records an iteration's wall time (feeds temporal:dynamic)."""
-        def ema(old, new):
-            return new if old is None else 0.8 * old + 0.2 * new
-
-        if had_inference and not had_finetune:
-            self._t_inference = ema(self._t_inference, seconds)
-        elif had_finetune and not had_inference:
-            self._t_finetune = ema(self._t_finetune, seconds)
-
-    def _unconstrained(self, finetune_iteration: bool, inference_running: bool,
-                       time_limit: float | None) -> bool | None:
-        """True: finetune freely; False: not at all; None: within ``time_limit``."""
-        if self.kind in ("inference-only", "temporal-seq"):
-            return False  # temporal-seq finetunes only through whole samples
-        if self.kind == "finetune-only" or finetune_iteration:
-            return True
-        if self.kind == "temporal":
-            return not inference_running
-        if not inference_running or time_limit is None:
-            return True
-        return None
-
-    def forward_tokens(self, *, finetune_iteration: bool, inference_running: bool,
-                       tokens_left: int, time_limit: float | None, step_seconds,
-                       piece_seconds: float, candidates: Iterable[int] | None = None) -> int:
-        """Finetuning forward tokens for this iteration.
-
-        ``step_seconds(tokens)`` predicts the step with that many finetuning tokens
-        added to the inference already scheduled. Under ``coserve`` the choice is
-        the largest budget whose step, plus one backward piece when one is ready
-        (``piece_seconds`` > 0), fits ``time_limit`` (see ``iteration_limit``); a piece
-        that could not fit even beside the inference alone reserves nothing.
-        ``candidates`` are the budgets worth pricing (default: powers of two and all
-        that is left); the engine passes the ones that exactly fill a token bucket,
-        since padding makes any smaller budget in the same bucket cost the same.
-        """
-        free = self._unconstrained(finetune_iteration, inference_running, time_limit)
-        if free is not None:
-            return tokens_left if free else 0
-        if step_seconds(0) + piece_seconds > time_limit:
-            # The ready piece cannot run beside this iteration's inference at all; it waits
-            # for a lighter iteration, and forward windows of other sequences go on.
-            piece_seconds = 0.0
-        options = _candidates(tokens_left) if candidates is None else sorted(
-            {0, *(n for n in candidates if 0 < n <= tokens_left)})
-        fitting = [n for n in options if step_seconds(n) + piece_seconds <= time_limit]
-        return max(fitting, default=0)
-
-    def backward_seconds(self, *, finetune_iteration: bool, inference_running: bool,
-                         tokens_left: int, time_limit: float | None,
-                         step_seconds: float) -> float:
-        """Seconds of backward pieces to run after a step that took ``step_seconds``
-        (``inf``: as many as are ready); none when inference alone filled the token
-        budget (a burst). The engine runs a piece only while its predicted time fits."""
-        free = self._unconstrained(finetune_iteration, inference_running, time_limit)
-        if free is not None:
-            return math.inf if free else 0.0
-        if tokens_left == 0:
-            return 0.0
-        return max(0.0, time_limit - step_seconds)
-
-    def iteration_limit(self, targets, progress=None) -> float | None:
-        """Seconds this iteration may take (None when no request runs).
-
-        ``targets``: the running requests' TPOT targets. ``progress`` (same order):
-        ``(tokens after the first, seconds since the first token)`` of each request, a
-        ``BeforeFirstToken`` for one still in its prefill, or None (nothing known).
-
-        TPOT is a mean, so a request served faster than ``safety`` times its target so far
-        has banked the difference, ``safety * target * tokens - seconds`` (negative when
-        behind), and can absorb a longer iteration: it allows ``safety * target + banked``,
-        which keeps its running mean within ``safety * target`` after this iteration's token
-        too. Before its first token a request's TPOT clock has not started; what binds it
-        is its TTFT, so it allows ``safety`` times the time left to its TTFT target, shared
-        by the prefill iterations it still needs (at least ``safety * target``). Built with
-        ``spend_banked=False`` (or given no ``progress``), each allows ``safety * target``.
-        """
-        targets = list(targets)
-        if progress is None or not self.spend_banked:
-            progress = [None] * len(targets)
-        limits = []
-        for target, done in zip(targets, progress, strict=True):
-            floor = self.safety * target
-            if isinstance(done, BeforeFirstToken):
-                limits.append(max(floor, self.safety * done.ttft_left_s
-                                  / max(done.prefill_iterations, 1)))
-            elif done is not None:
-                limits.append(floor + self.safety * target * done[0] - done[1])
-            else:
-                limits.append(floor)
-        return min(limits, default=None)
+    @property
+    def done_sampling(self) -> bool:
+        """Every token it may produce is produced or in flight (``max_tokens``)."""
+        return len(self.output) + self.in_flight >= self.params.max_tokens
 
 
 @dataclasses.dataclass(frozen=True)
-class BeforeFirstToken:
-    """A running request that has not produced its first token yet (it is in prefill)."""
+class RequestOutput:
+    """What one step produced for one request."""
 
-    ttft_left_s: float
-    """Seconds left until its TTFT target (negative when already missed)."""
-    prefill_iterations: int
-    """Iterations it still needs to reach its first token, this one included."""
+    request_id: str
+    new_token_ids: list[int]
+    output_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    metrics: RequestMetrics | None = None  # set when finished
+    logprobs: list[float] | None = None
+    """Logprob of each new token (raw distribution), when the request asked for logprobs."""
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    """Per new token, the ``params.logprobs`` most likely (token id, logprob), best first."""
 
 
-def _candidates(tokens_left: int) -> list[int]:
-    """Finetuning budgets worth trying: 0, then powers of two, then everything left."""
-    out, n = [0], 1
-    while n < tokens_left:
-        out.append(n)
-        n *= 2
-    if tokens_left > 0:
-        out.append(tokens_left)
-    return out
+@dataclasses.dataclass(frozen=True)
+class ScheduledRow:
+    """One inference sequence of a planned step (its batch row is its index)."""
+
+    request: Request
+    num_tokens: int
+    samples: bool
+    """The chunk reaches the end of the request's known tokens: its sampled token is the
+    request's next one (False mid-prefill: the sample is dropped)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IterationPlan:
+    """Everything one iteration runs, decided before anything runs."""
+
+    rows: tuple[ScheduledRow, ...] = ()
+    """Inference sequences, batch rows ``0 .. len(rows) - 1``."""
+    windows: tuple[tuple[InFlight, SeqChunk], ...] = ()
+    """Finetuning forward windows, the batch rows after the inference ones."""
+    bucket: Bucket | None = None
+    batch: TokenBatch | None = None
+    """The packed step input (numpy); None when the iteration runs no step."""
+    finetune_iteration: bool = False
+    """A temporal-sharing finetuning-only iteration."""
+    whole_sample: bool = False
+    """Run one whole training sample instead of a step (``temporal-seq``)."""
+    time_limit: float | None = None
+    """Seconds the iteration may take (``Policy.iteration_limit``); None: no request runs."""
+    tokens_left: int = 0
+    """Token budget the iteration left unused."""
+
+    @property
+    def inference_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.rows)
+
+    @property
+    def finetune_tokens(self) -> int:
+        return sum(len(c.token_ids) for _, c in self.windows)
+
+    @property
+    def decode_rows(self) -> int:
+        return sum(1 for r in self.rows if r.num_tokens == 1 and r.request.output)
+
+
+class Scheduler:
+    """Queues and pages of one engine, and the plan of each of its iterations."""
+
+    def __init__(self, *, buckets: tuple[Bucket, ...], page_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_pages_per_seq: int, max_waiting: int,
+                 admission_control: bool, allocator: PageAllocator, latency: LatencyModel,
+                 policy: Policy, eos_token_ids: tuple[int, ...],
+                 registry: AdapterRegistry | None = None, trainer: Trainer | None = None):
+        self.buckets = buckets
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_pages_per_seq = max_pages_per_seq
+        self.max_waiting = max_waiting
+        self.admission_control = admission_control
+        self.allocator = allocator
+        self.latency = latency
+        self.policy = policy
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.registry = registry
+        self.trainer = trainer
+        self.token_buckets = sorted({b.num_tokens for b in buckets})
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.arrivals = itertools.count()
+        self.num_preemptions = 0
+        self.finetune_yields = 0
+        # Metrics of recently finished requests, newest last.
+        self.finished: collections.deque[RequestMetrics] = collections.deque(maxlen=100_000)
+
+    # ----- requests -------------------------------------------------------------------------
+
+    def admit(self, prompt_len: int, slo: SLO) -> None:
+        """Refuses, rather than queues without bound, what cannot meet its TTFT; raises
+        ``AdmissionError``."""
+        if len(self.waiting) >= self.max_waiting:
+            raise AdmissionError(f"queue full ({self.max_waiting} requests waiting)")
+        if not self.admission_control:
+            return
+        # Prefill tokens ahead of this request (its own included), at the rate a full
+        # iteration clears them after the running requests' decode tokens.
+        ahead = prompt_len + sum(r.pending for r in self.waiting)
+        per_iteration = max(1, self.max_num_batched_tokens - len(self.running))
+        full = next(b for b in reversed(self.buckets) if not b.train)
+        estimate = -(-ahead // per_iteration) * self.latency.predict(bucket_key(full))
+        if estimate > slo.ttft_s:
+            raise AdmissionError(f"cannot meet the TTFT target of {slo.ttft_s:g}s: about "
+                                 f"{estimate:.2f}s of prefill is queued ahead")
+
+    def add(self, req: Request) -> None:
+        """Queues a validated request."""
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Drops a request wherever it is and frees its pages; False if it is unknown. A
+        step still running with it writes pages that nothing reads any more."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.allocator.free(req.request_id)
+        req.finish_reason = "abort"
+        return True
+
+    def has_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def tpot_target(self) -> float | None:
+        """The tightest TPOT target among running requests (None when none runs)."""
+        return min((r.slo.tpot_s for r in self.running), default=None)
+
+    # ----- 1. schedule ----------------------------------------------------------------------
+
+    def schedule(self) -> IterationPlan:
+        """The next iteration's plan; commits it (pages, request and training progress)."""
+        trainer = self.trainer
+        if trainer is None:
+            ft_waiting = False
+        elif self.policy.whole_samples:
+            ft_waiting = trainer.has_sample_work()
+        else:
+            ft_waiting = trainer.has_forward_work() or trainer.next_piece_shape() is not None
+        ft_iteration = self.policy.finetune_iteration(
+            self.has_requests(), ft_waiting, self.tpot_target())
+        if ft_iteration and self.policy.whole_samples:
+            return IterationPlan(finetune_iteration=True, whole_sample=True)
+        scheduled = [] if ft_iteration else self._schedule_requests()
+        chunks = [self._chunk(req, n) for req, n in scheduled]
+        rows = []
+        for row, (req, n) in enumerate(scheduled):
+            samples = req.num_computed + n == req.num_known
+            req.num_computed += n
+            if samples:
+                req.in_flight += 1
+                req.feed_row = row
+            rows.append(ScheduledRow(req, n, samples))
+        now = time.monotonic()  # the clock of first_token_time
+        limit = self.policy.iteration_limit([r.slo.tpot_s for r in self.running],
+                                            [self._progress(r, now) for r in self.running])
+        used = sum(n for _, n in scheduled)
+        left = self.max_num_batched_tokens - used
+        windows = []
+        if trainer is not None:
+            windows = trainer.commit_windows(self._choose_windows(
+                chunks, ft_iteration, bool(scheduled), left, limit, used))
+        chunks += [chunk for _, chunk in windows]
+        bucket = batch = None
+        if chunks:
+            widest = max(len(c.page_table) for c in chunks)
+            num_tokens = sum(len(c.token_ids) for c in chunks)
+            bucket = pick_bucket(self.buckets, num_tokens, len(chunks), widest, bool(windows))
+            batch = build_batch(chunks, bucket, self.page_size)
+        return IterationPlan(tuple(rows), tuple(windows), bucket, batch, ft_iteration,
+                             time_limit=limit, tokens_left=left)
+
+    def _choose_windows(self, chunks: list[SeqChunk], ft_iteration: bool,
+                        inference_running: bool, left: int, limit: float | None, used: int):
+        """The trainer's proposal the policy picks: the largest budget whose step, plus the
+        backward piece this iteration would run, the latency model says fits."""
+        trainer = self.trainer
+        max_seqs = self.max_num_seqs - len(chunks)
+        # The piece this iteration would run: the furthest along that fits beside the
+        # inference alone (or simply the furthest along when nothing limits the time).
+        room = None if limit is None else limit - self._predict(chunks, [])
+        shape = trainer.next_piece_shape(
+            None if room is None else lambda s: self.latency.predict(piece_key(*s)) <= room)
+        piece_s = 0.0 if shape is None else self.latency.predict(piece_key(*shape))
+        proposals = {}
+
+        def step_seconds(n: int) -> float:
+            if n not in proposals:
+                proposals[n] = trainer.propose_windows(n, max_seqs) if n else []
+            return self._predict(chunks, proposals[n])
+
+        tokens = self.policy.forward_tokens(
+            finetune_iteration=ft_iteration, inference_running=inference_running,
+            tokens_left=left, time_limit=limit, piece_seconds=piece_s,
+            step_seconds=step_seconds, candidates=[t - used for t in self.token_buckets])
+        if not tokens:
+            return []
+        return proposals.get(tokens) or trainer.propose_windows(tokens, max_seqs)
+
+    def backward_seconds(self, plan: IterationPlan, step_seconds: float) -> float:
+        """Seconds of backward pieces the iteration may run after a step that took (or is
+        predicted to take) ``step_seconds``."""
+        return self.policy.backward_seconds(
+            finetune_iteration=plan.finetune_iteration,
+            inference_running=bool(plan.rows), tokens_left=plan.tokens_left,
+            time_limit=plan.time_limit, step_seconds=step_seconds)
+
+    def predicted_step_seconds(self, plan: IterationPlan) -> float:
+        return 0.0 if plan.bucket is None else self.latency.predict(bucket_key(plan.bucket))
+
+    def _predict(self, chunks: list[SeqChunk], windows) -> float:
+        """Predicted step seconds of ``chunks`` plus the proposed finetuning ``windows``."""
+        num_seqs = len(chunks) + len(windows)
+        widest = max([len(c.page_table) for c in chunks] + [w.pages for w in windows],
+                     default=1)
+        num_tokens = sum(len(c.token_ids) for c in chunks) + sum(w.n for w in windows)
+        try:
+            bucket = pick_bucket(self.buckets, num_tokens, min(num_seqs, self.max_num_seqs),
+                                 min(widest, self.max_pages_per_seq), bool(windows))
+        except ValueError:
+            return float("inf")
+        return self.latency.predict(bucket_key(bucket))
+
+    def _progress(self, req: Request, now: float):
+        """What ``Policy.iteration_limit`` needs of a running request (clock: monotonic)."""
+        if req.first_token_time is not None:
+            return len(req.output) - 1, now - req.first_token_time
+        # Prefill left after this iteration's chunk, at a full token budget per iteration.
+        budget = self.max_num_batched_tokens
+        return BeforeFirstToken(req.slo.ttft_s - (now - req.arrival_time),
+                                -(-req.pending // budget))
+
+    def _schedule_requests(self) -> list[tuple[Request, int]]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        taken: set[str] = set()
+        # Running requests: decodes (one pending token) first, then unfinished prefills.
+        for req in sorted(self.running, key=lambda r: (r.pending > 1, r.arrival_index)):
+            if budget == 0 or len(scheduled) == self.max_num_seqs:
+                break
+            if req not in self.running or req.done_sampling or not req.pending:
+                continue  # preempted earlier in this loop, or waiting for its last token
+            n = min(req.pending, budget)
+            if not self._make_room(req, req.num_computed + n, taken):
+                continue
+            self.allocator.grow(req.request_id, req.num_computed + n)
+            scheduled.append((req, n))
+            taken.add(req.request_id)
+            budget -= n
+        # Waiting requests, oldest first, while budget, sequence slots and pages last. One
+        # preempted with a token still in flight waits until the host has that token.
+        while self.waiting and budget > 0 and len(scheduled) < self.max_num_seqs:
+            req = self.waiting[0]
+            if req.in_flight:
+                break
+            n = min(req.pending, budget)
+            if not self.allocator.can_grow(req.request_id, n):
+                break
+            self.waiting.popleft()
+            self.allocator.grow(req.request_id, n)
+            self.running.append(req)
+            scheduled.append((req, n))
+            taken.add(req.request_id)
+            budget -= n
+        return scheduled
+
+    def _make_room(self, req: Request, num_tokens: int, taken: set[str]) -> bool:
+        """Finetuning yields its pages first, then newer requests are preempted until ``req``
+        can hold ``num_tokens``; False if req itself was preempted."""
+        if (not self.allocator.can_grow(req.request_id, num_tokens)
+                and self.trainer is not None and self.trainer.yield_pages()):
+            self.finetune_yields += 1
+        while not self.allocator.can_grow(req.request_id, num_tokens):
+            victims = [r for r in self.running if r.request_id not in taken]
+            victim = max(victims, key=lambda r: r.arrival_index)
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.allocator.free(req.request_id)
+        self.running.remove(req)
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _chunk(self, req: Request, n: int) -> SeqChunk:
+        p = req.params
+        start = req.num_computed
+        # A token in flight is the sequence's last: its id comes from the device.
+        known = req.tokens[start:start + n]
+        feed_row = -1
+        if len(known) < n:
+            known, feed_row = [*known, 0], req.feed_row
+        return SeqChunk(
+            token_ids=known, start_position=start,
+            page_table=self.allocator.page_table(req.request_id), temperature=p.temperature,
+            top_k=p.top_k, top_p=p.top_p, seed=req.seed,
+            sample_count=len(req.output) + req.in_flight,
+            adapter_slot=-1 if self.registry is None else self.registry.slot_of(req.adapter),
+            feed_row=feed_row,
+        )
+
+    # ----- 3. update ------------------------------------------------------------------------
+
+    def update(self, plan: IterationPlan, next_tokens: np.ndarray,
+               logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+               ) -> list[RequestOutput]:
+        """Applies a step's sampled tokens (``next_tokens[row]``; ``logprobs`` when someone
+        asked) to the requests of ``plan``, matched by request id; returns the outputs of
+        those that advanced. Rows of requests aborted or finished since are dropped."""
+        outputs = []
+        for row, scheduled in enumerate(plan.rows):
+            req = scheduled.request
+            if not scheduled.samples:
+                continue  # mid-prefill: the sampled token is not the sequence's next one
+            req.in_flight -= 1
+            if req.finish_reason is not None or self.requests.get(req.request_id) is not req:
+                continue  # aborted, or stopped on an earlier token
+            token = int(next_tokens[row])
+            out = self._append(req, token, _row_logprobs(logprobs, row, req.params))
+            outputs.append(out)
+        return outputs
+
+    def _append(self, req: Request, token: int,
+                logprobs: tuple[float, list[tuple[int, float]]] | None) -> RequestOutput:
+        req.output.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        stop = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            stop.update(self.eos_token_ids)
+        if token in stop:
+            req.finish_reason = "stop"
+        elif len(req.output) >= req.params.max_tokens:
+            req.finish_reason = "length"
+        metrics = None
+        if req.finish_reason is not None:
+            if req in self.running:
+                self.running.remove(req)
+            else:  # preempted while its last token was in flight
+                self.waiting.remove(req)
+            self.allocator.free(req.request_id)
+            del self.requests[req.request_id]
+            metrics = RequestMetrics(req.arrival_time, req.first_token_time, time.monotonic(),
+                                     len(req.prompt), len(req.output), req.slo)
+            self.finished.append(metrics)
+        return RequestOutput(req.request_id, [token], list(req.output),
+                             req.finish_reason is not None, req.finish_reason, metrics,
+                             None if logprobs is None else [logprobs[0]],
+                             None if logprobs is None else [logprobs[1]])
+
+
+def _row_logprobs(logprobs, row: int, params: SamplingParams
+                  ) -> tuple[float, list[tuple[int, float]]] | None:
+    """Row ``row``'s (sampled token's logprob, top ``params.logprobs`` pairs), if asked for."""
+    if logprobs is None or params.logprobs is None:
+        return None
+    sampled, top, top_ids = logprobs
+    n = params.logprobs
+    return float(sampled[row]), [(int(t), float(v)) for t, v in zip(top_ids[row, :n],
+                                                                     top[row, :n], strict=True)]

@@ -20,9 +20,7 @@ choice. Sharded programs run the Pallas kernels under ``shard_map``
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 
 import flax.struct
 import jax
@@ -94,14 +92,24 @@ class BackwardPiece:
 
 
 def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
-            train: TrainBuffers | None, batch: TokenBatch, *, with_train: bool,
-            return_logits: bool, hints=None, kernels: Kernels = REFERENCE_KERNELS):
+            train: TrainBuffers | None, feed: jax.Array | None, batch: TokenBatch, *,
+            with_train: bool, return_logits: bool, hints=None,
+            kernels: Kernels = REFERENCE_KERNELS):
     """Forward the ragged batch, write KV, sample; for finetuning tokens also save layer
     inputs and the loss gradient at the last layer's output.
+
+    ``feed`` ``[F]`` int32 holds the tokens the previous step sampled, by sequence row:
+    a token whose ``batch.feed_rows`` entry is ``r >= 0`` reads its id from ``feed[r]``
+    instead of ``batch.token_ids`` (a decode token planned before the host has seen the
+    token it feeds: the host schedules the next iteration while this one runs). The
+    step returns the new feed, its own sampled tokens; None runs without one.
 
     ``hints`` (``sharding.layout.ShardingHints``, sharded runs only) lay out the
     row-parallel projections; None is the plain single-device computation.
     ``kernels`` supplies the paged attention and the multi-slot LoRA."""
+    if feed is not None:
+        fed = feed[jnp.clip(batch.feed_rows, 0, feed.shape[0] - 1)]
+        batch = batch.replace(token_ids=jnp.where(batch.feed_rows >= 0, fed, batch.token_ids))
     # Per-batch metadata (attention block layout, LoRA token grouping) is computed here
     # once and reused by every layer of the scan.
     attention = kernels.plan_paged_attention(
@@ -140,7 +148,10 @@ def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
     out = StepOutput(next_tokens=next_tokens, seq_loss=seq_loss,
                      sampled_logprobs=sampled_logprobs, top_logprobs=top_logprobs,
                      top_token_ids=top_token_ids, logits=logits if return_logits else None)
-    return kv, train, out
+    if feed is not None:
+        n = min(num_seqs, feed.shape[0])
+        feed = feed.at[:n].set(next_tokens[:n])
+    return kv, train, feed, out
 
 
 def _head_loss(cfg, params, x, labels, weights):
@@ -324,21 +335,6 @@ def backward_block_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     )
 
 
-def build_backward_block(cfg: ModelConfig, layout=None, kernels: Kernels | None = None):
-    """``block(params, slots, train, piece, seq_len=..., block=...) -> train``, jitted, with
-    ``train`` donated; one compilation per (sequence bucket, block). Single device only."""
-    if layout is not None:
-        raise ValueError("token-block backward pieces (EngineConfig.backward_block) run on "
-                         "one device; a sharded engine runs whole-sequence pieces")
-    return _build_backward_block(cfg, _resolved(kernels, None))
-
-
-@functools.cache
-def _build_backward_block(cfg: ModelConfig, kernels: Kernels):
-    fn = functools.partial(backward_block_fn, cfg, kernels=kernels)
-    return jax.jit(fn, donate_argnums=(2,), static_argnames=("seq_len", "block"))
-
-
 def sample_grads_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,
                     tokens: jax.Array, labels: jax.Array, weights: jax.Array,
                     adapter_slot: jax.Array, *, attention_block: int = 256,
@@ -372,115 +368,3 @@ def sample_grads_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainB
     train = train.replace(grad_a={m: accumulate(train.grad_a[m], grads[m][0]) for m in grads},
                           grad_b={m: accumulate(train.grad_b[m], grads[m][1]) for m in grads})
     return train, value
-
-
-def build_sample_grads(cfg: ModelConfig, attention_block: int = 256, layout=None,
-                       kernels: Kernels | None = None):
-    """``sample(params, slots, train, tokens, labels, weights, slot) -> (train, loss)``,
-    jitted, with ``train`` donated; one compilation per sample-length bucket. Single
-    device only: the baseline it serves is measured on one device."""
-    if layout is not None:
-        raise ValueError("whole-sample finetuning (temporal-seq modes) runs on one device; "
-                         "use coserve or temporal:N on a mesh")
-    return _build_sample_grads(cfg, attention_block, _resolved(kernels, None))
-
-
-@functools.cache
-def _build_sample_grads(cfg: ModelConfig, attention_block: int, kernels: Kernels):
-    fn = functools.partial(sample_grads_fn, cfg, attention_block=attention_block,
-                           kernels=kernels)
-    return jax.jit(fn, donate_argnums=(2,))
-
-
-def build_step(cfg: ModelConfig, return_logits: bool = False, layout=None,
-               kernels: Kernels | None = None):
-    """``step(params, slots, kv, train, batch, with_train=...) -> (kv, train, StepOutput)``,
-    jitted, with ``kv`` and ``train`` donated. Cached: engines of the same model (and
-    kernels) share one jitted function, so a second engine reuses the first one's
-    compilations.
-
-    With a ``layout`` (``sharding.layout.Layout``) every input and output is pinned
-    to its sharding on the layout's mesh and the model gets its sharding hints.
-    ``kernels`` (from ``step_kernels``; None resolves the default, "auto") picks the
-    attention and LoRA implementations."""
-    return _build_step(cfg, return_logits, layout, _resolved(kernels, layout))
-
-
-@functools.cache
-def _build_step(cfg: ModelConfig, return_logits: bool, layout, kernels: Kernels):
-    if layout is None:
-        fn = functools.partial(step_fn, cfg, return_logits=return_logits, kernels=kernels)
-        return jax.jit(fn, donate_argnums=(2, 3), static_argnames=("with_train",))
-    fn = functools.partial(step_fn, cfg, return_logits=return_logits, hints=layout.hints,
-                           kernels=_on_mesh(kernels, layout))
-    return layout.jit_step(fn, return_logits)
-
-
-def build_backward_piece(cfg: ModelConfig, attention_block: int = 256, layout=None,
-                         kernels: Kernels | None = None):
-    """``backward(params, slots, train, piece, num_layers=..., seq_len=...) -> train``,
-    jitted, with ``train`` donated (laid out on the mesh of ``layout`` if given);
-    ``kernels`` as in ``build_step``. Cached like it."""
-    return _build_backward_piece(cfg, attention_block, layout, _resolved(kernels, layout))
-
-
-@functools.cache
-def _build_backward_piece(cfg: ModelConfig, attention_block: int, layout, kernels: Kernels):
-    if layout is None:
-        fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block,
-                               kernels=kernels)
-        return jax.jit(fn, donate_argnums=(2,), static_argnames=("num_layers", "seq_len"))
-    fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block,
-                           hints=layout.hints, kernels=_on_mesh(kernels, layout))
-    return layout.jit_backward(fn)
-
-
-def _resolved(kernels: Kernels | None, layout) -> Kernels:
-    """The builders' cache key: a resolved ``Kernels``."""
-    if kernels is None:
-        return step_kernels(None, layout)
-    if layout is not None and kernels.impl == "tpu":
-        raise ValueError("a sharded step cannot run jax's TPU kernels (they are not placed "
-                         "under shard_map); resolve kernels with step_kernels(impl, layout)")
-    return kernels
-
-
-def _on_mesh(kernels: Kernels, layout):
-    """What a sharded program calls: the Pallas kernels under ``shard_map`` on the layout's
-    mesh; the references as they are (GSPMD partitions them)."""
-    if not kernels.uses_pallas:
-        return kernels
-    from coserve_jax.sharded_kernels import ShardedKernels
-
-    return ShardedKernels(kernels, layout)
-
-
-_cache_enabled = False
-_cache_disabled = False
-
-
-def enable_compilation_cache(path: str | None = None) -> str | None:
-    """Turns on JAX's persistent compilation cache (once per process); returns its directory,
-    or None when this process keeps it off (``disable_compilation_cache``)."""
-    global _cache_enabled
-    if _cache_disabled:
-        return None
-    path = path or os.environ.get("COSERVE_XLA_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "coserve_jax", "xla"
-    )
-    if not _cache_enabled:
-        os.makedirs(path, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        _cache_enabled = True
-    return jax.config.jax_compilation_cache_dir
-
-
-def disable_compilation_cache() -> None:
-    """Keeps this process from writing or reading the persistent compilation cache (engines
-    built afterwards compile in memory only). Call before the first engine is built."""
-    global _cache_disabled
-    if _cache_enabled:
-        raise RuntimeError("the persistent compilation cache is already on in this process")
-    _cache_disabled = True

@@ -21,7 +21,7 @@ import pytest
 # ~/.cache.
 os.environ.setdefault("COSERVE_HOME", tempfile.mkdtemp(prefix="coserve-home-"))
 
-from coserve_jax.step import disable_compilation_cache
+from coserve_jax.programs import disable_compilation_cache
 
 from hf_models import save_hf_model
 

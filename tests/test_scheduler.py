@@ -19,7 +19,7 @@ from coserve_jax import (
 )
 from coserve_jax.finetune.data import synthetic_task
 from coserve_jax.latency import LatencyModel, bucket_key, piece_key
-from coserve_jax.scheduler import BeforeFirstToken, Policy, parse_mode
+from coserve_jax.policy import BeforeFirstToken, Policy, parse_mode
 from coserve_jax.slo import SLO, AdmissionError
 
 from support import count_compilations, greedy_reference, tiny_model

@@ -9,7 +9,7 @@ import pytest
 from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, SamplingParams
 from coserve_jax.finetune.data import Dataset
 from coserve_jax.lora.config import ALL_TARGETS
-from coserve_jax.scheduler import Policy, parse_mode
+from coserve_jax.policy import Policy, parse_mode
 
 from support import engine_grads, random_sequence, relative_error, tiny_model, whole_sequence_grads
 

@@ -61,20 +61,6 @@ class TrainBuffers:
         first = next(iter(self.grad_a.values()), None)
         return 1 if first is None or first.ndim == 4 else first.shape[0]
 
-    def slot_grads(self, slot: int) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """Accumulated gradients of one slot, partial sums added: module -> (A [L, in, R],
-        B [L, R, out]) float32 (one jitted program, not one per array)."""
-        return _slot_grads(self.grad_a, self.grad_b, slot)
-
-
-@jax.jit
-def _slot_grads(grad_a: dict, grad_b: dict, slot) -> dict:
-    def one(g: jax.Array) -> jax.Array:
-        g = jnp.take(g, slot, axis=g.ndim - 3)
-        return g if g.ndim == 3 else jnp.sum(g, axis=0)
-
-    return {m: (one(grad_a[m]), one(grad_b[m])) for m in grad_a}
-
 
 def drop_negative(index: jax.Array, size: int) -> jax.Array:
     """Maps -1 ("nowhere") to an out-of-range index that ``mode="drop"`` scatters discard."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -72,3 +74,38 @@ class OptimizerConfig:
         if self.max_grad_norm is None:
             return tx
         return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), tx)
+
+
+def apply_update(tx: optax.GradientTransformation, rank: int, table_modules: tuple[str, ...],
+                 targets: tuple[str, ...], params, opt_state, train, slot, num_seqs):
+    """One optimizer step of a job from its slot's accumulated gradients (averaged over
+    ``num_seqs`` sequences); the pure function ``programs.build_optimizer_update`` jits.
+
+    ``params``: the job's ``{module: {"a": [L, in, r], "b": [L, r, out]}}``; ``train``: the
+    ``TrainBuffers``. Returns (params, opt_state, train with the slot's accumulators
+    cleared, {"a", "b"}: the new weights padded to the table's rank for the slot write,
+    grad_norm). With per-data-shard partial accumulators this is where they are summed:
+    the one cross-shard gradient reduction of an optimizer step."""
+    def slot_grad(g):  # [(G,) L, N, ...] -> [L, ...]
+        g = jnp.take(g, slot, axis=g.ndim - 3)
+        return g if g.ndim == 3 else jnp.sum(g, axis=0)
+
+    grads = {m: {"a": slot_grad(train.grad_a[m])[..., :rank] / num_seqs,
+                 "b": slot_grad(train.grad_b[m])[:, :rank, :] / num_seqs}
+             for m in targets}
+    grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    train = train.replace(
+        grad_a={m: g.at[..., slot, :, :].set(0.0) for m, g in train.grad_a.items()},
+        grad_b={m: g.at[..., slot, :, :].set(0.0) for m, g in train.grad_b.items()})
+    padded_a, padded_b = {}, {}
+    for m in table_modules:
+        a_shape = train.grad_a[m].shape[-4:-3] + train.grad_a[m].shape[-2:]
+        b_shape = train.grad_b[m].shape[-4:-3] + train.grad_b[m].shape[-2:]
+        pa, pb = jnp.zeros(a_shape, jnp.float32), jnp.zeros(b_shape, jnp.float32)
+        if m in params:
+            pa = pa.at[..., :rank].set(params[m]["a"])
+            pb = pb.at[:, :rank].set(params[m]["b"])
+        padded_a[m], padded_b[m] = pa, pb
+    return params, opt_state, train, {"a": padded_a, "b": padded_b}, grad_norm

@@ -1,15 +1,17 @@
 """The adapter slot table of the step and the host registry that fills it.
 
 The table is a fixed-size pytree (slots x layers x padded rank) that the step
-reads; loading, replacing or unloading an adapter writes one slot through a
-jitted, donated update whose shapes never change, so nothing recompiles. The
-step's multi-slot ``LoraFn`` over this table is ``Kernels.multi_slot_lora``
-(``pallas_kernels.dispatch``).
+reads; the runner owns it (``coserve_jax.runner``). The registry is host
+bookkeeping: names to slot indices. Loading, replacing or unloading an adapter
+hands the runner one ``WriteSlot`` command, a donated update of one slot whose
+shapes never change, so nothing recompiles. The step's multi-slot ``LoraFn`` over
+this table is ``Kernels.multi_slot_lora`` (``pallas_kernels.dispatch``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -19,6 +21,7 @@ import numpy as np
 from coserve_jax.config import ModelConfig
 from coserve_jax.lora.adapter import LoraAdapter, module_shape
 from coserve_jax.lora.config import ALL_TARGETS
+from coserve_jax.runner_commands import WriteSlot
 
 
 @flax.struct.dataclass
@@ -44,16 +47,14 @@ class AdapterSlots:
         return {m: (self.a[m], self.b[m]) for m in self.a}
 
 
-def _write_slot(slots: AdapterSlots, index, a, b, scale) -> AdapterSlots:
+def write_slot_fn(slots: AdapterSlots, index, a, b, scale) -> AdapterSlots:
+    """``slots`` with slot ``index`` rewritten: ``a``/``b`` module -> [L, in, R] / [L, R, out]
+    (rank padded), ``scale`` its LoRA scale (0 for an empty slot)."""
     return AdapterSlots(
         a={m: slots.a[m].at[:, index].set(a[m].astype(slots.a[m].dtype)) for m in slots.a},
         b={m: slots.b[m].at[:, index].set(b[m].astype(slots.b[m].dtype)) for m in slots.b},
         scale=slots.scale.at[index].set(scale),
     )
-
-
-write_slot = jax.jit(_write_slot, donate_argnums=0)
-"""``write_slot(slots, index, a, b, scale) -> slots``: one slot rewritten in place."""
 
 
 @dataclasses.dataclass
@@ -63,27 +64,25 @@ class SlotInfo:
     adapter: LoraAdapter
 
 
+def slot_modules(modules) -> tuple[str, ...]:
+    """The projections a table carries, in the canonical order of ``ALL_TARGETS``."""
+    return tuple(m for m in ALL_TARGETS if m in modules)
+
+
 class AdapterRegistry:
     """Names to slots, and the device table they live in."""
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int,
-                 modules: tuple[str, ...] = ALL_TARGETS, dtype=jnp.float32, layout=None):
+                 modules: tuple[str, ...], execute: Callable[[WriteSlot], object]):
+        """``modules``: the projections the table carries (``slot_modules``); ``execute``:
+        the runner's ``execute``, which the registry hands its slot writes."""
         self.cfg = cfg
         self.max_rank = max_rank
-        self.modules = tuple(m for m in ALL_TARGETS if m in modules)
-        if layout is None:
-            self.table = AdapterSlots.zeros(cfg, num_slots, max_rank, self.modules, dtype)
-            self.write_slot = write_slot
-        else:  # allocated and rewritten in its layout (``sharding.layout.Layout``)
-            self.table = layout.zeros(AdapterSlots.zeros, cfg, num_slots, max_rank,
-                                      self.modules, dtype)
-            self.write_slot = layout.jit_state(_write_slot, donate_argnums=(0,))
+        self.modules = modules
+        self.num_slots = num_slots
+        self._execute = execute
         self._by_name: dict[str, SlotInfo] = {}
         self._free = list(range(num_slots - 1, -1, -1))
-
-    @property
-    def num_slots(self) -> int:
-        return int(self.table.scale.shape[0])
 
     def check_loadable(self, adapter: LoraAdapter, replace: bool = False) -> None:
         """Raises ``ValueError`` for an adapter this table cannot hold."""
@@ -121,18 +120,13 @@ class AdapterRegistry:
                 pa[..., :r] = np.asarray(adapter.a[m])
                 pb[:, :r] = np.asarray(adapter.b[m])
             a[m], b[m] = pa, pb
-        self.table = self.write_slot(self.table, np.int32(index), a, b,
-                                     np.float32(adapter.config.scale))
+        self._execute(WriteSlot(index, a, b, float(adapter.config.scale)))
 
     def unload(self, name: str) -> None:
         info = self._by_name.pop(name, None)
         if info is None:
             raise KeyError(f"no adapter named {name!r}")
-        self.table = self.write_slot(
-            self.table, np.int32(info.index),
-            {m: np.zeros(self.table.a[m].shape[2:], np.float32) for m in self.modules},
-            {m: np.zeros(self.table.b[m].shape[2:], np.float32) for m in self.modules},
-            np.float32(0.0))
+        self._execute(WriteSlot(info.index, None, None, 0.0))
         self._free.append(info.index)
 
     def slot_of(self, name: str | None) -> int:

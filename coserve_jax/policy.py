@@ -1,0 +1,215 @@
+"""How much finetuning work each iteration carries: the hybrid policy and its baselines.
+
+Inference is always scheduled first (decode tokens, then prefill chunks). The
+policy then decides the finetuning share of the iteration:
+
+- ``coserve``: the largest finetuning forward budget, plus backward pieces,
+  that the latency model says keeps the iteration within the time the running
+  requests can give it (all of it when no inference is running): for each request,
+  ``safety`` times its TPOT target plus the time it has banked by being served
+  faster than that so far (TPOT is a mean); the tightest request decides. A burst
+  that fills the token budget leaves finetuning nothing.
+- ``inference-only`` / ``finetune-only``: never / always finetune (the
+  latter refuses inference requests).
+- ``temporal-seq:N`` (FlexLLM's temporal-sharing baseline): every N-th iteration
+  is a finetuning-only iteration that runs one whole training sample, its
+  forward over all tokens and its backward through every layer, as a standard
+  trainer runs it (one jitted ``jax.grad`` program, no token windows, no layer
+  pieces); the others carry no finetuning.
+- ``temporal:N`` (token-level ablation): the same period, but the finetuning
+  iteration runs this engine's own token-level windows and backward pieces, as
+  many as the token budget and ready pieces allow: co-serving's machinery
+  without the co-batching.
+- ``temporal-seq:dynamic`` / ``temporal:dynamic``: the same with N recomputed
+  every iteration as the smallest N (the largest finetuning frequency) whose
+  amortised cost keeps the mean time per output token within the tightest
+  target, from observed iteration times: N - 1 inference iterations of t_inf and
+  one finetuning iteration of t_ft must average at most safety * target per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+MODES_HELP = ("coserve, inference-only, finetune-only, temporal-seq:N, temporal-seq:dynamic "
+              "(FlexLLM's temporal sharing: a whole sample every N iterations), temporal:N or "
+              "temporal:dynamic (token-level ablation)")
+TEMPORAL_KINDS = ("temporal", "temporal-seq")
+
+
+def parse_mode(mode: str) -> tuple[str, int | None]:
+    """``"temporal:8"`` -> ("temporal", 8); ``"temporal-seq:dynamic"`` -> ("temporal-seq",
+    None); raises ``ValueError`` naming the valid modes."""
+    if mode in ("coserve", "inference-only", "finetune-only"):
+        return mode, None
+    kind, _, arg = mode.partition(":")
+    if kind in TEMPORAL_KINDS:
+        if arg == "dynamic":
+            return kind, None
+        if arg.isdigit() and int(arg) >= 1:
+            return kind, int(arg)
+    raise ValueError(f"mode must be one of {MODES_HELP}; got {mode!r}")
+
+
+class Policy:
+    """Per-iteration finetuning decisions of one engine."""
+
+    def __init__(self, mode: str, safety: float = 0.9, max_period: int = 1024,
+                 spend_banked: bool = True):
+        self.mode = mode
+        self.spend_banked = spend_banked
+        self.kind, self.period = parse_mode(mode)
+        self.safety = safety
+        self.max_period = max_period
+        self._since_finetune = 0
+        # Observed seconds of inference-only and finetuning-only iterations (temporal).
+        self._t_inference: float | None = None
+        self._t_finetune: float | None = None
+
+    @property
+    def serves_inference(self) -> bool:
+        return self.kind != "finetune-only"
+
+    @property
+    def whole_samples(self) -> bool:
+        """Finetuning runs as whole samples (``temporal-seq``), never as token windows and
+        backward pieces."""
+        return self.kind == "temporal-seq"
+
+    def finetune_iteration(self, inference_waiting: bool, finetune_waiting: bool,
+                           tpot_target: float | None) -> bool:
+        """Temporal sharing: whether this iteration is a finetuning-only one."""
+        if self.kind not in TEMPORAL_KINDS or not finetune_waiting:
+            return False
+        if not inference_waiting:
+            return True
+        period = self.period or self._dynamic_period(tpot_target)
+        if self._since_finetune + 1 >= period:
+            self._since_finetune = 0
+            return True
+        self._since_finetune += 1
+        return False
+
+    def _dynamic_period(self, tpot_target: float | None) -> int:
+        if tpot_target is None or self._t_finetune is None or self._t_inference is None:
+            return self.max_period
+        slack = self.safety * tpot_target - self._t_inference
+        if slack <= 0:
+            return self.max_period
+        return max(2, min(self.max_period, math.ceil(self._t_finetune / slack) + 1))
+
+    def observe(self, seconds: float, had_inference: bool, had_finetune: bool) -> None:
+        """Records an iteration's wall time (feeds temporal:dynamic)."""
+        def ema(old, new):
+            return new if old is None else 0.8 * old + 0.2 * new
+
+        if had_inference and not had_finetune:
+            self._t_inference = ema(self._t_inference, seconds)
+        elif had_finetune and not had_inference:
+            self._t_finetune = ema(self._t_finetune, seconds)
+
+    def _unconstrained(self, finetune_iteration: bool, inference_running: bool,
+                       time_limit: float | None) -> bool | None:
+        """True: finetune freely; False: not at all; None: within ``time_limit``."""
+        if self.kind in ("inference-only", "temporal-seq"):
+            return False  # temporal-seq finetunes only through whole samples
+        if self.kind == "finetune-only" or finetune_iteration:
+            return True
+        if self.kind == "temporal":
+            return not inference_running
+        if not inference_running or time_limit is None:
+            return True
+        return None
+
+    def forward_tokens(self, *, finetune_iteration: bool, inference_running: bool,
+                       tokens_left: int, time_limit: float | None, step_seconds,
+                       piece_seconds: float, candidates: Iterable[int] | None = None) -> int:
+        """Finetuning forward tokens for this iteration.
+
+        ``step_seconds(tokens)`` predicts the step with that many finetuning tokens
+        added to the inference already scheduled. Under ``coserve`` the choice is
+        the largest budget whose step, plus one backward piece when one is ready
+        (``piece_seconds`` > 0), fits ``time_limit`` (see ``iteration_limit``); a piece
+        that could not fit even beside the inference alone reserves nothing.
+        ``candidates`` are the budgets worth pricing (default: powers of two and all
+        that is left); the engine passes the ones that exactly fill a token bucket,
+        since padding makes any smaller budget in the same bucket cost the same.
+        """
+        free = self._unconstrained(finetune_iteration, inference_running, time_limit)
+        if free is not None:
+            return tokens_left if free else 0
+        if step_seconds(0) + piece_seconds > time_limit:
+            # The ready piece cannot run beside this iteration's inference at all; it waits
+            # for a lighter iteration, and forward windows of other sequences go on.
+            piece_seconds = 0.0
+        options = _candidates(tokens_left) if candidates is None else sorted(
+            {0, *(n for n in candidates if 0 < n <= tokens_left)})
+        fitting = [n for n in options if step_seconds(n) + piece_seconds <= time_limit]
+        return max(fitting, default=0)
+
+    def backward_seconds(self, *, finetune_iteration: bool, inference_running: bool,
+                         tokens_left: int, time_limit: float | None,
+                         step_seconds: float) -> float:
+        """Seconds of backward pieces to run after a step that took ``step_seconds``
+        (``inf``: as many as are ready); none when inference alone filled the token
+        budget (a burst). The engine runs a piece only while its predicted time fits."""
+        free = self._unconstrained(finetune_iteration, inference_running, time_limit)
+        if free is not None:
+            return math.inf if free else 0.0
+        if tokens_left == 0:
+            return 0.0
+        return max(0.0, time_limit - step_seconds)
+
+    def iteration_limit(self, targets, progress=None) -> float | None:
+        """Seconds this iteration may take (None when no request runs).
+
+        ``targets``: the running requests' TPOT targets. ``progress`` (same order):
+        ``(tokens after the first, seconds since the first token)`` of each request, a
+        ``BeforeFirstToken`` for one still in its prefill, or None (nothing known).
+
+        TPOT is a mean, so a request served faster than ``safety`` times its target so far
+        has banked the difference, ``safety * target * tokens - seconds`` (negative when
+        behind), and can absorb a longer iteration: it allows ``safety * target + banked``,
+        which keeps its running mean within ``safety * target`` after this iteration's token
+        too. Before its first token a request's TPOT clock has not started; what binds it
+        is its TTFT, so it allows ``safety`` times the time left to its TTFT target, shared
+        by the prefill iterations it still needs (at least ``safety * target``). Built with
+        ``spend_banked=False`` (or given no ``progress``), each allows ``safety * target``.
+        """
+        targets = list(targets)
+        if progress is None or not self.spend_banked:
+            progress = [None] * len(targets)
+        limits = []
+        for target, done in zip(targets, progress, strict=True):
+            floor = self.safety * target
+            if isinstance(done, BeforeFirstToken):
+                limits.append(max(floor, self.safety * done.ttft_left_s
+                                  / max(done.prefill_iterations, 1)))
+            elif done is not None:
+                limits.append(floor + self.safety * target * done[0] - done[1])
+            else:
+                limits.append(floor)
+        return min(limits, default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeforeFirstToken:
+    """A running request that has not produced its first token yet (it is in prefill)."""
+
+    ttft_left_s: float
+    """Seconds left until its TTFT target (negative when already missed)."""
+    prefill_iterations: int
+    """Iterations it still needs to reach its first token, this one included."""
+
+
+def _candidates(tokens_left: int) -> list[int]:
+    """Finetuning budgets worth trying: 0, then powers of two, then everything left."""
+    out, n = [0], 1
+    while n < tokens_left:
+        out.append(n)
+        n *= 2
+    if tokens_left > 0:
+        out.append(tokens_left)
+    return out
