@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coserve_jax.batch import TokenBatch
+from coserve_jax.batch import TOKEN_FIELDS, TokenBatch
 from coserve_jax.config import ModelConfig
 from coserve_jax.finetune.buffers import TrainBuffers, drop_negative
 from coserve_jax.kv_cache import KVCache
@@ -80,6 +80,13 @@ class StepOutput:
     top_logprobs: jax.Array  # [S, MAX_LOGPROBS] float32, most likely first
     top_token_ids: jax.Array  # [S, MAX_LOGPROBS] int32
     logits: jax.Array | None = None  # [S, V] float32, only when built with return_logits
+
+    @classmethod
+    def specs(cls, return_logits: bool) -> StepOutput:
+        """Its layout on a mesh (``Layout.jit_step``): every field replicated."""
+        rep = jax.sharding.PartitionSpec()
+        return cls(next_tokens=rep, seq_loss=rep, sampled_logprobs=rep, top_logprobs=rep,
+                   top_token_ids=rep, logits=rep if return_logits else None)
 
 
 @flax.struct.dataclass
@@ -413,7 +420,7 @@ def _build_step(cfg: ModelConfig, return_logits: bool, layout, kernels: Kernels)
         return jax.jit(fn, donate_argnums=(2, 3), static_argnames=("with_train",))
     fn = functools.partial(step_fn, cfg, return_logits=return_logits, hints=layout.hints,
                            kernels=_on_mesh(kernels, layout))
-    return layout.jit_step(fn, return_logits)
+    return layout.jit_step(fn, StepOutput.specs(return_logits), TOKEN_FIELDS)
 
 
 def build_backward_piece(cfg: ModelConfig, attention_block: int = 256, layout=None,

@@ -39,6 +39,7 @@ from coserve_jax.step import (
     build_sample_grads,
 )
 from pallas_kernels.dispatch import Kernels
+from sharding.gather import tree_to_host
 
 log = logging.getLogger(__name__)
 
@@ -640,21 +641,3 @@ def _median_seconds(run: Callable[[], jax.Array], repeats: int) -> float:
         jax.block_until_ready(run())
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:] or times))
-
-
-def tree_to_host(tree):
-    """A tree of device arrays as numpy. Arrays spread over other processes' devices
-    (multi-host) are first replicated by one program, which every process must run
-    together (``sharding.distributed`` makes followers do so)."""
-    leaves = jax.tree.leaves(tree)
-    if all(x.is_fully_addressable or x.is_fully_replicated for x in leaves):
-        return jax.tree.map(np.asarray, tree)
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    replicated = NamedSharding(leaves[0].sharding.mesh, PartitionSpec())
-    return jax.tree.map(np.asarray, jax.jit(_identity, out_shardings=replicated)(tree))
-
-
-def _identity(tree):
-    # Module level, so repeated gathers of the same shapes reuse one compilation.
-    return tree
