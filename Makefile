@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m coserve_jax.demo
+	$(BIN)/python -m server.demo
 
 # The suite runs as three pytest processes. In one process of the whole suite (about 400
 # tests) jaxlib 0.10.2 crashed with a segmentation fault, three times at the same test,

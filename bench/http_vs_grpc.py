@@ -37,7 +37,7 @@ PROMPTS = ["The quick brown fox", "Co-serving means", "In a paged KV cache, ever
 
 
 def start_server(mock: bool, config_path: str) -> tuple[subprocess.Popen, str, str]:
-    args = [sys.executable, "-m", "coserve_jax.cli", "serve", "--port", "0", "--http-port",
+    args = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--http-port",
             "0", "--max-streams", "1024", "--max-queue", "1024", "--state-dir",
             tempfile.mkdtemp(prefix="coserve-bench-")]
     args += ["--mock-engine", json.dumps({"step_delay": 0.0, "max_num_seqs": 64,
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import openai
 
-    from coserve_jax.demo import DEMO_ENGINE
     from server.client import Client
+    from server.demo import DEMO_ENGINE
 
     # A shared machine's other work shows up as outlier rounds: medians, and the load.
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -49,6 +49,12 @@ class TokenBatch:
         return self.page_tables.shape[0]
 
 
+# The TokenBatch fields with one entry per token (leading T axis); the rest are per sequence.
+# A mesh layout splits these across its data axis (sharding.layout.Layout.batch_specs).
+TOKEN_FIELDS = ("token_ids", "positions", "seq_ids", "slots", "token_mask", "adapter_slots",
+                "labels", "loss_weights", "act_index", "feed_rows")
+
+
 @dataclasses.dataclass(frozen=True)
 class Bucket:
     """A compiled batch shape."""

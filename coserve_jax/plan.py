@@ -289,8 +289,9 @@ def compiled_temporaries(cfg: ModelConfig, ec, mesh_config, params, slots, train
                          devices: list | None = None) -> tuple[int, int | None]:
     """Temporary bytes per device of the step (largest bucket, with finetuning tokens when
     the engine trains) and of a backward piece over the longest training sequence."""
+    from coserve_jax.batch import TOKEN_FIELDS
     from coserve_jax.kv_cache import KVCache
-    from coserve_jax.step import BackwardPiece, backward_piece_fn, step_fn
+    from coserve_jax.step import BackwardPiece, StepOutput, backward_piece_fn, step_fn
     from sharding.layout import Layout
     from sharding.mesh import make_mesh
 
@@ -319,8 +320,10 @@ def compiled_temporaries(cfg: ModelConfig, ec, mesh_config, params, slots, train
     with_train = train is not None
     batch = abstract_batch(ec.max_num_batched_tokens, ec.max_num_seqs, width)
     step = layout.jit_step(functools.partial(step_fn, cfg, return_logits=False,
-                                             hints=layout.hints), False)
-    args = (params, slots, kv, train, batch)
+                                             hints=layout.hints), StepOutput.specs(False),
+                           TOKEN_FIELDS)
+    feed = _sds((ec.max_num_seqs,), jnp.int32)
+    args = (params, slots, kv, train, feed, batch)
     jitted, _ = step._jit(args)
     step_temp = jitted.lower(*args, with_train).compile().memory_analysis().temp_size_in_bytes
     backward_temp = None

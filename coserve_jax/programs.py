@@ -29,14 +29,15 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from coserve_jax.batch import TOKEN_FIELDS
 from coserve_jax.config import ModelConfig
 from coserve_jax.finetune.optim import OptimizerConfig, apply_update
 from coserve_jax.lora.slots import write_slot_fn
 from coserve_jax.model import single_adapter_lora
 from coserve_jax.models import llama
 from coserve_jax.step import (
+    StepOutput,
     backward_block_fn,
     backward_piece_fn,
     sample_grads_fn,
@@ -62,7 +63,7 @@ def _build_step(cfg: ModelConfig, return_logits: bool, layout, kernels: Kernels)
         return jax.jit(fn, donate_argnums=(2, 3, 4), static_argnames=("with_train",))
     fn = functools.partial(step_fn, cfg, return_logits=return_logits, hints=layout.hints,
                            kernels=_on_mesh(kernels, layout))
-    return layout.jit_step(fn, return_logits)
+    return layout.jit_step(fn, StepOutput.specs(return_logits), TOKEN_FIELDS)
 
 
 def build_backward_piece(cfg: ModelConfig, attention_block: int = 256, layout=None,
@@ -173,28 +174,6 @@ def forward_dense(cfg: ModelConfig, params, tokens, adapter_weights, scale):
     """The plain whole-sequence forward (``llama.forward_dense``) with one adapter on every
     token: what ``model.forward_logits`` runs (no cache, no engine state)."""
     return llama.forward_dense(cfg, params, tokens, adapter_weights, single_adapter_lora(scale))
-
-
-def to_host(tree):
-    """A tree of device arrays as numpy. Arrays spread over other processes' devices
-    (multi-host) are first replicated by one program, which every process must run
-    together (the runner's gather commands are mirrored to the followers for this)."""
-    leaves = jax.tree.leaves(tree)
-    if all(x.is_fully_addressable or x.is_fully_replicated for x in leaves):
-        return jax.tree.map(np.asarray, tree)
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    replicated = NamedSharding(leaves[0].sharding.mesh, PartitionSpec())
-    return jax.tree.map(np.asarray, _replicate(tree, replicated))
-
-
-def _replicate(tree, sharding):
-    return jax.jit(_identity, out_shardings=sharding)(tree)
-
-
-def _identity(tree):
-    # Module level, so repeated gathers of the same shapes reuse one compilation.
-    return tree
 
 
 def _resolved(kernels: Kernels | None, layout) -> Kernels:

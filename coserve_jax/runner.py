@@ -51,6 +51,7 @@ from coserve_jax.runner_commands import (
 )
 from coserve_jax.step import StepOutput
 from pallas_kernels.dispatch import Kernels
+from sharding.gather import tree_to_host
 
 
 @dataclasses.dataclass
@@ -200,7 +201,7 @@ class Runner:
         self.jobs.pop(c.name, None)
 
     def _gather_job(self, c: GatherJob) -> dict:
-        return programs.to_host(self.jobs[c.name].params)
+        return tree_to_host(self.jobs[c.name].params)
 
     def _gather_slot_grads(self, c: GatherSlotGrads) -> dict:
-        return programs.to_host(programs.slot_grads(self.train, np.int32(c.slot)))
+        return tree_to_host(programs.slot_grads(self.train, np.int32(c.slot)))

@@ -79,6 +79,13 @@ class StepOutput:
     top_token_ids: jax.Array  # [S, MAX_LOGPROBS] int32
     logits: jax.Array | None = None  # [S, V] float32, only when built with return_logits
 
+    @classmethod
+    def specs(cls, return_logits: bool) -> StepOutput:
+        """Its layout on a mesh (``Layout.jit_step``): every field replicated."""
+        rep = jax.sharding.PartitionSpec()
+        return cls(next_tokens=rep, seq_loss=rep, sampled_logprobs=rep, top_logprobs=rep,
+                   top_token_ids=rep, logits=rep if return_logits else None)
+
 
 @flax.struct.dataclass
 class BackwardPiece:

@@ -1,5 +1,5 @@
 """The server-side ``coserve`` subcommands: ``serve``, ``finetune``, ``jobs``, ``adapters``,
-and remote ``generate`` (``coserve_jax/cli.py`` registers them)."""
+and remote ``generate`` (``server/cli.py`` registers them)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ array the co-serving step touches, and starts multi-host runs.
 - ``Layout``: partition specs (Megatron-style tensor parallelism, dependent
   parallelization of LoRA slots) and placement; ``Engine(model, config, mesh=...)``
   and ``load_model(path, mesh=...)`` use it.
+- ``sharding.gather.tree_to_host``: host copies of (multi-host) device arrays.
 - ``sharding.distributed``: ``jax.distributed`` start-up and the multi-host
   leader/follower protocol.
 """

@@ -42,6 +42,8 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
+from sharding.gather import tree_to_host
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -393,6 +395,4 @@ def call_everywhere(engine, fn: Callable[..., T], *args) -> T:
 def gather_to_host(tree: Any) -> Any:
     """Host copies of a tree of (possibly multi-host) arrays. Every process must call it
     (through ``Leader.run`` on the leader)."""
-    from coserve_jax.finetune.trainer import tree_to_host
-
     return tree_to_host(tree)

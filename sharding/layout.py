@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -60,9 +60,6 @@ PROJECTIONS = COLUMN_PARALLEL + ROW_PARALLEL
 _ATTENTION = ("q_proj", "o_proj")
 _KV = ("k_proj", "v_proj")
 _BIAS_OF = {"q_bias": "q_proj", "k_bias": "k_proj", "v_bias": "v_proj"}
-# TokenBatch fields with one entry per token (split across data); the rest are per sequence.
-TOKEN_FIELDS = ("token_ids", "positions", "seq_ids", "slots", "token_mask", "adapter_slots",
-                "labels", "loss_weights", "act_index")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +200,13 @@ class Layout:
 
         return jax.tree_util.tree_map_with_path(one, tree)
 
-    def batch_specs(self, batch: Any) -> Any:
-        """``TokenBatch`` specs: per-token fields split on ``data``, per-sequence ones
+    def batch_specs(self, batch: Any, token_fields: Collection[str]) -> Any:
+        """Token batch specs: the per-token fields (``token_fields``, named by the core:
+        ``coserve_jax.batch.TOKEN_FIELDS``) split on ``data``, the per-sequence ones
         replicated (they are tiny and every shard indexes them)."""
         def one(path, leaf):
             name = _key_name(path[-1])
-            spec = (self.data,) if name in TOKEN_FIELDS else (None,) * len(leaf.shape)
+            spec = (self.data,) if name in token_fields else (None,) * len(leaf.shape)
             return P(*self._divisible(spec, tuple(leaf.shape)))
 
         return jax.tree_util.tree_map_with_path(one, batch)
@@ -265,22 +263,24 @@ class Layout:
 
     # ----- jitted programs ------------------------------------------------------------------
 
-    def jit_step(self, fn: Callable, return_logits: bool) -> LayoutJit:
-        """``fn(params, slots, kv, train, batch, with_train=...) -> (kv, train, out)`` jitted
-        with every input and output in its layout and kv/train donated."""
-        def shardings(params, slots, kv, train, batch):
+    def jit_step(self, fn: Callable, out_specs: Any, token_fields: Collection[str]) -> LayoutJit:
+        """``fn(params, slots, kv, train, feed, batch, with_train=...) -> (kv, train, feed,
+        out)`` jitted with every input and output in its layout and kv/train/feed donated
+        (``feed``, the previous step's sampled tokens, is replicated).
+
+        The core says what it hands over: ``out_specs`` is ``out``'s structure with a
+        ``PartitionSpec`` at each leaf (``StepOutput.specs``), ``token_fields`` the batch
+        fields with one entry per token (``batch_specs``)."""
+        out = self.named(out_specs)
+
+        def shardings(params, slots, kv, train, feed, batch):
             ins = (self.shardings(params), self.shardings(slots), self.shardings(kv),
-                   self.shardings(train), self.named(self.batch_specs(batch)))
-            rep = NamedSharding(self.mesh, P())
-            from coserve_jax.step import StepOutput
+                   self.shardings(train), self.named(self.replicated_specs(feed)),
+                   self.named(self.batch_specs(batch, token_fields)))
+            return ins, (ins[2], ins[3], ins[4], out)
 
-            out = StepOutput(next_tokens=rep, seq_loss=rep, sampled_logprobs=rep,
-                             top_logprobs=rep, top_token_ids=rep,
-                             logits=rep if return_logits else None)
-            return ins, (ins[2], ins[3], out)
-
-        return LayoutJit(self, fn, shardings, donate_argnums=(2, 3),
-                         static_argnames=("with_train",), batch_argnum=4)
+        return LayoutJit(self, fn, shardings, donate_argnums=(2, 3, 4),
+                         static_argnames=("with_train",), batch_argnum=5)
 
     def jit_backward(self, fn: Callable) -> LayoutJit:
         """``fn(params, slots, train, piece, num_layers=, seq_len=) -> train`` in layout."""

@@ -10,6 +10,7 @@ Each subprocess prints (or writes) JSON that the test asserts on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from coserve_jax.batch import TOKEN_FIELDS, Bucket, SeqChunk, build_batch
 from coserve_jax.config import ModelConfig
 from coserve_jax.plan import PRESETS
 from coserve_jax.tiny_model import write_random_model
@@ -103,6 +105,23 @@ def test_layout_follows_megatron_and_dependent_parallelization():
     assert layout.spec_for(("b", "k_proj"), (2, 3, 8, 64)) == P(None, None, None, None)
     assert layout.spec_for(("layers", "q_proj"), (2, 256, 256)) == P(None, None, "model")
     assert any("KV heads" in n for n in layout.notes)
+
+
+def test_token_fields_are_the_batch_fields_with_a_token_axis():
+    """``TOKEN_FIELDS`` (the core's list, handed to the layout) names exactly the TokenBatch
+    fields with a leading T axis; the layout splits those on ``data`` and replicates the rest."""
+    t, s, w = 16, 4, 3  # all different, so a leading T is not mistaken for S or W
+    batch = build_batch([SeqChunk(token_ids=[1, 2, 3], start_position=0, page_table=[0])],
+                        Bucket(num_tokens=t, num_seqs=s, num_pages=w), page_size=4)
+    fields = {f.name: np.shape(getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+    assert {n for n, shape in fields.items() if shape[:1] == (t,)} == set(TOKEN_FIELDS)
+    assert all(shape[:1] == (s,) for n, shape in fields.items() if n not in TOKEN_FIELDS)
+    layout = Layout(abstract_mesh(MeshConfig(data=2, model=4)), ModelConfig.from_hf_dict(
+        hf_config(2)))
+    specs = layout.batch_specs(batch, TOKEN_FIELDS)
+    for name, shape in fields.items():
+        want = ("data",) if name in TOKEN_FIELDS else (None,) * len(shape)
+        assert getattr(specs, name) == P(*want), name
 
 
 # ----- 8 simulated devices -------------------------------------------------------------------
@@ -316,7 +335,7 @@ def check_close(got, want, what: str) -> None:
 def coserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": ROOT}
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "coserve_jax.cli", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -72,7 +72,7 @@ class ServerProcess:
     def __init__(self, args: list[str], env: dict | None = None):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coserve_jax.cli", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "server.cli", "serve", "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
             env={**os.environ, **(env or {})})
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from coserve_jax.cli import main
 from coserve_jax.lora.adapter import LoraAdapter
 from coserve_jax.lora.config import LoraConfig
 from coserve_jax.lora.peft_io import save_adapter
+from server.cli import main
 from server.commands import engine_config_from_file
 from server.mock_engine import mock_model_config
 

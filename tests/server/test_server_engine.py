@@ -16,10 +16,10 @@ import pytest
 
 import coserve_jax
 from coserve_jax import Engine, EngineConfig
-from coserve_jax.demo import DEMO_ENGINE
 from coserve_jax.finetune.data import synthetic_task
 from server.app import ServerThread
 from server.client import Client, collect, finetune_request, generate_request
+from server.demo import DEMO_ENGINE
 from server.engine_api import Backend
 from server.proto import coserve_pb2 as pb
 from server.service import Limits

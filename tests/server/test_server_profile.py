@@ -13,7 +13,7 @@ import sys
 import grpc
 import pytest
 
-from coserve_jax.cli import main
+from server.cli import main
 from server.client import Client
 
 from server_support import ROOT, mock_server, wait_for
@@ -72,18 +72,18 @@ def test_profile_command_reports_errors(tmp_path, capsys):
 
 def test_global_logging_options(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "coserve_jax.cli", "--help"], capture_output=True,
+        [sys.executable, "-m", "server.cli", "--help"], capture_output=True,
         text=True, cwd=ROOT, check=True).stdout
     assert "--log-level" in out and "--log-json" in out
     serve_help = subprocess.run(
-        [sys.executable, "-m", "coserve_jax.cli", "serve", "--help"], capture_output=True,
+        [sys.executable, "-m", "server.cli", "serve", "--help"], capture_output=True,
         text=True, cwd=ROOT, check=True).stdout
     for flag in ("--profile-dir", "--profile-steps", "--run-dir", "--log-json"):
         assert flag in serve_help
     # A cheap command (its server is unreachable) with JSON logging on, then a record.
     proc = subprocess.run(
         [sys.executable, "-c",
-         "import logging, sys; from coserve_jax.cli import main; "
+         "import logging, sys; from server.cli import main; "
          "code = main(['--log-json', '--log-level', 'debug', 'jobs', '--server', "
          "'127.0.0.1:1', '--timeout', '0.2']); "
          "logging.getLogger('t').debug('hello'); sys.exit(code)"],
@@ -132,7 +132,7 @@ def test_serve_mesh_flags_and_run_dir(tmp_path):
     from server_support import ServerProcess
 
     serve_help = subprocess.run(
-        [sys.executable, "-m", "coserve_jax.cli", "serve", "--help"], capture_output=True,
+        [sys.executable, "-m", "server.cli", "serve", "--help"], capture_output=True,
         text=True, cwd=ROOT, check=True).stdout
     for flag in ("--mesh", "--coordinator-address", "--num-processes", "--process-id"):
         assert flag in serve_help

@@ -33,7 +33,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from coserve_jax.demo import main as demo_main
+    from server.demo import main as demo_main
 
     return demo_main(args.demo_args)
 
@@ -69,7 +69,7 @@ def _add_demo(sub) -> None:
         "demo", help="run the demo (make demo): server, mixed workload, summary",
         description="Start a server on the embedded model, stream Poisson-arriving requests "
                     "through it while a LoRA job learns a synthetic task, and print a summary. "
-                    "Its options are python -m coserve_jax.demo's: coserve demo --help lists "
+                    "Its options are python -m server.demo's: coserve demo --help lists "
                     "them.", add_help=True)
     demo.add_argument("demo_args", nargs=argparse.REMAINDER,
                       help="demo options, e.g. --quick --json summary.json")

@@ -40,7 +40,7 @@ QUICK = dict(streams=16, rate=4.0, steps=60, held_out=8)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m coserve_jax.demo",
+    p = argparse.ArgumentParser(prog="python -m server.demo",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model directory (default: embedded)")
     p.add_argument("--quick", action="store_true",
