@@ -3,16 +3,11 @@
 Every process of a multi-host deployment (one per host, each owning its local
 GPUs or TPU chips) builds the same ``Engine`` on the same global mesh and runs
 the same jitted programs (SPMD). Only process 0 (the leader) schedules: it owns
-the request queues, jobs and clocks. Each time the leader's engine is about to
-change device state, it first broadcasts what it is about to do, and every
-follower applies the same change to its own engine:
-
-- a step with a ``TokenBatch`` (the numpy batch is broadcast),
-- a backward piece (the ``BackwardPiece`` scalars),
-- adapter loads, writes and unloads, job submissions and optimizer steps
-  (the host-side arguments; the device work is then identical everywhere),
-- ``Leader.run(fn, ...)``: any module-level function of the engine that every
-  process must call together (gathering sharded arrays to host, say).
+the request queues, jobs and clocks. Every change to device state is a command to
+the engine's ``Runner`` (``coserve_jax.runner_commands``: a step with its numpy
+batch, a backward piece, a slot write, a job's start, update, checkpoint or
+gather...); the leader broadcasts each command before its runner executes it, and
+every follower's runner executes the same command (``MIRRORED`` lists them).
 
 Messages travel through ``multihost_utils.broadcast_one_to_all`` as pickles
 padded to a power of two, so the broadcast compiles once per size class, not
@@ -36,13 +31,25 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
 import numpy as np
 
-from sharding.gather import tree_to_host
+from coserve_jax.runner_commands import (
+    ApplyUpdate,
+    DropJob,
+    GatherJob,
+    GatherSlotGrads,
+    RestoreJob,
+    RunBackwardPiece,
+    RunStep,
+    RunWholeSample,
+    SaveJob,
+    StartJob,
+    WriteSlot,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -219,51 +226,26 @@ class Channel:
 # ----- leader and followers ------------------------------------------------------------------
 
 
-def _follow_step(engine, batch, with_train: bool) -> None:
-    trainer = engine.trainer
-    train = None if trainer is None else trainer.buffers
-    engine.kv, train, _ = engine._step(engine.model.params, engine._slots(), engine.kv, train,
-                                       batch, with_train=with_train)
-    if trainer is not None:
-        trainer.buffers = train
-
-
-def _follow_backward(engine, piece, num_layers: int, seq_len: int) -> None:
-    trainer = engine.trainer
-    trainer.buffers = trainer._backward(engine.model.params, engine.registry.table,
-                                        trainer.buffers, piece, num_layers=num_layers,
-                                        seq_len=seq_len)
-
-
-def _follow_optimizer_step(engine, name: str, seqs: int, loss: float) -> None:
-    run = engine.trainer.jobs[name]
-    run.seqs_in_step, run.loss_in_step = seqs, loss
-    engine.trainer._optimizer_step(run)
-
-
-def _follow_method(engine, owner: str, method: str, args: tuple, kwargs: dict) -> Any:
-    target = engine if owner == "engine" else getattr(engine, owner)
-    args = tuple(engine.trainer.jobs[a.name] if isinstance(a, _JobRef) else a for a in args)
-    return getattr(target, method)(*args, **kwargs)
+MIRRORED = (RunStep, RunBackwardPiece, RunWholeSample, WriteSlot, StartJob, RestoreJob,
+            ApplyUpdate, SaveJob, DropJob, GatherJob, GatherSlotGrads)
+"""The runner commands the followers apply (all of ``runner_commands.COMMANDS``: a test
+fails if one is missing, and the leader refuses to send one that is not here)."""
 
 
 class Leader:
-    """Process 0's side: every device-state change of ``engine`` is first broadcast.
+    """Process 0's side: every command its engine's runner executes is first broadcast.
 
-    Installs itself on the engine's jitted step, the trainer's backward piece, the
-    adapter registry's load/write/unload and the trainer's submit/optimizer step
-    (instance attributes: the classes are untouched). Nested changes (a slot write
-    inside a job submission) are not sent twice: the follower repeats the outer call,
-    which makes the same nested ones. ``close()`` (or leaving the ``with`` block)
-    releases the followers.
+    The runner is the one owner of device state and ``Runner.execute`` its one door, so
+    hooking that door (``runner.mirror``) mirrors every device change, the gathers and
+    checkpoint saves that every process must join included. ``close()`` (or leaving the
+    ``with`` block) releases the followers.
     """
 
-    def __init__(self, engine, channel: Channel | None = None):
-        self.engine = engine
+    def __init__(self, runner, channel: Channel | None = None):
+        self.runner = runner
         self.channel = channel or Channel()
-        self._depth = 0
         self._closed = False
-        self._install()
+        runner.mirror = self.send
 
     def __enter__(self) -> Leader:
         return self
@@ -271,90 +253,27 @@ class Leader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _outer(self, message: tuple) -> Iterator[None]:
-        if self._depth == 0:
-            self.channel.send(message)
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-
-    def run(self, fn: Callable[..., T], *args) -> T:
-        """Calls ``fn(engine, *args)`` on every process (``fn`` must be importable there:
-        a module-level function) and returns the leader's result."""
-        with self._outer(("run", fn, args)):
-            return fn(self.engine, *args)
+    def send(self, command) -> None:
+        """Broadcasts one runner command (the runner then executes it here)."""
+        if not isinstance(command, MIRRORED):
+            raise TypeError(f"{type(command).__name__} is not mirrored to the followers; "
+                            f"add it to sharding.distributed.MIRRORED")
+        self.channel.send(("command", command))
 
     def close(self) -> None:
         """Tells the followers to return from ``follow``."""
         if not self._closed:
             self._closed = True
+            self.runner.mirror = None
             self.channel.send(("stop",))
 
-    def _install(self) -> None:
-        engine = self.engine
-        step = engine._step
 
-        def mirrored_step(params, slots, kv, train, batch, *, with_train):
-            with self._outer(("run", _follow_step, (batch, with_train))):
-                return step(params, slots, kv, train, batch, with_train=with_train)
+def follow(runner, channel: Channel | None = None) -> int:
+    """Runs on every process but 0: executes the leader's runner commands on ``runner``
+    until the leader closes. Returns the number of commands applied.
 
-        engine._step = mirrored_step
-        registry, trainer = engine.registry, engine.trainer
-        if registry is not None:
-            for method in ("load", "write", "unload"):
-                self._mirror_method(registry, "registry", method)
-        if trainer is not None:
-            backward = trainer._backward
-
-            def mirrored_backward(params, slots, train, piece, *, num_layers, seq_len):
-                with self._outer(("run", _follow_backward,
-                                  (jax.tree.map(np.asarray, piece), num_layers, seq_len))):
-                    return backward(params, slots, train, piece, num_layers=num_layers,
-                                    seq_len=seq_len)
-
-            trainer._backward = mirrored_backward
-            for method in ("submit", "adapter_of"):
-                self._mirror_method(trainer, "trainer", method)
-            optimizer_step = trainer._optimizer_step
-
-            def mirrored_optimizer_step(run):
-                with self._outer(("run", _follow_optimizer_step,
-                                  (run.spec.name, run.seqs_in_step, run.loss_in_step))):
-                    return optimizer_step(run)
-
-            trainer._optimizer_step = mirrored_optimizer_step
-
-    def _mirror_method(self, target, owner: str, method: str) -> None:
-        original = getattr(target, method)
-
-        def mirrored(*args, **kwargs):
-            sent = tuple(_by_name(a) for a in args)
-            with self._outer(("run", _follow_method, (owner, method, sent, kwargs))):
-                return original(*args, **kwargs)
-
-        setattr(target, method, mirrored)
-
-
-def _by_name(arg):
-    """Trainer methods take a ``JobRun``; it travels as its job name."""
-    spec = getattr(arg, "spec", None)
-    return _JobRef(spec.name) if spec is not None and hasattr(arg, "opt_state") else arg
-
-
-@dataclasses.dataclass(frozen=True)
-class _JobRef:
-    name: str
-
-
-def follow(engine, channel: Channel | None = None) -> int:
-    """Runs on every process but 0: applies the leader's changes to ``engine`` until the
-    leader closes. Returns the number of messages applied.
-
-    An exception raised by a change is logged and the loop goes on: the leader ran the
-    same code on the same state and got the same exception (a refused adapter, say).
+    An exception raised by a command is logged and the loop goes on: the leader ran the
+    same command on the same state and got the same exception.
     """
     channel = channel or Channel()
     applied = 0
@@ -362,37 +281,25 @@ def follow(engine, channel: Channel | None = None) -> int:
         message = channel.receive()
         if message[0] == "stop":
             return applied
-        _, fn, args = message
+        command = message[1]
+        if not isinstance(command, MIRRORED):
+            raise TypeError(f"the leader sent {type(command).__name__}, which is not mirrored")
         try:
-            fn(engine, *args)
+            runner.execute(command)
         except Exception:  # a mirrored failure, see the docstring
             log.exception("follower: %s failed (the leader saw the same error)",
-                          getattr(fn, "__name__", fn))
+                          type(command).__name__)
         applied += 1
 
 
 def run_spmd(engine, leader_main: Callable[[Any], T]) -> T | None:
-    """Runs ``leader_main(engine)`` on process 0 with every device change mirrored to the
+    """Runs ``leader_main(engine)`` on process 0 with every runner command mirrored to the
     other processes, which follow until it returns (then get None). On a single process
     it is just ``leader_main(engine)``."""
     if jax.process_count() == 1:
         return leader_main(engine)
     if jax.process_index() == 0:
-        with Leader(engine) as leader:
-            engine.leader = leader  # for code that needs Leader.run (gathers)
+        with Leader(engine.runner):
             return leader_main(engine)
-    follow(engine)
+    follow(engine.runner)
     return None
-
-
-def call_everywhere(engine, fn: Callable[..., T], *args) -> T:
-    """``fn(engine, *args)`` on every process when ``engine`` is led by ``run_spmd`` (through
-    ``Leader.run``), else just here. For collective reads such as ``gather_to_host``."""
-    leader = getattr(engine, "leader", None)
-    return fn(engine, *args) if leader is None else leader.run(fn, *args)
-
-
-def gather_to_host(tree: Any) -> Any:
-    """Host copies of a tree of (possibly multi-host) arrays. Every process must call it
-    (through ``Leader.run`` on the leader)."""
-    return tree_to_host(tree)

@@ -28,23 +28,15 @@ import numpy as np  # noqa: E402
 import coserve_jax as cj  # noqa: E402
 from coserve_jax.finetune.data import Dataset, TrainSequence  # noqa: E402
 from coserve_jax.lora.config import ALL_TARGETS  # noqa: E402
+from coserve_jax.runner_commands import GatherSlotGrads  # noqa: E402
 from sharding import MeshConfig, make_mesh  # noqa: E402
-from sharding.distributed import (  # noqa: E402
-    call_everywhere,
-    gather_to_host,
-    initialize_from_env_or_flags,
-    run_spmd,
-)
+from sharding.distributed import initialize_from_env_or_flags, run_spmd  # noqa: E402
 
 VOCAB = 384
 ENGINE = cj.EngineConfig(page_size=4, num_pages=64, max_num_seqs=4, max_num_batched_tokens=32,
                          min_token_bucket=32, min_seq_bucket=4, min_page_bucket=16,
                          max_model_len=64, max_lora_rank=8, max_adapters=2, max_train_seqs=1,
                          max_train_len=32, train_window=16, backward_layers=2)
-
-
-def slot_grads(engine, slot: int) -> dict:
-    return gather_to_host(engine.trainer.buffers.slot_grads(slot))
 
 
 def scenario(engine) -> dict:
@@ -73,7 +65,7 @@ def scenario(engine) -> dict:
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = out.output_token_ids
-    grads = call_everywhere(engine, slot_grads, run.slot)
+    grads = engine.runner.execute(GatherSlotGrads(run.slot))  # every process joins it
     while run.state == "running":
         engine.step()
     trained = engine.trained_adapter("job")

@@ -32,7 +32,9 @@ import coserve_jax as cj
 from coserve_jax.batch import Bucket, SeqChunk, build_batch
 from coserve_jax.finetune.data import Dataset, TrainSequence
 from coserve_jax.lora.config import ALL_TARGETS
-from coserve_jax.step import BackwardPiece, build_step
+from coserve_jax.programs import build_step, slot_grads
+from coserve_jax.runner_commands import RunStep
+from coserve_jax.step import BackwardPiece
 from sharding import MeshConfig, make_mesh
 
 from support import random_adapter
@@ -63,8 +65,9 @@ def scenario(model_dir: str, mesh, kernels: str = "auto") -> dict:
     cfg = model.config
     # The same step, built to return logits too (the engine reads only tokens and losses),
     # so the logits check below reuses the programs the scenario compiled.
-    engine._step = build_step(cfg, return_logits=True, layout=engine.layout,
-                              kernels=engine.kernels)
+    runner = engine.runner
+    runner.step = build_step(cfg, return_logits=True, layout=engine.layout,
+                             kernels=engine.kernels)
     for i, r in enumerate((8, 4)):
         engine.load_adapter(random_adapter(f"ad{i}", cfg, r, 10 + i))
     rng = np.random.default_rng(3)
@@ -92,10 +95,10 @@ def scenario(model_dir: str, mesh, kernels: str = "auto") -> dict:
             if out.finished:
                 outputs[out.request_id] = out.output_token_ids
     grads = {m: tuple(np.asarray(g) for g in ab)
-             for m, ab in trainer.buffers.slot_grads(run.slot).items()}
+             for m, ab in slot_grads(runner.train, run.slot).items()}
     # With data parallelism each data shard keeps its own partial sum until the optimizer
     # step: the per-shard partials of one module must differ (they cover other tokens).
-    buf = trainer.buffers
+    buf = runner.train
     partials = None
     if buf.grad_groups > 1:
         g = np.asarray(buf.grad_b["down_proj"])[:, :, run.slot]
@@ -114,9 +117,7 @@ def scenario(model_dir: str, mesh, kernels: str = "auto") -> dict:
         chunks.append(SeqChunk(token_ids=rng.integers(3, VOCAB, n).tolist(), start_position=0,
                                page_table=table, adapter_slot=slot))
     batch = build_batch(chunks, Bucket(32, 4, 16), engine.config.page_size)
-    engine.kv, trainer.buffers, out = engine._step(
-        engine.model.params, engine.registry.table, engine.kv, trainer.buffers, batch,
-        with_train=False)
+    out = runner.execute(RunStep(batch, with_train=False))
     result = {"outputs": [outputs[i] for i in ids], "grads": grads,
               "trained_a": trained.a, "trained_b": trained.b,
               "logits": np.asarray(out.logits)[:3], "next": np.asarray(out.next_tokens)[:3],
@@ -130,8 +131,11 @@ def misplaced(engine, run) -> list[str]:
     """State whose sharding is not its layout's (nothing may be gathered by accident)."""
     layout = engine.layout
     bad = []
-    trees = {"params": engine.model.params, "kv": engine.kv, "slots": engine.registry.table,
-             "train": engine.trainer.buffers, "job": run.params, "opt": run.opt_state}
+    runner = engine.runner
+    job = runner.jobs[run.spec.name]
+    trees = {"params": engine.model.params, "kv": runner.kv, "slots": runner.slots,
+             "train": runner.train, "job": job.params, "opt": job.opt_state,
+             "feed": runner.feed}
     for name, tree in trees.items():
         for (path, leaf), want in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
                                       jax.tree.leaves(layout.shardings(tree)), strict=True):
@@ -209,15 +213,16 @@ def kernel_steps(model_dir: str, mesh, kernels: str) -> dict:
                 temperature=temperature, seed=5, sample_count=i, adapter_slot=slot))
         chunks.insert(1, window[1])  # the window's tokens straddle both data shards
         batch = build_batch(chunks, bucket, engine.config.page_size)
+        runner = engine.runner
         if i == 0:
-            args = (model.params, engine.registry.table, engine.kv, trainer.buffers, batch)
+            args = (model.params, runner.slots, runner.kv, runner.train, None, batch)
             jaxpr = str(step.trace(*args, with_train=True).jaxpr)
             if mesh is not None:  # the program the call below runs (a persistent-cache hit)
                 hlo = step.lower(*args, with_train=True).compile().as_text()
                 result["collectives"] = count_collectives(hlo)
-        engine.kv, trainer.buffers, out = step(model.params, engine.registry.table, engine.kv,
-                                               trainer.buffers, batch, with_train=True)
-        trainer.after_forward([window], np.asarray(out.seq_loss)[1:2])
+        runner.kv, runner.train, _, out = step(model.params, runner.slots, runner.kv,
+                                               runner.train, None, batch, with_train=True)
+        trainer.attach_losses([window], out.seq_loss, 1)
         order = [0, 2, 3]  # the prompts' rows (the window is row 1)
         next_tokens = np.asarray(out.next_tokens)
         for j, row in enumerate(order):
@@ -227,13 +232,12 @@ def kernel_steps(model_dir: str, mesh, kernels: str) -> dict:
         result["loss"].append(float(np.asarray(out.seq_loss)[1]))
     piece = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0), length=np.int32(30),
                           adapter_slot=np.int32(run.slot))
-    backward_jaxpr = str(trainer._backward.trace(
-        model.params, engine.registry.table, trainer.buffers, piece, num_layers=1,
-        seq_len=32).jaxpr)
-    while trainer.run_backward_piece(model.params):
+    backward_jaxpr = str(runner.backward_program().trace(
+        model.params, runner.slots, runner.train, piece, num_layers=1, seq_len=32).jaxpr)
+    while trainer.run_backward_piece():
         pass
     result["grads"] = {m: tuple(np.asarray(g) for g in ab)
-                       for m, ab in trainer.buffers.slot_grads(run.slot).items()}
+                       for m, ab in slot_grads(runner.train, run.slot).items()}
     result["pallas"] = {"step": "pallas_call" in jaxpr, "backward": "pallas_call" in backward_jaxpr}
     result["misplaced"] = misplaced(engine, run) if engine.layout is not None else []
     result["fallbacks"] = fallbacks.close()
@@ -434,9 +438,9 @@ def collectives(model_dir: str, spec: str, kernels: str = "auto") -> dict:
                 chunk.loss_weights = np.ones(8, np.float32)
                 chunk.act_base = 0
             batch = build_batch([chunk], Bucket(32, 4, 16, train), 4)
-            buffers = None if engine.trainer is None else engine.trainer.buffers
-            hlo = engine._step.lower(model.params, engine._slots(), engine.kv, buffers, batch,
-                                     with_train=train).compile().as_text()
+            r = engine.runner
+            hlo = r.step.lower(model.params, r.slots, r.kv, r.train, r.feed, batch,
+                               with_train=train).compile().as_text()
             report[f"{name}/{'train' if train else 'infer'}"] = count_collectives(hlo)
     return report
 
@@ -481,9 +485,12 @@ def gradient_reductions(model_dir: str, spec: str) -> dict:
     run = trainer.jobs["job"]
     piece = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0), length=np.int32(30),
                           adapter_slot=np.int32(run.slot))
-    backward = trainer._backward.lower(model.params, engine.registry.table, trainer.buffers,
-                                       piece, num_layers=1, seq_len=32).compile().as_text()
-    update = run._apply.lower(run.params, run.opt_state, trainer.buffers, np.int32(run.slot),
+    runner = engine.runner
+    backward = runner.backward_program().lower(
+        model.params, runner.slots, runner.train, piece, num_layers=1,
+        seq_len=32).compile().as_text()
+    job = runner.jobs["job"]
+    update = job.update.lower(job.params, job.opt_state, runner.train, np.int32(run.slot),
                               np.float32(1)).compile().as_text()
     return {"backward": reductions(backward), "update": reductions(update)}
 

@@ -108,9 +108,10 @@ def engine_grads(model, seq, window: int, backward_layers: int, serve: bool, blo
     trainer = engine.trainer
     run = trainer.jobs["g"]
     rng = np.random.default_rng(1)
-    run.params = {m: {"a": p["a"], "b": jnp.asarray(rng.normal(0, 0.05, p["b"].shape),
-                                                    jnp.float32)}
-                  for m, p in run.params.items()}
+    state = engine.runner.jobs["g"]  # the job's weights: set B to random values
+    state.params = {m: {"a": p["a"], "b": jnp.asarray(rng.normal(0, 0.05, p["b"].shape),
+                                                      jnp.float32)}
+                    for m, p in state.params.items()}
     adapter = trainer.adapter_of(run)
     engine.registry.write(run.slot, adapter)
     if serve:  # inference tokens (base model and the adapter) share the steps
@@ -119,7 +120,7 @@ def engine_grads(model, seq, window: int, backward_layers: int, serve: bool, blo
                                SamplingParams(max_tokens=6, ignore_eos=True), adapter=name)
     while run.seqs_done < 1:
         engine.step()
-    buf = trainer.buffers
+    buf = engine.runner.train
     r = lora.r
     got = {m: (np.asarray(buf.grad_a[m][:, run.slot, :, :r]),
                np.asarray(buf.grad_b[m][:, run.slot, :r, :])) for m in lora.target_modules}

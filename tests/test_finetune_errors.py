@@ -134,7 +134,7 @@ def test_a_failing_job_fails_alone_and_slots_are_freed(tmp_path):
     assert engine.job_progress("export").state == "failed"
     assert "FileExistsError" in engine.job_progress("export").error
     assert engine.job_progress("ok").state == "completed"
-    assert rid not in engine._requests
+    assert rid not in engine.scheduler.requests
     with pytest.raises(ValueError, match="running"):
         engine.submit_job(FinetuneJob("live", _dataset(tok), max_steps=50))
         engine.remove_job("live")

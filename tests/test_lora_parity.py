@@ -303,15 +303,16 @@ def test_gradients_match_peft_backward(llama31_dir, adapter_dirs, train_engine):
     engine.submit_job(job)
     trainer = engine.trainer
     run = trainer.jobs["g"]
-    run.params = {m: {"a": jnp.asarray(adapter.a[m]), "b": jnp.asarray(adapter.b[m])}
-                  for m in lora.target_modules}
+    engine.runner.jobs["g"].params = {
+        m: {"a": jnp.asarray(adapter.a[m]), "b": jnp.asarray(adapter.b[m])}
+        for m in lora.target_modules}
     engine.registry.write(run.slot, trainer.adapter_of(run))
     for _ in range(100):
         if run.seqs_done:
             break
         engine.step()
     assert run.step == 0
-    buf = trainer.buffers
+    buf = engine.runner.train
     got = {m: (np.asarray(buf.grad_a[m][:, run.slot, :, :lora.r]),
                np.asarray(buf.grad_b[m][:, run.slot, :lora.r, :])) for m in lora.target_modules}
     our_loss = run.loss_in_step

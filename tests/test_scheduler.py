@@ -268,16 +268,19 @@ def test_a_piece_that_never_fits_does_not_block_forward_windows():
                                    tokens_left=28, time_limit=0.040, step_seconds=step(n)) == 0
 
 
-def test_window_shape_predicts_the_windows_scheduled():
+def test_proposed_windows_are_the_windows_committed():
+    """Proposing windows (what the scheduler prices) changes nothing; committing a proposal
+    runs exactly it."""
     engine = _engine()
     engine.submit_job(_job())
     trainer = engine.trainer
     for budget in (16, 40, 64, 5, 64, 64, 33):
-        expected = trainer.window_shape(budget, 8)
-        windows = trainer.forward_windows(budget, 8)
-        widest = max((len(c.page_table) for _, c in windows), default=0)
-        assert expected == (len(windows), widest), budget
-        trainer.after_forward(windows, np.zeros(len(windows)))
+        proposal = trainer.propose_windows(budget, 8)
+        assert trainer.propose_windows(budget, 8) == proposal, budget
+        windows = trainer.commit_windows(proposal)
+        assert [(w.start, w.n, w.pages) for w in proposal] == [
+            (c.start_position, len(c.token_ids), len(c.page_table)) for _, c in windows]
+        assert sum(w.n for w in proposal) <= budget
 
 
 def test_iteration_limit_spends_what_fast_requests_banked():
@@ -323,6 +326,6 @@ def test_a_shorter_ready_piece_runs_when_the_furthest_one_does_not_fit():
     assert small == trainer._piece_shape(other) != big
     assert trainer.next_piece_shape(lambda shape: False) is None
     left = other.layers_left
-    assert trainer.run_backward_piece(engine.model.params, lambda shape: shape != big)
+    assert trainer.run_backward_piece(lambda shape: shape != big)
     assert other.layers_left == left - engine.config.backward_layers
-    assert not trainer.run_backward_piece(engine.model.params, lambda shape: False)
+    assert not trainer.run_backward_piece(lambda shape: False)

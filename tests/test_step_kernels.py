@@ -16,7 +16,8 @@ import pytest
 from coserve_jax import Engine, EngineConfig, SamplingParams
 from coserve_jax import step as step_module
 from coserve_jax.lora.config import ALL_TARGETS
-from coserve_jax.step import REFERENCE_KERNELS, BackwardPiece, build_step, step_kernels
+from coserve_jax.programs import build_step
+from coserve_jax.step import REFERENCE_KERNELS, BackwardPiece, step_kernels
 from pallas_kernels.dispatch import ENV_VAR, Kernels
 from pallas_kernels.ragged_paged_attention import flash
 from pallas_kernels.ragged_paged_attention import kernel as rpa_kernel
@@ -49,22 +50,23 @@ def serve(kernels: str) -> tuple[dict[str, list[int]], list[np.ndarray], str]:
     cfg = model.config
     engine = Engine(model, serving_config(kernels))
     assert engine.kernels.impl == kernels
-    assert engine._step is build_step(cfg, kernels=engine.kernels)
+    assert engine.runner.step is build_step(cfg, kernels=engine.kernels)
     engine.load_adapter(random_adapter("a4", cfg, 4, 1))
     engine.load_adapter(random_adapter("a8", cfg, 8, 2))
     # The same program as the engine's, built to return logits too; cached per kernels.
     step = build_step(cfg, return_logits=True, kernels=engine.kernels)
     logits, jaxprs = [], []
 
-    def recording_step(params, slots, kv, train, batch, **static):
+    def recording_step(params, slots, kv, train, feed, batch, **static):
         if not jaxprs:
-            jaxprs.append(str(step.trace(params, slots, kv, train, batch, **static).jaxpr))
-        kv, train, out = step(params, slots, kv, train, batch, **static)
+            jaxprs.append(str(step.trace(params, slots, kv, train, feed, batch,
+                                         **static).jaxpr))
+        kv, train, feed, out = step(params, slots, kv, train, feed, batch, **static)
         real = np.unique(np.asarray(batch.seq_ids)[np.asarray(batch.token_mask)])
         logits.append(np.asarray(out.logits)[real])
-        return kv, train, out
+        return kv, train, feed, out
 
-    engine._step = recording_step
+    engine.runner.step = recording_step
     rng = np.random.default_rng(0)
     # Prompts of 3 to 40 tokens: the longest is prefilled in chunks (32-token budget), so
     # chunks continue cached prefixes while the others decode. Adapters on some requests.
@@ -107,9 +109,9 @@ def test_finetuning_gradients_through_the_kernels(impl, caplog):
     assert engine.kernels.impl == impl and "falling back" not in caplog.text
     piece = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0), length=np.int32(30),
                           adapter_slot=np.int32(0))
-    traced = engine.trainer._backward.trace(model.params, engine.registry.table,
-                                            engine.trainer.buffers, piece, num_layers=2,
-                                            seq_len=32)
+    runner = engine.runner
+    traced = runner.backward_program().trace(model.params, runner.slots, runner.train, piece,
+                                             num_layers=2, seq_len=32)
     assert ("pallas_call" in str(traced.jaxpr)) == (impl == "interpret")
     want = whole_sequence_grads(model, adapter, seq)
     for m in ALL_TARGETS:
