@@ -251,14 +251,14 @@ class Engine:
         self.latency_path = model_file(config.latency_model_dir or cache_root(),
                                        jax.devices()[0].device_kind, jax.__version__, mc, shapes,
                                        self.kernels, STEP_PROGRAM_VERSION)
-        self.latency = LatencyModel.load(self.latency_path) or LatencyModel()
+        latency = LatencyModel.load(self.latency_path) or LatencyModel()
         self.scheduler = Scheduler(
             buckets=self.buckets, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_pages_per_seq=self.max_pages_per_seq, max_waiting=config.max_waiting,
             admission_control=config.admission_control, allocator=self.allocator,
-            latency=self.latency, policy=self.policy, eos_token_ids=mc.eos_token_ids,
+            latency=latency, policy=self.policy, eos_token_ids=mc.eos_token_ids,
             registry=self.registry, trainer=self.trainer)
         # Temporal sharing sets its period from each iteration's own time: synchronous.
         self.overlap = config.overlap_host and self.policy.kind not in TEMPORAL_KINDS
@@ -310,6 +310,15 @@ class Engine:
         return fn(*args) if self.layout is None else self.layout.zeros(fn, *args)
 
     # ----- what the scheduler holds ---------------------------------------------------------
+
+    @property
+    def latency(self) -> LatencyModel:
+        """Predicted step and piece times (measured by ``warmup``, updated as steps run)."""
+        return self.scheduler.latency
+
+    @latency.setter
+    def latency(self, model: LatencyModel) -> None:
+        self.scheduler.latency = model
 
     @property
     def waiting(self):
@@ -492,6 +501,7 @@ class Engine:
     def _iteration(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
         plan = self.scheduler.schedule()
+        self.counters["finetune_yields"] = self.scheduler.finetune_yields
         if plan.whole_sample:
             outputs = self._collect_launched()
             return outputs + self._whole_sample_iteration(plan, t_start)
