@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from coserve_jax.batch import Bucket, build_batch, powers_of_two
+from coserve_jax.errors import AdmissionError, AlreadyExists, InUse, InvalidRequest, NotFound
 from coserve_jax.finetune.buffers import TrainBuffers
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.finetune.trainer import Trainer, TrainerConfig, train_seq_buckets
@@ -41,7 +42,7 @@ from coserve_jax.runner import Runner
 from coserve_jax.runner_commands import RunStep
 from coserve_jax.sampling import MAX_SEED, SamplingParams
 from coserve_jax.scheduler import IterationPlan, Request, RequestOutput, Scheduler
-from coserve_jax.slo import SLO, AdmissionError, RequestMetrics
+from coserve_jax.slo import SLO, RequestMetrics
 from coserve_jax.step import STEP_PROGRAM_VERSION, StepOutput, step_kernels
 from coserve_jax.telemetry import Profiler, ScalarWriter, backward_label, forward_label
 from coserve_jax.tiny_model import cache_root
@@ -355,22 +356,22 @@ class Engine:
             raise AdmissionError(f"engine mode {self.config.mode} serves no inference")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError("params must be a SamplingParams")
+            raise InvalidRequest("params must be a SamplingParams")
         prompt = self.model.check_tokens(prompt, "prompt")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) plus max_tokens "
+            raise InvalidRequest(f"prompt ({len(prompt)} tokens) plus max_tokens "
                              f"({params.max_tokens}) is {total}, beyond the model length "
                              f"{self.max_model_len}")
         for t in params.stop_token_ids:
             if t >= self.model.config.vocab_size:
-                raise ValueError(f"stop token id {t} is outside the vocabulary")
+                raise InvalidRequest(f"stop token id {t} is outside the vocabulary")
         self.allocator.check_fits(total - 1)  # the last sampled token needs no K/V
         if adapter is not None and (self.registry is None
                                     or adapter not in self.registry.names()):
-            raise ValueError(f"unknown adapter {adapter!r}")
+            raise InvalidRequest(f"unknown adapter {adapter!r}")
         if request_id is not None and str(request_id) in self.scheduler.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise AlreadyExists(f"request id {request_id!r} is already in use")
         slo = slo or SLO(self.config.default_ttft_s, self.config.default_tpot_s)
         if admission:
             self.scheduler.admit(len(prompt), slo)
@@ -396,19 +397,19 @@ class Engine:
     def load_adapter(self, adapter: LoraAdapter, replace: bool = False) -> None:
         """Writes an adapter into a slot; requests can name it at once. Never recompiles."""
         if self.registry is None:
-            raise ValueError("this engine has no adapter slots (EngineConfig.max_adapters=0)")
+            raise InvalidRequest("this engine has no adapter slots (EngineConfig.max_adapters=0)")
         if self.trainer is not None and adapter.name in self.trainer.jobs:
-            raise ValueError(f"{adapter.name!r} is the adapter of a finetuning job")
+            raise InUse(f"{adapter.name!r} is the adapter of a finetuning job")
         self.registry.load(adapter, replace=replace)
 
     def unload_adapter(self, name: str) -> None:
         if self.registry is None or name not in self.registry.names():
-            raise KeyError(f"no adapter named {name!r}")
+            raise NotFound(f"no adapter named {name!r}")
         if self.trainer is not None and name in self.trainer.jobs:
-            raise ValueError(f"{name!r} is the adapter of a finetuning job")
+            raise InUse(f"{name!r} is the adapter of a finetuning job")
         users = [r.request_id for r in [*self.running, *self.waiting] if r.adapter == name]
         if users:
-            raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s)")
+            raise InUse(f"adapter {name!r} is in use by {len(users)} request(s)")
         self.registry.unload(name)
 
     def adapters(self) -> list[str]:
@@ -417,36 +418,36 @@ class Engine:
     def submit_job(self, job: FinetuneJob) -> JobProgress:
         """Starts (or resumes from its checkpoint) a finetuning job; raises ValueError."""
         if self.trainer is None:
-            raise ValueError("this engine does not finetune (EngineConfig.max_train_seqs=0)")
+            raise InvalidRequest("this engine does not finetune (EngineConfig.max_train_seqs=0)")
         return self.trainer.submit(job)
 
     def job_progress(self, name: str) -> JobProgress:
         if self.trainer is None or name not in self.trainer.jobs:
-            raise KeyError(f"no job named {name!r}")
+            raise NotFound(f"no job named {name!r}")
         return self.trainer.jobs[name].progress()
 
     def cancel_job(self, name: str) -> None:
         if self.trainer is None or name not in self.trainer.jobs:
-            raise KeyError(f"no job named {name!r}")
+            raise NotFound(f"no job named {name!r}")
         self.trainer.cancel(name)
 
     def checkpoint_job(self, name: str) -> int | None:
         """Checkpoints a running job now; the step saved, or None if it has no checkpoint
         directory or is not running."""
         if self.trainer is None or name not in self.trainer.jobs:
-            raise KeyError(f"no job named {name!r}")
+            raise NotFound(f"no job named {name!r}")
         return self.trainer.checkpoint(name)
 
     def remove_job(self, name: str) -> None:
         """Forgets a completed, cancelled or failed job and frees its adapter slot."""
         if self.trainer is None or name not in self.trainer.jobs:
-            raise KeyError(f"no job named {name!r}")
+            raise NotFound(f"no job named {name!r}")
         self.trainer.remove(name)
 
     def trained_adapter(self, name: str) -> LoraAdapter:
         """A job's adapter with the weights of its latest optimizer step."""
         if self.trainer is None or name not in self.trainer.jobs:
-            raise KeyError(f"no job named {name!r}")
+            raise NotFound(f"no job named {name!r}")
         return self.trainer.adapter_of(self.trainer.jobs[name])
 
     def kv_usage(self) -> KVUsage:

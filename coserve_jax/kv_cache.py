@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from coserve_jax.config import ModelConfig
+from coserve_jax.errors import InvalidRequest
 
 
 @flax.struct.dataclass
@@ -82,7 +83,7 @@ class PageAllocator:
         """Raises ``ValueError`` if ``num_tokens`` could never be held, even by an empty cache."""
         need = self.pages_for(num_tokens)
         if need > self.num_pages or need > self.max_pages_per_seq:
-            raise ValueError(
+            raise InvalidRequest(
                 f"a sequence of {num_tokens} tokens needs {need} KV pages of "
                 f"{self.page_size} tokens; the cache has {self.num_pages} pages and a sequence "
                 f"may hold at most {self.max_pages_per_seq}"

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coserve_jax.config import ModelConfig
+from coserve_jax.errors import InvalidRequest
 from coserve_jax.models import llama
 from coserve_jax.weights import load_params, resolve_dtype
 from pallas_kernels.lora import lora_single_reference
@@ -28,12 +29,12 @@ class Model:
         """Validates a list of token ids against the vocabulary; returns it as ints."""
         ids = list(tokens)
         if not ids:
-            raise ValueError(f"{what} is empty")
+            raise InvalidRequest(f"{what} is empty")
         for i, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, int | np.integer):
-                raise ValueError(f"{what} token at index {i} is {t!r}, not an integer id")
+                raise InvalidRequest(f"{what} token at index {i} is {t!r}, not an integer id")
             if not 0 <= t < self.config.vocab_size:
-                raise ValueError(f"{what} token id {t} at index {i} is outside the "
+                raise InvalidRequest(f"{what} token id {t} at index {i} is outside the "
                                  f"vocabulary [0, {self.config.vocab_size})")
         return [int(t) for t in ids]
 

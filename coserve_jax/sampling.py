@@ -8,6 +8,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from coserve_jax.errors import InvalidRequest
+
 MAX_SEED = 2**31 - 1
 MAX_LOGPROBS = 20
 """Top logprobs the step returns per sampled token (OpenAI's ``top_logprobs`` allows 20)."""
@@ -39,11 +41,11 @@ class SamplingParams:
         _check_int("max_tokens", self.max_tokens, lo=1)
         _check_float("temperature", self.temperature)
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
         _check_int("top_k", self.top_k, lo=0)
         _check_float("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None:
             _check_int("seed", self.seed, lo=0, hi=MAX_SEED)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -55,15 +57,15 @@ class SamplingParams:
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise InvalidRequest(f"{name} must be an integer, got {value!r}")
     if value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+        raise InvalidRequest(f"{name} must be {bound}, got {value}")
 
 
 def _check_float(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidRequest(f"{name} must be a finite number, got {value!r}")
 
 
 def sample_tokens(

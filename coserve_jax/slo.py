@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from coserve_jax.errors import AdmissionError  # noqa: F401 (moved there; old imports work)
+
 
 @dataclasses.dataclass(frozen=True)
 class SLO:
@@ -50,7 +52,3 @@ class RequestMetrics:
     def slo_attained(self) -> bool:
         return (self.ttft_s is not None and self.ttft_s <= self.slo.ttft_s
                 and self.tpot_s <= self.slo.tpot_s)
-
-
-class AdmissionError(ValueError):
-    """A request refused at admission (queue full, or its TTFT target cannot be met)."""

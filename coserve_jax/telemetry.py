@@ -17,6 +17,8 @@ import os
 import jax
 import numpy as np
 
+from coserve_jax.errors import InUse, InvalidRequest
+
 log = logging.getLogger(__name__)
 
 
@@ -68,9 +70,9 @@ class Profiler:
     def start(self, log_dir: str, num_steps: int) -> None:
         """Begins tracing; the trace is written after ``num_steps`` more steps."""
         if num_steps < 1:
-            raise ValueError(f"num_steps must be positive, got {num_steps}")
+            raise InvalidRequest(f"num_steps must be positive, got {num_steps}")
         if self.active:
-            raise ValueError("a trace is already being captured")
+            raise InUse("a trace is already being captured")
         os.makedirs(log_dir, exist_ok=True)
         jax.profiler.start_trace(log_dir)
         self._dir, self._remaining = log_dir, num_steps

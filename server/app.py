@@ -34,7 +34,7 @@ from .bridge import EngineLoop
 from .engine_api import Backend
 from .metrics import Metrics
 from .proto import coserve_pb2 as pb
-from .proto import coserve_pb2_grpc as pb_grpc
+from .rpc import add_servicer
 from .service import CoserveService, Limits, Roots
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class CoserveServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.so_reuseport", 0)])
-        pb_grpc.add_CoserveServicer_to_server(self.service, server)
+        add_servicer(self.service, server)  # unparsable requests: INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

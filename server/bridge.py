@@ -97,13 +97,19 @@ class EngineLoop:
     # ----- the engine thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            busy = self.failed is None and self.engine.has_unfinished()
-            if not self._run_commands(block=not busy):
-                return
-            if self.failed is None and self.engine.has_unfinished():
-                self._step()
-            self._maybe_tick()
+        try:
+            while True:
+                busy = self.failed is None and self.engine.has_unfinished()
+                if not self._run_commands(block=not busy):
+                    return
+                if self.failed is None and self.engine.has_unfinished():
+                    self._step()
+                self._maybe_tick()
+        finally:
+            try:  # ends a trace in progress, flushes the engine's event files
+                self.engine.close()
+            except Exception:
+                log.exception("closing the engine")
 
     def _run_commands(self, block: bool) -> bool:
         """Runs queued commands (waiting a little for one when idle); False on stop."""

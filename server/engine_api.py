@@ -29,35 +29,53 @@ log = logging.getLogger(__name__)
 
 @runtime_checkable
 class ServingEngine(Protocol):
-    """What the server calls, always from its one engine thread.
+    """Everything the server (gRPC service, HTTP API, engine thread) calls on an engine,
+    always from its one engine thread.
 
-    Errors: bad input raises ``ValueError`` naming the problem; an unknown request,
-    adapter or job raises ``KeyError`` (``add_request`` with an unknown adapter raises
-    ``ValueError``). Any exception from ``step`` is a device failure.
+    Errors are the types of :mod:`coserve_jax.errors`, which the server maps to statuses
+    by type (:func:`server.service.classify`): ``InvalidRequest`` (bad input; the message
+    names the field), ``NotFound`` (no such request, adapter or job), ``AlreadyExists``
+    (the name is taken), ``InUse`` (the thing is busy: FAILED_PRECONDITION),
+    ``CapacityExhausted`` (no free adapter slot) and ``AdmissionError`` (a request refused
+    at admission). They subclass ``ValueError`` (``NotFound``: ``KeyError``). Any
+    exception from ``step`` is a device failure: the engine serves nothing after it.
+
+    Beside the members below, the server reads ``config.default_ttft_s`` /
+    ``config.default_tpot_s`` (an SLO's unset target) when an engine has them
+    (``getattr``: an engine without them still serves).
     """
+
+    max_model_len: int
+    """The longest prompt plus output a request may have (the HTTP API's default
+    ``max_tokens`` fills the rest)."""
 
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None,
                     **slo_kwargs: Any) -> str:
         """Validates and queues a request; returns its id.
 
-        Engines that schedule for latency targets also take ``slo`` (a
-        ``coserve_jax.slo.SLO``) and ``arrival_time`` (``time.monotonic()`` clock); the
-        server passes them only to engines whose signature has them
-        (:func:`accepts_slo`). A refusal at admission raises ``AdmissionError``.
+        Raises ``InvalidRequest`` for a bad prompt (empty, a token outside the vocabulary,
+        too long for the model or the KV cache), bad ``params`` or an ``adapter`` that is
+        not loaded, and ``AlreadyExists`` for a ``request_id`` in use. Engines that
+        schedule for latency targets also take ``slo`` (a ``coserve_jax.slo.SLO``) and
+        ``arrival_time`` (``time.monotonic()`` clock); the server passes them only to
+        engines whose signature has them (:func:`accepts_slo`). A refusal at admission
+        (queue full, TTFT target hopeless) raises ``AdmissionError``.
         """
         ...
 
     def abort(self, request_id: str) -> bool:
-        """Drops a request and frees its pages; False if it is unknown (or finished)."""
+        """Drops a request and frees its pages; False if it is unknown (or finished).
+        Never raises."""
         ...
 
     def step(self) -> list[RequestOutput]:
-        """Runs one iteration (inference and finetuning); outputs of requests that advanced."""
+        """Runs one iteration (inference and finetuning); the outputs of the requests that
+        advanced, each with its ``request_id``. Any exception is a device failure."""
         ...
 
     def has_unfinished(self) -> bool:
-        """Requests or finetuning jobs still have work."""
+        """Requests or finetuning jobs still have work (``step`` has something to do)."""
         ...
 
     def kv_usage(self) -> KVUsage:
@@ -65,11 +83,15 @@ class ServingEngine(Protocol):
         ...
 
     def load_adapter(self, adapter: LoraAdapter, replace: bool = False) -> None:
-        """Writes an adapter into a slot under ``adapter.name``."""
+        """Writes an adapter into a slot under ``adapter.name``; requests can name it at
+        once. Raises ``AlreadyExists`` for a loaded name without ``replace``, ``InUse``
+        for the name of a finetuning job, ``CapacityExhausted`` when every slot is taken,
+        ``InvalidRequest`` for an adapter the slots cannot hold (rank, modules, shapes)."""
         ...
 
     def unload_adapter(self, name: str) -> None:
-        """Frees an adapter's slot (``KeyError`` if unknown, ``ValueError`` if in use)."""
+        """Frees an adapter's slot. Raises ``NotFound`` for an unknown name, ``InUse``
+        while requests use it or when it is a finetuning job's (remove the job instead)."""
         ...
 
     def adapters(self) -> list[str]:
@@ -77,19 +99,46 @@ class ServingEngine(Protocol):
         ...
 
     def submit_job(self, job: FinetuneJob) -> JobProgress:
-        """Starts a finetuning job, resuming from its checkpoint directory if one is there."""
+        """Starts a finetuning job, resuming from its checkpoint directory if one is there.
+        Raises ``AlreadyExists`` when an adapter or job has its name,
+        ``CapacityExhausted`` when no adapter slot is free, ``InvalidRequest`` for a job
+        the engine cannot train (a sequence too long, a rank above the slots', an engine
+        that does not finetune)."""
         ...
 
     def job_progress(self, name: str) -> JobProgress:
-        """A snapshot of a job."""
+        """A snapshot of a job. Raises ``NotFound`` for an unknown job."""
         ...
 
     def cancel_job(self, name: str) -> None:
-        """Stops a running job (a no-op for a finished one)."""
+        """Stops a running job (a no-op for a finished one); its adapter stays loaded.
+        Raises ``NotFound`` for an unknown job."""
+        ...
+
+    def checkpoint_job(self, name: str) -> int | None:
+        """Checkpoints a running job now (a drain does, before a restart); the step saved,
+        or None if it has no checkpoint directory or is not running. Raises ``NotFound``
+        for an unknown job."""
+        ...
+
+    def remove_job(self, name: str) -> None:
+        """Forgets a completed, cancelled or failed job and frees its adapter slot.
+        Raises ``NotFound`` for an unknown job, ``InUse`` for one still running."""
         ...
 
     def trained_adapter(self, name: str) -> LoraAdapter:
-        """A job's adapter with the weights of its latest optimizer step."""
+        """A job's adapter with the weights of its latest optimizer step. Raises
+        ``NotFound`` for an unknown job."""
+        ...
+
+    def start_profile(self, log_dir: str, num_steps: int) -> None:
+        """Captures a trace of the next ``num_steps`` steps into ``log_dir``. Raises
+        ``InvalidRequest`` for ``num_steps < 1``, ``InUse`` while a trace is captured."""
+        ...
+
+    def close(self) -> None:
+        """Ends a trace in progress and flushes what the engine writes (TensorBoard
+        events); the engine thread calls it once, when it stops."""
         ...
 
 

@@ -1,12 +1,12 @@
 """A deterministic stand-in for the engine: no model, no JAX computation.
 
-It implements :class:`server.engine_api.ServingEngine` with the same validation and
-the same bookkeeping as the real engine (requests wait, run up to ``max_num_seqs``
-per step, hold KV pages until they finish or are aborted; finetuning jobs take
-optimizer steps, checkpoint and resume), so the server's threading, limits, errors
-and shutdown can be tested on CPU in milliseconds. Tokens are a fixed function of
-the prompt, the position and the seed: :meth:`MockEngine.expected_output` says what a
-request will produce.
+It implements :class:`server.engine_api.ServingEngine` with the same validation, the
+same error types (:mod:`coserve_jax.errors`) and the same bookkeeping as the real
+engine (requests wait, run up to ``max_num_seqs`` per step, hold KV pages until they
+finish or are aborted; finetuning jobs take optimizer steps, checkpoint and resume), so
+the server's threading, limits, errors and shutdown can be tested on CPU in
+milliseconds. Tokens are a fixed function of the prompt, the position and the seed:
+:meth:`MockEngine.expected_output` says what a request will produce.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ import numpy as np
 
 from coserve_jax.config import ModelConfig, RopeConfig
 from coserve_jax.engine import RequestOutput
+from coserve_jax.errors import (
+    AlreadyExists,
+    CapacityExhausted,
+    InUse,
+    InvalidRequest,
+    NotFound,
+)
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.kv_cache import KVUsage
 from coserve_jax.lora.adapter import LoraAdapter
@@ -123,6 +130,7 @@ class MockEngine:
         self.profiles: list[tuple[str, int]] = []
         """Every ``start_profile(log_dir, num_steps)`` call."""
         self.profile_steps_left = 0
+        self.closed = False
 
     # ----- requests -------------------------------------------------------------------------
 
@@ -156,31 +164,32 @@ class MockEngine:
         self.last_slo = (slo, arrival_time)
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError("params must be a SamplingParams")
+            raise InvalidRequest("params must be a SamplingParams")
         ids = list(prompt)
         if not ids:
-            raise ValueError("prompt is empty")
+            raise InvalidRequest("prompt is empty")
         for i, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, int | np.integer):
-                raise ValueError(f"prompt token at index {i} is {t!r}, not an integer id")
+                raise InvalidRequest(f"prompt token at index {i} is {t!r}, not an integer id")
             if not 0 <= t < VOCAB:
-                raise ValueError(f"prompt token id {t} at index {i} is outside the "
-                                 f"vocabulary [0, {VOCAB})")
+                raise InvalidRequest(f"prompt token id {t} at index {i} is outside the "
+                                     f"vocabulary [0, {VOCAB})")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) "
-                             f"is {total}, beyond the model length {self.max_model_len}")
+            raise InvalidRequest(f"prompt ({len(ids)} tokens) plus max_tokens "
+                                 f"({params.max_tokens}) is {total}, beyond the model length "
+                                 f"{self.max_model_len}")
         for t in params.stop_token_ids:
             if t >= VOCAB:
-                raise ValueError(f"stop token id {t} is outside the vocabulary")
+                raise InvalidRequest(f"stop token id {t} is outside the vocabulary")
         if -(-total // self.page_size) > self.num_pages:
-            raise ValueError(f"a sequence of {total} tokens could never fit the cache")
+            raise InvalidRequest(f"a sequence of {total} tokens could never fit the cache")
         if adapter is not None and adapter not in self._adapters and adapter not in self._jobs:
-            raise ValueError(f"unknown adapter {adapter!r}")
+            raise InvalidRequest(f"unknown adapter {adapter!r}")
         request_id = str(self._next_id) if request_id is None else str(request_id)
         self._next_id += 1
         if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise AlreadyExists(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self._next_id % MAX_SEED
         req = _Request(request_id, [int(t) for t in ids], params, seed, adapter)
         self._requests[request_id] = req
@@ -252,35 +261,40 @@ class MockEngine:
     def start_profile(self, log_dir: str, num_steps: int) -> None:
         """Records the call (no trace); refuses a second one while steps are left."""
         if num_steps < 1:
-            raise ValueError(f"num_steps must be positive, got {num_steps}")
+            raise InvalidRequest(f"num_steps must be positive, got {num_steps}")
         if self.profile_steps_left:
-            raise ValueError("a trace is already being captured")
+            raise InUse("a trace is already being captured")
         self.profiles.append((log_dir, num_steps))
         self.profile_steps_left = num_steps
+
+    def close(self) -> None:
+        """Ends a "trace" in progress; ``closed`` says it was called."""
+        self.profile_steps_left = 0
+        self.closed = True
 
     # ----- adapters -------------------------------------------------------------------------
 
     def load_adapter(self, adapter: LoraAdapter, replace: bool = False) -> None:
         if adapter.name in self._jobs:
-            raise ValueError(f"{adapter.name!r} is the adapter of a finetuning job")
+            raise InUse(f"{adapter.name!r} is the adapter of a finetuning job")
         adapter.check_matches(self.model_config)
         if adapter.config.r > self.max_lora_rank:
-            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.config.r}, above the "
-                             f"slot maximum {self.max_lora_rank}")
+            raise InvalidRequest(f"adapter {adapter.name!r} has rank {adapter.config.r}, "
+                                 f"above the slot maximum {self.max_lora_rank}")
         if adapter.name in self._adapters and not replace:
-            raise ValueError(f"an adapter named {adapter.name!r} is already loaded")
+            raise AlreadyExists(f"an adapter named {adapter.name!r} is already loaded")
         if adapter.name not in self._adapters and self._slots_used() >= self.max_adapters:
-            raise ValueError(f"all {self.max_adapters} adapter slots are in use")
+            raise CapacityExhausted(f"all {self.max_adapters} adapter slots are in use")
         self._adapters[adapter.name] = adapter
 
     def unload_adapter(self, name: str) -> None:
         if name in self._jobs:
-            raise ValueError(f"{name!r} is the adapter of a finetuning job")
+            raise InUse(f"{name!r} is the adapter of a finetuning job")
         if name not in self._adapters:
-            raise KeyError(f"no adapter named {name!r}")
+            raise NotFound(f"no adapter named {name!r}")
         users = [r for r in [*self.running, *self.waiting] if r.adapter == name]
         if users:
-            raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s)")
+            raise InUse(f"adapter {name!r} is in use by {len(users)} request(s)")
         del self._adapters[name]
 
     def adapters(self) -> list[str]:
@@ -293,16 +307,17 @@ class MockEngine:
 
     def submit_job(self, job: FinetuneJob) -> JobProgress:
         if job.name in self._jobs or job.name in self._adapters:
-            raise ValueError(f"an adapter or job named {job.name!r} already exists")
+            raise AlreadyExists(f"an adapter or job named {job.name!r} already exists")
         longest = max(len(s.tokens) for s in job.dataset)
         if longest > self.max_train_len:
-            raise ValueError(f"job {job.name!r} has a sequence of {longest} tokens; the engine "
-                             f"trains at most {self.max_train_len} (EngineConfig.max_train_len)")
+            raise InvalidRequest(f"job {job.name!r} has a sequence of {longest} tokens; the "
+                                 f"engine trains at most {self.max_train_len} "
+                                 "(EngineConfig.max_train_len)")
         if job.lora.r > self.max_lora_rank:
-            raise ValueError(f"adapter {job.name!r} has rank {job.lora.r}, above the slot "
-                             f"maximum {self.max_lora_rank}")
+            raise InvalidRequest(f"adapter {job.name!r} has rank {job.lora.r}, above the slot "
+                                 f"maximum {self.max_lora_rank}")
         if self._slots_used() >= self.max_adapters:
-            raise ValueError(f"all {self.max_adapters} adapter slots are in use")
+            raise CapacityExhausted(f"all {self.max_adapters} adapter slots are in use")
         run = _Job(job)
         saved = self._restore(job)
         if saved is not None:
@@ -314,9 +329,7 @@ class MockEngine:
         return self.job_progress(job.name)
 
     def job_progress(self, name: str) -> JobProgress:
-        if name not in self._jobs:
-            raise KeyError(f"no job named {name!r}")
-        run = self._jobs[name]
+        run = self._job(name)
         elapsed = max(time.monotonic() - run.started, 1e-9)
         return JobProgress(
             name=name, state=run.state, step=run.step, total_steps=run.spec.total_steps,
@@ -327,15 +340,12 @@ class MockEngine:
             error=run.error)
 
     def cancel_job(self, name: str) -> None:
-        if name not in self._jobs:
-            raise KeyError(f"no job named {name!r}")
-        if self._jobs[name].state == "running":
-            self._jobs[name].state = "cancelled"
+        run = self._job(name)
+        if run.state == "running":
+            run.state = "cancelled"
 
     def trained_adapter(self, name: str) -> LoraAdapter:
-        if name not in self._jobs:
-            raise KeyError(f"no job named {name!r}")
-        run = self._jobs[name]
+        run = self._job(name)
         adapter = LoraAdapter.zeros_b(name, run.spec.lora, self.model_config, run.spec.seed)
         for b in adapter.b.values():  # B moves away from zero as the job trains
             b += np.float32(1e-3 * run.step)
@@ -343,11 +353,22 @@ class MockEngine:
 
     def checkpoint_job(self, name: str) -> int | None:
         """Saves a running job's progress now (what a drain asks for)."""
-        run = self._jobs[name]
+        run = self._job(name)
         if run.state != "running" or not run.spec.checkpoint_dir:
             return None
         self._save(run)
         return run.step
+
+    def remove_job(self, name: str) -> None:
+        """Forgets a job that is no longer running; its adapter slot is free again."""
+        if self._job(name).state == "running":
+            raise InUse(f"job {name!r} is running; cancel it first")
+        del self._jobs[name]
+
+    def _job(self, name: str) -> _Job:
+        if name not in self._jobs:
+            raise NotFound(f"no job named {name!r}")
+        return self._jobs[name]
 
     def _train(self, name: str, run: _Job) -> None:
         """One optimizer step per engine step: a loss that falls smoothly, like a real run."""

@@ -1,10 +1,12 @@
 """The ``coserve.v1.Coserve`` servicer: requests in, engine commands out, statuses back.
 
 Every handler runs on the asyncio loop and reaches the engine only through
-:class:`server.bridge.EngineLoop`. Errors become statuses: ``ValueError`` is
-INVALID_ARGUMENT (messages name the field), ``KeyError``/``FileNotFoundError`` NOT_FOUND,
-caps RESOURCE_EXHAUSTED at once, a drain or a failed engine UNAVAILABLE; anything
-unexpected is logged and answered INTERNAL, and never affects other requests.
+:class:`server.bridge.EngineLoop`. Errors become statuses by their type, never their
+message (:func:`classify`): the engine's :mod:`coserve_jax.errors` each have their code,
+any other ``ValueError`` is INVALID_ARGUMENT (messages name the field),
+``KeyError``/``FileNotFoundError`` NOT_FOUND, caps RESOURCE_EXHAUSTED at once, a drain or a
+failed engine UNAVAILABLE; anything unexpected is logged and answered INTERNAL, and never
+affects other requests.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ import time
 
 import grpc
 
+from coserve_jax.errors import (
+    AdmissionError,
+    AlreadyExists,
+    CapacityExhausted,
+    InUse,
+    InvalidRequest,
+    NotFound,
+)
 from coserve_jax.lora.config import LoraConfig
 
 from . import convert
@@ -30,12 +40,6 @@ from .metrics import Metrics
 from .paths import RootMissing, check_files_within, resolve_under, write_atomic
 from .proto import coserve_pb2 as pb
 from .proto import coserve_pb2_grpc as pb_grpc
-
-try:
-    from coserve_jax.slo import AdmissionError
-except ImportError:  # an engine without admission control refuses nothing
-    class AdmissionError(ValueError):
-        pass
 
 log = logging.getLogger(__name__)
 
@@ -95,31 +99,34 @@ class JobRecord:
     directory: str | None = None
 
 
+# Exception type -> status, most specific first; the first match wins. The engine's
+# errors come before the builtins they subclass (NotFound is a KeyError, the rest are
+# ValueErrors). Messages are never looked at.
+STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (EngineFailed, grpc.StatusCode.UNAVAILABLE),
+    (RootMissing, grpc.StatusCode.FAILED_PRECONDITION),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (InUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (CapacityExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AdmissionError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (KeyError, grpc.StatusCode.NOT_FOUND),
+    (FileNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
 def classify(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status of an exception from a handler or an engine command."""
+    """The status of an exception from a handler or an engine command, by its type."""
     if isinstance(error, ServiceError):
         return error.code, error.message
-    if isinstance(error, AdmissionError):  # the engine's queue is full, or the TTFT hopeless
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, RootMissing):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
-    if isinstance(error, EngineFailed):
-        return grpc.StatusCode.UNAVAILABLE, str(error)
-    if isinstance(error, KeyError):
-        return grpc.StatusCode.NOT_FOUND, str(error.args[0] if error.args else error)
-    if isinstance(error, FileNotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(error)
-    if isinstance(error, FileExistsError):
-        return grpc.StatusCode.ALREADY_EXISTS, str(error)
-    if isinstance(error, ValueError):
-        message = str(error)
-        if "slots are in use" in message:
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, message
-        if "already" in message:
-            return grpc.StatusCode.ALREADY_EXISTS, message
-        if "in use by" in message or "is the adapter of a finetuning job" in message:
-            return grpc.StatusCode.FAILED_PRECONDITION, message
-        return grpc.StatusCode.INVALID_ARGUMENT, message
+    for kind, code in STATUS_OF:
+        if isinstance(error, kind):
+            if isinstance(error, KeyError):  # KeyError's str() is the repr of its message
+                return code, str(error.args[0] if error.args else error)
+            return code, str(error)
     log.error("unexpected error in a handler", exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
 
@@ -672,19 +679,8 @@ class CoserveService(pb_grpc.CoserveServicer):
         path = resolve_under(self.roots.profile_root, request.dir, "dir", "profile root")
         steps = request.steps
 
-        def start(engine: ServingEngine) -> None:
-            profiler = getattr(engine, "profiler", None)
-            if profiler is not None and getattr(profiler, "active", False):
-                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   "a trace is already being captured")
-            try:
-                engine.start_profile(path, steps)
-            except ValueError as e:
-                if "already" in str(e):
-                    raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
-                raise
-
-        await self.bridge.call(start)
+        # A trace already being captured raises InUse: FAILED_PRECONDITION.
+        await self.bridge.call(lambda engine: engine.start_profile(path, steps))
         log.info("profiling %d steps into %s (tenant %s)", steps, path, tenant)
         return pb.ProfileResponse(dir=request.dir)
 

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coserve_jax.errors import InvalidRequest
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -95,9 +97,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
+            raise InvalidRequest(f"max_seq_len must be at least 2, got {self.max_seq_len}")
         if self.overlong not in OVERLONG_POLICIES:
-            raise ValueError(
+            raise InvalidRequest(
                 f"overlong must be one of {OVERLONG_POLICIES}, got {self.overlong!r}"
             )
 
@@ -132,7 +134,7 @@ class Dataset(Sequence[TrainSequence]):
         return np.random.default_rng([seed, epoch]).permutation(len(self))
 
 
-class SampleError(ValueError):
+class SampleError(InvalidRequest):
     """A sample that cannot be used; the message names where it came from."""
 
 
@@ -163,7 +165,7 @@ def from_records(
 ) -> Dataset:
     """Builds a Dataset from inline samples; errors name the 0-based record index."""
     if not isinstance(records, list):
-        raise ValueError(f"records must be a list, got {type(records).__name__}")
+        raise InvalidRequest(f"records must be a list, got {type(records).__name__}")
     return _build(((f"record {i}", r) for i, r in enumerate(records)), tokenizer, config)
 
 
@@ -198,7 +200,7 @@ def _build(
         sequences.append(TrainSequence(tuple(tokens), tuple(mask)))
     if not sequences:
         detail = f" ({skipped} skipped as longer than max_seq_len)" if skipped else ""
-        raise ValueError(f"no usable samples{detail}")
+        raise InvalidRequest(f"no usable samples{detail}")
     return Dataset(sequences, num_skipped=skipped, num_truncated=truncated)
 
 

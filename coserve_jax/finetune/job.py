@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from coserve_jax.errors import InvalidRequest
 from coserve_jax.finetune.optim import OptimizerConfig
 from coserve_jax.lora.config import LoraConfig
 
@@ -42,22 +43,22 @@ class FinetuneJob:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise ValueError(f"job name {self.name!r} must be 1-128 letters, digits or ._-")
+            raise InvalidRequest(f"job name {self.name!r} must be 1-128 letters, digits or ._-")
         if len(self.dataset) == 0:
-            raise ValueError(f"job {self.name!r} has no usable samples")
+            raise InvalidRequest(f"job {self.name!r} has no usable samples")
         if self.lora.lora_dropout != 0:
-            raise ValueError("lora_dropout > 0 is not supported for training yet")
+            raise InvalidRequest("lora_dropout > 0 is not supported for training yet")
         for field in ("sequences_per_step", "epochs"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+                raise InvalidRequest(f"{field} must be a positive integer, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int)
                                            or self.max_steps < 1):
-            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+            raise InvalidRequest(f"max_steps must be a positive integer, got {self.max_steps!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise ValueError("checkpoint_every must be an integer >= 0")
+            raise InvalidRequest("checkpoint_every must be an integer >= 0")
         if not self.weight > 0:
-            raise ValueError(f"weight must be positive, got {self.weight!r}")
+            raise InvalidRequest(f"weight must be positive, got {self.weight!r}")
 
     @property
     def total_steps(self) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 
 from coserve_jax.batch import SeqChunk, powers_of_two
 from coserve_jax.config import ModelConfig
+from coserve_jax.errors import AlreadyExists, InUse, InvalidRequest
 from coserve_jax.finetune.data import TrainSequence, labels_and_weights
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.kv_cache import PageAllocator
@@ -234,11 +235,12 @@ class Trainer:
     def submit(self, spec: FinetuneJob) -> JobProgress:
         """Validates a job, gives it an adapter slot, resumes it from its checkpoint if any."""
         if spec.name in self.jobs or spec.name in self.registry.names():
-            raise ValueError(f"an adapter or job named {spec.name!r} already exists")
+            raise AlreadyExists(f"an adapter or job named {spec.name!r} already exists")
         longest = max(len(s.tokens) for s in spec.dataset)
         if longest > self.config.max_len:
-            raise ValueError(f"job {spec.name!r} has a sequence of {longest} tokens; the engine "
-                             f"trains at most {self.config.max_len} (EngineConfig.max_train_len)")
+            raise InvalidRequest(f"job {spec.name!r} has a sequence of {longest} tokens; the "
+                                 f"engine trains at most {self.config.max_len} "
+                                 "(EngineConfig.max_train_len)")
         adapter = LoraAdapter.zeros_b(spec.name, spec.lora, self.cfg, spec.seed)
         self.registry.check_loadable(adapter)
         slot = self.registry.load(adapter)
@@ -278,7 +280,7 @@ class Trainer:
         """Forgets a job that is no longer running and frees its adapter slot."""
         run = self.jobs[name]
         if run.state == "running":
-            raise ValueError(f"job {name!r} is running; cancel it first")
+            raise InUse(f"job {name!r} is running; cancel it first")
         del self.jobs[name]
         self.runner.execute(DropJob(name))
         self.registry.unload(name)

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from coserve_jax.config import ModelConfig
+from coserve_jax.errors import InvalidRequest
 from coserve_jax.lora.config import LoraConfig
 
 
@@ -38,11 +39,11 @@ class LoraAdapter:
         r = self.config.r
         for m in self.config.target_modules:
             if m not in self.a or m not in self.b:
-                raise ValueError(f"adapter {self.name!r} has no weights for {m}")
+                raise InvalidRequest(f"adapter {self.name!r} has no weights for {m}")
             fan_in, fan_out = module_shape(cfg, m)
             want_a, want_b = (cfg.num_layers, fan_in, r), (cfg.num_layers, r, fan_out)
             if self.a[m].shape != want_a or self.b[m].shape != want_b:
-                raise ValueError(
+                raise InvalidRequest(
                     f"adapter {self.name!r} {m}: A {self.a[m].shape} / B {self.b[m].shape}, "
                     f"the model needs {want_a} / {want_b}")
 

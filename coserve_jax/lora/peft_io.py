@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from coserve_jax.config import ModelConfig
+from coserve_jax.errors import InvalidRequest
 from coserve_jax.lora.adapter import LoraAdapter, module_shape
 from coserve_jax.lora.config import ALL_TARGETS, LoraConfig
 from coserve_jax.model import Model
@@ -90,13 +91,13 @@ def load_adapter(
         raise FileNotFoundError(f"no {CONFIG_FILE} in {path}")
     if not os.path.isfile(weights_path):
         if os.path.isfile(os.path.join(path, PICKLE_FILE)):
-            raise ValueError(f"{path} has only {PICKLE_FILE}; pickle files are never read "
+            raise InvalidRequest(f"{path} has only {PICKLE_FILE}; pickle files are never read "
                              f"(re-save the adapter with safe_serialization=True)")
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path}")
     with open(config_path) as f:
         raw = json.load(f)
     if not isinstance(raw, dict):
-        raise ValueError(f"{config_path} is not a JSON object")
+        raise InvalidRequest(f"{config_path} is not a JSON object")
     config = _lora_config(raw, cfg, max_rank)
     a, b = _read_weights(weights_path, cfg, config)
     base = raw.get("base_model_name_or_path") or ""
@@ -175,23 +176,23 @@ def peft_config_dict(adapter: LoraAdapter) -> dict[str, Any]:
 def _lora_config(raw: dict[str, Any], cfg: ModelConfig, max_rank: int | None) -> LoraConfig:
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
-        raise ValueError(f"adapter peft_type is {peft_type!r}; only 'LORA' is supported")
+        raise InvalidRequest(f"adapter peft_type is {peft_type!r}; only 'LORA' is supported")
     for field, what in _UNSUPPORTED_FIELDS.items():
         if raw.get(field):
-            raise ValueError(f"adapter uses {what}: {field} = {raw[field]!r}; not supported")
+            raise InvalidRequest(f"adapter uses {what}: {field} = {raw[field]!r}; not supported")
     if raw.get("bias", "none") != "none":
-        raise ValueError(f"adapter bias is {raw['bias']!r}; only 'none' is supported")
+        raise InvalidRequest(f"adapter bias is {raw['bias']!r}; only 'none' is supported")
     if raw.get("layers_to_transform") not in (None, []):
-        raise ValueError(f"adapter sets layers_to_transform = {raw['layers_to_transform']!r}; "
+        raise InvalidRequest(f"adapter sets layers_to_transform = {raw['layers_to_transform']!r}; "
                          "adapting a subset of layers is not supported")
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise ValueError(f"adapter has init_lora_weights = {init!r}, which modifies the base "
+        raise InvalidRequest(f"adapter has init_lora_weights = {init!r}, which modifies the base "
                          "weights; convert it to plain LoRA first (PEFT's "
                          "path_initial_model_for_weight_conversion)")
     r = raw.get("r", 8)
     if max_rank is not None and isinstance(r, int) and r > max_rank:
-        raise ValueError(f"adapter rank r = {r} is above max_rank = {max_rank}")
+        raise InvalidRequest(f"adapter rank r = {r} is above max_rank = {max_rank}")
     try:
         return LoraConfig(
             r=r,
@@ -201,7 +202,7 @@ def _lora_config(raw: dict[str, Any], cfg: ModelConfig, max_rank: int | None) ->
             use_rslora=bool(raw.get("use_rslora", False)),
         )
     except (TypeError, ValueError) as e:
-        raise ValueError(f"invalid adapter config: {e}") from e
+        raise InvalidRequest(f"invalid adapter config: {e}") from e
 
 
 def _target_modules(value: Any, num_layers: int) -> tuple[str, ...]:
@@ -212,7 +213,7 @@ def _target_modules(value: Any, num_layers: int) -> tuple[str, ...]:
     the result must be whole projections in every layer and nothing else.
     """
     if value is None or (not isinstance(value, str) and not value):
-        raise ValueError("adapter has no target_modules")
+        raise InvalidRequest("adapter has no target_modules")
     names = _module_names(num_layers)
     if isinstance(value, str):
         if value.lower() == "all-linear":
@@ -220,29 +221,29 @@ def _target_modules(value: Any, num_layers: int) -> tuple[str, ...]:
         try:
             regex = re.compile(value)
         except re.error as e:
-            raise ValueError(f"target_modules regex {value!r} is invalid: {e}") from e
+            raise InvalidRequest(f"target_modules regex {value!r} is invalid: {e}") from e
         matched = {n for n in names if regex.fullmatch(n)}
         if not matched:
-            raise ValueError(f"target_modules regex {value!r} matches no projection")
+            raise InvalidRequest(f"target_modules regex {value!r} matches no projection")
     elif isinstance(value, list | tuple) and all(isinstance(t, str) for t in value):
         matched = set()
         for t in value:
             hits = {n for n in names if n == t or n.endswith("." + t)}
             if not hits:
-                raise ValueError(f"target module {t!r} is not supported; supported: "
+                raise InvalidRequest(f"target module {t!r} is not supported; supported: "
                                  f"{list(ALL_TARGETS)}")
             matched |= hits
     else:
-        raise ValueError(f"target_modules must be a list of names or a string, got {value!r}")
+        raise InvalidRequest(f"target_modules must be a list of names or a string, got {value!r}")
     others = sorted(n for n in matched if names[n] is None)
     if others:
-        raise ValueError(f"target_modules {value!r} selects {others[:4]}; only the "
+        raise InvalidRequest(f"target_modules {value!r} selects {others[:4]}; only the "
                          f"projections {list(ALL_TARGETS)} are supported")
     targets = []
     for module in ALL_TARGETS:
         count = sum(1 for n in matched if names[n] == module)
         if 0 < count < num_layers:
-            raise ValueError(f"target_modules {value!r} selects {module} in only {count} of "
+            raise InvalidRequest(f"target_modules {value!r} selects {module} in only {count} of "
                              f"{num_layers} layers; adapting a subset of layers is not supported")
         if count:
             targets.append(module)
@@ -286,30 +287,30 @@ def _read_weights(
             module = match["module"] if match else ""
             if (not match or module not in config.target_modules or layer >= n
                     or match["parent"] != _parent(module)):
-                raise ValueError(f"unexpected tensor {key!r} in {weights_path} (targets: "
+                raise InvalidRequest(f"unexpected tensor {key!r} in {weights_path} (targets: "
                                  f"{list(config.target_modules)}, {n} layers)")
             if match["adapter"] is not None:
                 adapter_names.add(match["adapter"])
                 if len(adapter_names) > 1:
-                    raise ValueError(f"{weights_path} holds several adapters: "
+                    raise InvalidRequest(f"{weights_path} holds several adapters: "
                                      f"{sorted(adapter_names)}")
             slot = (layer, module, match["ab"])
             if slot in seen:
-                raise ValueError(f"tensor {key!r} appears twice in {weights_path}")
+                raise InvalidRequest(f"tensor {key!r} appears twice in {weights_path}")
             seen.add(slot)
             t = f.get_tensor(key)
             want = (_a_shape if match["ab"] == "A" else _b_shape)(cfg, module, r)
             if t.shape != want:
-                raise ValueError(f"tensor {key!r} has shape {t.shape}; r = {r} and the model "
+                raise InvalidRequest(f"tensor {key!r} has shape {t.shape}; r = {r} and the model "
                                  f"need {want}")
             t = t.astype(np.float32)
             if not np.isfinite(t).all():
-                raise ValueError(f"tensor {key!r} has non-finite values")
+                raise InvalidRequest(f"tensor {key!r} has non-finite values")
             (a if match["ab"] == "A" else b)[module][layer] = t.T
     missing = [f"layers.{i}.{_parent(m)}.{m}.lora_{ab}" for m in config.target_modules
                for i in range(n) for ab in "AB" if (i, m, ab) not in seen]
     if missing:
-        raise ValueError(f"{weights_path} is missing {len(missing)} tensors, e.g. "
+        raise InvalidRequest(f"{weights_path} is missing {len(missing)} tensors, e.g. "
                          f"{missing[:3]}")
     return a, b
 
@@ -327,17 +328,17 @@ def _peft_tensors(adapter: LoraAdapter) -> dict[str, np.ndarray]:
     r = adapter.config.r
     extra = (set(adapter.a) | set(adapter.b)) - set(adapter.config.target_modules)
     if extra:
-        raise ValueError(f"adapter {adapter.name!r} has weights for {sorted(extra)}, which "
+        raise InvalidRequest(f"adapter {adapter.name!r} has weights for {sorted(extra)}, which "
                          "are not in its target_modules")
     out = {}
     num_layers = None
     for m in adapter.config.target_modules:
         if m not in adapter.a or m not in adapter.b:
-            raise ValueError(f"adapter {adapter.name!r} has no weights for {m}")
+            raise InvalidRequest(f"adapter {adapter.name!r} has no weights for {m}")
         a, b = np.asarray(adapter.a[m]), np.asarray(adapter.b[m])
         if (a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != r
                 or b.shape[1] != r or (num_layers is not None and a.shape[0] != num_layers)):
-            raise ValueError(f"adapter {adapter.name!r} {m}: A {a.shape} / B {b.shape} are not "
+            raise InvalidRequest(f"adapter {adapter.name!r} {m}: A {a.shape} / B {b.shape} are not "
                              f"[L, in, {r}] / [L, {r}, out] for one L")
         num_layers = a.shape[0]
         prefix = f"base_model.model.model.layers.{{}}.{_parent(m)}.{m}"

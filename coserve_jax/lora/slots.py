@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coserve_jax.config import ModelConfig
+from coserve_jax.errors import AlreadyExists, CapacityExhausted, InvalidRequest, NotFound
 from coserve_jax.lora.adapter import LoraAdapter, module_shape
 from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.runner_commands import WriteSlot
@@ -88,16 +89,16 @@ class AdapterRegistry:
         """Raises ``ValueError`` for an adapter this table cannot hold."""
         adapter.check_matches(self.cfg)
         if adapter.config.r > self.max_rank:
-            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.config.r}, above the "
+            raise InvalidRequest(f"adapter {adapter.name!r} has rank {adapter.config.r}, above the "
                              f"slot maximum {self.max_rank}")
         extra = set(adapter.config.target_modules) - set(self.modules)
         if extra:
-            raise ValueError(f"adapter {adapter.name!r} targets {sorted(extra)}, which this "
+            raise InvalidRequest(f"adapter {adapter.name!r} targets {sorted(extra)}, which this "
                              f"engine's slots do not carry (configured: {list(self.modules)})")
         if adapter.name in self._by_name and not replace:
-            raise ValueError(f"an adapter named {adapter.name!r} is already loaded")
+            raise AlreadyExists(f"an adapter named {adapter.name!r} is already loaded")
         if adapter.name not in self._by_name and not self._free:
-            raise ValueError(f"all {self.num_slots} adapter slots are in use")
+            raise CapacityExhausted(f"all {self.num_slots} adapter slots are in use")
 
     def load(self, adapter: LoraAdapter, replace: bool = False) -> int:
         """Writes the adapter into a slot (its own slot when replacing); returns the index."""
@@ -125,7 +126,7 @@ class AdapterRegistry:
     def unload(self, name: str) -> None:
         info = self._by_name.pop(name, None)
         if info is None:
-            raise KeyError(f"no adapter named {name!r}")
+            raise NotFound(f"no adapter named {name!r}")
         self._execute(WriteSlot(info.index, None, None, 0.0))
         self._free.append(info.index)
 
@@ -134,7 +135,7 @@ class AdapterRegistry:
         if name is None:
             return -1
         if name not in self._by_name:
-            raise KeyError(f"no adapter named {name!r}")
+            raise NotFound(f"no adapter named {name!r}")
         return self._by_name[name].index
 
     def names(self) -> list[str]:

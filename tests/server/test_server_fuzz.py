@@ -175,3 +175,23 @@ def test_every_request_gets_a_status(served, method):
 
     fuzz()
     assert client.health() == "SERVING"
+
+
+@pytest.mark.parametrize("method", [m.name for m in SERVICE.methods])
+def test_unparsable_bytes_are_invalid_argument(served, method):
+    """Bytes that are no protobuf message (a bad field tag) are refused with
+    INVALID_ARGUMENT naming the message type, by unary and streaming methods alike; grpc
+    alone would answer UNKNOWN."""
+    server, client = served
+    streaming = SERVICE.methods_by_name[method].server_streaming
+    with grpc.insecure_channel(server.address) as channel:
+        make = channel.unary_stream if streaming else channel.unary_unary
+        call = make(f"/{SERVICE.full_name}/{method}", request_serializer=None,
+                    response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as caught:
+            response = call(b"\xff\xff\x01", timeout=20)
+            if streaming:
+                list(response)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert SERVICE.methods_by_name[method].input_type.full_name in caught.value.details()
+    _check_still_serving(client)
