@@ -24,17 +24,17 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from coserve_jax.batch import Bucket, SeqChunk, build_batch, pick_bucket, powers_of_two
+from coserve_jax.batch import Bucket, SeqChunk, build_batch, pick_bucket
+from coserve_jax.engine_config import EngineConfig, derive_lengths
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.finetune.trainer import Trainer, TrainerConfig
 from coserve_jax.kv_cache import KVCache, KVUsage, PageAllocator
 from coserve_jax.latency import LatencyModel, bucket_key, model_file, piece_key
 from coserve_jax.lora.adapter import LoraAdapter
-from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.lora.slots import AdapterRegistry
 from coserve_jax.model import Model
 from coserve_jax.sampling import MAX_SEED, SamplingParams
-from coserve_jax.scheduler import BeforeFirstToken, Policy, parse_mode
+from coserve_jax.scheduler import BeforeFirstToken, Policy
 from coserve_jax.slo import SLO, AdmissionError, RequestMetrics
 from coserve_jax.step import (
     STEP_PROGRAM_VERSION,
@@ -44,107 +44,6 @@ from coserve_jax.step import (
 )
 from coserve_jax.telemetry import Profiler, ScalarWriter, backward_label, forward_label
 from coserve_jax.tiny_model import cache_root
-from pallas_kernels.dispatch import IMPLS as KERNEL_IMPLS
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Capacity and shape settings of one engine."""
-
-    page_size: int = 16
-    """Tokens per KV page."""
-    num_pages: int = 512
-    """KV pages in the cache (shared by all sequences)."""
-    max_model_len: int | None = None
-    """Longest prompt plus output; None means min(model limit, 2048)."""
-    max_num_seqs: int = 16
-    """Sequences per step at most (the largest sequence bucket)."""
-    max_num_batched_tokens: int = 128
-    """Token budget of one iteration (the largest token bucket)."""
-    min_token_bucket: int = 16
-    """Smallest token bucket; buckets double up to max_num_batched_tokens."""
-    min_seq_bucket: int = 4
-    """Smallest sequence bucket; buckets double up to max_num_seqs."""
-    min_page_bucket: int = 8
-    """Smallest page-table width bucket; buckets double up to the pages of max_model_len.
-    The reference attention reads every column, so short contexts use narrow tables."""
-    compilation_cache_dir: str | None = None
-    """JAX persistent compilation cache; None means $COSERVE_XLA_CACHE or ~/.cache."""
-    max_adapters: int = 4
-    """LoRA adapter slots (serving and training share them); 0 disables LoRA."""
-    max_lora_rank: int = 16
-    """Rank every slot is padded to; adapters of higher rank are refused."""
-    lora_target_modules: tuple[str, ...] = ALL_TARGETS
-    """Projections the slots carry."""
-    max_train_seqs: int = 2
-    """Finetuning sequences in flight at once (activation store rows); 0 disables finetuning."""
-    max_train_len: int | None = None
-    """Longest finetuning sequence in tokens; None means min(512, max_model_len)."""
-    train_window: int = 64
-    """Tokens of one training sequence's forward per iteration at most."""
-    backward_layers: int = 1
-    """Layers per backward piece (must divide the model's layers): the piece-size knob."""
-    backward_pieces_per_step: int = 1
-    """Backward pieces run after each step at most."""
-    backward_attention_block: int = 256
-    """Queries per attention block in backward pieces (bounds their attention memory)."""
-    backward_block: int = 0
-    """Tokens per backward piece for training sequences longer than this: such a sequence
-    is pulled back one layer and one token block at a time, so a piece's cost is bounded
-    by the block rather than the sequence and fits beside a decode step; 0 keeps every
-    piece over the whole sequence. A power of two; single device only."""
-    mode: str = "coserve"
-    """coserve, inference-only, finetune-only; temporal-seq:N or temporal-seq:dynamic
-    (FlexLLM's temporal sharing: one whole sample, forward and full backward, every N
-    iterations); temporal:N or temporal:dynamic (the token-level ablation). See
-    ``coserve_jax.scheduler``."""
-    spend_banked_slack: bool = True
-    """coserve: a request served faster than its TPOT target so far may absorb a longer
-    iteration (TPOT is a mean over the request). False keeps every iteration within the
-    safety margin of the tightest target."""
-    default_ttft_s: float = 5.0
-    """TTFT target of requests that set none (arrival to first token, queueing included)."""
-    default_tpot_s: float = 0.1
-    """TPOT target of requests that set none (mean time per output token after the first)."""
-    max_waiting: int = 1024
-    """Requests queued at most; more are refused at admission."""
-    admission_control: bool = True
-    """Refuse requests whose TTFT target the queue ahead of them already makes impossible."""
-    latency_model_dir: str | None = None
-    """Where the measured latency model is kept; None means the cache root."""
-    run_dir: str | None = None
-    """TensorBoard event files (job and serving scalars) go here; None writes none."""
-    log_every: int = 50
-    """Iterations between serving scalars."""
-    kernels: str = "auto"
-    """Attention and LoRA implementations of the step and the backward pieces, chosen once
-    when the engine is built: "auto" (the kernels on GPU and TPU, the jnp references on
-    CPU; $COSERVE_KERNELS overrides it), "kernel" (needs a GPU or TPU), "reference", or
-    "interpret" (the Pallas kernels in interpret mode, for CPU tests). Sharded engines
-    run the Pallas kernels under shard_map (jax's TPU kernels are not wrapped: a sharded
-    TPU engine runs the references)."""
-
-    def __post_init__(self):
-        for name in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
-                     "min_token_bucket", "min_seq_bucket", "min_page_bucket",
-                     "max_lora_rank", "train_window", "backward_layers", "log_every",
-                     "backward_pieces_per_step", "backward_attention_block"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("max_adapters", "max_train_seqs", "backward_block"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"EngineConfig.{name} must be an integer >= 0, got {value!r}")
-        if self.max_train_seqs and not self.max_adapters:
-            raise ValueError("finetuning (max_train_seqs > 0) needs max_adapters > 0")
-        if self.max_num_seqs > self.max_num_batched_tokens:
-            raise ValueError("EngineConfig.max_num_seqs cannot exceed max_num_batched_tokens")
-        if self.kernels not in KERNEL_IMPLS:
-            raise ValueError(f"EngineConfig.kernels must be one of "
-                             f"{', '.join(map(repr, KERNEL_IMPLS))}, got {self.kernels!r}")
-        parse_mode(self.mode)
-        SLO(self.default_ttft_s, self.default_tpot_s)
 
 
 @dataclasses.dataclass
@@ -220,38 +119,37 @@ class Engine:
 
             self.layout = Layout(mesh, mc)
             self.model = model = self.layout.place_model(model)
-        self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or 2048)
-        self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
-        enable_compilation_cache(config.compilation_cache_dir)
-        self.kv = (KVCache.zeros(mc, config.num_pages, config.page_size, model.dtype)
+        # Lengths and bucket axes, as `coserve plan` derives them (engine_config.py).
+        self.lengths = lengths = derive_lengths(mc, config)
+        self.max_model_len = lengths.max_model_len
+        self.max_pages_per_seq = lengths.max_pages_per_seq
+        enable_compilation_cache(config.kernels.compilation_cache_dir)
+        cache = config.cache
+        self.kv = (KVCache.zeros(mc, cache.num_pages, cache.page_size, model.dtype)
                    if self.layout is None else self.layout.zeros(
-                       KVCache.zeros, mc, config.num_pages, config.page_size, model.dtype))
-        self.allocator = PageAllocator(config.num_pages, config.page_size, self.max_pages_per_seq)
+                       KVCache.zeros, mc, cache.num_pages, cache.page_size, model.dtype))
+        self.allocator = PageAllocator(cache.num_pages, cache.page_size, self.max_pages_per_seq)
         self.registry = None
-        if config.max_adapters:
-            self.registry = AdapterRegistry(mc, config.max_adapters, config.max_lora_rank,
-                                            config.lora_target_modules, model.dtype,
+        if config.adapters.max_adapters:
+            self.registry = AdapterRegistry(mc, config.adapters.max_adapters,
+                                            config.adapters.max_lora_rank,
+                                            config.adapters.lora_target_modules, model.dtype,
                                             layout=self.layout)
         # Resolved once, here: the step and the backward pieces share it.
-        self.kernels = step_kernels(config.kernels, self.layout)
+        self.kernels = step_kernels(config.kernels.impl, self.layout)
         self.trainer = None
-        if config.max_train_seqs:
-            max_train_len = config.max_train_len or min(512, self.max_model_len)
-            if not 2 <= max_train_len <= self.max_model_len:
-                raise ValueError(f"EngineConfig.max_train_len ({max_train_len}) must be in "
-                                 f"[2, model length {self.max_model_len}]")
+        ft = config.finetune
+        if ft.max_train_seqs:
             self.trainer = Trainer(mc, self.registry, self.allocator, TrainerConfig(
-                max_seqs=config.max_train_seqs, max_len=max_train_len,
-                window=config.train_window, backward_layers=config.backward_layers,
-                attention_block=config.backward_attention_block, block=config.backward_block),
+                max_seqs=ft.max_train_seqs, max_len=lengths.max_train_len,
+                window=ft.train_window, backward_layers=ft.backward_layers,
+                attention_block=ft.backward_attention_block, block=ft.backward_block),
                 model.dtype, layout=self.layout, kernels=self.kernels)
         self.buckets = tuple(sorted(
             (Bucket(t, s, w, train)
-             for t in powers_of_two(config.min_token_bucket, config.max_num_batched_tokens)
-             for s in powers_of_two(min(config.min_seq_bucket, config.max_num_seqs),
-                                    config.max_num_seqs)
-             for w in powers_of_two(min(config.min_page_bucket, self.max_pages_per_seq),
-                                    self.max_pages_per_seq)
+             for t in lengths.token_buckets
+             for s in lengths.seq_buckets
+             for w in lengths.page_buckets
              for train in ((False, True) if self.trainer else (False,))
              if s <= t),
             key=lambda b: (b.num_tokens, b.num_pages, b.num_seqs)))
@@ -269,19 +167,17 @@ class Engine:
         # Totals since start: steps, inference_tokens, train_tokens, mixed_steps (inference
         # and finetuning tokens in one batch), backward_pieces.
         self.counters: collections.Counter[str] = collections.Counter()
-        self.policy = Policy(config.mode, spend_banked=config.spend_banked_slack)
+        self.policy = Policy(config.scheduling.mode,
+                             spend_banked=config.scheduling.spend_banked_slack)
         if self.policy.whole_samples and self.layout is not None:
-            raise ValueError(f"mode {config.mode} runs whole samples on one device; use "
-                             f"coserve or temporal:N on a mesh")
-        # Keyed by what sets step times: hardware, model and the engine's shapes (not the
-        # scheduling mode, SLO defaults or admission settings).
+            raise ValueError(f"mode {config.scheduling.mode} runs whole samples on one "
+                             f"device; use coserve or temporal:N on a mesh")
+        # Keyed by what sets step times: hardware, model and the shape parts of the config
+        # (cache, buckets, adapters, finetune; never scheduling or telemetry settings).
         # The resolved kernels (not the requested "auto") and the step program's version
         # are part of the key too: both change what a bucket costs.
-        shapes = dataclasses.replace(
-            config, compilation_cache_dir=None, latency_model_dir=None, mode="coserve",
-            default_ttft_s=1.0, default_tpot_s=1.0, max_waiting=1, admission_control=True,
-            kernels=self.kernels.impl, spend_banked_slack=True)
-        self.latency_path = model_file(config.latency_model_dir or cache_root(),
+        shapes = (config.cache, config.buckets, config.adapters, config.finetune)
+        self.latency_path = model_file(config.telemetry.latency_model_dir or cache_root(),
                                        jax.devices()[0].device_kind, jax.__version__, mc, shapes,
                                        self.kernels, STEP_PROGRAM_VERSION)
         self.latency = LatencyModel.load(self.latency_path) or LatencyModel()
@@ -290,7 +186,8 @@ class Engine:
         self.finished: collections.deque[RequestMetrics] = collections.deque(maxlen=100_000)
         self.last_step: StepInfo | None = None
         self.profiler = Profiler()
-        self.writer = ScalarWriter(config.run_dir) if config.run_dir else None
+        self.writer = (ScalarWriter(config.telemetry.run_dir)
+                       if config.telemetry.run_dir else None)
         if self.trainer is not None:
             self.trainer.writer = self.writer
         self._logged = {"finished": 0, "counters": collections.Counter()}
@@ -310,7 +207,7 @@ class Engine:
         batches that must all run, like ``generate``).
         """
         if not self.policy.serves_inference:
-            raise AdmissionError(f"engine mode {self.config.mode} serves no inference")
+            raise AdmissionError(f"engine mode {self.config.scheduling.mode} serves no inference")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
@@ -329,7 +226,8 @@ class Engine:
             raise ValueError(f"unknown adapter {adapter!r}")
         if request_id is not None and str(request_id) in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        slo = slo or SLO(self.config.default_ttft_s, self.config.default_tpot_s)
+        slo = slo or SLO(self.config.scheduling.default_ttft_s,
+                         self.config.scheduling.default_tpot_s)
         if admission:
             self._admit(len(prompt), slo)
         index = next(self._arrivals)
@@ -343,14 +241,15 @@ class Engine:
 
     def _admit(self, prompt_len: int, slo: SLO) -> None:
         """Refuses, rather than queues without bound, what cannot meet its TTFT."""
-        if len(self.waiting) >= self.config.max_waiting:
-            raise AdmissionError(f"queue full ({self.config.max_waiting} requests waiting)")
-        if not self.config.admission_control:
+        if len(self.waiting) >= self.config.scheduling.max_waiting:
+            raise AdmissionError(
+                f"queue full ({self.config.scheduling.max_waiting} requests waiting)")
+        if not self.config.scheduling.admission_control:
             return
         # Prefill tokens ahead of this request (its own included), at the rate a full
         # iteration clears them after the running requests' decode tokens.
         ahead = prompt_len + sum(r.pending for r in self.waiting)
-        per_iteration = max(1, self.config.max_num_batched_tokens - len(self.running))
+        per_iteration = max(1, self.config.buckets.max_num_batched_tokens - len(self.running))
         full = self.buckets[-1] if not self.buckets[-1].train else next(
             b for b in reversed(self.buckets) if not b.train)
         estimate = -(-ahead // per_iteration) * self.latency.predict(bucket_key(full))
@@ -448,7 +347,8 @@ class Engine:
         with self.profiler.step(self.counters["iterations"]):
             outputs = self._iteration()
         self.counters["iterations"] += 1
-        if self.writer is not None and self.counters["iterations"] % self.config.log_every == 0:
+        if (self.writer is not None
+                and self.counters["iterations"] % self.config.telemetry.log_every == 0):
             self._log_serving()
         return outputs
 
@@ -503,7 +403,7 @@ class Engine:
                                             [self._progress(r, now) for r in self.running])
         windows, piece_s = [], 0.0
         used = sum(n for _, n in scheduled)
-        left = self.config.max_num_batched_tokens - used
+        left = self.config.buckets.max_num_batched_tokens - used
         if trainer is not None:
             # The piece this iteration would run: the furthest along that fits beside the
             # inference alone (or simply the furthest along when nothing limits the time).
@@ -516,7 +416,8 @@ class Engine:
                 tokens_left=left, time_limit=limit, piece_seconds=piece_s,
                 step_seconds=lambda n: self._predict_step(chunks, n),
                 candidates=[t - used for t in self._token_buckets])
-            windows = trainer.forward_windows(tokens, self.config.max_num_seqs - len(chunks))
+            windows = trainer.forward_windows(
+                tokens, self.config.buckets.max_num_seqs - len(chunks))
         chunks += [chunk for _, chunk in windows]
         outputs, step_s, t_post, bucket = [], 0.0, 0.0, None
         t_device = time.perf_counter()
@@ -524,7 +425,7 @@ class Engine:
             widest = max(len(c.page_table) for c in chunks)
             num_tokens = sum(len(c.token_ids) for c in chunks)
             bucket = pick_bucket(self.buckets, num_tokens, len(chunks), widest, bool(windows))
-            batch = build_batch(chunks, bucket, self.config.page_size)
+            batch = build_batch(chunks, bucket, self.config.cache.page_size)
             t_device = time.perf_counter()
             train = None if trainer is None else trainer.buffers
             decode = sum(1 for r, n in scheduled if n == 1 and r.output)
@@ -557,7 +458,7 @@ class Engine:
             t_post = time.perf_counter() - t0
         pieces = 0
         if trainer is not None:
-            pieces = self._run_backward(self.config.backward_pieces_per_step,
+            pieces = self._run_backward(self.config.finetune.backward_pieces_per_step,
                                         self.policy.backward_seconds(
                 finetune_iteration=ft_iteration, inference_running=bool(scheduled),
                 tokens_left=left, time_limit=limit, step_seconds=step_s))
@@ -619,7 +520,7 @@ class Engine:
         if req.first_token_time is not None:
             return len(req.output) - 1, now - req.first_token_time
         # Prefill left after this iteration's chunk, at a full token budget per iteration.
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.buckets.max_num_batched_tokens
         return BeforeFirstToken(req.slo.ttft_s - (now - req.arrival_time),
                                 -(-req.pending // budget))
 
@@ -634,12 +535,13 @@ class Engine:
         widest = max((len(c.page_table) for c in chunks), default=1)
         if train_tokens:
             windows, window_pages = trainer.window_shape(
-                train_tokens, self.config.max_num_seqs - len(chunks))
+                train_tokens, self.config.buckets.max_num_seqs - len(chunks))
             num_seqs += windows
             widest = max(widest, window_pages)
         num_tokens = sum(len(c.token_ids) for c in chunks) + train_tokens
         try:
-            bucket = pick_bucket(self.buckets, num_tokens, min(num_seqs, self.config.max_num_seqs),
+            bucket = pick_bucket(self.buckets, num_tokens,
+                                 min(num_seqs, self.config.buckets.max_num_seqs),
                                  min(widest, self.max_pages_per_seq), train_tokens > 0)
         except ValueError:
             return float("inf")
@@ -649,12 +551,12 @@ class Engine:
         return None if self.registry is None else self.registry.table
 
     def _schedule(self) -> list[tuple[Request, int]]:
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.buckets.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         taken: set[str] = set()
         # Running requests: decodes (one pending token) first, then unfinished prefills.
         for req in sorted(self.running, key=lambda r: (r.pending > 1, r.arrival_index)):
-            if budget == 0 or len(scheduled) == self.config.max_num_seqs:
+            if budget == 0 or len(scheduled) == self.config.buckets.max_num_seqs:
                 break
             if req not in self.running:  # preempted earlier in this loop
                 continue
@@ -666,7 +568,7 @@ class Engine:
             taken.add(req.request_id)
             budget -= n
         # Waiting requests, oldest first, while budget, sequence slots and pages last.
-        while self.waiting and budget > 0 and len(scheduled) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(scheduled) < self.config.buckets.max_num_seqs:
             req = self.waiting[0]
             n = min(req.pending, budget)
             if not self.allocator.can_grow(req.request_id, n):
@@ -753,7 +655,7 @@ class Engine:
         measure = measure and not self.latency.times
         self._compiled.update(bucket_key(b) for b in self.buckets)
         for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
-            batch = build_batch([], bucket, self.config.page_size)
+            batch = build_batch([], bucket, self.config.cache.page_size)
             if self.registry is not None:
                 batch = batch.replace(adapter_slots=np.zeros_like(batch.adapter_slots))
             batch = batch.replace(temperature=np.ones_like(batch.temperature))
