@@ -62,7 +62,7 @@ def engine_config(mode: str, args) -> EngineConfig:
     max_model_len = getattr(args, "max_model_len", 512)
     # One layer per backward piece: the smallest unit of backward work, so that a piece
     # fits beside a decode step within the TPOT target rather than waiting for a lull.
-    return EngineConfig(
+    return EngineConfig.flat(
         mode=mode, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=max_model_len,
         num_pages=512, max_train_seqs=8, max_train_len=min(256, max_model_len),
         train_window=64, backward_layers=1, backward_pieces_per_step=8,

@@ -480,7 +480,7 @@ def greedy_tokens(model, kernels: str, prompts, adapters, engine_kwargs: dict,
     from coserve_jax import Engine, EngineConfig, SamplingParams
 
     adapter_objs, names = adapters
-    engine = Engine(model, EngineConfig(kernels=kernels, **engine_kwargs))
+    engine = Engine(model, EngineConfig.flat(kernels=kernels, **engine_kwargs))
     for adapter in adapter_objs:
         engine.load_adapter(adapter)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)

@@ -444,7 +444,7 @@ def decode_engine_config(sizes: ShapeSizes, kernels: str = "auto", max_adapters:
     max_seqs = max(sizes.decode_batches)
     budget = max(sizes.max_num_batched_tokens, max_seqs)
     max_len = round_up(decode_context(sizes, max_seqs, budget), 16)
-    return EngineConfig(
+    return EngineConfig.flat(
         page_size=16,
         num_pages=max_seqs * max_len // 16 + 8,
         max_model_len=max_len,
@@ -461,7 +461,7 @@ def decode_engine_config(sizes: ShapeSizes, kernels: str = "auto", max_adapters:
 def prefill_engine_config(sizes: ShapeSizes, kernels: str = "auto") -> EngineConfig:
     """The prefill measurement's engine: every prompt fits, chunks of the token budget."""
     max_len = round_up(sizes.prefill_len + 1, 16)
-    return EngineConfig(
+    return EngineConfig.flat(
         page_size=16,
         num_pages=sizes.prefill_prompts * max_len // 16 + 8,
         max_model_len=max_len,

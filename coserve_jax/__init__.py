@@ -3,6 +3,15 @@
 from coserve_jax.api import generate
 from coserve_jax.config import ModelConfig
 from coserve_jax.engine import Engine, EngineConfig, RequestOutput
+from coserve_jax.engine_config import (
+    AdapterSlotsConfig,
+    BucketConfig,
+    CacheConfig,
+    FinetuneConfig,
+    KernelConfig,
+    SchedulingConfig,
+    TelemetryConfig,
+)
 from coserve_jax.finetune.data import DataConfig, Dataset, from_records, load_jsonl
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.finetune.optim import OptimizerConfig
@@ -14,12 +23,17 @@ from coserve_jax.sampling import SamplingParams
 from coserve_jax.tiny_model import tiny_model_dir
 
 __all__ = [
+    "AdapterSlotsConfig",
+    "BucketConfig",
+    "CacheConfig",
     "DataConfig",
     "Dataset",
     "Engine",
     "EngineConfig",
+    "FinetuneConfig",
     "FinetuneJob",
     "JobProgress",
+    "KernelConfig",
     "LoraAdapter",
     "LoraConfig",
     "Model",
@@ -27,6 +41,8 @@ __all__ = [
     "OptimizerConfig",
     "RequestOutput",
     "SamplingParams",
+    "SchedulingConfig",
+    "TelemetryConfig",
     "forward_logits",
     "from_records",
     "generate",

@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from coserve_jax.batch import Bucket, build_batch, powers_of_two
+from coserve_jax.batch import Bucket, build_batch
+from coserve_jax.engine_config import EngineConfig, derive_lengths
 from coserve_jax.errors import AdmissionError, AlreadyExists, InUse, InvalidRequest, NotFound
 from coserve_jax.finetune.buffers import TrainBuffers
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
@@ -33,10 +34,9 @@ from coserve_jax.finetune.trainer import Trainer, TrainerConfig, train_seq_bucke
 from coserve_jax.kv_cache import KVCache, KVUsage, PageAllocator
 from coserve_jax.latency import LatencyModel, bucket_key, model_file, piece_key
 from coserve_jax.lora.adapter import LoraAdapter
-from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.lora.slots import AdapterRegistry, AdapterSlots, slot_modules
 from coserve_jax.model import Model
-from coserve_jax.policy import TEMPORAL_KINDS, Policy, parse_mode
+from coserve_jax.policy import TEMPORAL_KINDS, Policy
 from coserve_jax.programs import enable_compilation_cache
 from coserve_jax.runner import Runner
 from coserve_jax.runner_commands import RunStep
@@ -46,114 +46,8 @@ from coserve_jax.slo import SLO, RequestMetrics
 from coserve_jax.step import STEP_PROGRAM_VERSION, StepOutput, step_kernels
 from coserve_jax.telemetry import Profiler, ScalarWriter, backward_label, forward_label
 from coserve_jax.tiny_model import cache_root
-from pallas_kernels.dispatch import IMPLS as KERNEL_IMPLS
 
 __all__ = ["Engine", "EngineConfig", "Request", "RequestOutput", "StepInfo"]
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Capacity and shape settings of one engine."""
-
-    page_size: int = 16
-    """Tokens per KV page."""
-    num_pages: int = 512
-    """KV pages in the cache (shared by all sequences)."""
-    max_model_len: int | None = None
-    """Longest prompt plus output; None means min(model limit, 2048)."""
-    max_num_seqs: int = 16
-    """Sequences per step at most (the largest sequence bucket)."""
-    max_num_batched_tokens: int = 128
-    """Token budget of one iteration (the largest token bucket)."""
-    min_token_bucket: int = 16
-    """Smallest token bucket; buckets double up to max_num_batched_tokens."""
-    min_seq_bucket: int = 4
-    """Smallest sequence bucket; buckets double up to max_num_seqs."""
-    min_page_bucket: int = 8
-    """Smallest page-table width bucket; buckets double up to the pages of max_model_len.
-    The reference attention reads every column, so short contexts use narrow tables."""
-    compilation_cache_dir: str | None = None
-    """JAX persistent compilation cache; None means $COSERVE_XLA_CACHE or ~/.cache."""
-    max_adapters: int = 4
-    """LoRA adapter slots (serving and training share them); 0 disables LoRA."""
-    max_lora_rank: int = 16
-    """Rank every slot is padded to; adapters of higher rank are refused."""
-    lora_target_modules: tuple[str, ...] = ALL_TARGETS
-    """Projections the slots carry."""
-    max_train_seqs: int = 2
-    """Finetuning sequences in flight at once (activation store rows); 0 disables finetuning."""
-    max_train_len: int | None = None
-    """Longest finetuning sequence in tokens; None means min(512, max_model_len)."""
-    train_window: int = 64
-    """Tokens of one training sequence's forward per iteration at most."""
-    backward_layers: int = 1
-    """Layers per backward piece (must divide the model's layers): the piece-size knob."""
-    backward_pieces_per_step: int = 1
-    """Backward pieces run after each step at most."""
-    backward_attention_block: int = 256
-    """Queries per attention block in backward pieces (bounds their attention memory)."""
-    backward_block: int = 0
-    """Tokens per backward piece for training sequences longer than this: such a sequence
-    is pulled back one layer and one token block at a time, so a piece's cost is bounded
-    by the block rather than the sequence and fits beside a decode step; 0 keeps every
-    piece over the whole sequence. A power of two; single device only."""
-    mode: str = "coserve"
-    """coserve, inference-only, finetune-only; temporal-seq:N or temporal-seq:dynamic
-    (FlexLLM's temporal sharing: one whole sample, forward and full backward, every N
-    iterations); temporal:N or temporal:dynamic (the token-level ablation). See
-    ``coserve_jax.scheduler``."""
-    overlap_host: bool = True
-    """Plan and dispatch iteration i+1 while iteration i runs on the device, so host time
-    hides behind device time (sampled tokens feed the next step on the device). False runs
-    the synchronous loop: schedule, run, read back, update. Temporal-sharing modes always
-    run synchronously (their dynamic period is set from each iteration's own time)."""
-    spend_banked_slack: bool = True
-    """coserve: a request served faster than its TPOT target so far may absorb a longer
-    iteration (TPOT is a mean over the request). False keeps every iteration within the
-    safety margin of the tightest target."""
-    default_ttft_s: float = 5.0
-    """TTFT target of requests that set none (arrival to first token, queueing included)."""
-    default_tpot_s: float = 0.1
-    """TPOT target of requests that set none (mean time per output token after the first)."""
-    max_waiting: int = 1024
-    """Requests queued at most; more are refused at admission."""
-    admission_control: bool = True
-    """Refuse requests whose TTFT target the queue ahead of them already makes impossible."""
-    latency_model_dir: str | None = None
-    """Where the measured latency model is kept; None means the cache root."""
-    run_dir: str | None = None
-    """TensorBoard event files (job and serving scalars) go here; None writes none."""
-    log_every: int = 50
-    """Iterations between serving scalars."""
-    kernels: str = "auto"
-    """Attention and LoRA implementations of the step and the backward pieces, chosen once
-    when the engine is built: "auto" (the kernels on GPU and TPU, the jnp references on
-    CPU; $COSERVE_KERNELS overrides it), "kernel" (needs a GPU or TPU), "reference", or
-    "interpret" (the Pallas kernels in interpret mode, for CPU tests). Sharded engines
-    run the Pallas kernels under shard_map (jax's TPU kernels are not wrapped: a sharded
-    TPU engine runs the references)."""
-
-    def __post_init__(self):
-        for name in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
-                     "min_token_bucket", "min_seq_bucket", "min_page_bucket",
-                     "max_lora_rank", "train_window", "backward_layers", "log_every",
-                     "backward_pieces_per_step", "backward_attention_block"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("max_adapters", "max_train_seqs", "backward_block"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"EngineConfig.{name} must be an integer >= 0, got {value!r}")
-        if self.max_train_seqs and not self.max_adapters:
-            raise ValueError("finetuning (max_train_seqs > 0) needs max_adapters > 0")
-        if self.max_num_seqs > self.max_num_batched_tokens:
-            raise ValueError("EngineConfig.max_num_seqs cannot exceed max_num_batched_tokens")
-        if self.kernels not in KERNEL_IMPLS:
-            raise ValueError(f"EngineConfig.kernels must be one of "
-                             f"{', '.join(map(repr, KERNEL_IMPLS))}, got {self.kernels!r}")
-        parse_mode(self.mode)
-        SLO(self.default_ttft_s, self.default_tpot_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,28 +91,37 @@ class Engine:
 
             self.layout = Layout(mesh, mc)
             self.model = model = self.layout.place_model(model)
-        self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or 2048)
-        self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
-        enable_compilation_cache(config.compilation_cache_dir)
+        # Lengths and bucket axes, as `coserve plan` derives them (engine_config.py).
+        self.lengths = lengths = derive_lengths(mc, config)
+        self.max_model_len = lengths.max_model_len
+        self.max_pages_per_seq = lengths.max_pages_per_seq
+        cache, adapters, ft = config.cache, config.adapters, config.finetune
+        enable_compilation_cache(config.kernels.compilation_cache_dir)
         # Resolved once, here: the step and the backward pieces share it.
-        self.kernels = step_kernels(config.kernels, self.layout)
-        self.allocator = PageAllocator(config.num_pages, config.page_size, self.max_pages_per_seq)
-        trainer_config = self._trainer_config()
-        modules = slot_modules(config.lora_target_modules)
+        self.kernels = step_kernels(config.kernels.impl, self.layout)
+        self.allocator = PageAllocator(cache.num_pages, cache.page_size, self.max_pages_per_seq)
+        trainer_config = None
+        if ft.max_train_seqs:
+            trainer_config = TrainerConfig(
+                max_seqs=ft.max_train_seqs, max_len=lengths.max_train_len,
+                window=ft.train_window, backward_layers=ft.backward_layers,
+                attention_block=ft.backward_attention_block, block=ft.backward_block)
+        modules = slot_modules(adapters.lora_target_modules)
         slots = train = None
-        if config.max_adapters:
-            slots = self._zeros(AdapterSlots.zeros, mc, config.max_adapters,
-                                config.max_lora_rank, modules, model.dtype)
+        if adapters.max_adapters:
+            slots = self._zeros(AdapterSlots.zeros, mc, adapters.max_adapters,
+                                adapters.max_lora_rank, modules, model.dtype)
         if trainer_config is not None:
             train = self._train_buffers(trainer_config, slots)
         self.runner = Runner(
-            mc, model.params, kv=self._zeros(KVCache.zeros, mc, config.num_pages,
-                                             config.page_size, model.dtype),
-            feed_size=config.max_num_seqs, slots=slots, train=train, kernels=self.kernels,
-            attention_block=config.backward_attention_block, layout=self.layout)
+            mc, model.params, kv=self._zeros(KVCache.zeros, mc, cache.num_pages,
+                                             cache.page_size, model.dtype),
+            feed_size=config.buckets.max_num_seqs, slots=slots, train=train,
+            kernels=self.kernels, attention_block=ft.backward_attention_block,
+            layout=self.layout)
         self.registry = None
-        if config.max_adapters:
-            self.registry = AdapterRegistry(mc, config.max_adapters, config.max_lora_rank,
+        if adapters.max_adapters:
+            self.registry = AdapterRegistry(mc, adapters.max_adapters, adapters.max_lora_rank,
                                             modules, self.runner.execute)
         self.trainer = None
         if trainer_config is not None:
@@ -226,43 +129,36 @@ class Engine:
                                    self.runner)
         self.buckets = tuple(sorted(
             (Bucket(t, s, w, train)
-             for t in powers_of_two(config.min_token_bucket, config.max_num_batched_tokens)
-             for s in powers_of_two(min(config.min_seq_bucket, config.max_num_seqs),
-                                    config.max_num_seqs)
-             for w in powers_of_two(min(config.min_page_bucket, self.max_pages_per_seq),
-                                    self.max_pages_per_seq)
+             for t in lengths.token_buckets for s in lengths.seq_buckets
+             for w in lengths.page_buckets
              for train in ((False, True) if self.trainer else (False,))
              if s <= t),
             key=lambda b: (b.num_tokens, b.num_pages, b.num_seqs)))
         if self.layout is not None:
-            self.layout.check_divides_tokens(sorted({b.num_tokens for b in self.buckets}),
-                                              "token buckets")
-        self.policy = Policy(config.mode, spend_banked=config.spend_banked_slack)
+            self.layout.check_divides_tokens(lengths.token_buckets, "token buckets")
+        sched = config.scheduling
+        self.policy = Policy(sched.mode, spend_banked=sched.spend_banked_slack)
         if self.policy.whole_samples and self.layout is not None:
-            raise ValueError(f"mode {config.mode} runs whole samples on one device; use "
+            raise ValueError(f"mode {sched.mode} runs whole samples on one device; use "
                              f"coserve or temporal:N on a mesh")
-        # Keyed by what sets step times: hardware, model and the engine's shapes (not the
-        # scheduling mode, SLO defaults or admission settings).
-        # The resolved kernels (not the requested "auto") and the step program's version
-        # are part of the key too: both change what a bucket costs.
-        shapes = dataclasses.replace(
-            config, compilation_cache_dir=None, latency_model_dir=None, mode="coserve",
-            default_ttft_s=1.0, default_tpot_s=1.0, max_waiting=1, admission_control=True,
-            kernels=self.kernels.impl, spend_banked_slack=True, overlap_host=True)
-        self.latency_path = model_file(config.latency_model_dir or cache_root(),
+        # Keyed by what sets step times: hardware, model and the engine's shapes (the
+        # shape-related parts of the config, never scheduling or telemetry), the resolved
+        # kernels (not the requested "auto") and the step program's version.
+        shapes = (config.cache, config.buckets, config.adapters, config.finetune)
+        self.latency_path = model_file(config.telemetry.latency_model_dir or cache_root(),
                                        jax.devices()[0].device_kind, jax.__version__, mc, shapes,
                                        self.kernels, STEP_PROGRAM_VERSION)
         latency = LatencyModel.load(self.latency_path) or LatencyModel()
         self.scheduler = Scheduler(
-            buckets=self.buckets, page_size=config.page_size,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_pages_per_seq=self.max_pages_per_seq, max_waiting=config.max_waiting,
-            admission_control=config.admission_control, allocator=self.allocator,
+            buckets=self.buckets, page_size=cache.page_size,
+            max_num_seqs=config.buckets.max_num_seqs,
+            max_num_batched_tokens=config.buckets.max_num_batched_tokens,
+            max_pages_per_seq=self.max_pages_per_seq, max_waiting=sched.max_waiting,
+            admission_control=sched.admission_control, allocator=self.allocator,
             latency=latency, policy=self.policy, eos_token_ids=mc.eos_token_ids,
             registry=self.registry, trainer=self.trainer)
         # Temporal sharing sets its period from each iteration's own time: synchronous.
-        self.overlap = config.overlap_host and self.policy.kind not in TEMPORAL_KINDS
+        self.overlap = sched.overlap_host and self.policy.kind not in TEMPORAL_KINDS
         self._launched: _Launched | None = None
         self._device_free: float | None = None  # when the device last went idle, if known
         self.last_step_seconds = 0.0  # dispatch to tokens read back, of the last step
@@ -274,23 +170,11 @@ class Engine:
         self.counters: collections.Counter[str] = collections.Counter()
         self.last_step: StepInfo | None = None
         self.profiler = Profiler()
-        self.writer = ScalarWriter(config.run_dir) if config.run_dir else None
+        run_dir = config.telemetry.run_dir
+        self.writer = ScalarWriter(run_dir) if run_dir else None
         if self.trainer is not None:
             self.trainer.writer = self.writer
         self._logged = {"finished": 0, "counters": collections.Counter()}
-
-    def _trainer_config(self) -> TrainerConfig | None:
-        config = self.config
-        if not config.max_train_seqs:
-            return None
-        max_train_len = config.max_train_len or min(512, self.max_model_len)
-        if not 2 <= max_train_len <= self.max_model_len:
-            raise ValueError(f"EngineConfig.max_train_len ({max_train_len}) must be in "
-                             f"[2, model length {self.max_model_len}]")
-        return TrainerConfig(
-            max_seqs=config.max_train_seqs, max_len=max_train_len, window=config.train_window,
-            backward_layers=config.backward_layers,
-            attention_block=config.backward_attention_block, block=config.backward_block)
 
     def _train_buffers(self, tc: TrainerConfig, slots) -> TrainBuffers:
         mc, dtype = self.model.config, self.model.dtype
@@ -353,7 +237,7 @@ class Engine:
         batches that must all run, like ``generate``).
         """
         if not self.policy.serves_inference:
-            raise AdmissionError(f"engine mode {self.config.mode} serves no inference")
+            raise AdmissionError(f"engine mode {self.config.scheduling.mode} serves no inference")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequest("params must be a SamplingParams")
@@ -372,7 +256,8 @@ class Engine:
             raise InvalidRequest(f"unknown adapter {adapter!r}")
         if request_id is not None and str(request_id) in self.scheduler.requests:
             raise AlreadyExists(f"request id {request_id!r} is already in use")
-        slo = slo or SLO(self.config.default_ttft_s, self.config.default_tpot_s)
+        slo = slo or SLO(self.config.scheduling.default_ttft_s,
+                         self.config.scheduling.default_tpot_s)
         if admission:
             self.scheduler.admit(len(prompt), slo)
         index = next(self.scheduler.arrivals)
@@ -464,7 +349,8 @@ class Engine:
         with self.profiler.step(self.counters["iterations"]):
             outputs = self._iteration()
         self.counters["iterations"] += 1
-        if self.writer is not None and self.counters["iterations"] % self.config.log_every == 0:
+        every = self.config.telemetry.log_every
+        if self.writer is not None and self.counters["iterations"] % every == 0:
             self._log_serving()
         return outputs
 
@@ -603,7 +489,7 @@ class Engine:
             return 0
         seconds = self.scheduler.backward_seconds(plan, step_seconds)
         done, spent = 0, 0.0
-        while done < self.config.backward_pieces_per_step:
+        while done < self.config.finetune.backward_pieces_per_step:
             def fits(shape, spent=spent):
                 return spent + self.latency.predict(piece_key(*shape)) <= seconds
 
@@ -647,7 +533,7 @@ class Engine:
         measure = measure and not self.latency.times
         self._compiled.update(bucket_key(b) for b in self.buckets)
         for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
-            batch = build_batch([], bucket, self.config.page_size)
+            batch = build_batch([], bucket, self.config.cache.page_size)
             if self.registry is not None:
                 batch = batch.replace(adapter_slots=np.zeros_like(batch.adapter_slots))
             batch = batch.replace(temperature=np.ones_like(batch.temperature))

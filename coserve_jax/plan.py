@@ -235,6 +235,7 @@ def make_plan(cfg: ModelConfig, label: str, engine_config, mesh_config, *,
     Temporaries are compiled on ``devices`` (default: the first CPU devices) unless
     ``compile_programs`` is False.
     """
+    from coserve_jax.engine_config import derive_lengths
     from coserve_jax.finetune.buffers import TrainBuffers
     from coserve_jax.kv_cache import KVCache
     from coserve_jax.lora.slots import AdapterSlots
@@ -242,29 +243,29 @@ def make_plan(cfg: ModelConfig, label: str, engine_config, mesh_config, *,
     from sharding.mesh import abstract_mesh
 
     ec = engine_config
-    num_pages = ec.num_pages if num_pages is None else num_pages
+    cache, adapters, ft = ec.cache, ec.adapters, ec.finetune
+    num_pages = cache.num_pages if num_pages is None else num_pages
     wdtype = jnp.dtype(dtype)
     layout = Layout(abstract_mesh(mesh_config), cfg)
-    max_model_len = min(cfg.max_position_embeddings, ec.max_model_len or 2048)
-    width = -(-max_model_len // ec.page_size)
-    max_train_len = ec.max_train_len or min(512, max_model_len)
+    lengths = derive_lengths(cfg, ec)  # as the engine derives them
+    width, max_train_len = lengths.max_pages_per_seq, lengths.max_train_len
     params = abstract_params(cfg, wdtype)
     slots = jax.eval_shape(functools.partial(
-        AdapterSlots.zeros, cfg, max(ec.max_adapters, 1), ec.max_lora_rank,
-        tuple(ec.lora_target_modules), wdtype)) if ec.max_adapters else None
+        AdapterSlots.zeros, cfg, max(adapters.max_adapters, 1), adapters.max_lora_rank,
+        tuple(adapters.lora_target_modules), wdtype)) if adapters.max_adapters else None
     train = jax.eval_shape(functools.partial(
-        TrainBuffers.zeros, cfg, slots, ec.max_train_seqs, max_train_len, wdtype,
-        groups=mesh_config.data)) if ec.max_train_seqs else None
-    one_page = jax.eval_shape(functools.partial(KVCache.zeros, cfg, 1, ec.page_size, wdtype))
+        TrainBuffers.zeros, cfg, slots, ft.max_train_seqs, max_train_len, wdtype,
+        groups=mesh_config.data)) if ft.max_train_seqs else None
+    one_page = jax.eval_shape(functools.partial(KVCache.zeros, cfg, 1, cache.page_size, wdtype))
     job_bytes = 0
-    if ec.max_train_seqs and jobs:
+    if ft.max_train_seqs and jobs:
         job_params, opt_state = abstract_job(cfg, job)
         job_bytes = jobs * (per_device_bytes(job_params, layout)
                             + per_device_bytes(opt_state, layout))
     step_temp = backward_temp = None
     if compile_programs:
         step_temp, backward_temp = compiled_temporaries(
-            cfg, ec, mesh_config, params, slots, train, width, max_train_len, devices)
+            cfg, ec, mesh_config, params, slots, train, lengths, devices)
     plan = Plan(
         model=label, mesh=mesh_config.describe(), devices=mesh_config.size,
         device_memory=device_memory_gb * GB, usable=device_memory_gb * GB * memory_fraction,
@@ -272,11 +273,11 @@ def make_plan(cfg: ModelConfig, label: str, engine_config, mesh_config, *,
         adapter_slots=0 if slots is None else per_device_bytes(slots, layout),
         train_buffers=0 if train is None else per_device_bytes(train, layout),
         optimizer_state=job_bytes, step_temp=step_temp, backward_temp=backward_temp,
-        kv_per_page=per_device_bytes(one_page, layout), page_size=ec.page_size,
+        kv_per_page=per_device_bytes(one_page, layout), page_size=cache.page_size,
         num_pages=num_pages,
         # Every sequence slot at full context, plus the training sequences in flight.
-        min_pages=ec.max_num_seqs * width
-        + ec.max_train_seqs * -(-max_train_len // ec.page_size),
+        min_pages=ec.buckets.max_num_seqs * width
+        + ft.max_train_seqs * -(-max_train_len // cache.page_size),
         notes=tuple(layout.notes))
     if not num_pages:
         pages = int((plan.usable - plan.fixed) // plan.kv_per_page)
@@ -284,11 +285,11 @@ def make_plan(cfg: ModelConfig, label: str, engine_config, mesh_config, *,
     return plan
 
 
-def compiled_temporaries(cfg: ModelConfig, ec, mesh_config, params, slots, train,
-                         width: int, max_train_len: int,
+def compiled_temporaries(cfg: ModelConfig, ec, mesh_config, params, slots, train, lengths,
                          devices: list | None = None) -> tuple[int, int | None]:
     """Temporary bytes per device of the step (largest bucket, with finetuning tokens when
-    the engine trains) and of a backward piece over the longest training sequence."""
+    the engine trains) and of a backward piece over the longest training sequence (its
+    largest sequence bucket); ``lengths`` is ``derive_lengths(cfg, ec)``."""
     from coserve_jax.batch import TOKEN_FIELDS
     from coserve_jax.kv_cache import KVCache
     from coserve_jax.step import BackwardPiece, StepOutput, backward_piece_fn, step_fn
@@ -316,9 +317,12 @@ def compiled_temporaries(cfg: ModelConfig, ec, mesh_config, params, slots, train
     params, slots, train = cast(params), cast(slots), cast(train)
     wdtype = params.embed.dtype
     # KV is donated and updated in place, so its size does not change the temporaries.
-    kv = jax.eval_shape(functools.partial(KVCache.zeros, cfg, width + 1, ec.page_size, wdtype))
+    width = lengths.max_pages_per_seq
+    kv = jax.eval_shape(functools.partial(KVCache.zeros, cfg, width + 1, ec.cache.page_size,
+                                          wdtype))
     with_train = train is not None
-    batch = abstract_batch(ec.max_num_batched_tokens, ec.max_num_seqs, width)
+    batch = abstract_batch(lengths.token_buckets[-1], lengths.seq_buckets[-1],
+                           lengths.page_buckets[-1])
     step = layout.jit_step(functools.partial(step_fn, cfg, return_logits=False,
                                              hints=layout.hints), StepOutput.specs(False),
                            TOKEN_FIELDS)
@@ -328,16 +332,16 @@ def compiled_temporaries(cfg: ModelConfig, ec, mesh_config, params, slots, train
     step_temp = jitted.lower(*args, with_train).compile().memory_analysis().temp_size_in_bytes
     backward_temp = None
     if with_train:
-        seq_len = max_train_len
+        seq_len = lengths.train_seq_buckets[-1]
         scalar = _sds((), jnp.int32)
         piece = BackwardPiece(act_row=scalar, layer_start=scalar, length=scalar,
                               adapter_slot=scalar)
         backward = layout.jit_backward(functools.partial(
-            backward_piece_fn, cfg, attention_block=ec.backward_attention_block,
+            backward_piece_fn, cfg, attention_block=ec.finetune.backward_attention_block,
             hints=layout.hints))
         args = (params, slots, train, piece)
         jitted, _ = backward._jit(args)
-        compiled = jitted.lower(*args, ec.backward_layers, seq_len).compile()
+        compiled = jitted.lower(*args, ec.finetune.backward_layers, seq_len).compile()
         backward_temp = compiled.memory_analysis().temp_size_in_bytes
     return step_temp, backward_temp
 
@@ -405,12 +409,13 @@ def verdict(p: Plan) -> str:
 
 
 def engine_config_note(ec) -> str:
-    return (f"engine: {ec.max_num_batched_tokens} tokens x {ec.max_num_seqs} sequences per "
-            f"step, max_model_len {ec.max_model_len}, page {ec.page_size}, "
-            f"{ec.max_adapters} adapter slots of rank {ec.max_lora_rank} on "
-            f"{len(ec.lora_target_modules)} projections, {ec.max_train_seqs} training "
-            f"sequence(s) of up to {ec.max_train_len} tokens, {ec.backward_layers}-layer "
-            f"backward pieces, attention block {ec.backward_attention_block}")
+    b, a, ft = ec.buckets, ec.adapters, ec.finetune
+    return (f"engine: {b.max_num_batched_tokens} tokens x {b.max_num_seqs} sequences per "
+            f"step, max_model_len {ec.cache.max_model_len}, page {ec.cache.page_size}, "
+            f"{a.max_adapters} adapter slots of rank {a.max_lora_rank} on "
+            f"{len(a.lora_target_modules)} projections, {ft.max_train_seqs} training "
+            f"sequence(s) of up to {ft.max_train_len} tokens, {ft.backward_layers}-layer "
+            f"backward pieces, attention block {ft.backward_attention_block}")
 
 
 
@@ -468,7 +473,7 @@ def run_from_args(args) -> int:
         check_two_byte_dots()
     from coserve_jax.engine import EngineConfig
 
-    ec = EngineConfig(
+    ec = EngineConfig.flat(
         page_size=args.page_size,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_adapters=args.max_adapters,

@@ -53,7 +53,7 @@ REFERENCE_KERNELS = Kernels(impl="reference")
 def step_kernels(impl: str | None = None, layout=None) -> Kernels:
     """The attention and LoRA implementations a step is built with, resolved once.
 
-    ``impl`` is ``EngineConfig.kernels``: "auto" | "kernel" | "reference" | "interpret"
+    ``impl`` is ``KernelConfig.impl``: "auto" | "kernel" | "reference" | "interpret"
     (None and "auto" defer to ``$COSERVE_KERNELS``). Raises ``ValueError`` for an unknown
     name or a path this backend cannot run ("kernel" on CPU). With a ``layout`` (sharded)
     the Pallas kernels run under ``shard_map`` (``coserve_jax.sharded_kernels``); jax's

@@ -4,7 +4,6 @@ and remote ``generate`` (``server/cli.py`` registers them)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -96,20 +95,21 @@ def add_logging_options(p: argparse.ArgumentParser, subcommand: bool = False) ->
 
 
 def engine_config_from_file(path: str):
-    """An ``EngineConfig`` from a JSON object of its fields; unknown keys are refused."""
+    """An ``EngineConfig`` from a JSON object of its flat fields (``EngineConfig.flat``);
+    unknown keys are refused."""
     from coserve_jax import EngineConfig
+    from coserve_jax.engine_config import FLAT_FIELDS
 
     with open(path) as f:
         raw = json.load(f)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object of EngineConfig fields")
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    unknown = sorted(set(raw) - fields)
+    unknown = sorted(set(raw) - set(FLAT_FIELDS))
     if unknown:
         raise ValueError(f"{path}: unknown EngineConfig field(s) {unknown}")
     if isinstance(raw.get("lora_target_modules"), list):
         raw["lora_target_modules"] = tuple(raw["lora_target_modules"])
-    return EngineConfig(**raw)
+    return EngineConfig.flat(**raw)
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -121,7 +121,7 @@ def engine_config_from_args(args: argparse.Namespace):
     if overrides:
         from coserve_jax import EngineConfig
 
-        engine_config = dataclasses.replace(engine_config or EngineConfig(), **overrides)
+        engine_config = (engine_config or EngineConfig()).replace(**overrides)
     return engine_config
 
 

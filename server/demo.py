@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.model or coserve_jax.tiny_model_dir()
     print(f"model: {path}")
     t0 = time.perf_counter()
-    backend = real_backend(path, coserve_jax.EngineConfig(**DEMO_ENGINE),
+    backend = real_backend(path, coserve_jax.EngineConfig.flat(**DEMO_ENGINE),
                            warmup=not args.no_warmup)
     compile_s = time.perf_counter() - t0
     print(f"engine ready in {compile_s:.1f}s ({len(backend.engine.buckets)} batch buckets)")

@@ -184,7 +184,7 @@ def real_backend(model_path: str | None = None, engine_config=None, dtype: str =
     if warmup:
         engine.warmup(progress=progress)
     return Backend(engine=engine, tokenizer=model.tokenizer, model_config=model.config,
-                   max_lora_rank=engine.config.max_lora_rank,
+                   max_lora_rank=engine.config.adapters.max_lora_rank,
                    max_train_len=0 if engine.trainer is None else engine.trainer.config.max_len,
                    model_name=path)
 
@@ -205,9 +205,9 @@ def make_slo(engine: ServingEngine, ttft_s: float, tpot_s: float):
         return None
     from coserve_jax.slo import SLO
 
-    config = getattr(engine, "config", None)
-    return SLO(ttft_s if ttft_s > 0 else getattr(config, "default_ttft_s", 1e9),
-               tpot_s if tpot_s > 0 else getattr(config, "default_tpot_s", 1e9))
+    scheduling = getattr(getattr(engine, "config", None), "scheduling", None)
+    return SLO(ttft_s if ttft_s > 0 else getattr(scheduling, "default_ttft_s", 1e9),
+               tpot_s if tpot_s > 0 else getattr(scheduling, "default_tpot_s", 1e9))
 
 
 def checkpoint_job(engine: ServingEngine, name: str) -> int | None:

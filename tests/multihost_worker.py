@@ -33,10 +33,10 @@ from sharding import MeshConfig, make_mesh  # noqa: E402
 from sharding.distributed import initialize_from_env_or_flags, run_spmd  # noqa: E402
 
 VOCAB = 384
-ENGINE = cj.EngineConfig(page_size=4, num_pages=64, max_num_seqs=4, max_num_batched_tokens=32,
-                         min_token_bucket=32, min_seq_bucket=4, min_page_bucket=16,
-                         max_model_len=64, max_lora_rank=8, max_adapters=2, max_train_seqs=1,
-                         max_train_len=32, train_window=16, backward_layers=2)
+ENGINE = cj.EngineConfig.flat(page_size=4, num_pages=64, max_num_seqs=4, max_num_batched_tokens=32,
+                              min_token_bucket=32, min_seq_bucket=4, min_page_bucket=16,
+                              max_model_len=64, max_lora_rank=8, max_adapters=2, max_train_seqs=1,
+                              max_train_len=32, train_window=16, backward_layers=2)
 
 
 def scenario(engine) -> dict:

@@ -61,7 +61,7 @@ def hf_config(num_kv_heads: int) -> dict:
 def scenario(model_dir: str, mesh, kernels: str = "auto") -> dict:
     """One engine's run; returns what the parity check compares (host arrays)."""
     model = cj.load_model(model_dir, progress=False, mesh=mesh)
-    engine = cj.Engine(model, cj.EngineConfig(**ENGINE, kernels=kernels), mesh=mesh)
+    engine = cj.Engine(model, cj.EngineConfig.flat(**ENGINE, kernels=kernels), mesh=mesh)
     cfg = model.config
     # The same step, built to return logits too (the engine reads only tokens and losses),
     # so the logits check below reuses the programs the scenario compiled.
@@ -116,7 +116,7 @@ def scenario(model_dir: str, mesh, kernels: str = "auto") -> dict:
         table = engine.allocator.grow(("logits", i), n)
         chunks.append(SeqChunk(token_ids=rng.integers(3, VOCAB, n).tolist(), start_position=0,
                                page_table=table, adapter_slot=slot))
-    batch = build_batch(chunks, Bucket(32, 4, 16), engine.config.page_size)
+    batch = build_batch(chunks, Bucket(32, 4, 16), engine.config.cache.page_size)
     out = runner.execute(RunStep(batch, with_train=False))
     result = {"outputs": [outputs[i] for i in ids], "grads": grads,
               "trained_a": trained.a, "trained_b": trained.b,
@@ -183,7 +183,7 @@ def kernel_steps(model_dir: str, mesh, kernels: str) -> dict:
     LoRA gradients and whether the programs contain Pallas calls."""
     fallbacks = Messages(logging.getLogger("pallas_kernels.dispatch"))
     model = cj.load_model(model_dir, progress=False, mesh=mesh)
-    engine = cj.Engine(model, cj.EngineConfig(**ENGINE, kernels=kernels), mesh=mesh)
+    engine = cj.Engine(model, cj.EngineConfig.flat(**ENGINE, kernels=kernels), mesh=mesh)
     cfg, trainer = model.config, engine.trainer
     step = build_step(cfg, return_logits=True, layout=engine.layout, kernels=engine.kernels)
     for i, r in enumerate((8, 4)):
@@ -212,7 +212,7 @@ def kernel_steps(model_dir: str, mesh, kernels: str) -> dict:
                 page_table=engine.allocator.grow(("prompt", j), len(tokens)),
                 temperature=temperature, seed=5, sample_count=i, adapter_slot=slot))
         chunks.insert(1, window[1])  # the window's tokens straddle both data shards
-        batch = build_batch(chunks, bucket, engine.config.page_size)
+        batch = build_batch(chunks, bucket, engine.config.cache.page_size)
         runner = engine.runner
         if i == 0:
             args = (model.params, runner.slots, runner.kv, runner.train, None, batch)
@@ -426,7 +426,7 @@ def collectives(model_dir: str, spec: str, kernels: str = "auto") -> dict:
     model = cj.load_model(model_dir, progress=False, mesh=mesh)
     report = {}
     for name, extra in (("lora", {}), ("base", {"max_adapters": 0, "max_train_seqs": 0})):
-        engine = cj.Engine(model, cj.EngineConfig(**(ENGINE | extra), kernels=kernels),
+        engine = cj.Engine(model, cj.EngineConfig.flat(**(ENGINE | extra), kernels=kernels),
                            mesh=mesh)
         for train in (False, True):
             if train and engine.trainer is None:
@@ -477,7 +477,7 @@ def gradient_reductions(model_dir: str, spec: str) -> dict:
     with a 7 in its shape is one of LoRA weights or gradients."""
     mesh = make_mesh(MeshConfig.parse(spec))
     model = cj.load_model(model_dir, progress=False, mesh=mesh)
-    engine = cj.Engine(model, cj.EngineConfig(**(ENGINE | {"max_lora_rank": 7})), mesh=mesh)
+    engine = cj.Engine(model, cj.EngineConfig.flat(**(ENGINE | {"max_lora_rank": 7})), mesh=mesh)
     trainer = engine.trainer
     seq = TrainSequence(tuple(range(3, 33)), (False, *[True] * 29))
     engine.submit_job(cj.FinetuneJob("job", Dataset([seq]), lora=cj.LoraConfig(

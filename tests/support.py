@@ -94,7 +94,7 @@ def engine_grads(model, seq, window: int, backward_layers: int, serve: bool, blo
                  kernels: str = "auto", mode: str = "coserve", backward_block: int = 0):
     """Runs one sequence through the engine's windows and pieces (or, in a temporal-seq
     ``mode``, whole); returns its LoRA grads."""
-    engine = Engine(model, EngineConfig(
+    engine = Engine(model, EngineConfig.flat(
         page_size=4, num_pages=96, max_num_seqs=4, max_num_batched_tokens=16,
         min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_train_seqs=1,
         max_train_len=64, train_window=window, backward_layers=backward_layers,

@@ -12,8 +12,8 @@ from coserve_jax import Engine, EngineConfig, SamplingParams
 from support import count_compilations, greedy_reference, tiny_model
 
 # Small pages and a small budget force chunked prefill and mixed batches.
-SMALL = EngineConfig(page_size=4, num_pages=128, max_num_seqs=4, max_num_batched_tokens=16,
-                     min_token_bucket=8, min_seq_bucket=2, max_model_len=128)
+SMALL = EngineConfig.flat(page_size=4, num_pages=128, max_num_seqs=4, max_num_batched_tokens=16,
+                          min_token_bucket=8, min_seq_bucket=2, max_model_len=128)
 
 
 def _prompts(seed: int, lengths) -> list[list[int]]:
@@ -47,7 +47,7 @@ def test_preemption_recomputes_and_keeps_outputs():
     greedy = SamplingParams(max_tokens=14, ignore_eos=True)
     roomy = Engine(model, SMALL)
     # 4 requests of up to 25 tokens need 7 pages each; 12 pages force preemptions.
-    tight = Engine(model, EngineConfig(**{**SMALL.__dict__, "num_pages": 12}))
+    tight = Engine(model, SMALL.replace(num_pages=12))
     want_greedy = roomy.generate(prompts, greedy)
     want_sampled = roomy.generate(prompts, sampled)
     assert tight.generate(prompts, greedy) == want_greedy
@@ -94,7 +94,7 @@ def test_many_sequence_batches_match_few_sequence_batches():
     model = tiny_model()
     prompts = _prompts(5, [3, 17, 30, 9, 1, 25, 12, 6, 21, 4, 14, 8, 19, 2, 27, 10])
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    wide = Engine(model, EngineConfig(
+    wide = Engine(model, EngineConfig.flat(
         page_size=4, num_pages=256, max_num_seqs=16, max_num_batched_tokens=64,
         min_token_bucket=16, min_seq_bucket=16, max_model_len=128))
     got = wide.generate(prompts, params)
@@ -154,7 +154,7 @@ def test_bad_input_is_refused_and_engine_keeps_serving(prompt, sampling, message
 
 
 def test_request_that_can_never_fit_is_refused():
-    engine = Engine(tiny_model(), EngineConfig(**{**SMALL.__dict__, "num_pages": 4}))
+    engine = Engine(tiny_model(), SMALL.replace(num_pages=4))
     with pytest.raises(ValueError, match="KV pages"):
         engine.add_request(list(range(3, 23)), SamplingParams(max_tokens=4))
     assert not engine.has_unfinished()

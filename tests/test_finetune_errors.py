@@ -22,9 +22,9 @@ from coserve_jax.finetune.data import Dataset
 
 from support import greedy_reference, tiny_model
 
-CONFIG = EngineConfig(page_size=4, num_pages=128, max_num_seqs=4, max_num_batched_tokens=32,
-                      min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_lora_rank=8,
-                      max_train_seqs=2, max_train_len=64)
+CONFIG = EngineConfig.flat(page_size=4, num_pages=128, max_num_seqs=4, max_num_batched_tokens=32,
+                           min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_lora_rank=8,
+                           max_train_seqs=2, max_train_len=64)
 
 
 @pytest.fixture(scope="module")

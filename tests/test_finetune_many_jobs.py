@@ -18,10 +18,10 @@ from coserve_jax.lora.config import ALL_TARGETS
 
 from support import relative_error, tiny_model
 
-CONFIG = EngineConfig(page_size=8, num_pages=128, max_num_seqs=8, max_num_batched_tokens=64,
-                      min_token_bucket=16, max_model_len=128, max_lora_rank=8,
-                      max_train_seqs=4, max_train_len=64, train_window=16, backward_layers=2,
-                      backward_pieces_per_step=2)
+CONFIG = EngineConfig.flat(page_size=8, num_pages=128, max_num_seqs=8, max_num_batched_tokens=64,
+                           min_token_bucket=16, max_model_len=128, max_lora_rank=8,
+                           max_train_seqs=4, max_train_len=64, train_window=16, backward_layers=2,
+                           backward_pieces_per_step=2)
 
 
 def _jobs(tok):

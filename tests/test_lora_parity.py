@@ -57,11 +57,11 @@ ADAPTERS = {
 # One bucket per engine (T=32, S=4, W=16 pages): a single compile of the step per model.
 # Prompts of up to 30 tokens plus 16 new ones fit in 64; batches of prompts above 32
 # tokens are chunked, so decodes run next to prefill chunks.
-SERVE_CONFIG = EngineConfig(
+SERVE_CONFIG = EngineConfig.flat(
     page_size=4, num_pages=128, max_num_seqs=4, max_num_batched_tokens=32,
     min_token_bucket=32, min_seq_bucket=4, min_page_bucket=16, max_model_len=64,
     max_lora_rank=8, max_train_seqs=0)
-TRAIN_CONFIG = EngineConfig(
+TRAIN_CONFIG = EngineConfig.flat(
     page_size=4, num_pages=128, max_num_seqs=4, max_num_batched_tokens=32,
     min_token_bucket=32, min_seq_bucket=4, min_page_bucket=16, max_model_len=64,
     max_lora_rank=8, max_train_seqs=1, max_train_len=64, train_window=16, backward_layers=1)

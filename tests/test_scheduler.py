@@ -31,7 +31,7 @@ BASE = dict(page_size=8, num_pages=256, max_num_seqs=8, max_num_batched_tokens=6
 
 
 def _engine(**overrides) -> Engine:
-    return Engine(tiny_model(), EngineConfig(**{**BASE, **overrides}))
+    return Engine(tiny_model(), EngineConfig.flat(**{**BASE, **overrides}))
 
 
 def _job(name="ft", steps=1000):
@@ -54,7 +54,7 @@ def _steps_with_latency(engine: Engine, times: dict[str, float]) -> None:
 def _synthetic_times(engine: Engine, per_token: float, piece: float) -> dict[str, float]:
     times = {bucket_key(b): per_token * b.num_tokens for b in engine.buckets}
     for n in engine.trainer.seq_buckets:
-        times[piece_key(n, engine.config.backward_layers)] = piece
+        times[piece_key(n, engine.config.finetune.backward_layers)] = piece
     return times
 
 
@@ -64,7 +64,7 @@ def test_parse_mode():
     with pytest.raises(ValueError, match="mode"):
         parse_mode("temporal:0")
     with pytest.raises(ValueError, match="mode"):
-        EngineConfig(mode="both")
+        EngineConfig.flat(mode="both")
 
 
 def test_policy_picks_largest_budget_within_limit():
@@ -327,5 +327,5 @@ def test_a_shorter_ready_piece_runs_when_the_furthest_one_does_not_fit():
     assert trainer.next_piece_shape(lambda shape: False) is None
     left = other.layers_left
     assert trainer.run_backward_piece(lambda shape: shape != big)
-    assert other.layers_left == left - engine.config.backward_layers
+    assert other.layers_left == left - engine.config.finetune.backward_layers
     assert not trainer.run_backward_piece(lambda shape: False)

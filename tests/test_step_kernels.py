@@ -1,7 +1,7 @@
 """The engine's step and backward pieces through the Pallas kernels (interpret mode on CPU)
 give what the jnp references give: the same greedy tokens, the same LoRA gradients.
 
-The kernel path is picked once, when the engine is built (``EngineConfig.kernels``).
+The kernel path is picked once, when the engine is built (``KernelConfig.impl``).
 Interpret mode is slow, so the engines here compile one or two small buckets each.
 """
 
@@ -37,10 +37,10 @@ PAGE_SIZE = 8
 
 def serving_config(kernels: str) -> EngineConfig:
     """One bucket (32 tokens, 4 sequences, 8 pages), two adapter slots, no finetuning."""
-    return EngineConfig(kernels=kernels, page_size=PAGE_SIZE, num_pages=48, max_model_len=64,
-                        max_num_seqs=4, max_num_batched_tokens=32, min_token_bucket=32,
-                        min_seq_bucket=4, min_page_bucket=8, max_adapters=2, max_lora_rank=8,
-                        max_train_seqs=0)
+    return EngineConfig.flat(kernels=kernels, page_size=PAGE_SIZE, num_pages=48, max_model_len=64,
+                             max_num_seqs=4, max_num_batched_tokens=32, min_token_bucket=32,
+                             min_seq_bucket=4, min_page_bucket=8, max_adapters=2, max_lora_rank=8,
+                             max_train_seqs=0)
 
 
 def serve(kernels: str) -> tuple[dict[str, list[int]], list[np.ndarray], str]:
@@ -121,13 +121,13 @@ def test_finetuning_gradients_through_the_kernels(impl, caplog):
 
 
 def test_bad_kernels_value_is_refused():
-    with pytest.raises(ValueError, match=r"EngineConfig\.kernels must be one of .*'interpret'"):
-        EngineConfig(kernels="fast")
-    with pytest.raises(ValueError, match=r"EngineConfig\.kernels"):
+    with pytest.raises(ValueError, match=r"KernelConfig\.impl must be one of .*'interpret'"):
+        EngineConfig.flat(kernels="fast")
+    with pytest.raises(ValueError, match=r"KernelConfig\.impl"):
         engine_config_from_args(argparse.Namespace(config=None, run_dir=None, kernels="fast"))
     config = engine_config_from_args(argparse.Namespace(config=None, run_dir=None,
                                                         kernels="interpret"))
-    assert config.kernels == "interpret"
+    assert config.kernels.impl == "interpret"
 
 
 def test_kernel_path_on_cpu_fails_at_engine_build():

@@ -36,7 +36,7 @@ def _job(steps):
 def test_trace_of_coserving_steps_has_step_annotations(tmp_path):
     # Compiling the first steps puts the request behind its TPOT target; spending banked
     # slack would then hold finetuning back until it caught up, past the traced steps.
-    engine = Engine(tiny_model(), EngineConfig(**CONFIG, spend_banked_slack=False))
+    engine = Engine(tiny_model(), EngineConfig.flat(**CONFIG, spend_banked_slack=False))
     engine.submit_job(_job(100))
     engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=30, ignore_eos=True))
     for _ in range(3):  # compile outside the trace
@@ -55,7 +55,7 @@ def test_trace_of_coserving_steps_has_step_annotations(tmp_path):
 
 
 def test_job_and_serving_scalars_in_event_files(tmp_path):
-    engine = Engine(tiny_model(), EngineConfig(**CONFIG, run_dir=str(tmp_path), log_every=5))
+    engine = Engine(tiny_model(), EngineConfig.flat(**CONFIG, run_dir=str(tmp_path), log_every=5))
     engine.submit_job(_job(6))
     engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=20, ignore_eos=True))
     while engine.has_unfinished():

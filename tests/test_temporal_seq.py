@@ -54,7 +54,7 @@ def test_each_finetuning_iteration_is_one_whole_sample_without_inference():
     rng = np.random.default_rng(7)
     lengths = [9, 30, 17, 25, 12, 33]
     seqs = [random_sequence(rng, n) for n in lengths]
-    engine = Engine(model, EngineConfig(
+    engine = Engine(model, EngineConfig.flat(
         page_size=4, num_pages=96, max_num_seqs=4, max_num_batched_tokens=16,
         min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_train_seqs=1,
         max_train_len=64, train_window=8, max_lora_rank=8, mode="temporal-seq:3"))

@@ -16,9 +16,9 @@ def main(checkpoint_dir: str, export_dir: str, steps: int) -> None:
     model = cj.load_model(cj.tiny_model_dir(), progress=False)
     data = from_records(synthetic_task("reverse", 64, seed=3), model.tokenizer,
                         DataConfig(max_seq_len=64))
-    engine = Engine(model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64,
-                                        max_model_len=128, max_train_seqs=2, train_window=16,
-                                        backward_layers=2, backward_pieces_per_step=2))
+    engine = Engine(model, EngineConfig.flat(max_num_seqs=4, max_num_batched_tokens=64,
+                                             max_model_len=128, max_train_seqs=2, train_window=16,
+                                             backward_layers=2, backward_pieces_per_step=2))
     job = FinetuneJob("durable", data, lora=LoraConfig(r=4, lora_alpha=8),
                       optimizer=OptimizerConfig(learning_rate=1e-3, schedule="cosine",
                                                 warmup_steps=3),

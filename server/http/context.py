@@ -56,9 +56,8 @@ class HttpContext:
             raise model_not_found(model) from None
 
     def max_model_len(self) -> int | None:
-        engine = self.backend.engine
-        config = getattr(engine, "config", None)
-        return getattr(config, "max_model_len", None) or getattr(engine, "max_model_len", None)
+        # The engine's derived length (the config's, capped by the model's limit).
+        return getattr(self.backend.engine, "max_model_len", None)
 
 
 def model_not_found(model: str) -> HttpError:

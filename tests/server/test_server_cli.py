@@ -35,7 +35,7 @@ def test_help(command, capsys):
 
 def test_engine_config_file(tmp_path):
     config = engine_config_from_file(os.path.join(ROOT, "configs", "demo.json"))
-    assert config.max_num_seqs == 8 and config.train_window == 32
+    assert config.buckets.max_num_seqs == 8 and config.finetune.train_window == 32
     (tmp_path / "bad.json").write_text(json.dumps({"max_num_seqs": 8, "typo": 1}))
     with pytest.raises(ValueError, match="typo"):
         engine_config_from_file(str(tmp_path / "bad.json"))

@@ -5,7 +5,6 @@ free the request's KV pages."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -29,9 +28,7 @@ from support import tiny_model
 
 # The demo's engine: tests and `make demo` share its compiled programs (XLA cache). The
 # server's own caps are under test here, so the engine's admission control stays off.
-_OFF = {"admission_control": False} if "admission_control" in {
-    f.name for f in dataclasses.fields(EngineConfig)} else {}
-CONFIG = EngineConfig(**DEMO_ENGINE, **_OFF)
+CONFIG = EngineConfig.flat(**DEMO_ENGINE, admission_control=False)
 STREAMS = 64
 
 
@@ -39,7 +36,7 @@ def backend() -> Backend:
     model = tiny_model()
     engine = Engine(model, CONFIG)  # buckets compile on first use, from the XLA cache
     return Backend(engine=engine, tokenizer=model.tokenizer, model_config=model.config,
-                   max_lora_rank=CONFIG.max_lora_rank,
+                   max_lora_rank=CONFIG.adapters.max_lora_rank,
                    max_train_len=engine.trainer.config.max_len, model_name=model.path)
 
 
@@ -116,7 +113,7 @@ def test_cancel_and_deadline_free_pages(served):
     server, client, _ = served
     idle = wait_for(lambda: (m := scrape(server.metrics_url))["coserve_kv_pages_used"] == 0
                     and m, what="an idle cache")
-    assert idle["coserve_kv_pages_total"] == CONFIG.num_pages
+    assert idle["coserve_kv_pages_total"] == CONFIG.cache.num_pages
     prompt = list(range(10, 40))
     call = client.stream(generate_request(prompt, max_tokens=200, ignore_eos=True))
     next(call)

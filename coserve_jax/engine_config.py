@@ -1,0 +1,282 @@
+"""The engine's configuration, in parts, and the lengths and bucket axes derived from it.
+
+``EngineConfig`` composes small frozen parts: the KV cache, the step buckets, the adapter
+slots, finetuning, scheduling, telemetry and kernels. Each part checks its own fields; the
+whole checks what spans parts. ``EngineConfig.flat(page_size=4, mode="coserve", ...)``
+builds one from the flat field names (``kernels`` is ``KernelConfig.impl``).
+
+``derive_lengths`` turns a model and an engine config into the lengths and bucket axes that
+both the engine and ``coserve plan`` use, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from coserve_jax.batch import powers_of_two
+from coserve_jax.lora.config import ALL_TARGETS
+from coserve_jax.policy import parse_mode
+from coserve_jax.slo import SLO
+from pallas_kernels.dispatch import IMPLS as KERNEL_IMPLS
+
+
+def _check(part, minimum: int, *names: str) -> None:
+    """Each field in ``names`` is an integer >= ``minimum`` (1 or 0)."""
+    for name in names:
+        value = getattr(part, name)
+        if not isinstance(value, int) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else "an integer >= 0"
+            raise ValueError(f"{type(part).__name__}.{name} must be {kind}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache and the longest sequence it serves."""
+
+    page_size: int = 16
+    """Tokens per KV page."""
+    num_pages: int = 512
+    """KV pages in the cache (shared by all sequences)."""
+    max_model_len: int | None = None
+    """Longest prompt plus output; None means min(model limit, 2048)."""
+
+    def __post_init__(self):
+        _check(self, 1, "page_size", "num_pages")
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketConfig:
+    """The shapes one iteration is padded to: every bucket is compiled once."""
+
+    max_num_seqs: int = 16
+    """Sequences per step at most (the largest sequence bucket)."""
+    max_num_batched_tokens: int = 128
+    """Token budget of one iteration (the largest token bucket)."""
+    min_token_bucket: int = 16
+    """Smallest token bucket; buckets double up to max_num_batched_tokens."""
+    min_seq_bucket: int = 4
+    """Smallest sequence bucket; buckets double up to max_num_seqs."""
+    min_page_bucket: int = 8
+    """Smallest page-table width bucket; buckets double up to the pages of max_model_len.
+    The reference attention reads every column, so short contexts use narrow tables."""
+
+    def __post_init__(self):
+        _check(self, 1, "max_num_seqs", "max_num_batched_tokens", "min_token_bucket",
+               "min_seq_bucket", "min_page_bucket")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSlotsConfig:
+    """The LoRA adapter slots that serving and training share."""
+
+    max_adapters: int = 4
+    """LoRA adapter slots (serving and training share them); 0 disables LoRA."""
+    max_lora_rank: int = 16
+    """Rank every slot is padded to; adapters of higher rank are refused."""
+    lora_target_modules: tuple[str, ...] = ALL_TARGETS
+    """Projections the slots carry."""
+
+    def __post_init__(self):
+        _check(self, 0, "max_adapters")
+        _check(self, 1, "max_lora_rank")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Finetuning inside the engine: sequences in flight and the backward pieces."""
+
+    max_train_seqs: int = 2
+    """Finetuning sequences in flight at once (activation store rows); 0 disables finetuning."""
+    max_train_len: int | None = None
+    """Longest finetuning sequence in tokens; None means min(512, max_model_len)."""
+    train_window: int = 64
+    """Tokens of one training sequence's forward per iteration at most."""
+    backward_layers: int = 1
+    """Layers per backward piece (must divide the model's layers): the piece-size knob."""
+    backward_pieces_per_step: int = 1
+    """Backward pieces run after each step at most."""
+    backward_attention_block: int = 256
+    """Queries per attention block in backward pieces (bounds their attention memory)."""
+    backward_block: int = 0
+    """Tokens per backward piece for training sequences longer than this: such a sequence
+    is pulled back one layer and one token block at a time, so a piece's cost is bounded
+    by the block rather than the sequence and fits beside a decode step; 0 keeps every
+    piece over the whole sequence. A power of two; single device only."""
+
+    def __post_init__(self):
+        _check(self, 1, "train_window", "backward_layers", "backward_pieces_per_step",
+               "backward_attention_block")
+        _check(self, 0, "max_train_seqs", "backward_block")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulingConfig:
+    """How iterations are filled, and which requests are admitted: never a shape."""
+
+    mode: str = "coserve"
+    """coserve, inference-only, finetune-only; temporal-seq:N or temporal-seq:dynamic
+    (FlexLLM's temporal sharing: one whole sample, forward and full backward, every N
+    iterations); temporal:N or temporal:dynamic (the token-level ablation). See
+    ``coserve_jax.policy``."""
+    spend_banked_slack: bool = True
+    """coserve: a request served faster than its TPOT target so far may absorb a longer
+    iteration (TPOT is a mean over the request). False keeps every iteration within the
+    safety margin of the tightest target."""
+    default_ttft_s: float = 5.0
+    """TTFT target of requests that set none (arrival to first token, queueing included)."""
+    default_tpot_s: float = 0.1
+    """TPOT target of requests that set none (mean time per output token after the first)."""
+    max_waiting: int = 1024
+    """Requests queued at most; more are refused at admission."""
+    admission_control: bool = True
+    """Refuse requests whose TTFT target the queue ahead of them already makes impossible."""
+    overlap_host: bool = True
+    """Plan and dispatch iteration i+1 while iteration i runs on the device, so host time
+    hides behind device time (sampled tokens feed the next step on the device). False runs
+    the synchronous loop: schedule, run, read back, update. Temporal-sharing modes always
+    run synchronously (their dynamic period is set from each iteration's own time)."""
+
+    def __post_init__(self):
+        parse_mode(self.mode)
+        SLO(self.default_ttft_s, self.default_tpot_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryConfig:
+    """Where the engine writes what it measures."""
+
+    run_dir: str | None = None
+    """TensorBoard event files (job and serving scalars) go here; None writes none."""
+    log_every: int = 50
+    """Iterations between serving scalars."""
+    latency_model_dir: str | None = None
+    """Where the measured latency model is kept; None means the cache root."""
+
+    def __post_init__(self):
+        _check(self, 1, "log_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Which implementations the programs run, and where their compilations are kept."""
+
+    impl: str = "auto"
+    """Attention and LoRA implementations of the step and the backward pieces, chosen once
+    when the engine is built: "auto" (the kernels on GPU and TPU, the jnp references on
+    CPU; $COSERVE_KERNELS overrides it), "kernel" (needs a GPU or TPU), "reference", or
+    "interpret" (the Pallas kernels in interpret mode, for CPU tests). Sharded engines
+    run the Pallas kernels under shard_map (jax's TPU kernels are not wrapped: a sharded
+    TPU engine runs the references)."""
+    compilation_cache_dir: str | None = None
+    """JAX persistent compilation cache; None means $COSERVE_XLA_CACHE or ~/.cache."""
+
+    def __post_init__(self):
+        if self.impl not in KERNEL_IMPLS:
+            raise ValueError(f"KernelConfig.impl must be one of "
+                             f"{', '.join(map(repr, KERNEL_IMPLS))}, got {self.impl!r}")
+
+
+_PARTS: dict[str, type] = {
+    "cache": CacheConfig, "buckets": BucketConfig, "adapters": AdapterSlotsConfig,
+    "finetune": FinetuneConfig, "scheduling": SchedulingConfig,
+    "telemetry": TelemetryConfig, "kernels": KernelConfig,
+}
+FLAT_FIELDS: dict[str, tuple[str, str]] = {
+    ("kernels" if cls is KernelConfig and f.name == "impl" else f.name): (part, f.name)
+    for part, cls in _PARTS.items() for f in dataclasses.fields(cls)
+}
+"""Flat field name (the single-level config of old) -> (part, field of the part)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Capacity and shape settings of one engine, in parts."""
+
+    cache: CacheConfig = CacheConfig()
+    """The paged KV cache and the longest sequence."""
+    buckets: BucketConfig = BucketConfig()
+    """The step's token, sequence and page-table buckets."""
+    adapters: AdapterSlotsConfig = AdapterSlotsConfig()
+    """LoRA adapter slots."""
+    finetune: FinetuneConfig = FinetuneConfig()
+    """Finetuning sequences in flight and the backward pieces."""
+    scheduling: SchedulingConfig = SchedulingConfig()
+    """Scheduling mode, SLO defaults and admission."""
+    telemetry: TelemetryConfig = TelemetryConfig()
+    """TensorBoard scalars and the latency model's directory."""
+    kernels: KernelConfig = KernelConfig()
+    """Kernel implementations and the compilation cache."""
+
+    def __post_init__(self):
+        for part, cls in _PARTS.items():
+            if not isinstance(getattr(self, part), cls):
+                raise TypeError(f"EngineConfig.{part} must be a {cls.__name__}, "
+                                f"got {getattr(self, part)!r}")
+        if self.finetune.max_train_seqs and not self.adapters.max_adapters:
+            raise ValueError("finetuning (max_train_seqs > 0) needs max_adapters > 0")
+        if self.buckets.max_num_seqs > self.buckets.max_num_batched_tokens:
+            raise ValueError("BucketConfig.max_num_seqs cannot exceed max_num_batched_tokens")
+
+    @classmethod
+    def flat(cls, **fields) -> EngineConfig:
+        """A config from the flat field names (``FLAT_FIELDS``), the rest defaults."""
+        return cls().replace(**fields)
+
+    def replace(self, **flat_fields) -> EngineConfig:
+        """A copy with the named flat fields replaced; an unknown name raises ``TypeError``."""
+        changes: dict[str, dict] = {}
+        for name, value in flat_fields.items():
+            if name not in FLAT_FIELDS:
+                raise TypeError(f"EngineConfig has no field {name!r}")
+            part, field = FLAT_FIELDS[name]
+            changes.setdefault(part, {})[field] = value
+        return dataclasses.replace(self, **{
+            part: dataclasses.replace(getattr(self, part), **fields)
+            for part, fields in changes.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Lengths:
+    """Lengths and bucket axes an engine config gives one model."""
+
+    max_model_len: int
+    """Longest prompt plus output: min(model limit, ``CacheConfig.max_model_len`` or 2048)."""
+    max_pages_per_seq: int
+    """KV pages of a sequence at ``max_model_len`` (the widest page table)."""
+    max_train_len: int
+    """Longest finetuning sequence: ``FinetuneConfig.max_train_len`` or min(512,
+    ``max_model_len``)."""
+    token_buckets: tuple[int, ...]
+    """Token axis of the step buckets: doubling from ``min_token_bucket`` up to
+    ``max_num_batched_tokens``."""
+    seq_buckets: tuple[int, ...]
+    """Sequence axis of the step buckets: doubling up to ``max_num_seqs``."""
+    page_buckets: tuple[int, ...]
+    """Page-table width axis of the step buckets: doubling up to ``max_pages_per_seq``."""
+    train_seq_buckets: tuple[int, ...]
+    """Sequence-length buckets of the backward pieces: doubling from
+    min(``TrainerConfig.min_seq_bucket``, ``max_train_len``) up to ``max_train_len``."""
+
+
+def derive_lengths(model_config, engine_config: EngineConfig) -> Lengths:
+    """The lengths and bucket axes of ``engine_config`` for a model (a ``ModelConfig``).
+    Raises ``ValueError`` when the engine finetunes and ``max_train_len`` is outside
+    [2, ``max_model_len``]."""
+    from coserve_jax.finetune.trainer import TrainerConfig
+
+    ec, b = engine_config, engine_config.buckets
+    max_model_len = min(model_config.max_position_embeddings, ec.cache.max_model_len or 2048)
+    max_pages_per_seq = -(-max_model_len // ec.cache.page_size)
+    max_train_len = ec.finetune.max_train_len or min(512, max_model_len)
+    if ec.finetune.max_train_seqs and not 2 <= max_train_len <= max_model_len:
+        raise ValueError(f"FinetuneConfig.max_train_len ({max_train_len}) must be in "
+                         f"[2, model length {max_model_len}]")
+    min_train_bucket = TrainerConfig.min_seq_bucket
+    return Lengths(
+        max_model_len=max_model_len, max_pages_per_seq=max_pages_per_seq,
+        max_train_len=max_train_len,
+        token_buckets=powers_of_two(b.min_token_bucket, b.max_num_batched_tokens),
+        seq_buckets=powers_of_two(min(b.min_seq_bucket, b.max_num_seqs), b.max_num_seqs),
+        page_buckets=powers_of_two(min(b.min_page_bucket, max_pages_per_seq),
+                                   max_pages_per_seq),
+        train_seq_buckets=powers_of_two(min(min_train_bucket, max_train_len), max_train_len))
