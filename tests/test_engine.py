@@ -197,3 +197,29 @@ def test_compilation_counter_sees_compiles():
     with count_compilations() as compiled:
         jax.jit(lambda x: x * 3 + 1)(np.float32(2.0))
     assert compiled["n"] >= 1
+
+
+def test_overlapped_loop_gives_the_synchronous_outputs():
+    """Planning iteration i+1 while i runs (tokens fed on the device) changes no output:
+    greedy and seeded sampling, stop tokens, max_tokens and preemption (few pages)."""
+    model = tiny_model()
+    prompts = _prompts(5, [3, 17, 30, 9, 1, 25, 12])
+
+    def run(overlap: bool, stops=None) -> tuple[dict, int]:
+        engine = Engine(model, SMALL.replace(overlap_host=overlap, num_pages=20))
+        assert engine.overlap is overlap
+        ids = [engine.add_request(p, SamplingParams(
+            max_tokens=8 + i % 3, temperature=0.9 if i % 2 else 0.0, seed=i, ignore_eos=True,
+            stop_token_ids=[] if stops is None else [stops[i]]), request_id=f"r{i}")
+            for i, p in enumerate(prompts)]
+        return _drain(engine, ids), engine.num_preemptions
+
+    plain, preempted = run(False)
+    assert preempted > 0
+    assert run(True)[0] == plain
+    # Each request stops on its 4th token: the overlapped loop has planned one more token
+    # by then, which it drops.
+    stops = [plain[f"r{i}"][3] for i in range(len(prompts))]
+    stopped, _ = run(False, stops)
+    assert all(len(out) <= 4 for out in stopped.values())
+    assert run(True, stops)[0] == stopped

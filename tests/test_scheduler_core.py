@@ -1,0 +1,124 @@
+"""The scheduler alone, with no model, no runner and no device: plans, pages, preemption,
+outputs matched by request id, and iterations planned while the previous one is in flight."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coserve_jax.batch import Bucket
+from coserve_jax.kv_cache import PageAllocator
+from coserve_jax.latency import LatencyModel
+from coserve_jax.policy import Policy
+from coserve_jax.sampling import SamplingParams
+from coserve_jax.scheduler import IterationPlan, Request, Scheduler
+from coserve_jax.slo import SLO
+
+EOS = 2
+
+
+def _scheduler(num_pages: int = 64, max_num_seqs: int = 4, budget: int = 16) -> Scheduler:
+    buckets = tuple(Bucket(t, s, w) for t in (8, 16) for s in (2, 4) for w in (4, 8)
+                    if s <= t and t <= budget and s <= max_num_seqs)
+    return Scheduler(buckets=buckets, page_size=4, max_num_seqs=max_num_seqs,
+                     max_num_batched_tokens=budget, max_pages_per_seq=8, max_waiting=100,
+                     admission_control=False,
+                     allocator=PageAllocator(num_pages, 4, 8), latency=LatencyModel(),
+                     policy=Policy("inference-only"), eos_token_ids=(EOS,))
+
+
+def _add(s: Scheduler, rid: str, prompt_len: int, max_tokens: int, **params) -> Request:
+    req = Request(rid, list(range(10, 10 + prompt_len)),
+                  SamplingParams(max_tokens=max_tokens, **params), seed=0,
+                  arrival_index=next(s.arrivals), arrival_time=0.0, slo=SLO(10.0, 1.0))
+    s.add(req)
+    return req
+
+
+def _sample(plan: IterationPlan, token_of) -> np.ndarray:
+    """A step's samples, as a device would draw them: row i gets ``token_of(request_id,
+    tokens the request sampled before)`` (the batch's ``sample_counts``, which count the
+    tokens in flight too)."""
+    return np.array([token_of(row.request.request_id, int(plan.batch.sample_counts[i]))
+                     for i, row in enumerate(plan.rows)], np.int32)
+
+
+def _run(s: Scheduler, token_of, overlap: bool) -> tuple[dict[str, list[int]], list]:
+    """Drives schedule/update to the end, with updates one iteration late when
+    ``overlap``; returns each request's output and every plan."""
+    outputs: dict[str, list[int]] = {}
+    plans, pending = [], None
+    while s.has_requests() or pending is not None:
+        plan = s.schedule()
+        plans.append(plan)
+        launched = (plan, _sample(plan, token_of)) if plan.batch is not None else None
+        if not overlap:
+            pending, launched = launched, None
+        if pending is not None:
+            for out in s.update(*pending):
+                outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        pending = launched
+    return outputs, plans
+
+
+def test_plans_chunked_prefill_then_decodes_and_matches_outputs_by_request_id():
+    s = _scheduler()
+    _add(s, "a", 3, 4, ignore_eos=True)
+    _add(s, "b", 20, 3, ignore_eos=True)  # more than the 16-token budget: chunked
+    outputs, plans = _run(s, lambda rid, n: 100 + n if rid == "a" else 200 + n, overlap=False)
+    assert outputs == {"a": [100, 101, 102, 103], "b": [200, 201, 202]}
+    first = plans[0]
+    assert [(r.request.request_id, r.num_tokens, r.samples) for r in first.rows] == [
+        ("a", 3, True), ("b", 13, False)]
+    assert first.batch.token_ids[:3].tolist() == [10, 11, 12]
+    assert s.allocator.usage().used_pages == 0 and not s.requests
+
+
+def test_overlapped_plans_feed_decodes_from_the_device_and_stop_exactly():
+    """Planned one iteration ahead, outputs are those of the synchronous loop: a decode whose
+    token is still in flight reads it from the previous step's samples (feed_rows), a stop
+    token ends the request although one more token was planned, and max_tokens is never
+    planned past."""
+    def token_of(rid, n):
+        return EOS if (rid == "a" and n == 2) else 50 + n
+
+    runs = {}
+    for overlap in (False, True):
+        s = _scheduler()
+        _add(s, "a", 5, 8)  # stops on EOS as its 3rd token
+        _add(s, "b", 6, 3, ignore_eos=True)  # stops at max_tokens
+        runs[overlap], plans = _run(s, token_of, overlap)
+        assert s.allocator.usage().used_pages == 0 and not s.requests
+        if overlap:
+            # The second plan was made before the first's tokens were known: both decodes
+            # read their token from row r of the previous step.
+            second = plans[1]
+            starts = np.flatnonzero(np.diff(np.r_[-1, second.batch.seq_ids]) != 0)
+            assert second.batch.feed_rows[starts[:2]].tolist() == [0, 1]
+            # No plan asks b for a 4th token.
+            assert sum(r.samples for p in plans for r in p.rows
+                       if r.request.request_id == "b") == 3
+    assert runs[True] == runs[False] == {"a": [50, 51, EOS], "b": [50, 51, 52]}
+
+
+def test_preemption_recomputes_and_keeps_outputs():
+    # 5 pages of 4 tokens: two requests that grow to 11 cached tokens (3 pages) each
+    # cannot both fit.
+    for overlap in (False, True):
+        s = _scheduler(num_pages=5)
+        _add(s, "old", 6, 6, ignore_eos=True)
+        _add(s, "new", 6, 6, ignore_eos=True)
+        outputs, _ = _run(s, lambda rid, n: 30 + n, overlap)
+        assert outputs == {"old": [30 + i for i in range(6)], "new": [30 + i for i in range(6)]}
+        assert s.num_preemptions > 0
+        assert s.allocator.usage().used_pages == 0
+
+
+def test_abort_drops_a_request_whose_token_is_in_flight():
+    s = _scheduler()
+    _add(s, "a", 4, 5, ignore_eos=True)
+    _add(s, "b", 4, 5, ignore_eos=True)
+    plan = s.schedule()  # prefill of both, a token of each in flight
+    assert s.abort("a") and not s.abort("a")
+    outs = s.update(plan, _sample(plan, lambda rid, n: 7))
+    assert [o.request_id for o in outs] == ["b"]
+    assert s.allocator.page_table("b") and "a" not in s.requests
