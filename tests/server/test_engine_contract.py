@@ -29,7 +29,7 @@ from server.service import ServiceError, classify
 from support import tiny_model
 
 # Small enough to compile quickly on CPU; two adapter slots, so capacity is reachable.
-CONFIG = EngineConfig(page_size=4, num_pages=64, max_num_seqs=2, max_num_batched_tokens=16,
+CONFIG = EngineConfig.flat(page_size=4, num_pages=64, max_num_seqs=2, max_num_batched_tokens=16,
                       min_token_bucket=8, min_seq_bucket=2, max_model_len=64,
                       max_adapters=2, max_lora_rank=8, max_train_seqs=1, max_train_len=32,
                       admission_control=False)
