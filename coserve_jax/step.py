@@ -1,10 +1,9 @@
-"""The co-serving step and the backward piece: the one place where jit and donation happen.
+"""The co-serving step, the backward pieces and the whole-sample baseline, as pure functions.
 
-JIT rules: both are pure functions of arrays; every Python-level choice (model
-config, whether finetuning tokens are present, piece size) is fixed when the
-function is built or passed as a static argument, and array shapes come only
-from buckets, so steady state never recompiles. The KV cache and the
-finetuning buffers are donated.
+They are pure functions of arrays; every Python-level choice (model config, whether
+finetuning tokens are present, piece size) is a bound or static argument, and array
+shapes come only from buckets. ``programs.py`` jits them (the one module that does,
+with their donation and shardings) and the runner runs them.
 
 One iteration runs the step (inference tokens and finetuning forward windows
 in one ragged batch) and, when there is one, a backward piece right after it.
