@@ -30,9 +30,9 @@ from support import tiny_model
 
 # Small enough to compile quickly on CPU; two adapter slots, so capacity is reachable.
 CONFIG = EngineConfig.flat(page_size=4, num_pages=64, max_num_seqs=2, max_num_batched_tokens=16,
-                      min_token_bucket=8, min_seq_bucket=2, max_model_len=64,
-                      max_adapters=2, max_lora_rank=8, max_train_seqs=1, max_train_len=32,
-                      admission_control=False)
+                           min_token_bucket=8, min_seq_bucket=2, max_model_len=64,
+                           max_adapters=2, max_lora_rank=8, max_train_seqs=1, max_train_len=32,
+                           admission_control=False)
 
 
 @pytest.fixture(params=["engine", "mock"])
@@ -41,11 +41,12 @@ def engine(request):
     if request.param == "engine":
         engine = Engine(tiny_model(), CONFIG)
     else:
-        engine = MockEngine(max_num_seqs=CONFIG.max_num_seqs, num_pages=CONFIG.num_pages,
-                            page_size=CONFIG.page_size, max_model_len=CONFIG.max_model_len,
-                            max_adapters=CONFIG.max_adapters,
-                            max_lora_rank=CONFIG.max_lora_rank,
-                            max_train_len=CONFIG.max_train_len, step_delay=0)
+        c = CONFIG
+        engine = MockEngine(max_num_seqs=c.buckets.max_num_seqs, num_pages=c.cache.num_pages,
+                            page_size=c.cache.page_size, max_model_len=c.cache.max_model_len,
+                            max_adapters=c.adapters.max_adapters,
+                            max_lora_rank=c.adapters.max_lora_rank,
+                            max_train_len=c.finetune.max_train_len, step_delay=0)
     yield engine
     engine.close()
 
@@ -135,7 +136,7 @@ def test_adapter_errors(engine):
         engine.load_adapter(_adapter(engine, "a"))
     engine.load_adapter(_adapter(engine, "a"), replace=True)
     with pytest.raises(InvalidRequest, match="rank"):
-        engine.load_adapter(_adapter(engine, "wide", r=CONFIG.max_lora_rank * 2))
+        engine.load_adapter(_adapter(engine, "wide", r=CONFIG.adapters.max_lora_rank * 2))
     bad = _adapter(engine, "bad")
     bad.a["q_proj"] = np.zeros((1, 2, 4), np.float32)
     with pytest.raises(InvalidRequest, match="q_proj"):
@@ -166,7 +167,7 @@ def test_job_errors(engine):
             call("nope")
 
     with pytest.raises(InvalidRequest, match="trains at most"):
-        engine.submit_job(_job("long", length=CONFIG.max_train_len + 1))
+        engine.submit_job(_job("long", length=CONFIG.finetune.max_train_len + 1))
     progress = engine.submit_job(_job("j"))
     assert progress.name == "j" and progress.state == "running" and progress.step == 0
     assert engine.job_progress("j").state == "running"
