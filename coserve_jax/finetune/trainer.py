@@ -395,7 +395,7 @@ class Trainer:
         """Runs the proposal of ``propose_windows`` made against the current state: starts
         its new sequences, grows their pages and books the tokens. Returns each window's
         sequence and batch chunk, in order."""
-        out = []
+        out, done = [], []
         for w in windows:
             f = w.seq if w.seq is not None else self._start_sequence(w.run)
             table = self.allocator.grow(f.kv_id, w.start + w.n)
@@ -406,9 +406,13 @@ class Trainer:
                 act_base=f.act_slot * self.config.max_len)))
             w.run.tokens_scheduled += w.n
             f.forwarded += w.n
-            if f.forwarded == f.length:  # its pages can go: the backward reads no KV
-                self.allocator.free(f.kv_id)
+            if f.forwarded == f.length:  # ready for its backward, which reads no KV
                 f.layers_left, f.rows_left = self.cfg.num_layers, f.length
+                done.append(f.kv_id)
+        # Pages of finished forwards go only now: this step still writes them, so no other
+        # window of the same step may be given them (a later step may: it runs after).
+        for kv_id in done:
+            self.allocator.free(kv_id)
         return out
 
     def forward_windows(self, budget: int, max_seqs: int) -> list[tuple[InFlight, SeqChunk]]:
