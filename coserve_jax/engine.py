@@ -46,6 +46,7 @@ from coserve_jax.slo import SLO, RequestMetrics
 from coserve_jax.step import STEP_PROGRAM_VERSION, StepOutput, step_kernels
 from coserve_jax.telemetry import Profiler, ScalarWriter, backward_label, forward_label
 from coserve_jax.tiny_model import cache_root
+from sharding.layout import Layout
 
 __all__ = ["Engine", "EngineConfig", "Request", "RequestOutput", "StepInfo"]
 
@@ -85,11 +86,9 @@ class Engine:
         mc = model.config
         # A ``jax.sharding.Mesh`` (sharding.make_mesh) serves sharded: weights, KV pages,
         # adapter slots and finetuning state each get their layout (sharding/layout.py).
-        self.layout = None
-        if mesh is not None:
-            from sharding.layout import Layout
-
-            self.layout = Layout(mesh, mc)
+        # Without one the layout is a mesh of one device: the same code path.
+        self.layout = Layout.single(mc) if mesh is None else Layout(mesh, mc)
+        if self.layout.sharded:
             self.model = model = self.layout.place_model(model)
         # Lengths and bucket axes, as `coserve plan` derives them (engine_config.py).
         self.lengths = lengths = derive_lengths(mc, config)
@@ -109,13 +108,13 @@ class Engine:
         modules = slot_modules(adapters.lora_target_modules)
         slots = train = None
         if adapters.max_adapters:
-            slots = self._zeros(AdapterSlots.zeros, mc, adapters.max_adapters,
-                                adapters.max_lora_rank, modules, model.dtype)
+            slots = self.layout.zeros(AdapterSlots.zeros, mc, adapters.max_adapters,
+                                      adapters.max_lora_rank, modules, model.dtype)
         if trainer_config is not None:
             train = self._train_buffers(trainer_config, slots)
         self.runner = Runner(
-            mc, model.params, kv=self._zeros(KVCache.zeros, mc, cache.num_pages,
-                                             cache.page_size, model.dtype),
+            mc, model.params, kv=self.layout.zeros(KVCache.zeros, mc, cache.num_pages,
+                                                   cache.page_size, model.dtype),
             feed_size=config.buckets.max_num_seqs, slots=slots, train=train,
             kernels=self.kernels, attention_block=ft.backward_attention_block,
             layout=self.layout)
@@ -134,11 +133,10 @@ class Engine:
              for train in ((False, True) if self.trainer else (False,))
              if s <= t),
             key=lambda b: (b.num_tokens, b.num_pages, b.num_seqs)))
-        if self.layout is not None:
-            self.layout.check_divides_tokens(lengths.token_buckets, "token buckets")
+        self.layout.check_divides_tokens(lengths.token_buckets, "token buckets")
         sched = config.scheduling
         self.policy = Policy(sched.mode, spend_banked=sched.spend_banked_slack)
-        if self.policy.whole_samples and self.layout is not None:
+        if self.policy.whole_samples and self.layout.sharded:
             raise ValueError(f"mode {sched.mode} runs whole samples on one device; use "
                              f"coserve or temporal:N on a mesh")
         # Keyed by what sets step times: hardware, model and the engine's shapes (the
@@ -177,22 +175,14 @@ class Engine:
         self._logged = {"finished": 0, "counters": collections.Counter()}
 
     def _train_buffers(self, tc: TrainerConfig, slots) -> TrainBuffers:
-        mc, dtype = self.model.config, self.model.dtype
-        seq_buckets = train_seq_buckets(tc)
-        if self.layout is None:
-            return TrainBuffers.zeros(mc, slots, tc.max_seqs, tc.max_len, dtype,
-                                      blocks=tc.block > 0)
-        if tc.block:
-            raise ValueError("token-block backward pieces (EngineConfig.backward_block) "
+        if tc.block and self.layout.sharded:
+            raise ValueError("token-block backward pieces (FinetuneConfig.backward_block) "
                              "run on one device; use backward_block=0 on a mesh")
-        self.layout.check_divides_tokens(seq_buckets, "backward sequence buckets")
+        self.layout.check_divides_tokens(train_seq_buckets(tc), "backward sequence buckets")
         # One partial gradient sum per data shard (see TrainBuffers).
-        return self.layout.zeros(TrainBuffers.zeros, mc, slots, tc.max_seqs, tc.max_len,
-                                 dtype, groups=self.layout.data_size)
-
-    def _zeros(self, fn, *args):
-        """``fn(*args)``'s zeros, built directly in their layout on a mesh."""
-        return fn(*args) if self.layout is None else self.layout.zeros(fn, *args)
+        return self.layout.zeros(TrainBuffers.zeros, self.model.config, slots, tc.max_seqs,
+                                 tc.max_len, self.model.dtype, groups=self.layout.data_size,
+                                 blocks=tc.block > 0)
 
     # ----- what the scheduler holds ---------------------------------------------------------
 

@@ -50,47 +50,59 @@ from pallas_kernels.dispatch import Kernels
 def build_step(cfg: ModelConfig, return_logits: bool = False, layout=None,
                kernels: Kernels | None = None):
     """``step(params, slots, kv, train, feed, batch, with_train=...) -> (kv, train, feed,
-    StepOutput)`` (``step.step_fn``), with ``kv``, ``train`` and ``feed`` donated.
-    ``kernels`` (from ``step_kernels``; None resolves the default, "auto") picks the
-    attention and LoRA implementations."""
+    StepOutput)`` (``step.step_fn``), with ``kv``, ``train`` and ``feed`` donated, every
+    input and output in its sharding on ``layout``'s mesh (None: one device,
+    ``Layout.single``). ``kernels`` (from ``step_kernels``; None resolves the default,
+    "auto") picks the attention and LoRA implementations."""
+    layout = _layout(cfg, layout)
     return _build_step(cfg, return_logits, layout, _resolved(kernels, layout))
 
 
 @functools.cache
 def _build_step(cfg: ModelConfig, return_logits: bool, layout, kernels: Kernels):
-    if layout is None:
-        fn = functools.partial(step_fn, cfg, return_logits=return_logits, kernels=kernels)
-        return jax.jit(fn, donate_argnums=(2, 3, 4), static_argnames=("with_train",))
-    fn = functools.partial(step_fn, cfg, return_logits=return_logits, hints=layout.hints,
-                           kernels=_on_mesh(kernels, layout))
+    fn = functools.partial(step_fn, cfg, return_logits=return_logits, **_sharded(layout, kernels))
     return layout.jit_step(fn, StepOutput.specs(return_logits), TOKEN_FIELDS)
 
 
 def build_backward_piece(cfg: ModelConfig, attention_block: int = 256, layout=None,
                          kernels: Kernels | None = None):
     """``backward(params, slots, train, piece, num_layers=..., seq_len=...) -> train``
-    (``step.backward_piece_fn``), with ``train`` donated."""
+    (``step.backward_piece_fn``), with ``train`` donated, laid out as ``build_step``."""
+    layout = _layout(cfg, layout)
     return _build_backward_piece(cfg, attention_block, layout, _resolved(kernels, layout))
 
 
 @functools.cache
 def _build_backward_piece(cfg: ModelConfig, attention_block: int, layout, kernels: Kernels):
-    if layout is None:
-        fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block,
-                               kernels=kernels)
-        return jax.jit(fn, donate_argnums=(2,), static_argnames=("num_layers", "seq_len"))
     fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block,
-                           hints=layout.hints, kernels=_on_mesh(kernels, layout))
+                           **_sharded(layout, kernels))
     return layout.jit_backward(fn)
+
+
+def _layout(cfg: ModelConfig, layout):
+    if layout is not None:
+        return layout
+    from sharding.layout import Layout
+
+    return Layout.single(cfg)
+
+
+def _sharded(layout, kernels: Kernels) -> dict:
+    """What a program built for ``layout`` is given: on a mesh of several devices the
+    sharding hints and the kernels placed on the mesh; on one device neither (the plain
+    single-device computation)."""
+    if not layout.sharded:
+        return {"kernels": kernels}
+    return {"hints": layout.hints, "kernels": _on_mesh(kernels, layout)}
 
 
 def build_backward_block(cfg: ModelConfig, layout=None, kernels: Kernels | None = None):
     """``block(params, slots, train, piece, seq_len=..., block=...) -> train``
     (``step.backward_block_fn``), with ``train`` donated; one compilation per (sequence
     bucket, block). Single device only."""
-    if layout is not None:
-        raise ValueError("token-block backward pieces (EngineConfig.backward_block) run on "
-                         "one device; a sharded engine runs whole-sequence pieces")
+    if layout is not None and layout.sharded:
+        raise ValueError("token-block backward pieces (FinetuneConfig.backward_block) run "
+                         "on one device; a sharded engine runs whole-sequence pieces")
     return _build_backward_block(cfg, _resolved(kernels, None))
 
 
@@ -105,7 +117,7 @@ def build_sample_grads(cfg: ModelConfig, attention_block: int = 256, layout=None
     """``sample(params, slots, train, tokens, labels, weights, slot) -> (train, loss)``
     (``step.sample_grads_fn``), with ``train`` donated; one compilation per sample-length
     bucket. Single device only: the baseline it serves is measured on one device."""
-    if layout is not None:
+    if layout is not None and layout.sharded:
         raise ValueError("whole-sample finetuning (temporal-seq modes) runs on one device; "
                          "use coserve or temporal:N on a mesh")
     return _build_sample_grads(cfg, attention_block, _resolved(kernels, None))
@@ -118,44 +130,34 @@ def _build_sample_grads(cfg: ModelConfig, attention_block: int, kernels: Kernels
     return jax.jit(fn, donate_argnums=(2,))
 
 
-def build_write_slot(layout=None):
+def build_write_slot(layout):
     """``write(slots, index, a, b, scale) -> slots`` (``lora.slots.write_slot_fn``): one slot
     rewritten in place, the table donated; its shapes never change, so it compiles once."""
-    if layout is None:
-        return _write_slot
+    return _build_write_slot(layout)
+
+
+@functools.cache
+def _build_write_slot(layout):
     return layout.jit_state(write_slot_fn, donate_argnums=(0,))
 
 
-_write_slot = jax.jit(write_slot_fn, donate_argnums=0)
-
-
+@functools.cache
 def build_optimizer_update(optimizer: OptimizerConfig, total_steps: int, rank: int,
-                           table_modules: tuple[str, ...], targets: tuple[str, ...],
-                           layout=None):
+                           table_modules: tuple[str, ...], targets: tuple[str, ...], layout):
     """``update(params, opt_state, train, slot, num_seqs) -> (params, opt_state, train,
     padded, grad_norm)`` (``finetune.optim.apply_update``), with the job's weights, its
     optimizer state and the buffers donated. Shared by jobs of the same shape and
     optimizer: compiled once."""
-    if layout is None:
-        return _jitted_update(optimizer, total_steps, rank, table_modules, targets)
     fn = functools.partial(apply_update, optimizer.build(total_steps), rank, table_modules,
                            targets)
     return layout.jit_state(fn, donate_argnums=(0, 1, 2))
 
 
 @functools.cache
-def _jitted_update(optimizer, total_steps: int, rank: int, table_modules: tuple,
-                   targets: tuple):
-    fn = functools.partial(apply_update, optimizer.build(total_steps), rank, table_modules,
-                           targets)
-    return jax.jit(fn, donate_argnums=(0, 1, 2))
-
-
-def build_optimizer_init(optimizer: OptimizerConfig, total_steps: int, layout=None):
-    """``init(params) -> opt_state`` of the job's optax transform (laid out like the
-    weights on a mesh)."""
-    init = optimizer.build(total_steps).init
-    return init if layout is None else layout.jit_state(init)
+def build_optimizer_init(optimizer: OptimizerConfig, total_steps: int, layout):
+    """``init(params) -> opt_state`` of the job's optax transform, laid out like the
+    weights."""
+    return layout.jit_state(optimizer.build(total_steps).init)
 
 
 @jax.jit
@@ -180,7 +182,7 @@ def _resolved(kernels: Kernels | None, layout) -> Kernels:
     """The builders' cache key: a resolved ``Kernels``."""
     if kernels is None:
         return step_kernels(None, layout)
-    if layout is not None and kernels.impl == "tpu":
+    if layout is not None and layout.sharded and kernels.impl == "tpu":
         raise ValueError("a sharded step cannot run jax's TPU kernels (they are not placed "
                          "under shard_map); resolve kernels with step_kernels(impl, layout)")
     return kernels

@@ -69,17 +69,16 @@ class Runner:
 
     def __init__(self, cfg: ModelConfig, params, *, kv: KVCache, feed_size: int,
                  slots: AdapterSlots | None, train: TrainBuffers | None,
-                 kernels: Kernels, attention_block: int = 256, layout=None):
+                 kernels: Kernels, layout, attention_block: int = 256):
         """``kv``, ``slots`` and ``train`` are the initial (empty) state, already in their
-        layout; ``feed_size`` is the most sequences of a step (the feed's length)."""
+        ``layout`` (``sharding.layout.Layout``; ``Layout.single`` for one device);
+        ``feed_size`` is the most sequences of a step (the feed's length)."""
         self.cfg = cfg
         self.params = params
         self.layout = layout
         self.kernels = kernels
         self.kv = kv
-        self.feed = jnp.zeros((feed_size,), jnp.int32)
-        if layout is not None:
-            self.feed = layout.put(self.feed)
+        self.feed = layout.put(jnp.zeros((feed_size,), jnp.int32))
         self.slots = slots
         self.train = train
         self.jobs: dict[str, JobState] = {}
@@ -163,11 +162,8 @@ class Runner:
                                       np.float32(c.scale))
 
     def _start_job(self, c: StartJob) -> None:
-        params = {m: {"a": c.a[m], "b": c.b[m]} for m in c.targets}
-        if self.layout is None:
-            params = jax.tree.map(jnp.asarray, params)
-        else:  # weights and optimizer state take the layout of the slots they feed
-            params = self.layout.put(params)
+        # Weights and optimizer state take the layout of the slots they feed.
+        params = self.layout.put({m: {"a": c.a[m], "b": c.b[m]} for m in c.targets})
         init = programs.build_optimizer_init(c.optimizer, c.total_steps, self.layout)
         update = programs.build_optimizer_update(c.optimizer, c.total_steps, c.rank,
                                                  tuple(self.slots.a), c.targets, self.layout)

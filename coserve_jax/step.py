@@ -59,7 +59,7 @@ def step_kernels(impl: str | None = None, layout=None) -> Kernels:
     TPU kernels are not wrapped yet, so a sharded TPU step runs the references.
     """
     kernels = select_kernels(impl)
-    if layout is None or kernels.impl != "tpu":
+    if layout is None or not layout.sharded or kernels.impl != "tpu":
         return kernels
     log.info("kernels=%r: a sharded TPU step runs the jnp reference attention and LoRA (jax's "
              "TPU kernels are not placed under shard_map)", requested_impl(impl))

@@ -48,7 +48,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from coserve_jax.config import ModelConfig
@@ -121,6 +121,29 @@ class Layout:
         self.model_size = sizes.get(MODEL, 1)
         self.decisions, self.notes = decide(cfg, self.model_size)
         self.hints = ShardingHints(self)
+
+    @classmethod
+    def single(cls, cfg: ModelConfig, device=None) -> Layout:
+        """The layout of an unsharded engine: a 1 x 1 mesh of one device (default the first),
+        so one code path serves one device and many."""
+        device = jax.devices()[0] if device is None else device
+        mesh = Mesh(np.array([device], dtype=object).reshape(1, 1), (DATA, MODEL),
+                    axis_types=(AxisType.Auto,) * 2)
+        return cls(mesh, cfg)
+
+    @property
+    def sharded(self) -> bool:
+        """The mesh has more than one device (its programs get sharding hints, and the
+        Pallas kernels run under ``shard_map``)."""
+        return self.mesh.size > 1
+
+    # Equal layouts (same mesh and model) share the programs built for them.
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Layout) and self.mesh == other.mesh
+                and self.cfg == other.cfg)
+
+    def __hash__(self) -> int:
+        return hash((self.mesh, self.cfg))
 
     # ----- axis helpers ---------------------------------------------------------------------
 
@@ -363,8 +386,10 @@ class LayoutJit:
 
     def _args(self, args: tuple) -> tuple:
         jitted, batch_sharding = self._jit(args)
-        # Host batches are placed here rather than by jit: in a multi-process run jit
-        # refuses numpy inputs with non-replicated shardings.
+        if jax.process_count() == 1:  # jit places host batches itself (the fast path)
+            return jitted, args
+        # In a multi-process run jit refuses numpy inputs with non-replicated shardings:
+        # host batches are placed here.
         args = list(args)
         args[self._batch] = self.layout.put(args[self._batch], batch_sharding)
         return jitted, tuple(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import types
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from pallas_kernels.dispatch import ENV_VAR, Kernels
 from pallas_kernels.ragged_paged_attention import flash
 from pallas_kernels.ragged_paged_attention import kernel as rpa_kernel
 from server.commands import engine_config_from_args
+from sharding.layout import Layout
 
 from support import (
     engine_grads,
@@ -155,7 +157,8 @@ def test_sharded_steps_resolve_the_kernels(monkeypatch, caplog):
     on CPU and "kernel" still needs an accelerator. jax's TPU kernels are not placed under
     shard_map: a sharded TPU step runs the references and says so."""
     monkeypatch.delenv(ENV_VAR, raising=False)
-    layout = object()  # only its presence matters to the resolution
+    layout = types.SimpleNamespace(sharded=True)  # only its being sharded matters here
+    single = Layout.single(tiny_model().config)
     assert step_kernels("interpret", layout) == step_kernels("interpret")
     assert step_kernels("interpret", layout).impl == "interpret"
     assert step_kernels("auto", layout) == REFERENCE_KERNELS
@@ -163,6 +166,7 @@ def test_sharded_steps_resolve_the_kernels(monkeypatch, caplog):
         step_kernels("kernel", layout)
     monkeypatch.setattr(step_module, "select_kernels", lambda impl: Kernels(impl="tpu"))
     assert step_kernels("auto").impl == "tpu"
+    assert step_kernels("auto", single).impl == "tpu"  # one device: the kernels as they are
     with caplog.at_level(logging.INFO, logger="coserve_jax.step"):
         assert step_kernels("auto", layout) == REFERENCE_KERNELS
     assert "not placed under shard_map" in caplog.text
