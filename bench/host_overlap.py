@@ -12,6 +12,11 @@ in the same order). ``host share = 1 - replay / wall``: the part of each iterati
 device waits for the host. Both are measured in the same run, so the figure is a ratio
 on whatever machine runs it. Greedy outputs of the two loops are compared too.
 
+On a CPU the "device" is the same cores as the host: XLA's threads and the host's Python
+share them, so host work hidden behind a step still slows it. Running with
+``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"`` gives
+the programs one core and leaves the other to the host, as a GPU does.
+
     python bench/host_overlap.py            # appends to BENCHMARKS.md
     python bench/host_overlap.py --quick --no-record
 """
@@ -114,7 +119,9 @@ def main() -> None:
         ["scenario", "sync ms/iter", "sync device ms/iter", "sync host share",
          "overlap ms/iter", "overlap device ms/iter", "overlap host share",
          "speed-up"], rows)
-    body = (f"{table}\n\nEmbedded model, {iterations} measured iterations after 20; device "
+    flags = os.environ.get("XLA_FLAGS", "")
+    body = (f"{table}\n\nXLA_FLAGS: `{flags or '(none)'}`. "
+            f"Embedded model, {iterations} measured iterations after 20; device "
             f"time = the window's runner commands replayed back to back. Greedy "
             f"outputs of the two loops identical: {same}.")
     print(body)

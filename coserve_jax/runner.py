@@ -30,25 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from coserve_jax import programs
+from coserve_jax import runner_commands as commands
 from coserve_jax.config import ModelConfig
 from coserve_jax.finetune.buffers import TrainBuffers
 from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.kv_cache import KVCache
 from coserve_jax.lora.slots import AdapterSlots
-from coserve_jax.runner_commands import (
-    COMMANDS,
-    ApplyUpdate,
-    DropJob,
-    GatherJob,
-    GatherSlotGrads,
-    RestoreJob,
-    RunBackwardPiece,
-    RunStep,
-    RunWholeSample,
-    SaveJob,
-    StartJob,
-    WriteSlot,
-)
 from coserve_jax.step import StepOutput
 from pallas_kernels.dispatch import Kernels
 from sharding.gather import tree_to_host
@@ -90,14 +77,16 @@ class Runner:
         self._backward_block = None
         self._sample = None
         self._write_slot = programs.build_write_slot(layout)
+        c = commands
         self._handlers: dict[type, Callable[[Any], Any]] = {
-            RunStep: self._run_step, RunBackwardPiece: self._run_backward_piece,
-            RunWholeSample: self._run_whole_sample, WriteSlot: self._write,
-            StartJob: self._start_job, RestoreJob: self._restore_job,
-            ApplyUpdate: self._apply_update, SaveJob: self._save_job, DropJob: self._drop_job,
-            GatherJob: self._gather_job, GatherSlotGrads: self._gather_slot_grads,
+            c.RunStep: self._run_step, c.RunBackwardPiece: self._run_backward_piece,
+            c.RunWholeSample: self._run_whole_sample, c.WriteSlot: self._write,
+            c.StartJob: self._start_job, c.RestoreJob: self._restore_job,
+            c.ApplyUpdate: self._apply_update, c.SaveJob: self._save_job,
+            c.DropJob: self._drop_job, c.GatherJob: self._gather_job,
+            c.GatherSlotGrads: self._gather_slot_grads,
         }
-        assert set(self._handlers) == set(COMMANDS)
+        assert set(self._handlers) == set(commands.COMMANDS)
 
     def execute(self, command) -> Any:
         """Runs one command (after handing it to ``mirror``); see each command's result."""
@@ -130,13 +119,13 @@ class Runner:
 
     # ----- handlers -------------------------------------------------------------------------
 
-    def _run_step(self, c: RunStep) -> StepOutput:
+    def _run_step(self, c: commands.RunStep) -> StepOutput:
         self.kv, self.train, self.feed, out = self.step(
             self.params, self.slots, self.kv, self.train, self.feed, c.batch,
             with_train=c.with_train)
         return out
 
-    def _run_backward_piece(self, c: RunBackwardPiece) -> None:
+    def _run_backward_piece(self, c: commands.RunBackwardPiece) -> None:
         if c.block < c.seq_len:
             self.train = self._block_program()(self.params, self.slots, self.train, c.piece,
                                                seq_len=c.seq_len, block=c.block)
@@ -144,13 +133,13 @@ class Runner:
             self.train = self.backward_program()(self.params, self.slots, self.train, c.piece,
                                                  num_layers=c.layers, seq_len=c.seq_len)
 
-    def _run_whole_sample(self, c: RunWholeSample) -> jax.Array:
+    def _run_whole_sample(self, c: commands.RunWholeSample) -> jax.Array:
         self.train, loss = self._sample_program()(
             self.params, self.slots, self.train, c.tokens, c.labels, c.weights,
             np.int32(c.slot))
         return loss
 
-    def _write(self, c: WriteSlot) -> None:
+    def _write(self, c: commands.WriteSlot) -> None:
         if c.a is None:
             a = {m: np.zeros(x.shape[:1] + x.shape[2:], np.float32)
                  for m, x in self.slots.a.items()}
@@ -161,7 +150,7 @@ class Runner:
         self.slots = self._write_slot(self.slots, np.int32(c.index), a, b,
                                       np.float32(c.scale))
 
-    def _start_job(self, c: StartJob) -> None:
+    def _start_job(self, c: commands.StartJob) -> None:
         # Weights and optimizer state take the layout of the slots they feed.
         params = self.layout.put({m: {"a": c.a[m], "b": c.b[m]} for m in c.targets})
         init = programs.build_optimizer_init(c.optimizer, c.total_steps, self.layout)
@@ -171,7 +160,7 @@ class Runner:
             params, init(params), update,
             JobCheckpointer(c.checkpoint_dir) if c.checkpoint_dir else None)
 
-    def _restore_job(self, c: RestoreJob) -> dict | None:
+    def _restore_job(self, c: commands.RestoreJob) -> dict | None:
         job = self.jobs[c.name]
         if job.checkpointer is None:
             return None
@@ -181,7 +170,7 @@ class Runner:
         job.params, job.opt_state, meta = restored
         return meta
 
-    def _apply_update(self, c: ApplyUpdate) -> jax.Array:
+    def _apply_update(self, c: commands.ApplyUpdate) -> jax.Array:
         job = self.jobs[c.name]
         job.params, job.opt_state, self.train, padded, grad_norm = job.update(
             job.params, job.opt_state, self.train, np.int32(c.slot), np.float32(c.num_seqs))
@@ -189,15 +178,15 @@ class Runner:
                                       np.float32(c.scale))
         return grad_norm
 
-    def _save_job(self, c: SaveJob) -> None:
+    def _save_job(self, c: commands.SaveJob) -> None:
         job = self.jobs[c.name]
         job.checkpointer.save(c.step, job.params, job.opt_state, c.meta)
 
-    def _drop_job(self, c: DropJob) -> None:
+    def _drop_job(self, c: commands.DropJob) -> None:
         self.jobs.pop(c.name, None)
 
-    def _gather_job(self, c: GatherJob) -> dict:
+    def _gather_job(self, c: commands.GatherJob) -> dict:
         return tree_to_host(self.jobs[c.name].params)
 
-    def _gather_slot_grads(self, c: GatherSlotGrads) -> dict:
+    def _gather_slot_grads(self, c: commands.GatherSlotGrads) -> dict:
         return tree_to_host(programs.slot_grads(self.train, np.int32(c.slot)))
