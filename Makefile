@@ -17,15 +17,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m server.demo
 
-# The suite runs as three pytest processes. In one process of the whole suite (about 400
-# tests) jaxlib 0.10.2 crashed with a segmentation fault, three times at the same test,
-# inside XLA's CPU compile or executable serialization; each of these three parts alone
-# passes. The cause is not found yet (see tests/conftest.py).
+# The suite runs as four pytest processes. In one process of many tests jaxlib 0.10.2
+# crashes inside XLA's CPU compile or executable serialization (a segmentation fault after
+# some 390 tests; an abort after some 270); each of these parts alone passes. The cause
+# is not found yet (see tests/conftest.py).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests/pallas_kernels
 	$(BIN)/python -m pytest -q tests/server
-	$(BIN)/python -m pytest -q tests --ignore=tests/pallas_kernels --ignore=tests/server
+	$(BIN)/python -m pytest -q tests/test_[a-l]*.py
+	$(BIN)/python -m pytest -q tests/test_[m-z]*.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -326,7 +326,7 @@ def compiled_temporaries(cfg: ModelConfig, ec, mesh_config, params, slots, train
     step = layout.jit_step(functools.partial(step_fn, cfg, return_logits=False,
                                              hints=layout.hints), StepOutput.specs(False),
                            TOKEN_FIELDS)
-    feed = _sds((ec.max_num_seqs,), jnp.int32)
+    feed = _sds((ec.buckets.max_num_seqs,), jnp.int32)
     args = (params, slots, kv, train, feed, batch)
     jitted, _ = step._jit(args)
     step_temp = jitted.lower(*args, with_train).compile().memory_analysis().temp_size_in_bytes

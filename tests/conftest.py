@@ -1,12 +1,16 @@
 """Shared fixtures: tiny random-weight Hugging Face checkpoints saved once per session.
 
-``make test`` runs the suite as three pytest processes (tests/pallas_kernels, tests/server,
-the rest): in a single process of the whole suite, jaxlib 0.10.2 segfaulted in XLA's CPU
-compile (once) or in ``executable.serialize()`` for the persistent cache (twice), always in
+``make test`` runs the suite as four pytest processes (tests/pallas_kernels, tests/server,
+and the top-level tests in two halves): in a single process of the whole suite, jaxlib
+0.10.2 segfaulted in XLA's CPU compile (once) or in ``executable.serialize()`` for the
+persistent cache (twice), always in
 ``test_step_kernels.py::test_finetuning_gradients_through_the_kernels[interpret]`` after
 some 390 earlier tests; that test alone, each folder alone, and tests/pallas_kernels or
-tests/server followed by it all pass. Which earlier test leaves the process in that state
-is not found yet.
+tests/server followed by it all pass. With the top-level tests in one process (some 275),
+it aborted once in XLA's CPU compile of the whole-sample program
+(``test_temporal_seq.py``, the 271st test); that file alone passes. The crash grows more
+likely with the number of programs a process has compiled; which resource runs out is not
+found yet.
 """
 
 from __future__ import annotations
