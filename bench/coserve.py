@@ -57,9 +57,16 @@ FULL_MODES = ("inference-only", "coserve", "temporal-seq:64", "temporal-seq:128"
               "temporal:dynamic")
 
 
+IDLE_SAMPLES = "coserve+idle-samples"
+"""coserve with ``SchedulingConfig.idle_whole_samples``: iterations with nothing to serve
+run whole samples."""
+
+
 def engine_config(mode: str, args) -> EngineConfig:
     """The same engine for every mode; only the scheduling policy differs."""
     max_model_len = getattr(args, "max_model_len", 512)
+    idle_samples = mode == IDLE_SAMPLES
+    mode = "coserve" if idle_samples else mode
     # One layer per backward piece: the smallest unit of backward work, so that a piece
     # fits beside a decode step within the TPOT target rather than waiting for a lull.
     return EngineConfig.flat(
@@ -68,7 +75,7 @@ def engine_config(mode: str, args) -> EngineConfig:
         train_window=64, backward_layers=1, backward_pieces_per_step=8,
         backward_block=getattr(args, "backward_block", 0),
         min_page_bucket=getattr(args, "min_page_bucket", 8), default_ttft_s=args.ttft_s,
-        default_tpot_s=args.tpot_ms / 1000)
+        default_tpot_s=args.tpot_ms / 1000, idle_whole_samples=idle_samples)
 
 
 def finetune_job(model, seed: int = 0, max_len: int = 256) -> FinetuneJob:

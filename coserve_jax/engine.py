@@ -139,6 +139,9 @@ class Engine:
         if self.policy.whole_samples and self.layout.sharded:
             raise ValueError(f"mode {sched.mode} runs whole samples on one device; use "
                              f"coserve or temporal:N on a mesh")
+        # Idle coserve iterations may run whole samples (one device, and a trainer).
+        idle_samples = (sched.idle_whole_samples and self.policy.kind == "coserve"
+                        and self.trainer is not None and not self.layout.sharded)
         # Keyed by what sets step times: hardware, model and the engine's shapes (the
         # shape-related parts of the config, never scheduling or telemetry), the resolved
         # kernels (not the requested "auto") and the step program's version.
@@ -154,9 +157,10 @@ class Engine:
             max_pages_per_seq=self.max_pages_per_seq, max_waiting=sched.max_waiting,
             admission_control=sched.admission_control, allocator=self.allocator,
             latency=latency, policy=self.policy, eos_token_ids=mc.eos_token_ids,
-            registry=self.registry, trainer=self.trainer)
-        # Temporal sharing sets its period from each iteration's own time: synchronous.
-        self.overlap = sched.overlap_host and self.policy.kind not in TEMPORAL_KINDS
+            registry=self.registry, trainer=self.trainer, idle_whole_samples=idle_samples)
+        # A dynamic temporal period is set from each iteration's own time: synchronous.
+        self.overlap = sched.overlap_host and not (self.policy.kind in TEMPORAL_KINDS
+                                                   and self.policy.period is None)
         self._launched: _Launched | None = None
         self._device_free: float | None = None  # when the device last went idle, if known
         self.last_step_seconds = 0.0  # dispatch to tokens read back, of the last step
@@ -530,7 +534,8 @@ class Engine:
             times = [self._run_padding(batch, bucket) for _ in range(3 if measure else 1)]
             if measure:
                 self.latency.observe(bucket_key(bucket), float(np.median(times[1:])))
-        if self.trainer is not None and self.policy.whole_samples:
+        if self.trainer is not None and (self.policy.whole_samples
+                                         or self.scheduler.idle_whole_samples):
             self.trainer.warmup_samples(progress)
         if self.trainer is not None:
             times = self.trainer.warmup(progress, repeats=3 if measure else 1)

@@ -130,11 +130,17 @@ class SchedulingConfig:
     """Requests queued at most; more are refused at admission."""
     admission_control: bool = True
     """Refuse requests whose TTFT target the queue ahead of them already makes impossible."""
+    idle_whole_samples: bool = False
+    """coserve: an iteration with no request to serve, and no training sequence in flight on
+    the token-level path, runs one whole training sample instead (its forward and full
+    backward in one program, as ``temporal-seq`` does): idle capacity goes to the program
+    that finetunes fastest (no recompute, no windows). A request arriving meanwhile waits
+    for it. Single device."""
     overlap_host: bool = True
     """Plan and dispatch iteration i+1 while iteration i runs on the device, so host time
     hides behind device time (sampled tokens feed the next step on the device). False runs
-    the synchronous loop: schedule, run, read back, update. Temporal-sharing modes always
-    run synchronously (their dynamic period is set from each iteration's own time)."""
+    the synchronous loop: schedule, run, read back, update. The dynamic temporal modes
+    always run synchronously (their period is set from each iteration's own time)."""
 
     def __post_init__(self):
         parse_mode(self.mode)

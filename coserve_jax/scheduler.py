@@ -10,7 +10,8 @@ One engine iteration has three stages, in the manner of vLLM v1's engine core:
    then, through the ``policy.Policy``, the finetuning forward windows that fit beside
    them (the trainer proposes windows, the scheduler prices each proposal with the
    latency model and commits the one it picks), the time left for backward pieces, or
-   a whole-sample iteration (``temporal-seq``).
+   a whole-sample iteration (``temporal-seq``, or an idle ``coserve`` iteration with
+   ``idle_whole_samples``).
 2. The engine hands the plan's batch to the ``runner.Runner`` (the device), then the
    backward pieces.
 3. ``Scheduler.update`` applies what the step sampled, matched by request id, and
@@ -155,7 +156,8 @@ class Scheduler:
                  max_num_batched_tokens: int, max_pages_per_seq: int, max_waiting: int,
                  admission_control: bool, allocator: PageAllocator, latency: LatencyModel,
                  policy: Policy, eos_token_ids: tuple[int, ...],
-                 registry: AdapterRegistry | None = None, trainer: Trainer | None = None):
+                 registry: AdapterRegistry | None = None, trainer: Trainer | None = None,
+                 idle_whole_samples: bool = False):
         self.buckets = buckets
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -169,6 +171,8 @@ class Scheduler:
         self.eos_token_ids = tuple(eos_token_ids)
         self.registry = registry
         self.trainer = trainer
+        self.idle_whole_samples = idle_whole_samples
+        """An iteration with nothing to serve runs a whole sample (``SchedulingConfig``)."""
         self.token_buckets = sorted({b.num_tokens for b in buckets})
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -229,6 +233,9 @@ class Scheduler:
     def schedule(self) -> IterationPlan:
         """The next iteration's plan; commits it (pages, request and training progress)."""
         trainer = self.trainer
+        if (self.idle_whole_samples and trainer is not None and not self.has_requests()
+                and trainer.has_sample_work() and not trainer.has_inflight()):
+            return IterationPlan(finetune_iteration=True, whole_sample=True)
         if trainer is None:
             ft_waiting = False
         elif self.policy.whole_samples:

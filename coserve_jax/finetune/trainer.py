@@ -500,6 +500,10 @@ class Trainer:
 
     # ----- whole samples (temporal-seq baselines) -------------------------------------------
 
+    def has_inflight(self) -> bool:
+        """Some running job has a sequence between its first window and its last piece."""
+        return any(r.state == "running" and r.inflight for r in self.jobs.values())
+
     def has_sample_work(self) -> bool:
         """Some running job has a sample of its current optimizer step left to run whole."""
         return any(r.state == "running" and r.unstarted_in_step for r in self.jobs.values())
