@@ -99,6 +99,20 @@ class JobRecord:
     directory: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """One of a tenant's adapters the engine holds, as both front doors list them."""
+
+    name: str
+    """Its name as the tenant knows it."""
+    kind: str
+    """``"loaded"`` (from a directory under the adapter root) or ``"job"`` (a finetuning
+    job's, while it trains and after)."""
+    lora: LoraConfig
+    path: str | None = None
+    """Where a loaded one came from, relative to the adapter root; None for a job's."""
+
+
 # Exception type -> status, most specific first; the first match wins. The engine's
 # errors come before the builtins they subclass (NotFound is a KeyError, the rest are
 # ValueErrors). Messages are never looked at.
@@ -131,7 +145,9 @@ def classify(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
 
 
-_OUTCOMES = {
+# Status -> the ``coserve_requests_total`` outcome of a refused or failed request (both
+# front doors count theirs alike); any other status counts as "error".
+OUTCOMES = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
     grpc.StatusCode.NOT_FOUND: "not_found",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted",
@@ -140,7 +156,11 @@ _OUTCOMES = {
 
 
 class CoserveService(pb_grpc.CoserveServicer):
-    """Streams generations and runs jobs and adapters for each tenant."""
+    """Streams generations and runs jobs and adapters for each tenant.
+
+    Besides the gRPC handlers, its public methods are what the HTTP API (:mod:`server.http`)
+    shares with them: stream accounting and caps, request ids, jobs and adapters by tenant.
+    """
 
     def __init__(self, backend: Backend, bridge: EngineLoop, metrics: Metrics, auth: Auth,
                  limits: Limits, roots: Roots):
@@ -157,13 +177,14 @@ class CoserveService(pb_grpc.CoserveServicer):
         self._reserved: set[str] = set()  # names of jobs being submitted
         self._loaded: dict[str, tuple] = {}  # internal name -> (LoraAdapter, relative path)
         self._streams: dict[str, asyncio.Queue] = {}
-        self._ids = itertools.count()
+        self._ids = itertools.count()  # request ids, shared by both front doors
         self.streams_idle = asyncio.Event()
         self.streams_idle.set()
         # Live job names for the engine thread's tick; replaced whole, never mutated.
         self._live: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slo_aware = accepts_slo(backend.engine)
+        self.slo_aware = accepts_slo(backend.engine)
+        """The engine takes each request's SLO targets and arrival time."""
 
     # ----- helpers --------------------------------------------------------------------------
 
@@ -182,7 +203,8 @@ class CoserveService(pb_grpc.CoserveServicer):
             code, message = classify(e)
             await context.abort(code, message)
 
-    def _refuse_if_draining(self) -> None:
+    def refuse_if_draining(self) -> None:
+        """Raises UNAVAILABLE once a drain began: no new streams or jobs."""
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
@@ -192,39 +214,32 @@ class CoserveService(pb_grpc.CoserveServicer):
         arrival = time.monotonic()
         try:
             tenant = self._tenant(context)
-            self._refuse_if_draining()
+            self.refuse_if_draining()
             prompt = convert.prompt_ids(request, self.backend.tokenizer)
             params = convert.sampling_params(request.sampling)
             ttft_target, tpot_target = convert.slo_targets(request.slo)
             adapter = internal_name(tenant, request.adapter, "adapter") if request.adapter \
                 else None
-            if self.open_streams >= self.limits.max_streams:
-                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"too many open streams (the cap is "
-                                   f"{self.limits.max_streams}); retry later")
-            if self.queued >= self.limits.max_queue:
-                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"the request queue is full ({self.limits.max_queue} "
-                                   "waiting); retry later")
+            self.check_stream_caps(1)
         except Exception as e:
             code, message = classify(e)
-            self.metrics.requests.labels(_OUTCOMES.get(code, "error")).inc()
+            self.metrics.requests.labels(OUTCOMES.get(code, "error")).inc()
             await context.abort(code, message)
             return
 
-        rid = f"{next(self._ids)}"
+        rid = self.new_request_id()
         client_id = request.request_id or f"req-{rid}"
         sink: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         state = "queued"
-        self._open(rid, sink)
+        self.open_stream(rid, sink)
         outcome = "error"
         try:
             def add(engine: ServingEngine) -> None:
                 if adapter is not None and adapter not in engine.adapters():
                     raise KeyError(f"adapter: no adapter named {request.adapter!r}")
                 extra = {}
-                if self._slo_aware:  # the engine schedules for the request's targets
+                if self.slo_aware:  # the engine schedules for the request's targets
                     extra = dict(slo=make_slo(engine, ttft_target, tpot_target),
                                  arrival_time=arrival)
                 engine.add_request(prompt, params, request_id=rid, adapter=adapter, **extra)
@@ -234,7 +249,7 @@ class CoserveService(pb_grpc.CoserveServicer):
                 await self.bridge.call(add)
             except Exception as e:
                 code, message = classify(e)
-                outcome = _OUTCOMES.get(code, "error")
+                outcome = OUTCOMES.get(code, "error")
                 await context.abort(code, message)
             yield pb.GenerateResponse(request_id=client_id)
 
@@ -257,7 +272,7 @@ class CoserveService(pb_grpc.CoserveServicer):
                     if first is None:
                         first = when
                         state = "running"
-                        self._set_state("queued", "running")
+                        self.set_stream_state("queued", "running")
                     last = when
                     new.extend(out.new_token_ids)
                     if out.finished:
@@ -271,10 +286,10 @@ class CoserveService(pb_grpc.CoserveServicer):
                     delta, sent_text = text[len(sent_text):], text
                 message = pb.GenerateResponse(token_ids=new, text=delta)
                 if result is not None:
-                    message.result.CopyFrom(self._result(
+                    message.result.CopyFrom(self.generation_result(
                         result, len(prompt), len(tokens), arrival, first, last,
                         ttft_target, tpot_target))
-                    self._set_state(state, "done")
+                    self.set_stream_state(state, "done")
                     state = "done"
                     outcome = "ok"
                 yield message
@@ -290,7 +305,7 @@ class CoserveService(pb_grpc.CoserveServicer):
                     self.bridge.unregister(rid)
                     engine.abort(rid)
                 self.bridge.post(drop)
-            self._close(rid, state)
+            self.close_stream(rid, state)
             self.metrics.requests.labels(outcome).inc()
 
     def _decode(self, tokens: list[int], fallback: str) -> str:
@@ -300,8 +315,12 @@ class CoserveService(pb_grpc.CoserveServicer):
             log.exception("decoding %d tokens", len(tokens))
             return fallback
 
-    def _result(self, reason, prompt_len, n, arrival, first, last, ttft_target,
-                tpot_target) -> pb.GenerateResult:
+    def generation_result(self, reason: str, prompt_len: int, n: int, arrival: float,
+                          first: float, last: float, ttft_target: float,
+                          tpot_target: float) -> pb.GenerateResult:
+        """The result of a finished generation of ``n`` tokens (``arrival``, ``first`` and
+        ``last`` token times from ``time.monotonic``); observes its TTFT, TPOT, E2E and SLO
+        metrics."""
         ttft = first - arrival
         tpot = (last - first) / (n - 1) if n > 1 else 0.0
         ttft_ok = ttft_target <= 0 or ttft <= ttft_target
@@ -317,7 +336,29 @@ class CoserveService(pb_grpc.CoserveServicer):
                                  e2e_s=last - arrival, ttft_attained=ttft_ok,
                                  tpot_attained=tpot_ok, slo_attained=ttft_ok and tpot_ok)
 
-    def _open(self, rid: str, sink: asyncio.Queue) -> None:
+    # Stream accounting: every engine request either door streams counts against the same
+    # caps (``Limits.max_streams``, ``Limits.max_queue``) and gauges. A stream is opened
+    # "queued", moves to "running" at its first token and to "done" when it finished, and
+    # is closed exactly once.
+
+    def new_request_id(self) -> str:
+        """A fresh engine request id, unique across both front doors."""
+        return f"{next(self._ids)}"
+
+    def check_stream_caps(self, n: int) -> None:
+        """Raises RESOURCE_EXHAUSTED unless ``n`` more streams fit under the caps."""
+        if self.open_streams + n > self.limits.max_streams:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"too many open streams (the cap is "
+                               f"{self.limits.max_streams}); retry later")
+        if self.queued + n > self.limits.max_queue:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the request queue is full ({self.limits.max_queue} "
+                               "waiting); retry later")
+
+    def open_stream(self, rid: str, sink: asyncio.Queue) -> None:
+        """Counts a new queued stream whose engine events go to ``sink`` (a drain that runs
+        out of time ends it through there)."""
         self._streams[rid] = sink
         self.open_streams += 1
         self.queued += 1
@@ -325,7 +366,8 @@ class CoserveService(pb_grpc.CoserveServicer):
         self.metrics.streams.set(self.open_streams)
         self.metrics.queue_length.set(self.queued)
 
-    def _set_state(self, old: str, new: str) -> None:
+    def set_stream_state(self, old: str, new: str) -> None:
+        """Moves a stream from state ``old`` to ``new`` in the queue and running gauges."""
         if old == "queued":
             self.queued -= 1
         elif old == "running":
@@ -334,9 +376,10 @@ class CoserveService(pb_grpc.CoserveServicer):
             self.metrics.running.inc()
         self.metrics.queue_length.set(self.queued)
 
-    def _close(self, rid: str, state: str) -> None:
+    def close_stream(self, rid: str, state: str) -> None:
+        """Gives back the slot of a stream last in ``state`` (once per opened stream)."""
         self._streams.pop(rid, None)
-        self._set_state(state, "closed")
+        self.set_stream_state(state, "closed")
         self.open_streams -= 1
         self.metrics.streams.set(self.open_streams)
         if self.open_streams == 0:
@@ -354,7 +397,8 @@ class CoserveService(pb_grpc.CoserveServicer):
             return None
         return os.path.join(self.roots.state_dir, "jobs", internal)
 
-    def _record(self, tenant: str, name: str) -> JobRecord:
+    def job_record(self, tenant: str, name: str) -> JobRecord:
+        """The record of the tenant's job ``name``; KeyError (NOT_FOUND) if it has none."""
         internal = internal_name(tenant, name, "name")
         record = self.jobs.get(internal)
         if record is None or record.tenant != tenant:
@@ -365,10 +409,12 @@ class CoserveService(pb_grpc.CoserveServicer):
         return len(self._reserved) + sum(r.live and r.final is None for r in self.jobs.values())
 
     async def SubmitFinetune(self, request, context):
-        return await self._unary(context, self._submit, request)
+        return await self._unary(context, self.submit_job, request)
 
-    async def _submit(self, request, tenant: str) -> pb.Job:
-        self._refuse_if_draining()
+    async def submit_job(self, request: pb.SubmitFinetuneRequest, tenant: str) -> pb.Job:
+        """Starts the tenant's finetuning job (under the job cap; names are shared with
+        adapters) and persists its spec, so it resumes after a restart."""
+        self.refuse_if_draining()
         internal = internal_name(tenant, request.name, "name")
         if internal in self.jobs or internal in self._reserved or internal in self._loaded:
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
@@ -421,7 +467,8 @@ class CoserveService(pb_grpc.CoserveServicer):
             write_atomic(os.path.join(record.directory, FINAL_FILE),
                           json.dumps(progress).encode())
 
-    async def _progress(self, record: JobRecord) -> dict:
+    async def job_progress(self, record: JobRecord) -> dict:
+        """A job's progress (:func:`convert.progress_dict`); its last one once it ended."""
         if record.final is not None or not record.live:
             return record.final or {}
         progress = await self.bridge.call(lambda e: e.job_progress(record.internal))
@@ -431,13 +478,13 @@ class CoserveService(pb_grpc.CoserveServicer):
         return snapshot
 
     async def _job_message(self, record: JobRecord) -> pb.Job:
-        progress = await self._progress(record)
+        progress = await self.job_progress(record)
         return convert.job_message(record.name, progress, record.resumed_from_step,
                                    record.num_samples)
 
     async def GetJob(self, request, context):
         async def get(request, tenant):
-            return await self._job_message(self._record(tenant, request.name))
+            return await self._job_message(self.job_record(tenant, request.name))
         return await self._unary(context, get, request)
 
     async def ListJobs(self, request, context):
@@ -449,7 +496,7 @@ class CoserveService(pb_grpc.CoserveServicer):
 
     async def CancelJob(self, request, context):
         async def cancel(request, tenant):
-            record = self._record(tenant, request.name)
+            record = self.job_record(tenant, request.name)
             if record.live and record.final is None:
                 await self.bridge.call(lambda e: e.cancel_job(record.internal))
             return await self._job_message(record)
@@ -458,7 +505,7 @@ class CoserveService(pb_grpc.CoserveServicer):
     async def WatchJob(self, request, context):
         try:
             tenant = self._tenant(context)
-            record = self._record(tenant, request.name)
+            record = self.job_record(tenant, request.name)
             interval = request.interval_s or 0.5
             if not math.isfinite(interval) or interval < 0:
                 raise ValueError(f"interval_s must be a finite number >= 0, got {interval!r}")
@@ -569,9 +616,12 @@ class CoserveService(pb_grpc.CoserveServicer):
     # ----- adapters -------------------------------------------------------------------------
 
     async def LoadAdapter(self, request, context):
-        return await self._unary(context, self._load_adapter, request)
+        return await self._unary(context, self.load_adapter, request)
 
-    async def _load_adapter(self, request, tenant: str) -> pb.Adapter:
+    async def load_adapter(self, request: pb.LoadAdapterRequest, tenant: str) -> pb.Adapter:
+        """Loads an adapter directory under the adapter root as the tenant's adapter
+        ``request.name`` (by default the directory's name); ``request.replace`` replaces
+        one of that name."""
         from coserve_jax.lora.peft_io import load_adapter
 
         path = resolve_under(self.roots.adapter_root, request.path, "path", "adapter root")
@@ -602,33 +652,44 @@ class CoserveService(pb_grpc.CoserveServicer):
 
     async def UnloadAdapter(self, request, context):
         async def unload(request, tenant):
-            internal = internal_name(tenant, request.name, "name")
-            if internal in self.jobs:
-                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"name: {request.name!r} is the adapter of a finetuning job")
-            if internal not in self._loaded:
-                raise KeyError(f"name: no adapter named {request.name!r}")
-            await self.bridge.call(lambda e: e.unload_adapter(internal))
-            del self._loaded[internal]
+            await self.unload_adapter(tenant, request.name)
             return pb.UnloadAdapterResponse()
         return await self._unary(context, unload, request)
 
+    async def unload_adapter(self, tenant: str, name: str, field: str = "name") -> None:
+        """Unloads the tenant's loaded adapter ``name``: FAILED_PRECONDITION for a
+        finetuning job's, KeyError (NOT_FOUND) for none; ``field`` names the request field
+        in messages."""
+        internal = internal_name(tenant, name, field)
+        if internal in self.jobs:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"{field}: {name!r} is the adapter of a finetuning job")
+        if internal not in self._loaded:
+            raise KeyError(f"{field}: no adapter named {name!r}")
+        await self.bridge.call(lambda e: e.unload_adapter(internal))
+        del self._loaded[internal]
+
+    async def adapters_of(self, tenant: str) -> list[AdapterInfo]:
+        """The tenant's adapters the engine holds (loaded ones and jobs'), by name."""
+        names = await self.bridge.call(lambda e: e.adapters())
+        out = []
+        for internal in names:
+            name = public_name(tenant, internal)
+            if name is None:
+                continue
+            if internal in self._loaded:
+                adapter, path = self._loaded[internal]
+                out.append(AdapterInfo(name, "loaded", adapter.config, path))
+            elif internal in self.jobs:
+                out.append(AdapterInfo(name, "job", self.jobs[internal].lora))
+        return sorted(out, key=lambda a: a.name)
+
     async def ListAdapters(self, request, context):
         async def list_adapters(request, tenant):
-            names = await self.bridge.call(lambda e: e.adapters())
-            out = []
-            for internal in names:
-                name = public_name(tenant, internal)
-                if name is None:
-                    continue
-                if internal in self._loaded:
-                    adapter, path = self._loaded[internal]
-                    out.append(convert.adapter_message(name, pb.ADAPTER_KIND_LOADED,
-                                                       adapter.config, path))
-                elif internal in self.jobs:
-                    out.append(convert.adapter_message(name, pb.ADAPTER_KIND_FINETUNE,
-                                                       self.jobs[internal].lora))
-            return pb.ListAdaptersResponse(adapters=sorted(out, key=lambda a: a.name))
+            kinds = {"loaded": pb.ADAPTER_KIND_LOADED, "job": pb.ADAPTER_KIND_FINETUNE}
+            return pb.ListAdaptersResponse(adapters=[
+                convert.adapter_message(a.name, kinds[a.kind], a.lora, a.path or "")
+                for a in await self.adapters_of(tenant)])
         return await self._unary(context, list_adapters, request)
 
     async def ExportAdapter(self, request, context):

@@ -22,12 +22,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import grpc
-
 from coserve_jax.sampling import SamplingParams
 
 from ..engine_api import ServingEngine, make_slo
-from ..service import _OUTCOMES, CoserveService, ServiceError, classify
+from ..service import OUTCOMES, CoserveService, classify
 from .errors import HttpError, from_exception
 
 log = logging.getLogger(__name__)
@@ -133,17 +131,8 @@ class Generation:
         self._outcome = "error"
 
     def _admit_or_refuse(self) -> None:
-        service, n = self.service, len(self.specs)
-        if service.draining:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        if service.open_streams + n > service.limits.max_streams:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"too many open streams (the cap is "
-                               f"{service.limits.max_streams}); retry later")
-        if service.queued + n > service.limits.max_queue:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the request queue is full ({service.limits.max_queue} "
-                               "waiting); retry later")
+        self.service.refuse_if_draining()
+        self.service.check_stream_caps(len(self.specs))
 
     async def start(self) -> None:
         """Admits every choice or none; raises :class:`HttpError` when refused."""
@@ -155,9 +144,9 @@ class Generation:
             raise from_exception(e) from None
         # The service's counters and request ids: one set of caps for both doors.
         for index, spec in enumerate(self.specs):
-            choice = _Choice(index, f"{next(service._ids)}", spec)
+            choice = _Choice(index, service.new_request_id(), spec)
             self._choices.append(choice)
-            service._open(choice.rid, self._sink)
+            service.open_stream(choice.rid, self._sink)
         loop = asyncio.get_running_loop()
         choices, adapter, model = self._choices, self.adapter, self.model
         extra_of = self._slo_kwargs
@@ -191,7 +180,7 @@ class Generation:
             raise
 
     def _slo_kwargs(self, engine: ServingEngine) -> dict:
-        if not self.service._slo_aware:
+        if not self.service.slo_aware:
             return {}
         return dict(slo=make_slo(engine, self.ttft_target, self.tpot_target),
                     arrival_time=self.arrival)
@@ -221,7 +210,7 @@ class Generation:
                         continue
                     if choice.first is None:
                         choice.first = when
-                        self.service._set_state("queued", "running")
+                        self.service.set_stream_state("queued", "running")
                         choice.state = "running"
                     choice.last = when
                     news.setdefault(choice.rid, []).append(out)
@@ -261,10 +250,11 @@ class Generation:
         return Delta(choice.index, new, text, logprobs, top, reason)
 
     def _finish(self, choice: _Choice, reason: str) -> None:
-        self.service._result(reason, len(choice.spec.prompt), len(choice.tokens),
-                             self.arrival, choice.first, choice.last, self.ttft_target,
-                             self.tpot_target)  # observes TTFT, TPOT, E2E and SLO metrics
-        self.service._set_state(choice.state, "done")
+        # Observes TTFT, TPOT, E2E and SLO metrics (the result message is gRPC's).
+        self.service.generation_result(
+            reason, len(choice.spec.prompt), len(choice.tokens), self.arrival, choice.first,
+            choice.last, self.ttft_target, self.tpot_target)
+        self.service.set_stream_state(choice.state, "done")
         choice.state = "done"
 
     def _abort(self, choice: _Choice) -> None:
@@ -290,9 +280,9 @@ class Generation:
             if choice.state != "done":
                 if abort:
                     self._abort(choice)
-                self.service._close(choice.rid, choice.state)
+                self.service.close_stream(choice.rid, choice.state)
             else:
-                self.service._close(choice.rid, "closed")
+                self.service.close_stream(choice.rid, "closed")
         if choices:
             self.service.metrics.requests.labels(self._outcome).inc()
 
@@ -303,4 +293,4 @@ class Generation:
 def _outcome(error: Exception) -> str:
     """The ``coserve_requests_total`` outcome of an error, as gRPC counts it."""
     code, _ = classify(error)
-    return _OUTCOMES.get(code, "error")
+    return OUTCOMES.get(code, "error")

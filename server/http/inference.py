@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from coserve_jax.sampling import MAX_SEED, SamplingParams
 
 from .. import convert
-from ..auth import internal_name, public_name
+from ..auth import internal_name
 from ..proto import coserve_pb2 as pb
 from .context import Ctx, HttpContext, Tenant, model_not_found
 from .errors import HttpError, from_exception
@@ -301,25 +301,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 # ----- /v1/models and adapters ---------------------------------------------------------------
 
 async def _models(ctx: HttpContext, who: str) -> list[dict]:
-    service = ctx.service
-    names = await service.bridge.call(lambda e: e.adapters())
     base = {"id": ctx.model_id, "object": "model", "created": ctx.started,
             "owned_by": "coserve", "root": ctx.backend.model_name or ctx.model_id,
             "parent": None}
-    out = []
-    for internal in names:
-        name = public_name(who, internal)
-        if name is None:
-            continue
-        if internal in service._loaded:
-            root = service._loaded[internal][1]
-        elif internal in service.jobs:
-            root = f"fine_tuning.job:{name}"
-        else:
-            continue
-        out.append({"id": name, "object": "model", "created": ctx.started, "owned_by": who,
-                    "root": root, "parent": ctx.model_id})
-    return [base, *sorted(out, key=lambda m: m["id"])]
+    adapters = [{"id": a.name, "object": "model", "created": ctx.started, "owned_by": who,
+                 "root": a.path if a.kind == "loaded" else f"fine_tuning.job:{a.name}",
+                 "parent": ctx.model_id}
+                for a in await ctx.service.adapters_of(who)]
+    return [base, *adapters]
 
 
 @router.get("/v1/models")
@@ -342,7 +331,7 @@ async def load_lora_adapter(body: LoadLoraRequest, ctx: Ctx,
     request = pb.LoadAdapterRequest(name=body.lora_name, path=body.lora_path,
                                     replace=body.load_inplace)
     try:
-        await ctx.service._load_adapter(request, who)
+        await ctx.service.load_adapter(request, who)
     except Exception as e:
         raise from_exception(e) from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -352,15 +341,11 @@ async def load_lora_adapter(body: LoadLoraRequest, ctx: Ctx,
 async def unload_lora_adapter(body: UnloadLoraRequest, ctx: Ctx,
                               who: Tenant):
     service = ctx.service
-    try:
-        internal = internal_name(who, body.lora_name, "lora_name")
-        if internal in service.jobs:
+    try:  # a job's adapter is refused in OpenAI's words before the service would
+        if internal_name(who, body.lora_name, "lora_name") in service.jobs:
             raise HttpError(400, f"lora_name: {body.lora_name!r} is the adapter of a "
                             "fine-tuning job", "lora_name")
-        if internal not in service._loaded:
-            raise KeyError(f"lora_name: no adapter named {body.lora_name!r}")
-        await service.bridge.call(lambda e: e.unload_adapter(internal))
-        del service._loaded[internal]
+        await service.unload_adapter(who, body.lora_name, "lora_name")
     except Exception as e:
         raise from_exception(e) from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -3,7 +3,7 @@
 An OpenAI job (``ftjob-...``) is one of the service's finetuning jobs: creating one
 submits a ``SubmitFinetuneRequest`` (the training file's samples inline, so the job's
 spec in the state directory is complete and it resumes after a restart like any gRPC
-job) through :meth:`server.service.CoserveService._submit`, with the same tenant names,
+job) through :meth:`server.service.CoserveService.submit_job`, with the same tenant names,
 caps and persistence. This module keeps only what the service does not: the OpenAI id,
 the file and hyperparameters it was created with, and the loss of every step seen (for
 ``/events`` after a restart), in ``<state>/openai_jobs/<id>.json``.
@@ -104,7 +104,7 @@ class JobStore:
         return meta
 
     def _record(self, meta: JobMeta) -> JobRecord:
-        return self.service._record(meta.tenant, meta.name)
+        return self.service.job_record(meta.tenant, meta.name)
 
     # ----- create ---------------------------------------------------------------------------
 
@@ -153,7 +153,7 @@ class JobStore:
                 request.lora.CopyFrom(pb.LoraSpec(r=lora.r, lora_alpha=lora.lora_alpha,
                                                   target_modules=lora.target_modules or [],
                                                   use_rslora=lora.use_rslora))
-            await self.service._submit(request, tenant)
+            await self.service.submit_job(request, tenant)
         except Exception as e:
             error = from_exception(e)
             if error.message.startswith(("epochs", "sequences_per_step")):
@@ -173,7 +173,7 @@ class JobStore:
     async def _refresh(self, meta: JobMeta) -> dict:
         """The job's progress; records newly seen step losses and the finish time."""
         record = self._record(meta)
-        progress = await self.service._progress(record)
+        progress = await self.service.job_progress(record)
         if record.live:
             losses = await self.service.bridge.call(
                 lambda e: list(e.job_progress(record.internal).losses))

@@ -117,7 +117,7 @@ def test_a_file_becomes_a_job_whose_adapter_serves_while_it_trains(served):
     assert steps_seen == set(range(1, 5))
     # After training the adapter gives what the engine alone gives with the job's weights.
     adapter = job.fine_tuned_model
-    internal = server.server.service._record("default", adapter).internal
+    internal = server.server.service.job_record("default", adapter).internal
     trained = asyncio.run_coroutine_threadsafe(
         server.server.bridge.call(lambda e: e.trained_adapter(internal)),
         server._loop).result(60)
