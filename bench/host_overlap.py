@@ -9,7 +9,8 @@ window of iterations it records every command its runner executes (the runner's
 The same commands are then replayed back to back on the runner, with nothing else on
 the host: that is the device's own time for the window's work (its programs, dispatched
 in the same order). ``host share = 1 - replay / wall``: the part of each iteration the
-device waits for the host. Both are measured in the same run, so the figure is a ratio
+device waits for the host. The two loops run interleaved windows in one process (medians
+over --repeats), so the figures are ratios
 on whatever machine runs it. Greedy outputs of the two loops are compared too.
 
 On a CPU the "device" is the same cores as the host: XLA's threads and the host's Python
@@ -46,8 +47,8 @@ SCENARIOS = {"decode batch 1": (1, False), "decode batch 16": (16, False),
              "co-serving (8 decodes + finetuning)": (8, True)}
 
 
-def measure(model, requests: int, finetune: bool, overlap: bool, iterations: int,
-            warm: int) -> dict:
+def engine_for(model, requests: int, finetune: bool, overlap: bool, warm: int) -> cj.Engine:
+    """A warmed-up engine in steady state: ``requests`` long decodes (and a finetuning job)."""
     engine = cj.Engine(model, cj.EngineConfig.flat(**CONFIG, overlap_host=overlap))
     engine.warmup(progress=False)
     rng = np.random.default_rng(0)
@@ -61,6 +62,11 @@ def measure(model, requests: int, finetune: bool, overlap: bool, iterations: int
                                          max_steps=10**6, sequences_per_step=2))
     for _ in range(warm):
         engine.step()
+    return engine
+
+
+def window(engine: cj.Engine, iterations: int) -> tuple[float, float]:
+    """(wall seconds, replayed device seconds) of ``iterations`` iterations."""
     commands = []
     engine.runner.mirror = commands.append
     t0 = time.perf_counter()
@@ -69,18 +75,33 @@ def measure(model, requests: int, finetune: bool, overlap: bool, iterations: int
     jax.block_until_ready(engine.runner.kv.pages)
     wall = time.perf_counter() - t0
     engine.runner.mirror = None
-    counters = dict(engine.counters)
-    replays = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for command in commands:
-            engine.runner.execute(command)
-        jax.block_until_ready(engine.runner.kv.pages)
-        replays.append(time.perf_counter() - t0)
-    device = float(np.median(replays))
-    return {"wall_ms": 1e3 * wall / iterations, "device_ms": 1e3 * device / iterations,
-            "host_share": max(0.0, 1 - device / wall), "commands": len(commands),
-            "pieces": counters.get("backward_pieces", 0)}
+    t0 = time.perf_counter()
+    for command in commands:
+        engine.runner.execute(command)
+    jax.block_until_ready(engine.runner.kv.pages)
+    return wall, time.perf_counter() - t0
+
+
+def measure(model, requests: int, finetune: bool, iterations: int, warm: int,
+            repeats: int) -> dict[bool, dict]:
+    """Both loops, their windows interleaved ``repeats`` times (the machine's drift hits
+    both alike); medians per iteration."""
+    engines = {overlap: engine_for(model, requests, finetune, overlap, warm)
+               for overlap in (False, True)}
+    runs = {False: [], True: []}
+    for _ in range(repeats):
+        for overlap, engine in engines.items():
+            runs[overlap].append(window(engine, iterations))
+    out = {}
+    for overlap, pairs in runs.items():
+        wall = np.array([w for w, _ in pairs]) / iterations
+        device = np.array([d for _, d in pairs]) / iterations
+        share = np.maximum(0.0, 1 - device / wall)
+        out[overlap] = {"wall_ms": 1e3 * float(np.median(wall)),
+                        "device_ms": 1e3 * float(np.median(device)),
+                        "host_share": float(np.median(share)),
+                        "host_share_range": (float(share.min()), float(share.max()))}
+    return out
 
 
 def outputs_match(model) -> bool:
@@ -94,24 +115,32 @@ def outputs_match(model) -> bool:
     return got[0] == got[1]
 
 
+def _share(r: dict) -> str:
+    lo, hi = r["host_share_range"]
+    return f"{100 * r['host_share']:.1f}% ({100 * lo:.0f}-{100 * hi:.0f}%)"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=200, help="measured iterations")
-    p.add_argument("--quick", action="store_true", help="60 iterations per measurement")
+    p.add_argument("--iterations", type=int, default=100,
+                   help="iterations per window (contexts grow by repeats x iterations)")
+    p.add_argument("--quick", action="store_true", help="40 iterations per window")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved windows per loop (medians are reported)")
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args()
-    iterations = 60 if args.quick else args.iterations
+    iterations = 40 if args.quick else args.iterations
     info = machine_info()
     model = cj.load_model(cj.tiny_model_dir(), progress=False)
     rows = []
     for name, (requests, finetune) in SCENARIOS.items():
-        result = {overlap: measure(model, requests, finetune, overlap, iterations, warm=20)
-                  for overlap in (False, True)}
+        result = measure(model, requests, finetune, iterations, warm=20,
+                         repeats=args.repeats)
         sync, over = result[False], result[True]
         rows.append([name, f"{sync['wall_ms']:.2f}", f"{sync['device_ms']:.2f}",
-                     f"{100 * sync['host_share']:.1f}%", f"{over['wall_ms']:.2f}",
-                     f"{over['device_ms']:.2f}", f"{100 * over['host_share']:.1f}%",
+                     _share(sync), f"{over['wall_ms']:.2f}",
+                     f"{over['device_ms']:.2f}", _share(over),
                      f"{sync['wall_ms'] / over['wall_ms']:.2f}x"])
         print(rows[-1], flush=True)
     same = outputs_match(model)
@@ -120,8 +149,9 @@ def main() -> None:
          "overlap ms/iter", "overlap device ms/iter", "overlap host share",
          "speed-up"], rows)
     flags = os.environ.get("XLA_FLAGS", "")
-    body = (f"{table}\n\nXLA_FLAGS: `{flags or '(none)'}`. "
-            f"Embedded model, {iterations} measured iterations after 20; device "
+    body = (f"{table}\n\nXLA_FLAGS: `{flags or '(none)'}`. Medians of {args.repeats} "
+            f"interleaved windows of {iterations} iterations (host share: median, range); "
+            f"embedded model; device "
             f"time = the window's runner commands replayed back to back. Greedy "
             f"outputs of the two loops identical: {same}.")
     print(body)
