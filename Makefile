@@ -23,10 +23,10 @@ demo: $(STAMP)
 # is not found yet (see tests/conftest.py).
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests/pallas_kernels
-	$(BIN)/python -m pytest -q tests/server
-	$(BIN)/python -m pytest -q tests/test_[a-l]*.py
-	$(BIN)/python -m pytest -q tests/test_[m-z]*.py
+	$(BIN)/python -m pytest -q --durations=8 tests/pallas_kernels
+	$(BIN)/python -m pytest -q --durations=8 tests/server
+	$(BIN)/python -m pytest -q --durations=8 tests/test_[a-l]*.py
+	$(BIN)/python -m pytest -q --durations=8 tests/test_[m-z]*.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
