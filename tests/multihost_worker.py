@@ -60,12 +60,15 @@ def scenario(engine) -> dict:
     ids = [engine.add_request(p, cj.SamplingParams(max_tokens=5, ignore_eos=True,
                                                    temperature=t, seed=9), adapter=a)
            for p, a, t in requests]
-    outputs = {}
-    while run.seqs_done < 1 or len(outputs) < len(ids):
+    outputs, grads = {}, None
+    while grads is None or len(outputs) < len(ids):
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = out.output_token_ids
-    grads = engine.runner.execute(GatherSlotGrads(run.slot))  # every process joins it
+        if grads is None and run.seqs_done:
+            # Read as soon as the first sequence is done: the second's optimizer step, which
+            # may come while requests still run, clears the accumulators.
+            grads = engine.runner.execute(GatherSlotGrads(run.slot))  # every process joins
     while run.state == "running":
         engine.step()
     trained = engine.trained_adapter("job")

@@ -90,21 +90,26 @@ def scenario(model_dir: str, mesh, kernels: str = "auto") -> dict:
                                                    temperature=t, seed=5), adapter=a)
            for p, a, t in requests]
     outputs: dict[str, list[int]] = {}
-    while run.seqs_done < 1 or len(outputs) < len(ids):
+    grads = partials = None
+    while grads is None or len(outputs) < len(ids):
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = out.output_token_ids
-    grads = {m: tuple(np.asarray(g) for g in ab)
-             for m, ab in slot_grads(runner.train, run.slot).items()}
-    # With data parallelism each data shard keeps its own partial sum until the optimizer
-    # step: the per-shard partials of one module must differ (they cover other tokens).
-    buf = runner.train
-    partials = None
-    if buf.grad_groups > 1:
-        g = np.asarray(buf.grad_b["down_proj"])[:, :, run.slot]
-        partials = {"groups": buf.grad_groups,
-                    "spec": str(buf.grad_b["down_proj"].sharding.spec),
-                    "differ": bool(np.abs(g[0] - g[1]).max() > 1e-3 * np.abs(g).max())}
+        if grads is None and run.seqs_done:
+            # Read as soon as the first sequence is done: the second (it starts in a later
+            # iteration, max_train_seqs=1) may finish while requests still run, and its
+            # optimizer step clears the accumulators.
+            grads = {m: tuple(np.asarray(g) for g in ab)
+                     for m, ab in slot_grads(runner.train, run.slot).items()}
+            # With data parallelism each data shard keeps its own partial sum until the
+            # optimizer step: the per-shard partials of one module must differ (they cover
+            # other tokens).
+            buf = runner.train
+            if buf.grad_groups > 1:
+                g = np.asarray(buf.grad_b["down_proj"])[:, :, run.slot]
+                partials = {"groups": buf.grad_groups,
+                            "spec": str(buf.grad_b["down_proj"].sharding.spec),
+                            "differ": bool(np.abs(g[0] - g[1]).max() > 1e-3 * np.abs(g).max())}
     while run.state == "running":
         engine.step()
     trained = trainer.adapter_of(run)
