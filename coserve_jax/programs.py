@@ -130,14 +130,10 @@ def _build_sample_grads(cfg: ModelConfig, attention_block: int, kernels: Kernels
     return jax.jit(fn, donate_argnums=(2,))
 
 
+@functools.cache
 def build_write_slot(layout):
     """``write(slots, index, a, b, scale) -> slots`` (``lora.slots.write_slot_fn``): one slot
     rewritten in place, the table donated; its shapes never change, so it compiles once."""
-    return _build_write_slot(layout)
-
-
-@functools.cache
-def _build_write_slot(layout):
     return layout.jit_state(write_slot_fn, donate_argnums=(0,))
 
 
