@@ -30,7 +30,7 @@ from coserve_jax.engine_config import EngineConfig, derive_lengths
 from coserve_jax.errors import AdmissionError, AlreadyExists, InUse, InvalidRequest, NotFound
 from coserve_jax.finetune.buffers import TrainBuffers
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
-from coserve_jax.finetune.trainer import Trainer, TrainerConfig, train_seq_buckets
+from coserve_jax.finetune.trainer import Trainer, TrainerConfig
 from coserve_jax.kv_cache import KVCache, KVUsage, PageAllocator
 from coserve_jax.latency import LatencyModel, bucket_key, model_file, piece_key
 from coserve_jax.lora.adapter import LoraAdapter
@@ -163,7 +163,6 @@ class Engine:
                                                    and self.policy.period is None)
         self._launched: _Launched | None = None
         self._device_free: float | None = None  # when the device last went idle, if known
-        self.last_step_seconds = 0.0  # dispatch to tokens read back, of the last step
         self._compiled: set[str] = set()  # latency keys whose shape has run in this process
         self._seed_rng = random.Random()
         self.num_steps = 0
@@ -182,7 +181,8 @@ class Engine:
         if tc.block and self.layout.sharded:
             raise ValueError("token-block backward pieces (FinetuneConfig.backward_block) "
                              "run on one device; use backward_block=0 on a mesh")
-        self.layout.check_divides_tokens(train_seq_buckets(tc), "backward sequence buckets")
+        self.layout.check_divides_tokens(self.lengths.train_seq_buckets,
+                                          "backward sequence buckets")
         # One partial gradient sum per data shard (see TrainBuffers).
         return self.layout.zeros(TrainBuffers.zeros, self.model.config, slots, tc.max_seqs,
                                  tc.max_len, self.model.dtype, groups=self.layout.data_size,
@@ -384,7 +384,7 @@ class Engine:
         plan = self.scheduler.schedule()
         self.counters["finetune_yields"] = self.scheduler.finetune_yields
         if plan.whole_sample:
-            outputs = self._collect_launched()
+            outputs, _ = self._collect_launched()
             return outputs + self._whole_sample_iteration(plan, t_start)
         t_planned = time.perf_counter()
         launched = None
@@ -397,14 +397,13 @@ class Engine:
             pieces = self._run_backward(plan, step_s, timed=False)
             if launched is not None:
                 launched.pieces = pieces
-            outputs = self._collect_launched()
+            outputs, _ = self._collect_launched()
             self._launched = launched
         else:
             outputs, step_s = [], 0.0
             if launched is not None:
                 self._launched = launched
-                outputs = self._collect_launched()
-                step_s = self.last_step_seconds
+                outputs, step_s = self._collect_launched()
             pieces = self._run_backward(plan, step_s, timed=True)
         total = time.perf_counter() - t_start
         self.policy.observe(total, had_inference=bool(plan.rows),
@@ -431,12 +430,13 @@ class Engine:
                              mixed_steps=int(bool(plan.rows and plan.windows)))
         return _Launched(plan, out, t0, 0)
 
-    def _collect_launched(self) -> list[RequestOutput]:
+    def _collect_launched(self) -> tuple[list[RequestOutput], float]:
         """Reads back the launched iteration's sampled tokens (waiting for its step) and
-        applies them; times the step for the latency model where the time is known."""
+        applies them; times the step for the latency model where the time is known.
+        Returns the outputs and the seconds from the step's dispatch to its tokens."""
         launched, self._launched = self._launched, None
         if launched is None:
-            return []
+            return [], 0.0
         out, plan = launched.out, launched.plan
         was_running = not out.next_tokens.is_ready()
         next_tokens = np.asarray(out.next_tokens)
@@ -456,11 +456,11 @@ class Engine:
             start = max(launched.dispatched, self._device_free)
         else:
             start = None
-        self.last_step_seconds = t_ready - launched.dispatched
         if start is not None:
             self._observe(bucket_key(plan.bucket), t_ready - start)
         self._device_free = t_ready if was_running and not launched.pieces else None
-        return self.scheduler.update(plan, next_tokens, logprobs)
+        return (self.scheduler.update(plan, next_tokens, logprobs),
+                t_ready - launched.dispatched)
 
     def _whole_sample_iteration(self, plan: IterationPlan,
                                 t_start: float) -> list[RequestOutput]:
