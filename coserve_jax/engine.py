@@ -73,8 +73,9 @@ class _Launched:
     out: StepOutput
     dispatched: float
     """``perf_counter`` when the step was dispatched."""
-    pieces: int
-    """Backward pieces dispatched after the step."""
+    pieces_before: tuple[str, ...]
+    """Latency-model keys of the backward pieces queued on the device between the previous
+    step and this one (they run before it)."""
 
 
 class Engine:
@@ -162,7 +163,8 @@ class Engine:
         self.overlap = sched.overlap_host and not (self.policy.kind in TEMPORAL_KINDS
                                                    and self.policy.period is None)
         self._launched: _Launched | None = None
-        self._device_free: float | None = None  # when the device last went idle, if known
+        self._device_free: float | None = None  # when the last collected step ended, if known
+        self._pieces_queued: list[str] = []  # keys of pieces dispatched since the last step
         self._compiled: set[str] = set()  # latency keys whose shape has run in this process
         self._seed_rng = random.Random()
         self.num_steps = 0
@@ -395,8 +397,7 @@ class Engine:
             # iteration's tokens are read while this one runs.
             step_s = self.scheduler.predicted_step_seconds(plan)
             pieces = self._run_backward(plan, step_s, timed=False)
-            if launched is not None:
-                launched.pieces = pieces
+            self._pieces_queued += pieces
             outputs, _ = self._collect_launched()
             self._launched = launched
         else:
@@ -411,7 +412,7 @@ class Engine:
         # Host time: planning and packing before the dispatch (with overlap, reading back
         # and applying the previous iteration's tokens is hidden behind this one's step).
         self.counters.update(host_s=t_planned - t_start, iteration_s=total)
-        self.last_step = StepInfo(plan.inference_tokens, plan.finetune_tokens, pieces,
+        self.last_step = StepInfo(plan.inference_tokens, plan.finetune_tokens, len(pieces),
                                   plan.finetune_iteration, plan.bucket, total)
         return outputs
 
@@ -428,7 +429,8 @@ class Engine:
         self.counters.update(steps=1, inference_tokens=plan.inference_tokens,
                              train_tokens=plan.finetune_tokens,
                              mixed_steps=int(bool(plan.rows and plan.windows)))
-        return _Launched(plan, out, t0, 0)
+        pieces_before, self._pieces_queued = tuple(self._pieces_queued), []
+        return _Launched(plan, out, t0, pieces_before)
 
     def _collect_launched(self) -> tuple[list[RequestOutput], float]:
         """Reads back the launched iteration's sampled tokens (waiting for its step) and
@@ -446,21 +448,44 @@ class Engine:
         if any(r.request.params.logprobs is not None for r in plan.rows):
             logprobs = (np.asarray(out.sampled_logprobs), np.asarray(out.top_logprobs),
                         np.asarray(out.top_token_ids))
-        # The step's device time: from when it could start (dispatched, and the device
-        # free of earlier work) to when its tokens were ready. With overlap that is known
-        # only if the host was waiting for it and the device's earlier work had a known
-        # end (no backward pieces, whose end is not read).
-        if not self.overlap:
-            start = launched.dispatched
+        if not self.overlap:  # the device was idle at the dispatch
+            self._observe(bucket_key(plan.bucket), t_ready - launched.dispatched)
         elif was_running and self._device_free is not None:
-            start = max(launched.dispatched, self._device_free)
-        else:
-            start = None
-        if start is not None:
-            self._observe(bucket_key(plan.bucket), t_ready - start)
-        self._device_free = t_ready if was_running and not launched.pieces else None
+            self._observe_overlapped(launched, t_ready)
+        # The step's end is known only if the host was waiting for it.
+        self._device_free = t_ready if was_running else None
         return (self.scheduler.update(plan, next_tokens, logprobs),
                 t_ready - launched.dispatched)
+
+    def _observe_overlapped(self, launched: _Launched, t_ready: float) -> None:
+        """Times the device work that ran between the previous step's end
+        (``_device_free``) and this step's (``t_ready``), both seen by a waiting host.
+
+        Without pieces before it, that is the step from when it could start (dispatched,
+        and the device free). With pieces before it, the device ran them and then the step
+        without a gap if the step was queued before the previous one ended; what the span
+        holds beyond the step's prediction is the pieces' time (and anything they ran,
+        such as an optimizer update), shared among them in proportion to their
+        predictions. This is how pieces, never waited for in the overlapped loop, are
+        timed at all: a latency model measured on a quieter machine would otherwise keep
+        pricing them too low (or too high) for as long as the engine runs.
+        """
+        key = bucket_key(launched.plan.bucket)
+        before = launched.pieces_before
+        if not before:
+            self._observe(key, t_ready - max(launched.dispatched, self._device_free))
+            return
+        if launched.dispatched > self._device_free:
+            return  # the device may have been idle between the pieces and the step
+        if key not in self._compiled:  # the span holds the step's compilation
+            self._compiled.add(key)
+            return
+        predicted = [self.latency.predict(k) for k in before]
+        pieces_s = t_ready - self._device_free - self.latency.predict(key)
+        if pieces_s <= 0 or not sum(predicted):
+            return
+        for k, p in zip(before, predicted, strict=True):
+            self._observe(k, pieces_s * p / sum(predicted))
 
     def _whole_sample_iteration(self, plan: IterationPlan,
                                 t_start: float) -> list[RequestOutput]:
@@ -475,15 +500,17 @@ class Engine:
         self.last_step = StepInfo(0, tokens, 0, True, None, total, whole_samples=1)
         return []
 
-    def _run_backward(self, plan: IterationPlan, step_seconds: float, timed: bool) -> int:
+    def _run_backward(self, plan: IterationPlan, step_seconds: float,
+                      timed: bool) -> list[str]:
         """Runs up to ``backward_pieces_per_step`` backward pieces while the latency model
         says the next one fits in what the policy leaves after a step of ``step_seconds``;
-        ``timed``: waits for each and times it for the latency model."""
+        ``timed``: waits for each and times it for the latency model. Returns the pieces'
+        latency-model keys."""
         if self.trainer is None:
-            return 0
+            return []
         seconds = self.scheduler.backward_seconds(plan, step_seconds)
-        done, spent = 0, 0.0
-        while done < self.config.finetune.backward_pieces_per_step:
+        done, spent = [], 0.0
+        while len(done) < self.config.finetune.backward_pieces_per_step:
             def fits(shape, spent=spent):
                 return spent + self.latency.predict(piece_key(*shape)) <= seconds
 
@@ -501,8 +528,8 @@ class Engine:
                 spent += seconds_taken
             else:
                 spent += self.latency.predict(piece_key(*shape))
-            done += 1
-        self.counters["backward_pieces"] += done
+            done.append(piece_key(*shape))
+        self.counters["backward_pieces"] += len(done)
         return done
 
     def _observe(self, key: str, seconds: float) -> None:

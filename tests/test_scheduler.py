@@ -329,3 +329,23 @@ def test_a_shorter_ready_piece_runs_when_the_furthest_one_does_not_fit():
     assert trainer.run_backward_piece(lambda shape: shape != big)
     assert other.layers_left == left - engine.config.finetune.backward_layers
     assert not trainer.run_backward_piece(lambda shape: False)
+
+
+def test_overlapped_loop_reprices_backward_pieces_online():
+    # The overlapped loop never waits for a backward piece, so pieces are timed from the
+    # span between two steps' ends that the host waited for. Pieces priced a million times
+    # too cheap (a latency model measured on another machine) must be re-priced.
+    engine = _engine(mode="coserve", overlap_host=True)
+    engine.submit_job(_job())
+    keys = [piece_key(n, engine.config.finetune.backward_layers)
+            for n in engine.trainer.seq_buckets]
+    engine.latency.times.update(dict.fromkeys(keys, 1e-9))
+    for p in _prompts(4, 5, 20):
+        engine.add_request(p, SamplingParams(max_tokens=60, ignore_eos=True))
+    pieces = 0
+    for _ in range(60):
+        engine.step()
+        pieces += engine.last_step.backward_pieces
+    assert pieces > 0
+    repriced = [k for k in keys if engine.latency.predict(k) > 1e-5]
+    assert repriced, {k: engine.latency.predict(k) for k in keys}
