@@ -165,6 +165,7 @@ class Engine:
         self._launched: _Launched | None = None
         self._device_free: float | None = None  # when the last collected step ended, if known
         self._pieces_queued: list[str] = []  # keys of pieces dispatched since the last step
+        self._queued_s = 0.0  # predicted seconds of the last iteration's device work
         self._compiled: set[str] = set()  # latency keys whose shape has run in this process
         self._seed_rng = random.Random()
         self.num_steps = 0
@@ -383,7 +384,8 @@ class Engine:
 
     def _iteration(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self._queued_s)
+        self._queued_s = 0.0
         self.counters["finetune_yields"] = self.scheduler.finetune_yields
         if plan.whole_sample:
             outputs, _ = self._collect_launched()
@@ -398,6 +400,8 @@ class Engine:
             step_s = self.scheduler.predicted_step_seconds(plan)
             pieces = self._run_backward(plan, step_s, timed=False)
             self._pieces_queued += pieces
+            # Predicted device work the next plan's tokens will wait behind.
+            self._queued_s = step_s + sum(self.latency.predict(k) for k in pieces)
             outputs, _ = self._collect_launched()
             self._launched = launched
         else:

@@ -175,8 +175,11 @@ class Policy:
         which keeps its running mean within ``safety * target`` after this iteration's token
         too. Before its first token a request's TPOT clock has not started; what binds it
         is its TTFT, so it allows ``safety`` times the time left to its TTFT target, shared
-        by the prefill iterations it still needs (at least ``safety * target``). Built with
-        ``spend_banked=False`` (or given no ``progress``), each allows ``safety * target``.
+        by this and the prefill iterations it still needs after it (at least
+        ``safety * target``). One whose first token this iteration samples allows
+        ``safety * target`` only: what the iteration runs after its step (backward pieces)
+        delays its second token, the start of its TPOT. Built with ``spend_banked=False``
+        (or given no ``progress``), each allows ``safety * target``.
         """
         targets = list(targets)
         if progress is None or not self.spend_banked:
@@ -185,8 +188,9 @@ class Policy:
         for target, done in zip(targets, progress, strict=True):
             floor = self.safety * target
             if isinstance(done, BeforeFirstToken):
-                limits.append(max(floor, self.safety * done.ttft_left_s
-                                  / max(done.prefill_iterations, 1)))
+                share = (0.0 if done.prefill_iterations == 0 else
+                         self.safety * done.ttft_left_s / (done.prefill_iterations + 1))
+                limits.append(max(floor, share))
             elif done is not None:
                 limits.append(floor + self.safety * target * done[0] - done[1])
             else:
@@ -201,7 +205,8 @@ class BeforeFirstToken:
     ttft_left_s: float
     """Seconds left until its TTFT target (negative when already missed)."""
     prefill_iterations: int
-    """Iterations it still needs to reach its first token, this one included."""
+    """Iterations it still needs after this one to finish its prompt (0: this iteration
+    samples its first token)."""
 
 
 def _candidates(tokens_left: int) -> list[int]:

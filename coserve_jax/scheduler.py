@@ -230,8 +230,12 @@ class Scheduler:
 
     # ----- 1. schedule ----------------------------------------------------------------------
 
-    def schedule(self) -> IterationPlan:
-        """The next iteration's plan; commits it (pages, request and training progress)."""
+    def schedule(self, queued_s: float = 0.0) -> IterationPlan:
+        """The next iteration's plan; commits it (pages, request and training progress).
+
+        ``queued_s``: predicted seconds of device work dispatched before this plan that
+        has not finished (the overlapped loop's previous iteration); this iteration's
+        tokens land after it, which the requests' time budgets account for."""
         trainer = self.trainer
         if (self.idle_whole_samples and trainer is not None and not self.has_requests()
                 and trainer.has_sample_work() and not trainer.has_inflight()):
@@ -256,9 +260,11 @@ class Scheduler:
                 req.in_flight += 1
                 req.feed_row = row
             rows.append(ScheduledRow(req, n, samples))
+        sampling = {row.request.request_id for row in rows if row.samples}
         now = time.monotonic()  # the clock of first_token_time
         limit = self.policy.iteration_limit([r.slo.tpot_s for r in self.running],
-                                            [self._progress(r, now) for r in self.running])
+                                            [self._progress(r, now + queued_s, sampling)
+                                             for r in self.running])
         used = sum(n for _, n in scheduled)
         left = self.max_num_batched_tokens - used
         windows = []
@@ -326,10 +332,15 @@ class Scheduler:
             return float("inf")
         return self.latency.predict(bucket_key(bucket))
 
-    def _progress(self, req: Request, now: float):
-        """What ``Policy.iteration_limit`` needs of a running request (clock: monotonic)."""
+    def _progress(self, req: Request, now: float, sampling: set[str]):
+        """What ``Policy.iteration_limit`` needs of a running request (clock: monotonic;
+        ``now``: when the work queued before this iteration will have finished).
+        ``sampling``: ids of the requests this iteration samples a token for."""
         if req.first_token_time is not None:
-            return len(req.output) - 1, now - req.first_token_time
+            # Tokens in flight from earlier iterations (the overlapped loop) count as
+            # produced by ``now``.
+            earlier = req.in_flight - (req.request_id in sampling)
+            return len(req.output) - 1 + earlier, now - req.first_token_time
         # Prefill left after this iteration's chunk, at a full token budget per iteration.
         budget = self.max_num_batched_tokens
         return BeforeFirstToken(req.slo.ttft_s - (now - req.arrival_time),

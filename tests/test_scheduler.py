@@ -297,9 +297,13 @@ def test_iteration_limit_spends_what_fast_requests_banked():
 
 def test_prefilling_requests_allow_their_ttft_slack():
     policy = Policy("coserve", safety=0.9)
-    # Before its first token a request's TPOT clock has not started: its TTFT binds.
-    assert policy.iteration_limit([0.04], [BeforeFirstToken(2.0, 1)]) == pytest.approx(1.8)
-    assert policy.iteration_limit([0.04], [BeforeFirstToken(2.0, 4)]) == pytest.approx(0.45)
+    # Before its first token a request's TPOT clock has not started: its TTFT binds, shared
+    # by this iteration and the prefill iterations after it.
+    assert policy.iteration_limit([0.04], [BeforeFirstToken(2.0, 1)]) == pytest.approx(0.9)
+    assert policy.iteration_limit([0.04], [BeforeFirstToken(2.0, 4)]) == pytest.approx(0.36)
+    # One whose first token this iteration samples: what runs after the step delays its
+    # second token, so it allows a normal iteration only.
+    assert policy.iteration_limit([0.04], [BeforeFirstToken(2.0, 0)]) == pytest.approx(0.036)
     # A missed (or nearly missed) TTFT never allows less than a normal iteration.
     assert policy.iteration_limit([0.04], [BeforeFirstToken(-1.0, 1)]) == pytest.approx(0.036)
     # The tightest request still decides: one that just produced its first token banks 0.
