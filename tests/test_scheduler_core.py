@@ -122,3 +122,22 @@ def test_abort_drops_a_request_whose_token_is_in_flight():
     outs = s.update(plan, _sample(plan, lambda rid, n: 7))
     assert [o.request_id for o in outs] == ["b"]
     assert s.allocator.page_table("b") and "a" not in s.requests
+
+
+def test_time_budget_counts_tokens_in_flight_and_the_work_queued_before_the_plan():
+    """Planned one iteration ahead, a request's budget counts the token still in flight as
+    produced, by the time the device work queued before this plan (``queued_s``) is done."""
+    s = _scheduler()
+    s.policy = Policy("coserve", safety=0.9)
+    req = _add(s, "a", 3, 10, ignore_eos=True)
+    req.slo = SLO(10.0, 0.1)
+    prefill = s.schedule()
+    s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))  # the first token
+    first = s.schedule()  # decodes the second token
+    # Nothing banked yet: a normal iteration, 0.9 x 100 ms (less the microseconds since).
+    assert 0.085 < first.time_limit <= 0.09
+    # Planned while the second token is in flight, behind 50 ms of queued device work: the
+    # third token may take 0.9 x 100 ms x 2 tokens from the first, less those 50 ms.
+    second = s.schedule(queued_s=0.05)
+    assert [r.request.request_id for r in second.rows] == ["a"]
+    assert 0.125 < second.time_limit <= 0.13
