@@ -156,11 +156,9 @@ class Runner:
         init = programs.build_optimizer_init(c.optimizer, c.total_steps, self.layout)
         update = programs.build_optimizer_update(c.optimizer, c.total_steps, c.rank,
                                                  tuple(self.slots.a), c.targets, self.layout)
-        self.jobs[c.name] = job = JobState(
+        self.jobs[c.name] = JobState(
             params, init(params), update,
             JobCheckpointer(c.checkpoint_dir) if c.checkpoint_dir else None)
-        # Compiled while the job's first sequences run, not when its first update is due.
-        update.compile_ahead(job.params, job.opt_state, self.train, np.int32(0), np.float32(1))
 
     def _restore_job(self, c: commands.RestoreJob) -> dict | None:
         job = self.jobs[c.name]

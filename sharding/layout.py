@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -332,46 +331,16 @@ class StateJit:
         self.fn = fn
         self._donate = donate_argnums
         self._jits: dict = {}
-        self._ahead: dict = {}  # key -> (thread, [compiled executable]) of compile_ahead
-
-    @staticmethod
-    def _key(args: tuple) -> tuple:
-        return jax.tree.structure(args), tuple(np.shape(x) for x in jax.tree.leaves(args))
 
     def _jit(self, args: tuple):
-        key = self._key(args)
+        key = (jax.tree.structure(args), tuple(np.shape(x) for x in jax.tree.leaves(args)))
         if key not in self._jits:
             out = jax.eval_shape(self.fn, *args)
             self._jits[key] = jax.jit(self.fn, out_shardings=self.layout.shardings(out),
                                       donate_argnums=self._donate)
         return self._jits[key]
 
-    def compile_ahead(self, *args) -> None:
-        """Starts compiling the program for arguments like ``args`` (their shapes, dtypes
-        and shardings are read now) on a background thread; the first call with such
-        arguments runs that executable, waiting for it if need be. A job's first optimizer
-        update would otherwise compile in the middle of serving and stall every running
-        request for that long."""
-        key = self._key(args)
-        if key in self._ahead:
-            return
-        jitted = self._jit(args)
-        specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            np.shape(x), x.dtype, sharding=x.sharding if isinstance(x, jax.Array) else None),
-            args)
-        done: list = []
-        thread = threading.Thread(target=lambda: done.append(jitted.lower(*specs).compile()),
-                                  name="compile-ahead", daemon=True)
-        thread.start()
-        self._ahead[key] = (thread, done)
-
     def __call__(self, *args):
-        ahead = self._ahead.get(self._key(args)) if self._ahead else None
-        if ahead is not None:
-            thread, done = ahead
-            thread.join()
-            if done:  # (a failed compile falls back to jit, which reports the error)
-                return done[0](*args)
         return self._jit(args)(*args)
 
     def lower(self, *args):
