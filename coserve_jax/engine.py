@@ -352,9 +352,12 @@ class Engine:
         return outputs
 
     def close(self) -> None:
-        """Finishes a trace in progress and writes out the TensorBoard event files."""
+        """Finishes a trace in progress and writes out the TensorBoard event files (with the
+        serving scalars of the iterations since the last ``log_every``)."""
         self.profiler.stop()
         if self.writer is not None:
+            if self.counters["iterations"] > self._logged["counters"]["iterations"]:
+                self._log_serving()
             self.writer.close()
 
     def start_profile(self, log_dir: str, num_steps: int) -> None:
