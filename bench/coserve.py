@@ -421,8 +421,8 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
         # Interleaved rounds, every other one in reverse order: a machine whose speed
         # drifts over minutes weighs on every mode alike.
         for mode, rate in runs if i % 2 == 0 else runs[::-1]:
-            rec = (known.pop((mode, round(rate, 6)), None) if i == 0 else None) \
-                or run_one(model, mode, rate, args)
+            # A peak probe at this rate stands for its first round (popped: used once).
+            rec = known.pop((mode, round(rate, 6)), None) or run_one(model, mode, rate, args)
             rounds[mode, rate].append(rec)
             log(f"{mode_label(mode):>40} @ {rate:6.2f} req/s (round {i + 1}): attainment "
                 f"{rec['slo_attainment']:.1%}, finetuning {rec['ft_tokens_per_s']:.0f} tok/s")

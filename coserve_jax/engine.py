@@ -488,11 +488,12 @@ class Engine:
             self._compiled.add(key)
             return
         predicted = [self.latency.predict(k) for k in before]
+        total = sum(predicted)
         pieces_s = t_ready - self._device_free - self.latency.predict(key)
-        if pieces_s <= 0 or not sum(predicted):
+        if pieces_s <= 0 or not total:
             return
         for k, p in zip(before, predicted, strict=True):
-            self._observe(k, pieces_s * p / sum(predicted))
+            self._observe(k, pieces_s * p / total)
 
     def _whole_sample_iteration(self, plan: IterationPlan,
                                 t_start: float) -> list[RequestOutput]:
