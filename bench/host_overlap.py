@@ -9,16 +9,19 @@ window of iterations it records every command its runner executes (the runner's
 The same commands are then replayed back to back on the runner, with nothing else on
 the host: that is the device's own time for the window's work (its programs, dispatched
 in the same order). ``host share = 1 - replay / wall``: the part of each iteration the
-device waits for the host. The two loops run interleaved windows in one process (medians
-over --repeats), so the figures are ratios
-on whatever machine runs it. Greedy outputs of the two loops are compared too.
+device waits for the host. The two loops run short interleaved windows in one process,
+each replayed right after it, so the machine's drift hits both sides of every ratio
+alike; the figures are ratios on whatever machine runs it. The host's own CPU time per
+iteration (the engine thread's) is reported beside them. Greedy outputs of the two loops
+are compared too.
 
 On a CPU the "device" is the same cores as the host: XLA's threads and the host's Python
-share them, so host work hidden behind a step still slows it. Running with
-``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"`` gives
-the programs one core and leaves the other to the host, as a GPU does.
+share them, so host work hidden behind a step still slows it. ``--split-cores`` gives
+XLA's threads the last core and the host thread the others (as a GPU and its host have
+their own), which measures the overlap itself apart from that contention.
 
     python bench/host_overlap.py            # appends to BENCHMARKS.md
+    python bench/host_overlap.py --split-cores
     python bench/host_overlap.py --quick --no-record
 """
 
@@ -65,13 +68,15 @@ def engine_for(model, requests: int, finetune: bool, overlap: bool, warm: int) -
     return engine
 
 
-def window(engine: cj.Engine, iterations: int) -> tuple[float, float]:
-    """(wall seconds, replayed device seconds) of ``iterations`` iterations."""
+def window(engine: cj.Engine, iterations: int) -> tuple[float, float, float]:
+    """(wall seconds, replayed device seconds, host CPU seconds) of ``iterations``
+    iterations."""
     commands = []
     engine.runner.mirror = commands.append
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     for _ in range(iterations):
         engine.step()
+    cpu = time.thread_time() - cpu0
     jax.block_until_ready(engine.runner.kv.pages)
     wall = time.perf_counter() - t0
     engine.runner.mirror = None
@@ -79,28 +84,33 @@ def window(engine: cj.Engine, iterations: int) -> tuple[float, float]:
     for command in commands:
         engine.runner.execute(command)
     jax.block_until_ready(engine.runner.kv.pages)
-    return wall, time.perf_counter() - t0
+    return wall, time.perf_counter() - t0, cpu
 
 
 def measure(model, requests: int, finetune: bool, iterations: int, warm: int,
-            repeats: int) -> dict[bool, dict]:
+             repeats: int, seed: int = 0) -> dict[bool, dict]:
     """Both loops, their windows interleaved ``repeats`` times (the machine's drift hits
-    both alike); medians per iteration."""
+    both loops, and each window's live run and replay, alike). The host share is
+    ``1 - sum(replays) / sum(live windows)`` over all windows, with a bootstrap 90%
+    interval over the windows."""
     engines = {overlap: engine_for(model, requests, finetune, overlap, warm)
                for overlap in (False, True)}
     runs = {False: [], True: []}
     for _ in range(repeats):
         for overlap, engine in engines.items():
             runs[overlap].append(window(engine, iterations))
+    rng = np.random.default_rng(seed)
     out = {}
     for overlap, pairs in runs.items():
-        wall = np.array([w for w, _ in pairs]) / iterations
-        device = np.array([d for _, d in pairs]) / iterations
-        share = np.maximum(0.0, 1 - device / wall)
-        out[overlap] = {"wall_ms": 1e3 * float(np.median(wall)),
-                        "device_ms": 1e3 * float(np.median(device)),
-                        "host_share": float(np.median(share)),
-                        "host_share_range": (float(share.min()), float(share.max()))}
+        wall, device, cpu = (np.array(x) / iterations for x in zip(*pairs, strict=True))
+        picks = rng.integers(0, len(pairs), (2000, len(pairs)))
+        shares = 1 - device[picks].sum(axis=1) / wall[picks].sum(axis=1)
+        out[overlap] = {"wall_ms": 1e3 * float(wall.mean()),
+                        "device_ms": 1e3 * float(device.mean()),
+                        "host_cpu_ms": 1e3 * float(cpu.mean()),
+                        "host_share": float(1 - device.sum() / wall.sum()),
+                        "host_share_range": tuple(float(q) for q in
+                                                  np.percentile(shares, [5, 95]))}
     return out
 
 
@@ -117,43 +127,59 @@ def outputs_match(model) -> bool:
 
 def _share(r: dict) -> str:
     lo, hi = r["host_share_range"]
-    return f"{100 * r['host_share']:.1f}% ({100 * lo:.0f}-{100 * hi:.0f}%)"
+    return f"{100 * r['host_share']:.1f}% ({100 * lo:.1f} to {100 * hi:.1f}%)"
+
+
+def split_cores() -> str:
+    """Pins the XLA CPU client's threads to the last core and this (host) thread to the
+    others. Must run before jax starts its CPU client: its threads inherit the affinity
+    of the thread that creates them."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--split-cores needs at least two cores")
+    os.sched_setaffinity(0, {cores[-1]})
+    jax.block_until_ready(jax.numpy.ones((256, 256)) @ jax.numpy.ones((256, 256)))
+    os.sched_setaffinity(0, set(cores[:-1]))
+    return f"XLA threads on core {cores[-1]}, host thread on cores {cores[:-1]}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=100,
+    p.add_argument("--iterations", type=int, default=20,
                    help="iterations per window (contexts grow by repeats x iterations)")
-    p.add_argument("--quick", action="store_true", help="40 iterations per window")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="interleaved windows per loop (medians are reported)")
+    p.add_argument("--quick", action="store_true", help="10 windows per loop")
+    p.add_argument("--repeats", type=int, default=30,
+                   help="interleaved windows per loop")
+    p.add_argument("--split-cores", action="store_true",
+                   help="XLA's threads on the last core, the host on the others")
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args()
-    iterations = 40 if args.quick else args.iterations
+    cores = split_cores() if args.split_cores else "host and XLA threads share every core"
+    iterations, repeats = args.iterations, 10 if args.quick else args.repeats
     info = machine_info()
     model = cj.load_model(cj.tiny_model_dir(), progress=False)
     rows = []
     for name, (requests, finetune) in SCENARIOS.items():
         result = measure(model, requests, finetune, iterations, warm=20,
-                         repeats=args.repeats)
+                         repeats=repeats)
         sync, over = result[False], result[True]
         rows.append([name, f"{sync['wall_ms']:.2f}", f"{sync['device_ms']:.2f}",
-                     _share(sync), f"{over['wall_ms']:.2f}",
-                     f"{over['device_ms']:.2f}", _share(over),
+                     f"{sync['host_cpu_ms']:.2f}", _share(sync), f"{over['wall_ms']:.2f}",
+                     f"{over['device_ms']:.2f}", f"{over['host_cpu_ms']:.2f}", _share(over),
                      f"{sync['wall_ms'] / over['wall_ms']:.2f}x"])
         print(rows[-1], flush=True)
     same = outputs_match(model)
     table = markdown_table(
-        ["scenario", "sync ms/iter", "sync device ms/iter", "sync host share",
-         "overlap ms/iter", "overlap device ms/iter", "overlap host share",
-         "speed-up"], rows)
+        ["scenario", "sync ms/iter", "sync device ms/iter", "sync host CPU ms/iter",
+         "sync host share", "overlap ms/iter", "overlap device ms/iter",
+         "overlap host CPU ms/iter", "overlap host share", "speed-up"], rows)
     flags = os.environ.get("XLA_FLAGS", "")
-    body = (f"{table}\n\nXLA_FLAGS: `{flags or '(none)'}`. Medians of {args.repeats} "
-            f"interleaved windows of {iterations} iterations (host share: median, range); "
-            f"embedded model; device "
-            f"time = the window's runner commands replayed back to back. Greedy "
-            f"outputs of the two loops identical: {same}.")
+    body = (f"{table}\n\nCores: {cores}. XLA_FLAGS: `{flags or '(none)'}`. {repeats} "
+            f"interleaved windows of {iterations} iterations per loop, each replayed right "
+            f"after it; ms/iter are means, host share = 1 - total replay / total wall "
+            f"(bootstrap 90% interval over windows); embedded model. Greedy outputs of the "
+            f"two loops identical: {same}.")
     print(body)
     if not same:
         raise SystemExit("the overlapped loop changed outputs")

@@ -358,6 +358,8 @@ class Engine:
         if self.writer is not None:
             if self.counters["iterations"] > self._logged["counters"]["iterations"]:
                 self._log_serving()
+            if self.trainer is not None:
+                self.trainer.write_scalars(wait=True)
             self.writer.close()
 
     def start_profile(self, log_dir: str, num_steps: int) -> None:
@@ -383,6 +385,8 @@ class Engine:
                 "tpot_s": float(np.median([m.tpot_s for m in finished])),
             }
         self.writer.scalars("serving", values, self.counters["iterations"])
+        if self.trainer is not None:
+            self.trainer.write_scalars()
         self.writer.flush()
 
     def _iteration(self) -> list[RequestOutput]:

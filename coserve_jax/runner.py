@@ -156,8 +156,12 @@ class Runner:
         init = programs.build_optimizer_init(c.optimizer, c.total_steps, self.layout)
         update = programs.build_optimizer_update(c.optimizer, c.total_steps, c.rank,
                                                  tuple(self.slots.a), c.targets, self.layout)
+        opt_state = init(params)
+        # Compiled now, when the job is submitted: its first update would otherwise
+        # compile in the middle of serving, a stall no latency model foresees.
+        update.compile(params, opt_state, self.train, np.int32(0), np.float32(1))
         self.jobs[c.name] = JobState(
-            params, init(params), update,
+            params, opt_state, update,
             JobCheckpointer(c.checkpoint_dir) if c.checkpoint_dir else None)
 
     def _restore_job(self, c: commands.RestoreJob) -> dict | None:

@@ -331,16 +331,31 @@ class StateJit:
         self.fn = fn
         self._donate = donate_argnums
         self._jits: dict = {}
+        self._compiled: dict = {}  # what ``compile`` built ahead, by the same key
+
+    def _key(self, args: tuple):
+        return jax.tree.structure(args), tuple(np.shape(x) for x in jax.tree.leaves(args))
 
     def _jit(self, args: tuple):
-        key = (jax.tree.structure(args), tuple(np.shape(x) for x in jax.tree.leaves(args)))
+        key = self._key(args)
         if key not in self._jits:
             out = jax.eval_shape(self.fn, *args)
             self._jits[key] = jax.jit(self.fn, out_shardings=self.layout.shardings(out),
                                       donate_argnums=self._donate)
         return self._jits[key]
 
+    def compile(self, *args) -> None:
+        """Compiles the program for these arguments now (nothing runs and nothing is
+        donated), so that its first call does not compile."""
+        key = self._key(args)
+        if key not in self._compiled:
+            self._compiled[key] = self._jit(args).lower(*args).compile()
+
     def __call__(self, *args):
+        if self._compiled:
+            compiled = self._compiled.get(self._key(args))
+            if compiled is not None:
+                return compiled(*args)
         return self._jit(args)(*args)
 
     def lower(self, *args):

@@ -227,12 +227,12 @@ def test_latency_model_is_saved_and_reused(tmp_path):
 def test_coserving_never_recompiles_in_steady_state():
     engine = _engine(mode="coserve")
     engine.warmup(progress=False)
-    engine.submit_job(_job())
+    engine.submit_job(_job())  # compiles the job's optimizer update
     run = engine.trainer.jobs["ft"]
-    while run.step < 1:  # the job's optimizer update compiles on its first step
-        engine.step()
     rng = np.random.default_rng(3)
     with count_compilations() as compiled:
+        while run.step < 1:  # the first update must not compile mid-serving
+            engine.step()
         for i in range(60):
             if i % 3 == 0:
                 engine.add_request(rng.integers(3, 259, size=int(rng.integers(2, 50))).tolist(),
@@ -353,3 +353,30 @@ def test_overlapped_loop_reprices_backward_pieces_online():
     assert pieces > 0
     repriced = [k for k in keys if engine.latency.predict(k) > 1e-5]
     assert repriced, {k: engine.latency.predict(k) for k in keys}
+
+
+def test_finishing_sequences_and_optimizer_steps_never_wait_for_the_device(monkeypatch):
+    # A sequence's loss is a sum of its windows' device values; the overlapped loop has the
+    # next step queued behind the last of them, so the loop must never wait to read one.
+    # Here the device never seems to finish: the loop must still run the job to its end,
+    # and the losses are read when asked.
+    from coserve_jax.finetune.trainer import PendingLoss
+
+    reads = []
+    value = PendingLoss.value
+    monkeypatch.setattr(PendingLoss, "ready", lambda self: False)
+    monkeypatch.setattr(PendingLoss, "value", lambda self: reads.append(1) or value(self))
+    engine = _engine(mode="coserve", overlap_host=True)
+    engine.submit_job(_job(steps=3))
+    for p in _prompts(2, 5, 20):
+        engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True))
+    run = engine.trainer.jobs["ft"]
+    for _ in range(400):
+        if run.state != "running":
+            break
+        engine.step()
+    assert run.state == "completed" and run.step == 3
+    assert not reads
+    losses = run.losses
+    assert len(reads) == 3
+    assert len(losses) == 3 and all(isinstance(x, float) and math.isfinite(x) for x in losses)

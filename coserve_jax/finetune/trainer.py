@@ -88,15 +88,42 @@ class InFlight:
     layers_left: int = 0  # layers still to backpropagate (0 while forwarding)
     rows_left: int = 0  # token-block pieces: rows of the current layer still to pull back
     loss_parts: list = dataclasses.field(default_factory=list)
-    """(a step's ``seq_loss`` device array, row) of each forward window, read at the end."""
-
-    def loss(self) -> float:
-        """The sequence's weighted loss: the sum of its windows' (waits for their steps)."""
-        return float(sum(np.asarray(a)[row] for a, row in self.loss_parts))
+    """(a step's ``seq_loss`` device array, row) of each forward window, read when the
+    job's losses are."""
 
     @property
     def length(self) -> int:
         return len(self.seq.tokens)
+
+
+LossParts = list[tuple[jax.Array, int | None]]
+"""A sequence's weighted loss as the device values it sums: (array, row) of each forward
+window's ``seq_loss``, or (scalar, None) of a whole sample."""
+
+
+class PendingLoss:
+    """An optimizer step's mean sequence loss, kept as device values until it is read, so
+    that finishing a sequence never waits for the device (the overlapped loop has the next
+    step queued behind it)."""
+
+    def __init__(self, sequences: list[LossParts]):
+        self.sequences = sequences
+
+    def ready(self) -> bool:
+        """Every step it reads from has finished (reading it will not wait)."""
+        return all(a.is_ready() for parts in self.sequences for a, _ in parts)
+
+    def total(self) -> float:
+        """The sequences' summed loss (waits for the steps it reads from)."""
+        total = 0.0
+        for parts in self.sequences:
+            total += float(sum(np.asarray(a) if row is None else np.asarray(a)[row]
+                               for a, row in parts))
+        return total
+
+    def value(self) -> float:
+        """The mean sequence loss (waits for the steps it reads from)."""
+        return self.total() / len(self.sequences)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +152,8 @@ class JobRun:
         self.seqs_started = 0  # global sequence counter over epochs
         self.seqs_done = 0
         self.seqs_in_step = 0
-        self.loss_in_step = 0.0
-        self.losses: list[float] = []
+        self.loss_parts_in_step: list[LossParts] = []
+        self._losses: list[float | PendingLoss] = []
         self._grad_norm = None  # a device scalar until read
         self.tokens_trained = 0
         self.tokens_scheduled = 0
@@ -136,6 +163,28 @@ class JobRun:
         n = len(spec.dataset)
         self.total_seqs = (spec.max_steps * spec.sequences_per_step if spec.max_steps
                            else spec.epochs * n)
+
+    @property
+    def losses(self) -> list[float]:
+        """Mean sequence loss of each optimizer step (read from the device when asked)."""
+        self.settle_losses(wait=True)
+        return self._losses
+
+    def settle_losses(self, wait: bool) -> None:
+        """Turns the pending losses at the end of ``losses`` into floats, oldest first,
+        stopping at one the device has not produced yet unless ``wait``."""
+        first = len(self._losses)
+        while first and isinstance(self._losses[first - 1], PendingLoss):
+            first -= 1
+        for i in range(first, len(self._losses)):
+            if not wait and not self._losses[i].ready():
+                return
+            self._losses[i] = self._losses[i].value()
+
+    @property
+    def loss_in_step(self) -> float:
+        """Summed loss of the sequences done in the current optimizer step (waits for them)."""
+        return PendingLoss(self.loss_parts_in_step).total()
 
     @property
     def grad_norm(self) -> float | None:
@@ -195,7 +244,7 @@ class JobRun:
         """Takes up the data position and counters of a restored checkpoint."""
         self.step = int(meta["step"])
         self.seqs_done = self.seqs_started = int(meta["seqs_done"])
-        self.losses = [float(x) for x in meta["losses"]]
+        self._losses = [float(x) for x in meta["losses"]]
         self.tokens_trained = int(meta["tokens_trained"])
         log.info("job %s resumed at step %d", self.spec.name, self.step)
 
@@ -227,6 +276,9 @@ class Trainer:
         self.seq_buckets = train_seq_buckets(config)
         self.jobs: dict[str, JobRun] = {}
         self.writer = None  # a telemetry.ScalarWriter, set by the engine
+        self._scalars_due: list[tuple] = []
+        """(run, step, PendingLoss, grad norm array, tokens/s) of optimizer steps whose
+        scalars are not yet written (``write_scalars``)."""
         self._free_act = list(range(config.max_seqs - 1, -1, -1))
         self._kv_ids = 0
 
@@ -486,14 +538,14 @@ class Trainer:
     def _sequence_done(self, f: InFlight) -> None:
         f.job.inflight.remove(f)
         self._free_act.append(f.act_slot)
-        self._book_sequence(f.job, f.loss(), f.length)
+        self._book_sequence(f.job, f.loss_parts, f.length)
 
-    def _book_sequence(self, run: JobRun, loss: float, length: int) -> None:
+    def _book_sequence(self, run: JobRun, loss: LossParts, length: int) -> None:
         """A sequence's gradients are complete: count it, and step the optimizer when it
         was the last sequence of the step."""
         run.seqs_done += 1
         run.seqs_in_step += 1
-        run.loss_in_step += loss
+        run.loss_parts_in_step.append(loss)
         run.tokens_trained += length
         if run.seqs_in_step == run.seqs_for_step(run.step):
             self._optimizer_step(run)
@@ -539,21 +591,24 @@ class Trainer:
             np.pad(np.asarray(seq.tokens, np.int32), (0, pad)),
             np.pad(labels, (0, pad)).astype(np.int32), np.pad(weights, (0, pad)), run.slot))
         run.tokens_scheduled += length
-        self._book_sequence(run, float(loss), length)
+        self._book_sequence(run, [(loss, None)], length)
         return length
 
     def _optimizer_step(self, run: JobRun) -> None:
         n = run.seqs_in_step
-        run._grad_norm = self.runner.execute(ApplyUpdate(run.spec.name, run.slot, n,
-                                                         float(run.spec.lora.scale)))
-        run.losses.append(run.loss_in_step / n)
+        assert n == len(run.loss_parts_in_step)
+        grad_norm = self.runner.execute(ApplyUpdate(run.spec.name, run.slot, n,
+                                                    float(run.spec.lora.scale)))
+        loss = PendingLoss(run.loss_parts_in_step)
+        run._grad_norm = grad_norm
+        run.settle_losses(wait=False)  # what stays pending holds device buffers
+        run._losses.append(loss)
         run.step += 1
         if self.writer is not None:
-            p = run.progress()
-            self.writer.scalars(f"jobs/{run.spec.name}", {
-                "loss": p.loss, "learning_rate": p.learning_rate, "grad_norm": p.grad_norm,
-                "tokens_per_s": p.tokens_per_s}, run.step)
-        run.seqs_in_step, run.loss_in_step = 0, 0.0
+            elapsed = max(time.monotonic() - run.started, 1e-9)
+            self._scalars_due.append(
+                (run, run.step, loss, grad_norm, run.tokens_trained / elapsed))
+        run.seqs_in_step, run.loss_parts_in_step = 0, []
         every = run.spec.checkpoint_every
         done = run.step >= run.spec.total_steps
         try:
@@ -564,6 +619,20 @@ class Trainer:
                 self._finish(run)
         except OSError as e:
             self._fail(run, e)
+
+    def write_scalars(self, wait: bool = False) -> None:
+        """Writes the TensorBoard scalars of the optimizer steps taken so far, in order,
+        stopping at the first whose loss or gradient norm the device has not produced yet
+        (``wait``: waits for them all), so that the loop never waits for the device to log."""
+        while self._scalars_due:
+            run, step, loss, grad_norm, tokens_per_s = self._scalars_due[0]
+            if not wait and not (loss.ready() and grad_norm.is_ready()):
+                return
+            self._scalars_due.pop(0)
+            lr = float(run.spec.optimizer.schedule_fn(run.spec.total_steps)(step))
+            self.writer.scalars(f"jobs/{run.spec.name}", {
+                "loss": loss.value(), "learning_rate": lr, "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens_per_s}, step)
 
     def _finish(self, run: JobRun) -> None:
         run.state = "completed"
