@@ -47,7 +47,12 @@ import coserve_jax as cj
 from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, OptimizerConfig
 from coserve_jax.finetune.data import DataConfig, from_records
 from coserve_jax.slo import SLO, AdmissionError
-from coserve_jax.workload import gamma_arrivals, poisson_arrivals, sharegpt_lengths
+from coserve_jax.workload import (
+    SHAREGPT_MEAN_OUTPUT,
+    gamma_arrivals,
+    poisson_arrivals,
+    sharegpt_lengths,
+)
 
 from benchlib import library_revision, record
 
@@ -80,6 +85,7 @@ def engine_config(mode: str, args) -> EngineConfig:
         backward_block=getattr(args, "backward_block", 0),
         min_page_bucket=getattr(args, "min_page_bucket", 8), default_ttft_s=args.ttft_s,
         default_tpot_s=args.tpot_ms / 1000, idle_whole_samples=idle_samples,
+        safety=getattr(args, "safety", 0.9),
         latency_model_dir=getattr(args, "latency_dir", None))
 
 
@@ -384,6 +390,19 @@ def tier_model(tier: str, path: str | None):
                          progress=False)
 
 
+def fit_to_model(args) -> None:
+    """Run lengths in the model's own time: a request admitted at the end of the trace
+    needs its TTFT target plus its output at the TPOT target to finish within its SLO, so
+    the drain allows the longest output that long; and unless ``--duration`` was given,
+    the trace lasts at least five mean request lifetimes (a slow model's requests live
+    long: at 6 s, few would finish inside the trace)."""
+    tpot_s = args.tpot_ms / 1000
+    longest = int(0.4 * getattr(args, "max_model_len", 512))
+    args.drain = max(args.drain, args.ttft_s + longest * tpot_s)
+    if not getattr(args, "duration_given", True):
+        args.duration = max(args.duration, 5 * SHAREGPT_MEAN_OUTPUT * args.scale * tpot_s)
+
+
 def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     """The whole benchmark: calibrate the SLO, find the peak, run every mode at every
     fraction of it. Returns the records (separate splits included) and the regime."""
@@ -396,6 +415,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
         log(f"inference-only decode TPOT {tpot * 1e3:.1f} ms -> TPOT target "
             f"{args.tpot_ms:.1f} ms ({args.tpot_multiple:g}x)")
     regime["tpot_ms"] = args.tpot_ms
+    fit_to_model(args)
     probes = []
     if args.rates:
         rates = list(args.rates)
@@ -461,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-bisections", type=int, help="bisection steps of the peak search")
     p.add_argument("--backward-block", type=int, default=0,
                    help="EngineConfig.backward_block (0: whole-sequence backward pieces)")
+    p.add_argument("--safety", type=float, default=0.9,
+                   help="share of a target an iteration is planned to fill (SchedulingConfig)")
     p.add_argument("--scale", type=float, default=0.25, help="ShareGPT length scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int,
@@ -475,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                                         else [0.25, 0.5, 0.75, 1.0])
     args.modes = args.modes or list(QUICK_MODES if args.quick else FULL_MODES)
     args.rounds = args.rounds or (2 if args.quick else 3)
+    args.duration_given = args.duration is not None
     args.duration = args.duration or (6.0 if args.quick else 20.0)
     args.drain = args.drain if args.drain is not None else (5.0 if args.quick else 10.0)
     args.peak_bisections = (args.peak_bisections if args.peak_bisections is not None

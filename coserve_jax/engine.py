@@ -136,7 +136,8 @@ class Engine:
             key=lambda b: (b.num_tokens, b.num_pages, b.num_seqs)))
         self.layout.check_divides_tokens(lengths.token_buckets, "token buckets")
         sched = config.scheduling
-        self.policy = Policy(sched.mode, spend_banked=sched.spend_banked_slack)
+        self.policy = Policy(sched.mode, safety=sched.safety,
+                             spend_banked=sched.spend_banked_slack)
         if self.policy.whole_samples and self.layout.sharded:
             raise ValueError(f"mode {sched.mode} runs whole samples on one device; use "
                              f"coserve or temporal:N on a mesh")

@@ -122,6 +122,9 @@ class SchedulingConfig:
     """coserve: a request served faster than its TPOT target so far may absorb a longer
     iteration (TPOT is a mean over the request). False keeps every iteration within the
     safety margin of the tightest target."""
+    safety: float = 0.9
+    """The share of the tightest request's time an iteration is planned to fill (coserve),
+    and of the TPOT target the dynamic temporal modes keep their mean within."""
     default_ttft_s: float = 5.0
     """TTFT target of requests that set none (arrival to first token, queueing included)."""
     default_tpot_s: float = 0.1
@@ -145,6 +148,8 @@ class SchedulingConfig:
     def __post_init__(self):
         parse_mode(self.mode)
         SLO(self.default_ttft_s, self.default_tpot_s)
+        if not 0 < self.safety <= 1:
+            raise ValueError(f"SchedulingConfig.safety must be in (0, 1]; got {self.safety}")
 
 
 @dataclasses.dataclass(frozen=True)
