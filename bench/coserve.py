@@ -112,6 +112,11 @@ def arrival_times(rate: float, args) -> np.ndarray:
     return poisson_arrivals(rate, args.duration, args.seed)
 
 
+def longest_request(args) -> int:
+    """The longest prompt, and the longest output, of the benchmark's requests (tokens)."""
+    return int(0.4 * getattr(args, "max_model_len", 512))
+
+
 def run_one(model, mode: str, rate: float, args, finetune: bool | None = None) -> dict:
     """Drives one engine for ``args.duration`` seconds of trace; returns a record.
     ``finetune`` (default: every mode but inference-only) submits the benchmark's job."""
@@ -124,7 +129,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None) -
     slo = SLO(args.ttft_s, args.tpot_ms / 1000)
     rng = np.random.default_rng(args.seed)
     arrivals = arrival_times(rate, args)
-    longest = int(0.4 * getattr(args, "max_model_len", 512))
+    longest = longest_request(args)
     prompt_lens, output_lens = sharegpt_lengths(len(arrivals), args.seed, scale=args.scale,
                                                 max_prompt=longest, max_output=longest)
     prompts = [rng.integers(3, 259, size=int(n)).tolist() for n in prompt_lens]
@@ -397,7 +402,7 @@ def fit_to_model(args) -> None:
     the trace lasts at least five mean request lifetimes (a slow model's requests live
     long: at 6 s, few would finish inside the trace)."""
     tpot_s = args.tpot_ms / 1000
-    longest = int(0.4 * getattr(args, "max_model_len", 512))
+    longest = longest_request(args)
     args.drain = max(args.drain, args.ttft_s + longest * tpot_s)
     if not getattr(args, "duration_given", True):
         args.duration = max(args.duration, 5 * SHAREGPT_MEAN_OUTPUT * args.scale * tpot_s)

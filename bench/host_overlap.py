@@ -88,7 +88,7 @@ def window(engine: cj.Engine, iterations: int) -> tuple[float, float, float]:
 
 
 def measure(model, requests: int, finetune: bool, iterations: int, warm: int,
-             repeats: int, seed: int = 0) -> dict[bool, dict]:
+            repeats: int, seed: int = 0) -> dict[bool, dict]:
     """Both loops, their windows interleaved ``repeats`` times (the machine's drift hits
     both loops, and each window's live run and replay, alike). The host share is
     ``1 - sum(replays) / sum(live windows)`` over all windows, with a bootstrap 90%

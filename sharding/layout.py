@@ -333,7 +333,8 @@ class StateJit:
         self._jits: dict = {}
         self._compiled: dict = {}  # what ``compile`` built ahead, by the same key
 
-    def _key(self, args: tuple):
+    @staticmethod
+    def _key(args: tuple) -> tuple:
         return jax.tree.structure(args), tuple(np.shape(x) for x in jax.tree.leaves(args))
 
     def _jit(self, args: tuple):

@@ -222,14 +222,21 @@ class JobRun:
         self.seqs_started += 1
         return seq
 
+    def learning_rate(self, step: int) -> float:
+        """The schedule's learning rate at optimizer step ``step``."""
+        return float(self.spec.optimizer.schedule_fn(self.spec.total_steps)(step))
+
+    def tokens_per_s(self) -> float:
+        """Tokens trained per second since the job started."""
+        return self.tokens_trained / max(time.monotonic() - self.started, 1e-9)
+
     def progress(self) -> JobProgress:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        lr = float(self.spec.optimizer.schedule_fn(self.spec.total_steps)(self.step))
         return JobProgress(
             name=self.spec.name, state=self.state, step=self.step,
             total_steps=self.spec.total_steps, loss=self.losses[-1] if self.losses else None,
-            losses=list(self.losses), learning_rate=lr, grad_norm=self.grad_norm,
-            tokens_trained=self.tokens_trained, tokens_per_s=self.tokens_trained / elapsed,
+            losses=list(self.losses), learning_rate=self.learning_rate(self.step),
+            grad_norm=self.grad_norm, tokens_trained=self.tokens_trained,
+            tokens_per_s=self.tokens_per_s(),
             epoch=self.seqs_done // len(self.spec.dataset), error=self.error)
 
     def meta(self) -> dict:
@@ -605,9 +612,7 @@ class Trainer:
         run._losses.append(loss)
         run.step += 1
         if self.writer is not None:
-            elapsed = max(time.monotonic() - run.started, 1e-9)
-            self._scalars_due.append(
-                (run, run.step, loss, grad_norm, run.tokens_trained / elapsed))
+            self._scalars_due.append((run, run.step, loss, grad_norm, run.tokens_per_s()))
         run.seqs_in_step, run.loss_parts_in_step = 0, []
         every = run.spec.checkpoint_every
         done = run.step >= run.spec.total_steps
@@ -629,10 +634,9 @@ class Trainer:
             if not wait and not (loss.ready() and grad_norm.is_ready()):
                 return
             self._scalars_due.pop(0)
-            lr = float(run.spec.optimizer.schedule_fn(run.spec.total_steps)(step))
             self.writer.scalars(f"jobs/{run.spec.name}", {
-                "loss": loss.value(), "learning_rate": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens_per_s}, step)
+                "loss": loss.value(), "learning_rate": run.learning_rate(step),
+                "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s}, step)
 
     def _finish(self, run: JobRun) -> None:
         run.state = "completed"
