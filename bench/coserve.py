@@ -66,6 +66,11 @@ FULL_MODES = ("inference-only", "coserve", "temporal-seq:64", "temporal-seq:128"
               "temporal:dynamic")
 
 
+WHOLE_SAMPLES = "finetune-only (whole samples)"
+"""Finetune-only as a standard trainer runs it (temporal-seq with nothing to serve: one
+jitted forward and backward per sample, activations kept), beside the token-level
+``finetune-only``, whose backward pieces recompute each layer's forward (graph pruning)."""
+
 IDLE_SAMPLES = "coserve+idle-samples"
 """coserve with ``SchedulingConfig.idle_whole_samples``: iterations with nothing to serve
 run whole samples."""
@@ -288,9 +293,16 @@ def compute_bound(inference_only: dict, ft_only: float, tpot_target_s: float) ->
 
 
 def compare(records: list[dict], rates: list[float], ft_only: float,
-            on_gpu: bool = False, tpot_target_s: float | None = None) -> list[str]:
-    """Lines checking issue #12's targets at each rate (fractions of peak when known)."""
+            on_gpu: bool = False, tpot_target_s: float | None = None,
+            ft_whole: float | None = None) -> list[str]:
+    """Lines checking issue #12's targets at each rate (fractions of peak when known).
+    ``ft_whole``: whole-sample finetune-only tokens/s, where it was measured."""
     lines = []
+    if ft_whole:
+        lines.append(f"finetune-only: {ft_only:.0f} tok/s token-level, {ft_whole:.0f} tok/s in "
+                     f"whole samples ({ft_whole / max(ft_only, 1e-9):.2f}x: the token-level "
+                     f"backward recomputes each layer's forward)")
+    ceiling = max(ft_only, ft_whole or 0.0)
     separate_target = 1.9 if on_gpu else 1.0
     for rate in rates:
         at = {r["mode"]: r for r in records if round(r["rate"], 6) == round(rate, 6)}
@@ -303,8 +315,8 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
             ok = co["slo_attainment"] >= 0.95
             lines.append(f"{where}: inference-only {inf['slo_attainment']:.1%}, coserve "
                          f"{co['slo_attainment']:.1%} -> {'OK' if ok else 'MISSED'} (>= 95%)")
-        if tpot_target_s:
-            bound = compute_bound(inf, ft_only, tpot_target_s)
+        bound = compute_bound(inf, ft_only, tpot_target_s) if tpot_target_s else None
+        if bound is not None:
             lines.append(
                 f"{where}: compute bound {bound:.0f} tok/s ({bound / max(ft_only, 1e-9):.0%} "
                 f"of finetune-only: inference-only's TPOT p50 {inf['tpot_p50_s'] * 1e3:.1f} ms "
@@ -326,6 +338,13 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
             ratio = co["ft_tokens_per_s"] / max(best["ft_tokens_per_s"], 1e-9)
             verdict = ("reported" if factor is None
                        else ("OK" if ratio >= factor else "MISSED") + f" (>= {factor}x)")
+            if bound is not None and factor is not None and ratio < factor:
+                # What bounds a miss, as multiples of this rival: the finetuning the time
+                # inference leaves could give at finetune-only's speed, and all of the
+                # machine finetuning at its fastest.
+                rival = max(best["ft_tokens_per_s"], 1e-9)
+                verdict += (f"; the compute bound allows {bound / rival:.2f}x, the whole "
+                            f"machine finetuning {ceiling / rival:.2f}x")
             lines.append(f"{where}: coserve finetuning {co['ft_tokens_per_s']:.0f} tok/s = "
                          f"{ratio:.2f}x best {label}, {best['mode']} at "
                          f"{best['slo_attainment']:.0%} -> {verdict}; coserve keeps "
@@ -437,6 +456,11 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     ft_only = records[0]["ft_tokens_per_s"]
     regime["ft_only_tokens_per_s"] = ft_only
     log(f"finetune-only: {ft_only:.0f} finetuning tokens/s")
+    # With nothing to serve every temporal-seq iteration is a whole sample.
+    whole = run_one(model, "temporal-seq:64", 0.0, args)
+    records.append(whole | {"mode": WHOLE_SAMPLES, "rate_fraction": 0.0})
+    regime["ft_whole_tokens_per_s"] = whole["ft_tokens_per_s"]
+    log(f"{WHOLE_SAMPLES}: {whole['ft_tokens_per_s']:.0f} finetuning tokens/s")
     known = {(p["mode"], round(p["rate"], 6)): p for p in probes}
     runs = [(m, r) for r in rates for m in args.modes]
     runs += [("inference-only", round(r / f, 6)) for r in rates for f in SEPARATE_FRACTIONS]
@@ -456,7 +480,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
         if peak:
             rec["rate_fraction"] = round(rate / peak, 4)
         records.append(rec)
-    shown = [r for r in records if r["mode"] == "finetune-only"
+    shown = [r for r in records if r["rate"] == 0
              or any(round(r["rate"], 6) == round(x, 6) for x in rates)]
     shown += separate_cluster(records, rates, ft_only, peak)
     regime["rates"] = rates
@@ -520,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     shown, regime = run_regime(model, args)
     ft_only = regime["ft_only_tokens_per_s"]
     text = table(shown, ft_only)
-    checks = compare(shown, regime["rates"], ft_only, on_gpu, args.tpot_ms / 1e3)
+    checks = compare(shown, regime["rates"], ft_only, on_gpu, args.tpot_ms / 1e3,
+                     regime.get("ft_whole_tokens_per_s"))
     print(text)
     print("\n".join(checks))
     print(f"benchmark took {time.monotonic() - started:.0f} s")
@@ -528,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"regime": regime, "records": shown}, f, indent=1)
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
-    plot([r for r in shown if r["mode"] != "finetune-only"], args.plot)
+    plot([r for r in shown if r["rate"] > 0], args.plot)
     print(f"plot: {args.plot}")
     if not args.no_record:
         peak = regime["peak_rate"]
@@ -547,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                        + f"; {args.arrivals} arrivals"
                        + (f" (cv {args.gamma_cv:g})" if args.arrivals == "gamma" else "")
                        + f", seed {args.seed}, {args.rounds} interleaved rounds of "
-                       f"{args.duration:g} s per run (pooled), backward pieces "
+                       f"{args.duration:.3g} s per run (pooled), backward pieces "
                        + (f"of {args.backward_block}-token blocks" if args.backward_block
                           else "over whole sequences")
                        + ", ShareGPT lengths "

@@ -287,6 +287,10 @@ class Scheduler:
         backward piece this iteration would run, the latency model says fits."""
         trainer = self.trainer
         max_seqs = self.max_num_seqs - len(chunks)
+        # With nothing to serve (a request whose last token is in flight cannot be) and
+        # idle_whole_samples, the sequences in flight finish and no new one starts at token
+        # level: the next idle iteration runs a whole sample.
+        start_new = not (self.idle_whole_samples and not inference_running and not self.waiting)
         # The piece this iteration would run: the furthest along that fits beside the
         # inference alone (or simply the furthest along when nothing limits the time).
         room = None if limit is None else limit - self._predict(chunks, [])
@@ -297,7 +301,7 @@ class Scheduler:
 
         def step_seconds(n: int) -> float:
             if n not in proposals:
-                proposals[n] = trainer.propose_windows(n, max_seqs) if n else []
+                proposals[n] = trainer.propose_windows(n, max_seqs, start_new) if n else []
             return self._predict(chunks, proposals[n])
 
         tokens = self.policy.forward_tokens(
@@ -306,7 +310,7 @@ class Scheduler:
             step_seconds=step_seconds, candidates=[t - used for t in self.token_buckets])
         if not tokens:
             return []
-        return proposals.get(tokens) or trainer.propose_windows(tokens, max_seqs)
+        return proposals.get(tokens) or trainer.propose_windows(tokens, max_seqs, start_new)
 
     def backward_seconds(self, plan: IterationPlan, step_seconds: float) -> float:
         """Seconds of backward pieces the iteration may run after a step that took (or is

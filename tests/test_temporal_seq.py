@@ -96,16 +96,19 @@ def test_each_finetuning_iteration_is_one_whole_sample_without_inference():
 
 def test_idle_coserve_iterations_run_whole_samples():
     """coserve with idle_whole_samples: an iteration with nothing to serve (and no sequence
-    in flight at token level) runs one whole sample; with requests it co-serves by tokens."""
+    in flight at token level) runs one whole sample; with requests it co-serves by tokens;
+    when the requests are gone the sequences in flight finish and no new one starts at
+    token level, so the idle iterations go back to whole samples."""
     model = tiny_model()
     rng = np.random.default_rng(3)
-    lengths = [9, 30, 17, 25]
+    # Long samples and a short request: sequences are still in flight when it finishes.
+    lengths = [40, 61, 35, 52, 47, 58, 44, 39]
     engine = Engine(model, EngineConfig.flat(
         page_size=4, num_pages=96, max_num_seqs=4, max_num_batched_tokens=16,
-        min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_train_seqs=1,
+        min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_train_seqs=2,
         max_train_len=64, train_window=8, max_lora_rank=8, idle_whole_samples=True))
     engine.submit_job(FinetuneJob("t", Dataset([random_sequence(rng, n) for n in lengths]),
-                                  lora=LoraConfig(r=4, lora_alpha=8), sequences_per_step=2,
+                                  lora=LoraConfig(r=4, lora_alpha=8), sequences_per_step=4,
                                   max_steps=2))
     run = engine.trainer.jobs["t"]
     engine.step()
@@ -113,11 +116,23 @@ def test_idle_coserve_iterations_run_whole_samples():
     assert info.whole_samples == 1 and info.inference_tokens == 0
     assert info.finetune_tokens in lengths and run.seqs_done == 1
     engine.add_request(rng.integers(3, 259, size=12).tolist(),
-                       SamplingParams(max_tokens=6, ignore_eos=True))
+                       SamplingParams(max_tokens=4, ignore_eos=True))
     engine.step()
     info = engine.last_step
     assert info.whole_samples == 0 and info.inference_tokens == 12
-    while engine.has_unfinished():
+    token_level = False
+    while engine.running or engine.waiting:
         engine.step()
-    assert run.state == "completed" and len(run.losses) == 2 and all(np.isfinite(run.losses))
+        token_level |= bool(run.inflight)
+    assert token_level, "the request's iterations co-serve sequences at token level"
+    idle_whole = 0
+    while run.state == "running":
+        before = list(run.inflight)
+        engine.step()
+        assert all(any(f is g for g in before) for f in run.inflight), "a new token-level start"
+        if not before:
+            assert engine.last_step.whole_samples == 1
+            idle_whole += 1
+    assert idle_whole >= 2 and not run.inflight
+    assert len(run.losses) == 2 and all(np.isfinite(run.losses))
     assert engine.counters["train_tokens"] == sum(lengths)

@@ -414,12 +414,14 @@ class Trainer:
 
     # ----- forward windows ------------------------------------------------------------------
 
-    def propose_windows(self, budget: int, max_seqs: int) -> list[Window]:
+    def propose_windows(self, budget: int, max_seqs: int,
+                        start_new: bool = True) -> list[Window]:
         """The forward windows of training sequences this iteration could run, within
         ``budget`` tokens, ``max_seqs`` sequences and the free KV pages, without changing
         anything: the scheduler prices proposals, then ``commit_windows`` runs the one it
         picks. Jobs furthest behind their share go first; each job continues the
-        sequences it is forwarding, then starts new ones of its current optimizer step.
+        sequences it is forwarding, then (``start_new``) starts new ones of its current
+        optimizer step.
         Windows grow a sequence's page table only up to their own end, so early windows
         of long sequences stay in narrow (cheap) buckets."""
         out: list[Window] = []
@@ -435,7 +437,7 @@ class Trainer:
                     start, length, seq = f.forwarded, f.length, f
                     have = len(self.allocator.page_table(f.kv_id)) if f.forwarded else 0
                 else:
-                    if not free_act or started == run.unstarted_in_step:
+                    if not start_new or not free_act or started == run.unstarted_in_step:
                         break
                     start, length, seq, have = 0, len(run.upcoming(started).tokens), None, 0
                 n = min(self.config.window, length - start, budget)

@@ -1,0 +1,98 @@
+"""``bench/coserve.py``'s arithmetic, without an engine: the separate-cluster baseline, the
+pooling of rounds, run lengths fitted to the model, and the target checks with what bounds
+a miss."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+coserve = pytest.importorskip("coserve")
+
+
+def rec(mode: str, rate: float, attainment: float, ft: float, tpot_p50_s: float = 0.003,
+        **extra) -> dict:
+    return {"mode": mode, "rate": rate, "slo_attainment": attainment, "ft_tokens_per_s": ft,
+            "ttft_p50_s": 0.01, "ttft_p99_s": 0.02, "tpot_p50_s": tpot_p50_s,
+            "tpot_p99_s": 2 * tpot_p50_s, "inference_tokens_per_s": 100.0 * rate} | extra
+
+
+def test_separate_cluster_serves_rate_over_f_on_f_of_the_machine():
+    inference = [rec("inference-only", r, a, 0.0) for r, a in
+                 ((4.0, 1.0), (8.0, 0.97), (16.0, 0.5), (16 / 3, 0.99))]
+    out = {r["mode"]: r for r in coserve.separate_cluster(inference, [4.0], 1000.0, peak=16.0)}
+    assert out["separate:25%"]["slo_attainment"] == 0.5  # inference-only at 4 / 0.25
+    assert out["separate:25%"]["ft_tokens_per_s"] == pytest.approx(750.0)
+    assert out["separate:50%"]["slo_attainment"] == 0.97
+    assert out["separate:75%"]["inference_tokens_per_s"] == pytest.approx(100 * 16 / 3 * 0.75)
+    assert out["separate:75%"]["ft_tokens_per_s"] == pytest.approx(250.0)
+    assert {r["rate_fraction"] for r in out.values()} == {0.25}
+
+
+def test_pooled_attainment_weighs_rounds_by_their_requests():
+    a = rec("coserve", 4.0, 1.0, 100.0, requests=30, refused=0, unfinished=0, steps=10,
+            mixed_steps=5, whole_samples=0)
+    b = rec("coserve", 4.0, 0.5, 300.0, requests=10, refused=1, unfinished=2, steps=10,
+            mixed_steps=5, whole_samples=0)
+    pooled = coserve.pool_rounds([a, b])
+    assert pooled["slo_attainment"] == pytest.approx(35 / 40)
+    assert pooled["ft_tokens_per_s"] == pytest.approx(200.0)
+    assert (pooled["requests"], pooled["unfinished"], pooled["rounds"]) == (40, 2, 2)
+    assert pooled["round_attainment"] == [1.0, 0.5]
+
+
+def test_runs_last_long_enough_for_a_slow_models_requests():
+    args = argparse.Namespace(tpot_ms=184.0, ttft_s=2.0, drain=5.0, duration=6.0, scale=0.1,
+                              max_model_len=512, duration_given=False)
+    coserve.fit_to_model(args)
+    longest = coserve.longest_request(args)
+    assert args.drain == pytest.approx(2.0 + longest * 0.184)
+    assert args.duration == pytest.approx(5 * coserve.SHAREGPT_MEAN_OUTPUT * 0.1 * 0.184)
+    given = argparse.Namespace(**(vars(args) | {"duration": 6.0, "duration_given": True}))
+    coserve.fit_to_model(given)
+    assert given.duration == 6.0
+
+
+def test_checks_name_the_best_rival_that_keeps_the_attainment():
+    recs = [rec("coserve", 4.0, 0.99, 900.0, rate_fraction=0.5),
+            rec("inference-only", 4.0, 1.0, 0.0, tpot_p50_s=0.003),
+            rec("temporal-seq:64", 4.0, 0.97, 400.0),
+            rec("temporal-seq:dynamic", 4.0, 0.80, 1200.0),  # breaks the SLO: not a rival
+            rec("temporal:dynamic", 4.0, 0.96, 800.0),
+            rec("separate:50%", 4.0, 0.98, 500.0)]
+    lines = coserve.compare(recs, [4.0], 1000.0, tpot_target_s=0.009, ft_whole=1300.0)
+    text = "\n".join(lines)
+    assert lines[0].startswith("finetune-only: 1000 tok/s token-level, 1300 tok/s")
+    assert "coserve 99.0% -> OK" in text
+    # 1 - 3 ms / 9 ms of finetune-only's 1000 tok/s
+    assert "compute bound 667 tok/s" in text
+    assert "1.80x best separate split, separate:50%" in text and "-> OK (>= 1.0x)" in text
+    seq = next(x for x in lines if "temporal-seq" in x)
+    assert "2.25x best temporal-seq (FlexLLM's baseline), temporal-seq:64" in seq
+    assert "-> OK (>= 2.0x)" in seq and "compute bound allows" not in seq
+    ablation = next(x for x in lines if "ablation" in x)
+    assert "1.12x" in ablation and "-> OK (>= 1.1x)" in ablation
+
+
+def test_a_miss_comes_with_what_bounds_it():
+    recs = [rec("coserve", 4.0, 0.99, 600.0, rate_fraction=0.5),
+            rec("inference-only", 4.0, 1.0, 0.0, tpot_p50_s=0.003),
+            rec("temporal-seq:64", 4.0, 0.97, 500.0)]
+    seq = next(x for x in coserve.compare(recs, [4.0], 1000.0, tpot_target_s=0.009,
+                                          ft_whole=1300.0) if "temporal-seq" in x)
+    assert "1.20x" in seq and "MISSED (>= 2.0x)" in seq
+    # 667 / 500 and 1300 / 500
+    assert "the compute bound allows 1.33x, the whole machine finetuning 2.60x" in seq
+
+
+def test_below_half_of_peak_the_ratios_are_reported_not_judged():
+    recs = [rec("coserve", 2.0, 1.0, 600.0, rate_fraction=0.25),
+            rec("inference-only", 2.0, 1.0, 0.0),
+            rec("temporal-seq:64", 2.0, 1.0, 500.0)]
+    seq = next(x for x in coserve.compare(recs, [2.0], 1000.0) if "temporal-seq" in x)
+    assert seq.endswith("-> reported; coserve keeps 60% of finetune-only")
