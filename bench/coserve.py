@@ -127,6 +127,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None) -
     ``finetune`` (default: every mode but inference-only) submits the benchmark's job."""
     engine = Engine(model, engine_config(mode, args))
     engine.warmup(progress=False)
+    engine.latency.errors.clear()  # from here: the run's own predictions
     finetune = mode != "inference-only" if finetune is None else finetune
     if finetune:
         engine.submit_job(finetune_job(model, max_len=engine.trainer.config.max_len))
@@ -172,6 +173,11 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None) -
     attained = sum(m.slo_attained for m in metrics)
     ttft = np.array([m.ttft_s for m in metrics]) if metrics else np.zeros(1)
     tpot = np.array([m.tpot_s for m in metrics]) if metrics else np.zeros(1)
+    # Observed / predicted device seconds of the steps and pieces the engine timed (none
+    # when it timed none: whole samples are not priced by the latency model).
+    errors = np.array(engine.latency.errors)
+    error = {f"prediction_error_p{q}": float(np.percentile(errors, q)) for q in (50, 90)
+             if len(errors)}
     return {
         "mode": mode, "rate": rate, "requests": n, "refused": refused, "unfinished": unfinished,
         "slo_attainment": attained / n if n else 1.0,
@@ -182,7 +188,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None) -
         "host_fraction": host / iteration if iteration else 0.0,
         "steps": engine.counters["steps"], "mixed_steps": engine.counters["mixed_steps"],
         "whole_samples": engine.counters["whole_samples"],
-    }
+    } | error
 
 
 def pool_rounds(recs: list[dict]) -> dict:
@@ -196,9 +202,10 @@ def pool_rounds(recs: list[dict]) -> dict:
     out |= {k: sum(r[k] for r in recs) for k in counts}
     attained = sum(r["slo_attainment"] * r["requests"] for r in recs)
     out["slo_attainment"] = attained / out["requests"] if out["requests"] else 1.0
-    for k in recs[0]:
-        if k not in out and isinstance(recs[0][k], float):
-            out[k] = float(np.mean([r[k] for r in recs]))
+    for k in dict.fromkeys(k for r in recs for k in r):
+        values = [r[k] for r in recs if isinstance(r.get(k), float)]
+        if k not in out and values:
+            out[k] = float(np.mean(values))
     out["rounds"] = len(recs)
     out["round_attainment"] = [r["slo_attainment"] for r in recs]
     out["round_ft_tokens_per_s"] = [r["ft_tokens_per_s"] for r in recs]
@@ -363,11 +370,18 @@ def _attainment(r: dict) -> str:
     return f"{r['slo_attainment']:.1%}{each}"
 
 
+def _prediction_error(r: dict) -> str:
+    """How far the latency model's predictions were off in a run (rounds averaged)."""
+    if "prediction_error_p50" not in r:
+        return ""
+    return f"{r['prediction_error_p50']:.2f}/{r['prediction_error_p90']:.2f}"
+
+
 def table(records: list[dict], ft_only: float) -> str:
     head = ("| mode | rate (req/s) | of peak | SLO attainment | TTFT p50/p99 (s) "
             "| TPOT p50/p99 (ms) | inference tok/s | finetuning tok/s | share of finetune-only "
-            "| host time |")
-    rows = [head, "|" + "---|" * 10]
+            "| host time | observed / predicted p50/p90 |")
+    rows = [head, "|" + "---|" * 11]
     for r in sorted(records, key=lambda r: (r["rate"], r["mode"])):
         frac = r.get("rate_fraction")
         rows.append(
@@ -377,7 +391,7 @@ def table(records: list[dict], ft_only: float) -> str:
             f"{r['tpot_p50_s'] * 1e3:.1f}/{r['tpot_p99_s'] * 1e3:.1f} | "
             f"{r['inference_tokens_per_s']:.0f} | {r['ft_tokens_per_s']:.0f} | "
             f"{r['ft_tokens_per_s'] / max(ft_only, 1e-9):.0%} | "
-            f"{r.get('host_fraction', 0):.1%} |")
+            f"{r.get('host_fraction', 0):.1%} | {_prediction_error(r)} |")
     return "\n".join(rows)
 
 

@@ -9,6 +9,7 @@ hardware, model and engine config so a restart reuses it.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -34,6 +35,9 @@ class LatencyModel:
     def __init__(self, times: dict[str, float] | None = None, smoothing: float = 0.2):
         self.times: dict[str, float] = dict(times or {})
         self.smoothing = smoothing
+        self.errors: collections.deque[float] = collections.deque(maxlen=100_000)
+        """Observed / predicted seconds of the latest observations of measured shapes: how
+        far the plans' predictions were off (a diagnostic; nothing reads it back)."""
 
     def predict(self, key: str) -> float:
         """Seconds for ``key``. An unmeasured shape predicts 0: it gets tried, and its first
@@ -43,6 +47,8 @@ class LatencyModel:
     def observe(self, key: str, seconds: float) -> None:
         """Folds an observed time into the estimate (the first observation replaces it)."""
         old = self.times.get(key)
+        if old:
+            self.errors.append(seconds / old)
         self.times[key] = seconds if old is None else (
             (1 - self.smoothing) * old + self.smoothing * seconds)
 

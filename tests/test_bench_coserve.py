@@ -96,3 +96,27 @@ def test_below_half_of_peak_the_ratios_are_reported_not_judged():
             rec("temporal-seq:64", 2.0, 1.0, 500.0)]
     seq = next(x for x in coserve.compare(recs, [2.0], 1000.0) if "temporal-seq" in x)
     assert seq.endswith("-> reported; coserve keeps 60% of finetune-only")
+
+
+def test_latency_model_keeps_how_far_its_predictions_were_off():
+    from coserve_jax.latency import LatencyModel
+
+    model = LatencyModel(smoothing=0.5)
+    model.observe("step", 0.010)  # the first observation is the prediction, no error yet
+    model.observe("step", 0.020)  # 2x the 10 ms predicted; the estimate moves to 15 ms
+    model.observe("step", 0.015)
+    assert list(model.errors) == pytest.approx([2.0, 1.0])
+
+
+def test_prediction_error_is_pooled_over_the_rounds_that_measured_it():
+    counts = dict(requests=10, refused=0, unfinished=0, steps=5, mixed_steps=0,
+                  whole_samples=0)
+    a = rec("coserve", 4.0, 1.0, 100.0, prediction_error_p50=1.0,
+            prediction_error_p90=1.4, **counts)
+    b = rec("coserve", 4.0, 1.0, 100.0, **counts)  # a round that timed nothing
+    c = rec("coserve", 4.0, 1.0, 100.0, prediction_error_p50=1.2,
+            prediction_error_p90=2.0, **counts)
+    pooled = coserve.pool_rounds([a, b, c])
+    assert pooled["prediction_error_p90"] == pytest.approx(1.7)
+    rows = coserve.table([pooled, b | {"mode": "separate:50%"}], 1000.0).splitlines()
+    assert rows[2].endswith("| 1.10/1.70 |") and rows[3].endswith("|  |")
