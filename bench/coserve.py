@@ -11,11 +11,13 @@ The regime (DESIGN.md section 5, FlexLLM's evaluation):
   attainment, found here by doubling and bisection and printed; the runs use fractions
   of it (0.25, 0.5, 1.0 with ``--quick``; more in full runs), Poisson or bursty gamma
   (BurstGPT-shaped) arrivals, ShareGPT-shaped lengths scaled to the model.
-- **Baselines** in the same engine: ``finetune-only``; FlexLLM's temporal sharing
-  ``temporal-seq:N`` (a whole sample, forward and backward through every layer as a
-  standard trainer runs it, every N inference iterations; ``dynamic`` picks the largest
-  frequency that keeps the TPOT target); the token-level ablation ``temporal:N`` (our
-  windows and layer pieces in the finetuning iterations, not co-batched); and FlexLLM's
+- **Baselines** in the same engine: ``finetune-only`` (token-level, and in whole samples
+  as a standard trainer runs them: the ratio is what graph pruning's recompute costs);
+  FlexLLM's temporal sharing ``temporal-seq:N`` (a whole sample, forward and backward
+  through every layer as a standard trainer runs it, every N inference iterations;
+  ``dynamic`` picks the largest frequency that keeps the TPOT target); the token-level
+  ablation ``temporal:N`` (our windows and layer pieces in the finetuning iterations, not
+  co-batched); and FlexLLM's
   normalised separate clusters: a fraction f of the hardware serves inference at rate
   lambda/f (the inference-only run at that rate), the rest finetunes at (1-f) of
   finetune-only throughput.
