@@ -137,7 +137,8 @@ class Engine:
         self.layout.check_divides_tokens(lengths.token_buckets, "token buckets")
         sched = config.scheduling
         self.policy = Policy(sched.mode, safety=sched.safety,
-                             spend_banked=sched.spend_banked_slack)
+                             spend_banked=sched.spend_banked_slack,
+                             banked_reserve=sched.banked_reserve)
         if self.policy.whole_samples and self.layout.sharded:
             raise ValueError(f"mode {sched.mode} runs whole samples on one device; use "
                              f"coserve or temporal:N on a mesh")

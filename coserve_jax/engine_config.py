@@ -122,6 +122,11 @@ class SchedulingConfig:
     """coserve: a request served faster than its TPOT target so far may absorb a longer
     iteration (TPOT is a mean over the request). False keeps every iteration within the
     safety margin of the tightest target."""
+    banked_reserve: float = 1.0
+    """coserve, spending banked slack: what a request keeps of its banked time, in TPOT
+    targets, and never lends to a longer iteration: the margin that absorbs an iteration
+    running over its prediction. 0 lends all of it (the first request of a burst then often
+    has nothing left when one overruns)."""
     safety: float = 0.9
     """The share of the tightest request's time an iteration is planned to fill (coserve),
     and of the TPOT target the dynamic temporal modes keep their mean within."""
@@ -150,6 +155,9 @@ class SchedulingConfig:
         SLO(self.default_ttft_s, self.default_tpot_s)
         if not 0 < self.safety <= 1:
             raise ValueError(f"SchedulingConfig.safety must be in (0, 1]; got {self.safety}")
+        if not self.banked_reserve >= 0:
+            raise ValueError(f"SchedulingConfig.banked_reserve must be >= 0; got "
+                             f"{self.banked_reserve}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,9 +57,10 @@ class Policy:
     """Per-iteration finetuning decisions of one engine."""
 
     def __init__(self, mode: str, safety: float = 0.9, max_period: int = 1024,
-                 spend_banked: bool = True):
+                 spend_banked: bool = True, banked_reserve: float = 0.0):
         self.mode = mode
         self.spend_banked = spend_banked
+        self.banked_reserve = banked_reserve
         self.kind, self.period = parse_mode(mode)
         self.safety = safety
         self.max_period = max_period
@@ -173,9 +174,11 @@ class Policy:
         has banked the difference, ``safety * target * tokens - seconds`` (negative when
         behind), and can absorb a longer iteration: it allows ``safety * target + banked``,
         which keeps its running mean within ``safety * target`` after this iteration's token
-        too. Before its first token a request's TPOT clock has not started; what binds it
-        is its TTFT, so it allows ``safety`` times the time left to its TTFT target, shared
-        by this and the prefill iterations it still needs after it (at least
+        too; ahead, it keeps ``banked_reserve`` targets of its bank back for iterations that
+        overrun their prediction and lends only the rest. Before its first token a
+        request's TPOT clock has not started; what binds it is its TTFT, so it allows
+        ``safety`` times the time left to its TTFT target, shared by this and the prefill
+        iterations it still needs after it (at least
         ``safety * target``). One whose first token this iteration samples allows
         ``safety * target`` only: what the iteration runs after its step (backward pieces)
         delays its second token, the start of its TPOT. Built with ``spend_banked=False``
@@ -192,7 +195,11 @@ class Policy:
                          self.safety * done.ttft_left_s / (done.prefill_iterations + 1))
                 limits.append(max(floor, share))
             elif done is not None:
-                limits.append(floor + self.safety * target * done[0] - done[1])
+                banked = self.safety * target * done[0] - done[1]
+                # A request behind gives back what it lacks; one ahead lends only what it has
+                # banked beyond ``banked_reserve`` targets, which it keeps for overruns.
+                reserve = self.banked_reserve * target
+                limits.append(floor + (banked if banked < 0 else max(0.0, banked - reserve)))
             else:
                 limits.append(floor)
         return min(limits, default=None)

@@ -293,6 +293,12 @@ def test_iteration_limit_spends_what_fast_requests_banked():
     assert policy.iteration_limit([0.04, 0.04], [(10, 0.1), None]) == pytest.approx(0.036)
     strict = Policy("coserve", safety=0.9, spend_banked=False)
     assert strict.iteration_limit([0.04], [(10, 0.1)]) == pytest.approx(0.036)
+    # Keeping a reserve of 2 targets (80 ms) of the 0.26 s banked: 0.216 s allowed. One
+    # that banked less than its reserve lends nothing; one behind still gives back its lack.
+    keeps = Policy("coserve", safety=0.9, banked_reserve=2.0)
+    assert keeps.iteration_limit([0.04], [(10, 0.1)]) == pytest.approx(0.216)
+    assert keeps.iteration_limit([0.04], [(2, 0.05)]) == pytest.approx(0.036)
+    assert keeps.iteration_limit([0.04], [(1, 0.05)]) == pytest.approx(0.022)
 
 
 def test_prefilling_requests_allow_their_ttft_slack():
