@@ -57,7 +57,7 @@ class Policy:
     """Per-iteration finetuning decisions of one engine."""
 
     def __init__(self, mode: str, safety: float = 0.9, max_period: int = 1024,
-                 spend_banked: bool = True, banked_reserve: float = 0.0):
+                 spend_banked: bool = True, banked_reserve: float = 1.0):
         self.mode = mode
         self.spend_banked = spend_banked
         self.banked_reserve = banked_reserve

@@ -284,7 +284,7 @@ def test_proposed_windows_are_the_windows_committed():
 
 
 def test_iteration_limit_spends_what_fast_requests_banked():
-    policy = Policy("coserve", safety=0.9)
+    policy = Policy("coserve", safety=0.9, banked_reserve=0.0)  # lends all it banked
     # 10 tokens after the first in 0.1 s against 40 ms: 0.26 s banked, 0.296 s allowed;
     # a request 20 ms past its first token with no second allows only 16 ms; the
     # tightest request decides; a request before its first token allows 36 ms.

@@ -128,7 +128,7 @@ def test_time_budget_counts_tokens_in_flight_and_the_work_queued_before_the_plan
     """Planned one iteration ahead, a request's budget counts the token still in flight as
     produced, by the time the device work queued before this plan (``queued_s``) is done."""
     s = _scheduler()
-    s.policy = Policy("coserve", safety=0.9)
+    s.policy = Policy("coserve", safety=0.9, banked_reserve=0.0)  # lends all it banked
     req = _add(s, "a", 3, 10, ignore_eos=True)
     req.slo = SLO(10.0, 0.1)
     prefill = s.schedule()
