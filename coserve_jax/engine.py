@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from coserve_jax.batch import Bucket, build_batch
-from coserve_jax.engine_config import EngineConfig, derive_lengths
+from coserve_jax.engine_config import EngineConfig, derive_lengths, derive_trainer_config
 from coserve_jax.errors import AdmissionError, AlreadyExists, InUse, InvalidRequest, NotFound
 from coserve_jax.finetune.buffers import TrainBuffers
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
@@ -100,12 +100,7 @@ class Engine:
         # Resolved once, here: the step and the backward pieces share it.
         self.kernels = step_kernels(config.kernels.impl, self.layout)
         self.allocator = PageAllocator(cache.num_pages, cache.page_size, self.max_pages_per_seq)
-        trainer_config = None
-        if ft.max_train_seqs:
-            trainer_config = TrainerConfig(
-                max_seqs=ft.max_train_seqs, max_len=lengths.max_train_len,
-                window=ft.train_window, backward_layers=ft.backward_layers,
-                attention_block=ft.backward_attention_block, block=ft.backward_block)
+        trainer_config = derive_trainer_config(config, lengths.max_train_len)
         modules = slot_modules(adapters.lora_target_modules)
         slots = train = None
         if adapters.max_adapters:
@@ -160,7 +155,8 @@ class Engine:
             max_pages_per_seq=self.max_pages_per_seq, max_waiting=sched.max_waiting,
             admission_control=sched.admission_control, allocator=self.allocator,
             latency=latency, policy=self.policy, eos_token_ids=mc.eos_token_ids,
-            registry=self.registry, trainer=self.trainer, idle_whole_samples=idle_samples)
+            registry=self.registry, trainer=self.trainer, idle_whole_samples=idle_samples,
+            slo_prefill_chunks=sched.slo_prefill_chunks)
         # A dynamic temporal period is set from each iteration's own time: synchronous.
         self.overlap = sched.overlap_host and not (self.policy.kind in TEMPORAL_KINDS
                                                    and self.policy.period is None)

@@ -7,6 +7,7 @@ builds one from the flat field names (``kernels`` is ``KernelConfig.impl``).
 
 ``derive_lengths`` turns a model and an engine config into the lengths and bucket axes that
 both the engine and ``coserve plan`` use, so the two cannot disagree.
+``derive_trainer_config`` is the one place that turns it into the trainer's config.
 """
 
 from __future__ import annotations
@@ -144,6 +145,15 @@ class SchedulingConfig:
     backward in one program, as ``temporal-seq`` does): idle capacity goes to the program
     that finetunes fastest (no recompute, no windows). A request arriving meanwhile waits
     for it. Single device."""
+    slo_prefill_chunks: bool = True
+    """Size each prefill chunk so that the iteration's predicted time keeps every decoding
+    request's mean TPOT within its target (``Policy.iteration_limit`` without the margins
+    finetuning keeps): the per-iteration token budget Sarathi-Serve derives from the TPOT
+    target, here from the latency model. A long prompt then enters over several iterations
+    instead of stalling every decoding request for one long step. Prefill is paced so that
+    the queue still meets its TTFT targets, and the first chunk of an iteration is at least
+    what fills the token bucket the decodes already use. False: a chunk takes all the token
+    budget left (vLLM's chunked prefill)."""
     overlap_host: bool = True
     """Plan and dispatch iteration i+1 while iteration i runs on the device, so host time
     hides behind device time (sampled tokens feed the next step on the device). False runs
@@ -277,11 +287,24 @@ class Lengths:
     min(``TrainerConfig.min_seq_bucket``, ``max_train_len``) up to ``max_train_len``."""
 
 
+def derive_trainer_config(engine_config: EngineConfig, max_train_len: int):
+    """The ``TrainerConfig`` of an engine that finetunes (None when it does not):
+    ``FinetuneConfig`` with the derived ``max_train_len``."""
+    from coserve_jax.finetune.trainer import TrainerConfig
+
+    ft = engine_config.finetune
+    if not ft.max_train_seqs:
+        return None
+    return TrainerConfig(max_seqs=ft.max_train_seqs, max_len=max_train_len,
+                         window=ft.train_window, backward_layers=ft.backward_layers,
+                         attention_block=ft.backward_attention_block, block=ft.backward_block)
+
+
 def derive_lengths(model_config, engine_config: EngineConfig) -> Lengths:
     """The lengths and bucket axes of ``engine_config`` for a model (a ``ModelConfig``).
     Raises ``ValueError`` when the engine finetunes and ``max_train_len`` is outside
-    [2, ``max_model_len``]."""
-    from coserve_jax.finetune.trainer import TrainerConfig
+    [2, ``max_model_len``], or its ``backward_block`` is not a power of two."""
+    from coserve_jax.finetune.trainer import TrainerConfig, train_seq_buckets
 
     ec, b = engine_config, engine_config.buckets
     max_model_len = min(model_config.max_position_embeddings, ec.cache.max_model_len or 2048)
@@ -290,7 +313,8 @@ def derive_lengths(model_config, engine_config: EngineConfig) -> Lengths:
     if ec.finetune.max_train_seqs and not 2 <= max_train_len <= max_model_len:
         raise ValueError(f"FinetuneConfig.max_train_len ({max_train_len}) must be in "
                          f"[2, model length {max_model_len}]")
-    min_train_bucket = TrainerConfig.min_seq_bucket
+    # The trainer's own buckets; an engine that does not finetune gets the defaults'.
+    tc = derive_trainer_config(ec, max_train_len) or TrainerConfig(0, max_train_len, 1, 1)
     return Lengths(
         max_model_len=max_model_len, max_pages_per_seq=max_pages_per_seq,
         max_train_len=max_train_len,
@@ -298,4 +322,4 @@ def derive_lengths(model_config, engine_config: EngineConfig) -> Lengths:
         seq_buckets=powers_of_two(min(b.min_seq_bucket, b.max_num_seqs), b.max_num_seqs),
         page_buckets=powers_of_two(min(b.min_page_bucket, max_pages_per_seq),
                                    max_pages_per_seq),
-        train_seq_buckets=powers_of_two(min(min_train_bucket, max_train_len), max_train_len))
+        train_seq_buckets=train_seq_buckets(tc))

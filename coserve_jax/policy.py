@@ -163,43 +163,55 @@ class Policy:
             return 0.0
         return max(0.0, time_limit - step_seconds)
 
-    def iteration_limit(self, targets, progress=None) -> float | None:
+    def iteration_limit(self, targets, progress=None, margins: bool = True) -> float | None:
         """Seconds this iteration may take (None when no request runs).
 
         ``targets``: the running requests' TPOT targets. ``progress`` (same order):
-        ``(tokens after the first, seconds since the first token)`` of each request, a
-        ``BeforeFirstToken`` for one still in its prefill, or None (nothing known).
+        ``(tokens after the first, seconds since the first token[, tokens to come])`` of
+        each request, a ``BeforeFirstToken`` for one still in its prefill, or None (nothing
+        known).
 
         TPOT is a mean, so a request served faster than ``safety`` times its target so far
         has banked the difference, ``safety * target * tokens - seconds`` (negative when
         behind), and can absorb a longer iteration: it allows ``safety * target + banked``,
         which keeps its running mean within ``safety * target`` after this iteration's token
         too; ahead, it keeps ``banked_reserve`` targets of its bank back for iterations that
-        overrun their prediction and lends only the rest. Before its first token a
+        overrun their prediction and lends only the rest. A request behind makes up its lack
+        over the tokens it has to come (this one included; 1 when not given), which brings
+        its mean back within ``safety * target`` by its last token, rather than asking this
+        one iteration for all of it: one request that fell far behind would otherwise hold
+        every iteration to nothing but its decodes for as long as it runs. Before its first token a
         request's TPOT clock has not started; what binds it is its TTFT, so it allows
         ``safety`` times the time left to its TTFT target, shared by this and the prefill
         iterations it still needs after it (at least
         ``safety * target``). One whose first token this iteration samples allows
         ``safety * target`` only: what the iteration runs after its step (backward pieces)
         delays its second token, the start of its TPOT. Built with ``spend_banked=False``
-        (or given no ``progress``), each allows ``safety * target``.
+        (or given no ``progress``), each allows ``safety * target``. ``margins=False``:
+        without the margins (a safety of 1 and no reserve), the time that keeps each
+        request's mean at its target (what prefill chunks may take; finetuning keeps the
+        margins).
         """
         targets = list(targets)
         if progress is None or not self.spend_banked:
             progress = [None] * len(targets)
+        safety, reserve_targets = (self.safety, self.banked_reserve) if margins else (1.0, 0.0)
         limits = []
         for target, done in zip(targets, progress, strict=True):
-            floor = self.safety * target
+            floor = safety * target
             if isinstance(done, BeforeFirstToken):
                 share = (0.0 if done.prefill_iterations == 0 else
-                         self.safety * done.ttft_left_s / (done.prefill_iterations + 1))
+                         safety * done.ttft_left_s / (done.prefill_iterations + 1))
                 limits.append(max(floor, share))
             elif done is not None:
-                banked = self.safety * target * done[0] - done[1]
-                # A request behind gives back what it lacks; one ahead lends only what it has
-                # banked beyond ``banked_reserve`` targets, which it keeps for overruns.
-                reserve = self.banked_reserve * target
-                limits.append(floor + (banked if banked < 0 else max(0.0, banked - reserve)))
+                banked = safety * target * done[0] - done[1]
+                # A request behind makes up what it lacks over the tokens it has to come; one
+                # ahead lends only what it has banked beyond ``banked_reserve`` targets, which
+                # it keeps for overruns.
+                to_come = max(1, done[2]) if len(done) > 2 else 1
+                reserve = reserve_targets * target
+                limits.append(floor + (banked / to_come if banked < 0
+                                       else max(0.0, banked - reserve)))
             else:
                 limits.append(floor)
         return min(limits, default=None)

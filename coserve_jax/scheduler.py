@@ -4,9 +4,11 @@ One engine iteration has three stages, in the manner of vLLM v1's engine core:
 
 1. ``Scheduler.schedule`` decides, from host state alone, everything the iteration
    runs and returns it as an ``IterationPlan``: decode tokens of running requests
-   first, then prefill chunks of waiting ones (oldest first, within the token budget
-   and the free KV pages; when pages run out the newest request is preempted and later
-   recomputed from its prompt and the tokens it produced, so its output is unchanged);
+   first, then prefill chunks of waiting ones (oldest first, within the token budget,
+   the free KV pages and the time the decoding requests allow, so that a long prompt
+   enters over several iterations; when pages run out the newest request is preempted
+   and later recomputed from its prompt and the tokens it produced, so its output is
+   unchanged);
    then, through the ``policy.Policy``, the finetuning forward windows that fit beside
    them (the trainer proposes windows, the scheduler prices each proposal with the
    latency model and commits the one it picks), the time left for backward pieces, or
@@ -157,7 +159,7 @@ class Scheduler:
                  admission_control: bool, allocator: PageAllocator, latency: LatencyModel,
                  policy: Policy, eos_token_ids: tuple[int, ...],
                  registry: AdapterRegistry | None = None, trainer: Trainer | None = None,
-                 idle_whole_samples: bool = False):
+                 idle_whole_samples: bool = False, slo_prefill_chunks: bool = True):
         self.buckets = buckets
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -173,6 +175,9 @@ class Scheduler:
         self.trainer = trainer
         self.idle_whole_samples = idle_whole_samples
         """An iteration with nothing to serve runs a whole sample (``SchedulingConfig``)."""
+        self.slo_prefill_chunks = slo_prefill_chunks
+        """Prefill chunks are sized to what the decoding requests allow
+        (``SchedulingConfig``)."""
         self.token_buckets = sorted({b.num_tokens for b in buckets})
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -250,7 +255,7 @@ class Scheduler:
             self.has_requests(), ft_waiting, self.tpot_target())
         if ft_iteration and self.policy.whole_samples:
             return IterationPlan(finetune_iteration=True, whole_sample=True)
-        scheduled = [] if ft_iteration else self._schedule_requests()
+        scheduled = [] if ft_iteration else self._schedule_requests(queued_s)
         chunks = [self._chunk(req, n) for req, n in scheduled]
         rows = []
         for row, (req, n) in enumerate(scheduled):
@@ -325,13 +330,19 @@ class Scheduler:
 
     def _predict(self, chunks: list[SeqChunk], windows) -> float:
         """Predicted step seconds of ``chunks`` plus the proposed finetuning ``windows``."""
-        num_seqs = len(chunks) + len(windows)
         widest = max([len(c.page_table) for c in chunks] + [w.pages for w in windows],
                      default=1)
         num_tokens = sum(len(c.token_ids) for c in chunks) + sum(w.n for w in windows)
+        return self._predict_shape(num_tokens, len(chunks) + len(windows), widest,
+                                   bool(windows))
+
+    def _predict_shape(self, num_tokens: int, num_seqs: int, widest: int,
+                       train: bool) -> float:
+        """Predicted seconds of the step bucket that holds this many tokens and sequences,
+        the longest with ``widest`` pages (inf when none does)."""
         try:
             bucket = pick_bucket(self.buckets, num_tokens, min(num_seqs, self.max_num_seqs),
-                                 min(widest, self.max_pages_per_seq), bool(windows))
+                                 min(widest, self.max_pages_per_seq), train)
         except ValueError:
             return float("inf")
         return self.latency.predict(bucket_key(bucket))
@@ -342,25 +353,48 @@ class Scheduler:
         ``sampling``: ids of the requests this iteration samples a token for."""
         if req.first_token_time is not None:
             # Tokens in flight from earlier iterations (the overlapped loop) count as
-            # produced by ``now``.
-            earlier = req.in_flight - (req.request_id in sampling)
-            return len(req.output) - 1 + earlier, now - req.first_token_time
+            # produced by ``now``. A request behind its target makes its lack up over the
+            # tokens it has to come: up to ``max_tokens``, but no more than it produced so
+            # far, since it may stop early.
+            produced = len(req.output) - 1 + req.in_flight - (req.request_id in sampling)
+            to_come = min(req.params.max_tokens - produced - 1, produced + 1)
+            return produced, now - req.first_token_time, to_come
         # Prefill left after this iteration's chunk, at a full token budget per iteration.
         budget = self.max_num_batched_tokens
         return BeforeFirstToken(req.slo.ttft_s - (now - req.arrival_time),
                                 -(-req.pending // budget))
 
-    def _schedule_requests(self) -> list[tuple[Request, int]]:
+    def _schedule_requests(self, queued_s: float = 0.0) -> list[tuple[Request, int]]:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         taken: set[str] = set()
+        # Set at the first prefill chunk: what the decoding requests allow, and the prefill
+        # tokens the TTFT targets need this iteration (spent by the chunks in queue order).
+        limit = need = None
+
+        def prefill(req: Request, n: int) -> int:
+            """Tokens of ``req``'s chunk, at most ``n`` (decodes are never cut)."""
+            nonlocal limit, need
+            if n == 1 or not self.slo_prefill_chunks:
+                return n
+            if limit is None:
+                limit = self._decoding_limit([r for r, _ in scheduled], queued_s)
+                # An iteration takes at least its decodes, however short the limit.
+                need = self._prefill_need(max(limit, self._predict_scheduled(scheduled)))
+            first = all(k == 1 for _, k in scheduled)
+            k = max(self._prefill_chunk(req, n, scheduled, limit, first), min(n, need))
+            need = max(0, need - k)
+            return k
+
         # Running requests: decodes (one pending token) first, then unfinished prefills.
         for req in sorted(self.running, key=lambda r: (r.pending > 1, r.arrival_index)):
             if budget == 0 or len(scheduled) == self.max_num_seqs:
                 break
             if req not in self.running or req.done_sampling or not req.pending:
                 continue  # preempted earlier in this loop, or waiting for its last token
-            n = min(req.pending, budget)
+            n = prefill(req, min(req.pending, budget))
+            if n == 0:
+                continue
             if not self._make_room(req, req.num_computed + n, taken):
                 continue
             self.allocator.grow(req.request_id, req.num_computed + n)
@@ -373,8 +407,8 @@ class Scheduler:
             req = self.waiting[0]
             if req.in_flight:
                 break
-            n = min(req.pending, budget)
-            if not self.allocator.can_grow(req.request_id, n):
+            n = prefill(req, min(req.pending, budget))
+            if n == 0 or not self.allocator.can_grow(req.request_id, n):
                 break
             self.waiting.popleft()
             self.allocator.grow(req.request_id, n)
@@ -383,6 +417,70 @@ class Scheduler:
             taken.add(req.request_id)
             budget -= n
         return scheduled
+
+    def _decoding_limit(self, decoding: list[Request], queued_s: float) -> float:
+        """Seconds the iteration's inference may take for the requests it decodes (inf when
+        it decodes none): ``Policy.iteration_limit`` without its margins, the time that
+        keeps each request's mean at its target. Prefill is inference, which must run
+        anyway: it may spend the margins that keep finetuning's overruns from causing misses,
+        but it is never planned to cause one. Their tokens of this iteration are not in
+        flight yet."""
+        if not decoding:
+            return float("inf")
+        now = time.monotonic() + queued_s
+        limit = self.policy.iteration_limit([r.slo.tpot_s for r in decoding],
+                                            [self._progress(r, now, set()) for r in decoding],
+                                            margins=False)
+        return float("inf") if limit is None else limit
+
+    def _prefill_need(self, iteration_s: float) -> int:
+        """Prefill tokens this iteration must run so that every request before its first
+        token, in the order prefill serves them, can have it within ``safety`` of the time
+        left to its TTFT target if each iteration from here takes ``iteration_s`` and
+        prefills as many: the tokens ahead of a request and its own, over the iterations it
+        has left. Pacing prefill this way keeps it at the rate arrivals need, where a fixed
+        cut would let a queue build under load."""
+        if iteration_s == float("inf"):
+            return 0
+        now = time.monotonic()
+        prefilling = sorted((r for r in self.running if r.pending > 1 and not r.done_sampling),
+                            key=lambda r: r.arrival_index)
+        need = ahead = 0
+        for req in itertools.chain(prefilling, self.waiting):
+            ahead += req.pending
+            left = self.policy.safety * (req.slo.ttft_s - (now - req.arrival_time))
+            iterations = left / iteration_s
+            need = max(need, ahead if iterations <= 1 else -(-ahead // int(iterations)))
+        return need
+
+    def _prefill_chunk(self, req: Request, n: int, scheduled: list[tuple[Request, int]],
+                       limit: float, first: bool) -> int:
+        """The largest prefill chunk of ``req``, at most ``n`` tokens, whose step beside
+        ``scheduled`` the latency model says fits ``limit``. ``first`` (no prefill chunk
+        scheduled yet): at least what fills the token bucket the decodes use, so prompts
+        always advance. Uncut for a request that produced tokens before (a preempted one
+        recomputing: its TPOT clock runs)."""
+        if limit == float("inf") or req.output:
+            return n
+        used = sum(k for _, k in scheduled)
+
+        def fits(k: int) -> bool:
+            return self._predict_scheduled([*scheduled, (req, k)]) <= limit
+
+        # Padding makes every chunk that ends inside a token bucket cost the same: the
+        # chunks worth pricing fill one exactly.
+        options = sorted({n, *(t - used for t in self.token_buckets if 0 < t - used < n)})
+        fitting = [k for k in options if fits(k)]
+        least = min(n, options[0]) if first else 0
+        return max(fitting, default=least)
+
+    def _predict_scheduled(self, scheduled: list[tuple[Request, int]]) -> float:
+        """Predicted seconds of a step of these (request, tokens) chunks (0 for none)."""
+        if not scheduled:
+            return 0.0
+        widest = max(min(-(-(r.num_computed + k) // self.page_size), self.max_pages_per_seq)
+                     for r, k in scheduled)
+        return self._predict_shape(sum(k for _, k in scheduled), len(scheduled), widest, False)
 
     def _make_room(self, req: Request, num_tokens: int, taken: set[str]) -> bool:
         """Finetuning yields its pages first, then newer requests are preempted until ``req``

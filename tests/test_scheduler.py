@@ -130,8 +130,9 @@ def test_inference_is_never_displaced_by_finetuning():
 
 
 def test_burst_squeezes_finetuning_to_zero_then_it_returns():
-    # Synthetic step times; banked slack would mix in the wall clock of this machine.
-    engine = _engine(mode="coserve", spend_banked_slack=False)
+    # Synthetic step times; banked slack would mix in the wall clock of this machine. Prefill
+    # chunks take all the token budget left (sized to the SLO, the burst would not fill it).
+    engine = _engine(mode="coserve", spend_banked_slack=False, slo_prefill_chunks=False)
     engine.submit_job(_job())
     _steps_with_latency(engine, _synthetic_times(engine, per_token=0.001, piece=0.002))
     tight = SLO(ttft_s=10.0, tpot_s=0.040)  # 36 ms usable: about 34 tokens and a piece
@@ -299,6 +300,23 @@ def test_iteration_limit_spends_what_fast_requests_banked():
     assert keeps.iteration_limit([0.04], [(10, 0.1)]) == pytest.approx(0.216)
     assert keeps.iteration_limit([0.04], [(2, 0.05)]) == pytest.approx(0.036)
     assert keeps.iteration_limit([0.04], [(1, 0.05)]) == pytest.approx(0.022)
+
+
+def test_a_request_behind_makes_up_its_lack_over_the_tokens_to_come():
+    policy = Policy("coserve", safety=0.9)
+    # 4 tokens after the first in 0.204 s against 40 ms: 60 ms behind 0.9 x 40 ms a token.
+    # With this token the last, all of it now: 36 - 60 ms; with 4 to come, 15 ms each.
+    assert policy.iteration_limit([0.04], [(4, 0.204, 1)]) == pytest.approx(-0.024)
+    assert policy.iteration_limit([0.04], [(4, 0.204, 4)]) == pytest.approx(0.021)
+    # Without the tokens to come (or none left), all of it in this iteration.
+    assert policy.iteration_limit([0.04], [(4, 0.204)]) == pytest.approx(-0.024)
+    assert policy.iteration_limit([0.04], [(4, 0.204, 0)]) == pytest.approx(-0.024)
+    # Ahead, the tokens to come change nothing: it lends what it banked beyond its reserve.
+    assert policy.iteration_limit([0.04], [(10, 0.1, 5)]) == pytest.approx(0.256)
+    # Without the margins (what prefill may take): a safety of 1 and no reserve.
+    assert policy.iteration_limit([0.04], [(10, 0.1, 5)], margins=False) == pytest.approx(0.34)
+    assert policy.iteration_limit([0.04], [(4, 0.204, 4)], margins=False) == pytest.approx(
+        0.04 + (0.16 - 0.204) / 4)
 
 
 def test_prefilling_requests_allow_their_ttft_slack():

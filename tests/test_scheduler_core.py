@@ -3,11 +3,13 @@ outputs matched by request id, and iterations planned while the previous one is 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from coserve_jax.batch import Bucket
 from coserve_jax.kv_cache import PageAllocator
-from coserve_jax.latency import LatencyModel
+from coserve_jax.latency import LatencyModel, bucket_key
 from coserve_jax.policy import Policy
 from coserve_jax.sampling import SamplingParams
 from coserve_jax.scheduler import IterationPlan, Request, Scheduler
@@ -141,3 +143,67 @@ def test_time_budget_counts_tokens_in_flight_and_the_work_queued_before_the_plan
     second = s.schedule(queued_s=0.05)
     assert [r.request.request_id for r in second.rows] == ["a"]
     assert 0.125 < second.time_limit <= 0.13
+
+
+def _decoding_beside(prefills: dict[str, float], t16_s: float, t8_s: float = 0.001,
+                     slo_prefill_chunks: bool = True) -> tuple[Scheduler, IterationPlan]:
+    """A request decoding with a 10 ms TPOT target (prefill may take all of it, the margins
+    included; nothing banked is lent), then prompts of 20 tokens that arrived ``prefills[rid]`` seconds ago (TTFT target
+    10 s); returns the scheduler and the plan that decodes beside them. Steps of 8 tokens
+    take ``t8_s``, steps of 16 ``t16_s``."""
+    s = _scheduler()
+    s.slo_prefill_chunks = slo_prefill_chunks
+    s.policy = Policy("coserve", spend_banked=False)
+    for b in s.buckets:
+        s.latency.times[bucket_key(b)] = t8_s if b.num_tokens == 8 else t16_s
+    req = _add(s, "decoding", 3, 10, ignore_eos=True)
+    req.slo = SLO(10.0, 0.01)
+    prefill = s.schedule()
+    s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))
+    for rid, age in prefills.items():
+        _add(s, rid, 20, 2, ignore_eos=True).arrival_time = time.monotonic() - age
+    return s, s.schedule()
+
+
+def test_prefill_chunks_are_sized_to_what_the_decoding_requests_allow():
+    """A long prompt enters over several iterations rather than stalling the decoding
+    request for one step over its time (Sarathi-Serve's token budget, from the latency
+    model)."""
+    chunks = lambda plan: [(r.request.request_id, r.num_tokens) for r in plan.rows]  # noqa: E731
+    # The 16-token step (50 ms) would not fit the 10 ms; the 8-token step (1 ms) does.
+    _, plan = _decoding_beside({"new": 0.0}, t16_s=0.05)
+    assert chunks(plan) == [("decoding", 1), ("new", 7)]
+    # Prefill is paced by the TTFT targets: 0.9 x 30 ms left is 2.7 iterations of 10 ms, so
+    # the 20 tokens are spread over two: 10 now; with 9 ms left, all it can.
+    _, plan = _decoding_beside({"late": 9.97}, t16_s=0.05)
+    assert chunks(plan) == [("decoding", 1), ("late", 10)]
+    _, plan = _decoding_beside({"last": 9.99}, t16_s=0.05)
+    assert chunks(plan) == [("decoding", 1), ("last", 15)]
+    # Off, a chunk takes all the token budget left (vLLM's chunked prefill).
+    _, plan = _decoding_beside({"new": 0.0}, t16_s=0.05, slo_prefill_chunks=False)
+    assert chunks(plan) == [("decoding", 1), ("new", 15)]
+    # Where it fits, the chunk is not cut.
+    _, plan = _decoding_beside({"new": 0.0}, t16_s=0.005)
+    assert chunks(plan) == [("decoding", 1), ("new", 15)]
+
+
+def test_prompts_advance_when_no_prefill_chunk_fits():
+    """When even the smallest step is over the limit, the first prompt still gets what
+    fills the decodes' token bucket; the next waits."""
+    s, plan = _decoding_beside({"first": 0.0, "second": 0.0}, t16_s=0.05, t8_s=0.02)
+    assert [(r.request.request_id, r.num_tokens) for r in plan.rows] == [
+        ("decoding", 1), ("first", 7)]
+    assert [r.request_id for r in s.waiting] == ["second"]
+
+
+def test_a_request_behind_spreads_its_lack_over_the_tokens_it_may_still_produce():
+    """The tokens to come that ``Policy.iteration_limit`` spreads a lack over: up to
+    ``max_tokens``, and no more than the request produced so far (it may stop early)."""
+    for max_tokens, to_come in ((10, 3), (4, 1)):
+        s = _scheduler()
+        req = _add(s, "a", 3, max_tokens, ignore_eos=True)
+        for _ in range(3):  # the first token and two more
+            plan = s.schedule()
+            s.update(plan, _sample(plan, lambda rid, n: 100 + n))
+        tokens, _seconds, left = s._progress(req, time.monotonic(), set())
+        assert (tokens, left) == (2, to_come), max_tokens
