@@ -440,8 +440,8 @@ class Scheduler:
         prefills as many: the tokens ahead of a request and its own, over the iterations it
         has left. Pacing prefill this way keeps it at the rate arrivals need, where a fixed
         cut would let a queue build under load."""
-        if iteration_s == float("inf"):
-            return 0
+        if not 0 < iteration_s < float("inf"):
+            return 0  # no time limit, or no measured step time to pace by
         now = time.monotonic()
         prefilling = sorted((r for r in self.running if r.pending > 1 and not r.done_sampling),
                             key=lambda r: r.arrival_index)

@@ -148,9 +148,9 @@ def test_time_budget_counts_tokens_in_flight_and_the_work_queued_before_the_plan
 def _decoding_beside(prefills: dict[str, float], t16_s: float, t8_s: float = 0.001,
                      slo_prefill_chunks: bool = True) -> tuple[Scheduler, IterationPlan]:
     """A request decoding with a 10 ms TPOT target (prefill may take all of it, the margins
-    included; nothing banked is lent), then prompts of 20 tokens that arrived ``prefills[rid]`` seconds ago (TTFT target
-    10 s); returns the scheduler and the plan that decodes beside them. Steps of 8 tokens
-    take ``t8_s``, steps of 16 ``t16_s``."""
+    included; nothing banked is lent), then prompts of 20 tokens that arrived
+    ``prefills[rid]`` seconds ago (TTFT target 10 s); returns the scheduler and the plan that
+    decodes beside them. Steps of 8 tokens take ``t8_s``, steps of 16 ``t16_s``."""
     s = _scheduler()
     s.slo_prefill_chunks = slo_prefill_chunks
     s.policy = Policy("coserve", spend_banked=False)
@@ -207,3 +207,20 @@ def test_a_request_behind_spreads_its_lack_over_the_tokens_it_may_still_produce(
             s.update(plan, _sample(plan, lambda rid, n: 100 + n))
         tokens, _seconds, left = s._progress(req, time.monotonic(), set())
         assert (tokens, left) == (2, to_come), max_tokens
+
+
+def test_a_request_far_behind_with_no_step_measured_still_lets_prompts_in():
+    """A limit below zero (a request far behind) and a latency model with nothing measured
+    (steps predicted at 0 s): prefill is not paced by a zero iteration time, and the first
+    prompt still gets what fills the decodes' token bucket."""
+    s = _scheduler()
+    s.policy = Policy("coserve")
+    req = _add(s, "behind", 3, 10, ignore_eos=True)
+    req.slo = SLO(10.0, 0.01)
+    prefill = s.schedule()
+    s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))
+    req.first_token_time -= 1.0  # a second on its first token: far behind 10 ms a token
+    _add(s, "new", 20, 2, ignore_eos=True).arrival_time = time.monotonic()
+    plan = s.schedule()
+    assert [(r.request.request_id, r.num_tokens) for r in plan.rows] == [("behind", 1),
+                                                                         ("new", 7)]
