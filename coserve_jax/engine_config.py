@@ -314,7 +314,8 @@ def derive_lengths(model_config, engine_config: EngineConfig) -> Lengths:
         raise ValueError(f"FinetuneConfig.max_train_len ({max_train_len}) must be in "
                          f"[2, model length {max_model_len}]")
     # The trainer's own buckets; an engine that does not finetune gets the defaults'.
-    tc = derive_trainer_config(ec, max_train_len) or TrainerConfig(0, max_train_len, 1, 1)
+    tc = derive_trainer_config(ec, max_train_len) or TrainerConfig(
+        max_seqs=0, max_len=max_train_len, window=1, backward_layers=1)
     return Lengths(
         max_model_len=max_model_len, max_pages_per_seq=max_pages_per_seq,
         max_train_len=max_train_len,

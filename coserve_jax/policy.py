@@ -180,13 +180,13 @@ class Policy:
         over the tokens it has to come (this one included; 1 when not given), which brings
         its mean back within ``safety * target`` by its last token, rather than asking this
         one iteration for all of it: one request that fell far behind would otherwise hold
-        every iteration to nothing but its decodes for as long as it runs. Before its first token a
-        request's TPOT clock has not started; what binds it is its TTFT, so it allows
-        ``safety`` times the time left to its TTFT target, shared by this and the prefill
-        iterations it still needs after it (at least
-        ``safety * target``). One whose first token this iteration samples allows
-        ``safety * target`` only: what the iteration runs after its step (backward pieces)
-        delays its second token, the start of its TPOT. Built with ``spend_banked=False``
+        every iteration to nothing but its decodes for as long as it runs. Before its first
+        token a request's TPOT clock has not started; what binds it is its TTFT, so it
+        allows ``safety`` times the time left to its TTFT target, shared by this and the
+        prefill iterations it still needs after it (at least ``safety * target``). One whose
+        first token this iteration samples allows ``safety * target`` only: what the
+        iteration runs after its step (backward pieces) delays its second token, the start
+        of its TPOT. Built with ``spend_banked=False``
         (or given no ``progress``), each allows ``safety * target``. ``margins=False``:
         without the margins (a safety of 1 and no reserve), the time that keeps each
         request's mean at its target (what prefill chunks may take; finetuning keeps the

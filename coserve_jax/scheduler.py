@@ -478,8 +478,7 @@ class Scheduler:
         """Predicted seconds of a step of these (request, tokens) chunks (0 for none)."""
         if not scheduled:
             return 0.0
-        widest = max(min(-(-(r.num_computed + k) // self.page_size), self.max_pages_per_seq)
-                     for r, k in scheduled)
+        widest = max(self.allocator.pages_for(r.num_computed + k) for r, k in scheduled)
         return self._predict_shape(sum(k for _, k in scheduled), len(scheduled), widest, False)
 
     def _make_room(self, req: Request, num_tokens: int, taken: set[str]) -> bool:
