@@ -187,7 +187,7 @@ class Engine:
         # One partial gradient sum per data shard (see TrainBuffers).
         return self.layout.zeros(TrainBuffers.zeros, self.model.config, slots, tc.max_seqs,
                                  tc.max_len, self.model.dtype, groups=self.layout.data_size,
-                                 blocks=tc.block > 0)
+                                 blocks=tc.block > 0, keep_projections=tc.keep_projections)
 
     # ----- what the scheduler holds ---------------------------------------------------------
 

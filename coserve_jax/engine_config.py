@@ -103,11 +103,21 @@ class FinetuneConfig:
     is pulled back one layer and one token block at a time, so a piece's cost is bounded
     by the block rather than the sequence and fits beside a decode step; 0 keeps every
     piece over the whole sequence. A power of two; single device only."""
+    keep_projections: bool = False
+    """Save every projection's output of a training token in its forward (FlexLLM's graph
+    pruning), so a backward piece runs none of the forward's frozen matmuls again, only
+    attention and the elementwise ops: a piece costs about half as much. The activation
+    store then holds (q + 2 kv + 2 hidden + 2 intermediate) / hidden times as much per
+    token (about 10x for Llama shapes). False saves each layer's input alone, and a piece
+    recomputes the whole layer. Whole-sequence pieces only (``backward_block`` 0)."""
 
     def __post_init__(self):
         _check(self, 1, "train_window", "backward_layers", "backward_pieces_per_step",
                "backward_attention_block")
         _check(self, 0, "max_train_seqs", "backward_block")
+        if self.keep_projections and self.backward_block:
+            raise ValueError("FinetuneConfig.keep_projections needs whole-sequence backward "
+                             f"pieces (backward_block 0, got {self.backward_block})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +307,8 @@ def derive_trainer_config(engine_config: EngineConfig, max_train_len: int):
         return None
     return TrainerConfig(max_seqs=ft.max_train_seqs, max_len=max_train_len,
                          window=ft.train_window, backward_layers=ft.backward_layers,
-                         attention_block=ft.backward_attention_block, block=ft.backward_block)
+                         attention_block=ft.backward_attention_block, block=ft.backward_block,
+                         keep_projections=ft.keep_projections)
 
 
 def derive_lengths(model_config, engine_config: EngineConfig) -> Lengths:

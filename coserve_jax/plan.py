@@ -255,7 +255,8 @@ def make_plan(cfg: ModelConfig, label: str, engine_config, mesh_config, *,
         tuple(adapters.lora_target_modules), wdtype)) if adapters.max_adapters else None
     train = jax.eval_shape(functools.partial(
         TrainBuffers.zeros, cfg, slots, ft.max_train_seqs, max_train_len, wdtype,
-        groups=mesh_config.data)) if ft.max_train_seqs else None
+        groups=mesh_config.data, keep_projections=ft.keep_projections,
+    )) if ft.max_train_seqs else None
     one_page = jax.eval_shape(functools.partial(KVCache.zeros, cfg, 1, cache.page_size, wdtype))
     job_bytes = 0
     if ft.max_train_seqs and jobs:

@@ -125,24 +125,35 @@ def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
     if slots is not None:
         adapters = slots.per_layer()
         lora = kernels.multi_slot_lora(slots.scale, batch.adapter_slots)
-    save = None
+    save = save_projections = None
     if with_train:
         rows = drop_negative(batch.act_index, train.num_rows)
 
-        def save(layer, x, acts):
+        def save(layer, x, stores):  # stores: (acts, saved)
             if hints is not None:  # the store's layout must not leak into the residual's
                 x = hints.replicated_hidden(x)
-            return acts.at[layer, rows].set(x.astype(acts.dtype), mode="drop")
+            acts, saved = stores
+            return acts.at[layer, rows].set(x.astype(acts.dtype), mode="drop"), saved
 
-    x, kv, acts = llama.forward_paged(
+        if train.saved is not None:
+            def save_projections(layer, outputs, stores):
+                acts, saved = stores
+                return acts, {name: buf.at[layer, rows].set(outputs[name].astype(buf.dtype),
+                                                             mode="drop")
+                              for name, buf in saved.items()}
+
+    x, kv, stores = llama.forward_paged(
         cfg, params, kv, batch, attention, write_kv_pages,
-        adapters=adapters, lora=lora, extra=None if train is None else train.acts,
-        on_layer_input=save, hints=hints)
+        adapters=adapters, lora=lora,
+        extra=None if train is None else (train.acts, train.saved),
+        on_layer_input=save, on_projections=save_projections, hints=hints)
     num_seqs = batch.num_seqs
     if with_train:
         (_, ce), g = jax.value_and_grad(_head_loss, argnums=2, has_aux=True)(
             cfg, params, x, batch.labels, batch.loss_weights)
-        train = train.replace(acts=acts, grads_h=train.grads_h.at[rows].set(g, mode="drop"))
+        acts, saved = stores
+        train = train.replace(acts=acts, saved=saved,
+                              grads_h=train.grads_h.at[rows].set(g, mode="drop"))
         seq_loss = jax.ops.segment_sum(ce * batch.loss_weights, batch.seq_ids, num_seqs)
     else:
         seq_loss = jnp.zeros((num_seqs,), jnp.float32)
@@ -185,7 +196,9 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     """Backpropagates one sequence through ``num_layers`` layers from ``piece.layer_start``.
 
     Recomputes the layers' forward over the whole sequence (``seq_len`` rows, the
-    sequence's bucket) from the saved input of the first layer, pulls back the
+    sequence's bucket) from the saved input of the first layer (with ``train.saved``,
+    every projection's output is taken from there instead of being computed again:
+    only attention and the elementwise ops run twice), pulls back the
     stored boundary gradient, accumulates the slot's LoRA gradients and stores
     the gradient at the piece's input for the next piece. Attention is the flash
     pair on the kernel paths of ``kernels``; otherwise it runs ``attention_block``
@@ -239,10 +252,16 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
 
     attention = kernels.attention_fn(fallback=llama.blocked_attention(attention_block))
 
+    replay = None
+    if train.saved is not None:  # {name: [num_layers, 1, seq_len, out]}, stale rows zeroed
+        replay = {name: jnp.where(valid, jax.lax.dynamic_slice(
+            buf, (start, piece.act_row, 0), (num_layers, seq_len, buf.shape[-1])), 0)[:, None]
+            for name, buf in train.saved.items()}
+
     def forward(own_weights, h):
         out, _ = llama.run_layers(cfg, layers, h[None], jnp.arange(seq_len)[None], attention,
                                   adapters=own_weights, lora=lora,
-                                  first_layer=start, hints=hints)
+                                  first_layer=start, replay=replay, hints=hints)
         return out[0]
 
     _, pullback = jax.vjp(forward, own, h0)

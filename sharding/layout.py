@@ -185,7 +185,13 @@ class Layout:
         module = next((n for n in names if n in PROJECTIONS), None)
         half = next((n for n in names if n in ("a", "b", "grad_a", "grad_b")), None)
         leaf = names[-1] if names else ""
-        if module is not None and half is not None and ndim >= 2:
+        if "saved" in names and module is not None and ndim == 3:
+            # [L, rows, out]: a projection's saved outputs (TrainBuffers.saved), split as
+            # the projection's output is (column-parallel) or as the residual stream.
+            out = (self._model(d.hidden) if module in ROW_PARALLEL
+                   else self.weight_spec(module)[1])
+            spec = (None, None, out)
+        elif module is not None and half is not None and ndim >= 2:
             trailing = self.lora_spec(module, half[-1])
             lead: list[str | None] = [None] * (ndim - 2)
             # [G, L, N, ...]: per-data-shard partial gradient accumulators.

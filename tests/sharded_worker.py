@@ -505,6 +505,9 @@ def main(argv: list[str]) -> None:
     what, model_dir, *meshes = argv
     if what == "parity":
         print(json.dumps(parity(model_dir, meshes)))
+    elif what == "parity-kept":  # the same with FinetuneConfig.keep_projections
+        ENGINE["keep_projections"] = True
+        print(json.dumps(parity(model_dir, meshes)))
     elif what == "kernels":
         print(json.dumps(kernel_parity(model_dir, meshes)))
     elif what == "attention":  # HQ,HKV,MESH cases (no model directory)

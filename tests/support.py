@@ -91,7 +91,8 @@ def random_sequence(rng, n: int) -> TrainSequence:
 
 
 def engine_grads(model, seq, window: int, backward_layers: int, serve: bool, block: int = 256,
-                 kernels: str = "auto", mode: str = "coserve", backward_block: int = 0):
+                 kernels: str = "auto", mode: str = "coserve", backward_block: int = 0,
+                 keep_projections: bool = False):
     """Runs one sequence through the engine's windows and pieces (or, in a temporal-seq
     ``mode``, whole); returns its LoRA grads."""
     engine = Engine(model, EngineConfig.flat(
@@ -99,7 +100,7 @@ def engine_grads(model, seq, window: int, backward_layers: int, serve: bool, blo
         min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_train_seqs=1,
         max_train_len=64, train_window=window, backward_layers=backward_layers,
         max_lora_rank=8, backward_attention_block=block, kernels=kernels, mode=mode,
-        backward_block=backward_block))
+        backward_block=backward_block, keep_projections=keep_projections))
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_TARGETS)
     # Two sequences per step and max_steps=1: the first sequence's gradients stay in
     # the accumulator (no optimizer step) for us to read.

@@ -29,7 +29,8 @@ OLD_FLAT_NAMES = (  # and the last five: added since
     "train_window", "backward_layers", "backward_pieces_per_step", "backward_attention_block",
     "backward_block", "mode", "spend_banked_slack", "default_ttft_s", "default_tpot_s",
     "max_waiting", "admission_control", "latency_model_dir", "run_dir", "log_every", "kernels",
-    "overlap_host", "idle_whole_samples", "safety", "banked_reserve", "slo_prefill_chunks")
+    "overlap_host", "idle_whole_samples", "safety", "banked_reserve", "slo_prefill_chunks",
+    "keep_projections")
 SMALL = EngineConfig.flat(page_size=4, num_pages=64, max_num_seqs=4, max_num_batched_tokens=16,
                           min_token_bucket=8, min_seq_bucket=2, max_model_len=128,
                           max_lora_rank=8, max_train_seqs=1, max_train_len=64)
@@ -62,6 +63,8 @@ def test_parts_validate_their_fields():
         EngineConfig.flat(min_seq_bucket=0)
     with pytest.raises(ValueError, match=r"FinetuneConfig\.backward_block must be an integer >= 0"):
         FinetuneConfig(backward_block=-1)
+    with pytest.raises(ValueError, match=r"keep_projections needs whole-sequence backward"):
+        FinetuneConfig(keep_projections=True, backward_block=16)
     with pytest.raises(ValueError, match=r"AdapterSlotsConfig\.max_adapters"):
         EngineConfig.flat(max_adapters=-1)
     with pytest.raises(ValueError, match=r"TelemetryConfig\.log_every"):

@@ -96,6 +96,10 @@ def test_layout_follows_megatron_and_dependent_parallelization():
     # KV pages [L, P, page, 2 * Hkv, Dh]: the combined head axis, whole (K, V) pairs a shard.
     assert spec(("pages",), (48, 100, 16, 16, 128)) == P(None, None, None, "model", None)
     assert spec(("acts",), (48, 512, 5120)) == P(None, None, "model")
+    # Saved projection outputs [L, rows, out]: split as the projection's output is.
+    assert spec(("saved", "q_proj"), (48, 512, 5120)) == P(None, None, "model")
+    assert spec(("saved", "down_proj"), (48, 512, 5120)) == P(None, None, "model")
+    assert spec(("saved", "gate_proj"), (48, 512, 13824)) == P(None, None, "model")
     # 2 KV heads on a 4-way model axis: KV weights and pages are replicated (GQA).
     few_kv = ModelConfig.from_hf_dict(hf_config(2))
     layout = Layout(abstract_mesh(MeshConfig(model=4)), few_kv)
@@ -145,6 +149,13 @@ def test_sharded_step_equals_single_device(model_dirs):
     # Data parallelism: one partial gradient sum per data shard until the optimizer step.
     assert partials["groups"] == 2 and partials["differ"], partials
     assert partials["spec"].split(",")[0].endswith("('data'"), partials  # P('data', ...)
+
+
+@pytest.mark.slow
+def test_sharded_pieces_reusing_the_forwards_projections_equal_single_device(model_dirs):
+    """data=2 x model=4 with ``keep_projections``: the saved projection outputs are laid
+    out on the mesh and the backward pieces that reuse them give the same gradients."""
+    check_parity(run_worker("parity-kept", model_dirs[8], "data=2,model=4"))
 
 
 def test_sharded_step_equals_single_device_replicated_kv(model_dirs):

@@ -1,12 +1,15 @@
 """Device buffers of token-level finetuning, threaded through the step and donated.
 
 A training sequence owns one row block of ``max_len`` rows in the activation
-store. Its forward windows save each layer's input there (graph pruning: that
-is all the backward keeps; everything inside a layer, attention included, is
-recomputed). The loss gradient w.r.t. the last layer's output goes into
-``grads_h``, and each backward piece (a few layers over the whole sequence)
-replaces it with the gradient w.r.t. the input of the piece's first layer,
-while adding LoRA gradients into the per-slot accumulators.
+store. Its forward windows save each layer's input there and, with
+``keep_projections``, every projection's output (``saved``: FlexLLM's graph
+pruning, so a backward piece runs no frozen matmul of the forward again; only
+attention and the elementwise ops are recomputed). Without it the input is all
+the backward keeps and the piece recomputes the whole layer. The loss gradient
+w.r.t. the last layer's output goes into ``grads_h``, and each backward piece
+(a few layers over the whole sequence) replaces it with the gradient w.r.t. the
+input of the piece's first layer, while adding LoRA gradients into the per-slot
+accumulators.
 
 With data parallelism the accumulators carry a leading axis of one partial sum
 per data shard (``groups``), summed once per optimizer step; on one device and
@@ -34,21 +37,31 @@ class TrainBuffers:
     # [A * max_len, D] float32: the input gradient of the layer whose token blocks are being
     # pulled back, summed over blocks; None unless token-block pieces are used.
     grads_next: jax.Array | None = None
+    # projection -> [L, A * max_len, out] model dtype: every projection's output, per token
+    # (q_proj Hq*Dh, k_proj and v_proj Hkv*Dh, o_proj and down_proj D, gate_proj and
+    # up_proj F); None unless ``keep_projections``.
+    saved: dict[str, jax.Array] | None = None
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, slots: AdapterSlots, num_seqs: int, max_len: int,
-              dtype, groups: int = 1, blocks: bool = False) -> TrainBuffers:
+              dtype, groups: int = 1, blocks: bool = False,
+              keep_projections: bool = False) -> TrainBuffers:
         """Empty buffers; ``groups`` > 1 gives the accumulators one partial sum per data
         shard (a leading axis of that size); ``blocks`` adds ``grads_next`` for token-block
-        backward pieces."""
+        backward pieces; ``keep_projections`` adds ``saved``."""
         rows = num_seqs * max_len
         lead = (groups,) if groups > 1 else ()
+        saved = None
+        if keep_projections:
+            saved = {name: jnp.zeros((cfg.num_layers, rows, width), dtype)
+                     for name, width in projection_widths(cfg).items()}
         return cls(
             acts=jnp.zeros((cfg.num_layers, rows, cfg.hidden_size), dtype),
             grads_h=jnp.zeros((rows, cfg.hidden_size), jnp.float32),
             grad_a={m: jnp.zeros(lead + a.shape, jnp.float32) for m, a in slots.a.items()},
             grad_b={m: jnp.zeros(lead + b.shape, jnp.float32) for m, b in slots.b.items()},
             grads_next=jnp.zeros((rows, cfg.hidden_size), jnp.float32) if blocks else None,
+            saved=saved,
         )
 
     @property
@@ -60,6 +73,13 @@ class TrainBuffers:
         """Partial-sum groups of the accumulators (1: no group axis)."""
         first = next(iter(self.grad_a.values()), None)
         return 1 if first is None or first.ndim == 4 else first.shape[0]
+
+
+def projection_widths(cfg: ModelConfig) -> dict[str, int]:
+    """Each projection's output width: what ``keep_projections`` saves per token and layer."""
+    d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": d, "gate_proj": f,
+            "up_proj": f, "down_proj": d}
 
 
 def drop_negative(index: jax.Array, size: int) -> jax.Array:

@@ -72,6 +72,9 @@ class TrainerConfig:
     block: int = 0
     """Tokens per backward piece for sequences longer than this (one layer, a token block
     at a time: ``step.backward_block_fn``); 0 keeps every piece over the whole sequence."""
+    keep_projections: bool = False
+    """Save every projection's output in the forward for the backward pieces
+    (``FinetuneConfig.keep_projections``)."""
 
 
 @dataclasses.dataclass

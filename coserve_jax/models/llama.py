@@ -110,18 +110,54 @@ class ProjectionHints(Protocol):
         """``x`` with its hidden axis pinned to the residual stream's layout."""
 
 
+@jax.custom_vjp
+def _pullback_only(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Zeros shaped like ``x @ w`` whose pullback is that of ``x @ w`` with respect to
+    ``x``: the derivative of a frozen projection whose value is known, without its matmul
+    (``w`` is frozen: it gets no cotangent)."""
+    return jnp.zeros((*x.shape[:-1], w.shape[-1]), x.dtype)
+
+
+def _pullback_only_fwd(x, w):
+    return _pullback_only(x, w), w
+
+
+def _pullback_only_bwd(w, g):
+    return (g @ w.T.astype(g.dtype)).astype(g.dtype), jnp.zeros_like(w)
+
+
+_pullback_only.defvjp(_pullback_only_fwd, _pullback_only_bwd)
+
+
 def _projector(lp: LayerParams, la: object, lora: LoraFn | None,
-               hints: ProjectionHints | None = None):
-    """``proj(name, h, bias=None)``: one projection of the layer, with its LoRA update."""
+               hints: ProjectionHints | None = None, tape: dict | None = None,
+               replay: dict | None = None):
+    """``proj(name, h, bias=None)``: one projection of the layer, with its LoRA update.
+
+    ``tape`` (a dict) receives every projection's output by name. ``replay`` holds those
+    outputs from an earlier forward of the same tokens: a projection then takes its value
+    from there and runs no matmul; only its derivative is computed, by ``x`` (through the
+    frozen weight) and by the adapter's weights (the backward of graph pruning)."""
 
     def proj(name: str, h: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        if replay is not None:
+            # Value: the saved output exactly (the two added terms are zeros); derivative:
+            # the frozen matmul's pullback and the LoRA update's, recomputed (it is small).
+            delta = None if lora is None else lora(la, name, h)
+            y = replay[name].astype(h.dtype) + _pullback_only(h, getattr(lp, name))
+            if delta is None:
+                return y
+            return y + (delta - jax.lax.stop_gradient(delta)).astype(y.dtype)
+        y = None
         if hints is not None:
             y = hints.project(name, h, getattr(lp, name), bias, la, lora)
-            if y is not None:
-                return y
-        y = _linear(h, getattr(lp, name), bias)
-        delta = None if lora is None else lora(la, name, h)
-        return y if delta is None else y + delta.astype(y.dtype)
+        if y is None:
+            y = _linear(h, getattr(lp, name), bias)
+            delta = None if lora is None else lora(la, name, h)
+            y = y if delta is None else y + delta.astype(y.dtype)
+        if tape is not None:
+            tape[name] = y
+        return y
 
     return proj
 
@@ -138,14 +174,17 @@ def decoder_layer(
     carry: object,
     lora: LoraFn | None = None,
     hints: ProjectionHints | None = None,
+    tape: dict | None = None,
+    replay: dict | None = None,
 ) -> tuple[jax.Array, object]:
     """One decoder layer on hidden states ``x [..., D]``.
 
     ``lp`` holds this layer's weights and ``la`` its adapter weights (whatever
     ``lora`` understands; None for the base model). ``hints`` (sharded runs only)
-    may take over a projection to fix where its reduction happens.
+    may take over a projection to fix where its reduction happens. ``tape`` and
+    ``replay``: see ``_projector`` (the projections' outputs, recorded or reused).
     """
-    proj = _projector(lp, la, lora, hints)
+    proj = _projector(lp, la, lora, hints, tape, replay)
     lead = x.shape[:-1]
     h = rms_norm(x, lp.input_norm, cfg.rms_norm_eps)
     q = proj("q_proj", h, lp.q_bias).reshape(*lead, cfg.num_heads, cfg.head_dim)
@@ -186,25 +225,34 @@ def run_layers(
     lora: LoraFn | None = None,
     first_layer: jax.Array | int = 0,
     on_layer_input: Callable[[jax.Array, jax.Array, object], object] | None = None,
+    on_projections: Callable[[jax.Array, dict, object], object] | None = None,
+    replay: dict | None = None,
     hints: ProjectionHints | None = None,
 ) -> tuple[jax.Array, object]:
     """Scans stacked ``layers`` (and per-layer ``adapters``) over ``x``; returns the last
     layer's output, before the final norm.
 
     ``first_layer`` numbers the layers when ``layers`` is a slice of the model;
-    ``on_layer_input(layer_index, x, carry) -> carry`` sees each layer's input.
+    ``on_layer_input(layer_index, x, carry) -> carry`` sees each layer's input and
+    ``on_projections(layer_index, {name: output}, carry) -> carry`` its projections'
+    outputs. ``replay`` ``{name: [num_layers, ..., out]}`` gives every layer's projection
+    outputs from an earlier forward, which the layers then reuse (``_projector``).
     """
     cos, sin = rope_cos_sin(cfg, positions)
     num = jax.tree.leaves(layers)[0].shape[0]
 
     def body(state, xs):
         h, c = state
-        lp, la, i = xs
+        lp, la, i, saved = xs
         if hints is not None:  # the scan carry keeps the residual stream's layout
             h = hints.replicated_hidden(h)
         if on_layer_input is not None:
             c = on_layer_input(i, h, c)
-        h, c = decoder_layer(cfg, lp, la, i, h, cos, sin, attention, c, lora, hints)
+        tape = None if on_projections is None else {}
+        h, c = decoder_layer(cfg, lp, la, i, h, cos, sin, attention, c, lora, hints,
+                             tape, saved)
+        if on_projections is not None:
+            c = on_projections(i, tape, c)
         if hints is not None:
             h = hints.replicated_hidden(h)
         return (h, c), None
@@ -212,7 +260,7 @@ def run_layers(
     indices = first_layer + jnp.arange(num, dtype=jnp.int32)
     if hints is not None:
         x = hints.replicated_hidden(x)
-    (x, carry), _ = jax.lax.scan(body, (x, carry), (layers, adapters, indices))
+    (x, carry), _ = jax.lax.scan(body, (x, carry), (layers, adapters, indices, replay))
     if hints is not None:
         x = hints.replicated_hidden(x)
     return x, carry
@@ -332,6 +380,7 @@ def forward_paged(
     lora: LoraFn | None = None,
     extra: object = None,
     on_layer_input: Callable[[jax.Array, jax.Array, object], object] | None = None,
+    on_projections: Callable[[jax.Array, dict, object], object] | None = None,
     hints: ProjectionHints | None = None,
 ) -> tuple[jax.Array, object, object]:
     """Runs a ragged token batch through paged KV: returns (last layer output ``[T, D]``
@@ -340,7 +389,8 @@ def forward_paged(
     Each layer first writes the batch's K/V into its pages, then every token
     attends over its own sequence's pages, so chunks of one sequence in the same
     batch see each other causally. ``extra`` is threaded through
-    ``on_layer_input(layer, x, extra) -> extra``.
+    ``on_layer_input(layer, x, extra) -> extra`` and
+    ``on_projections(layer, {name: output}, extra) -> extra`` (see ``run_layers``).
 
     ``paged_attention(q, kv_pages, page_tables, seq_ids, positions, *, layer)``
     gets the whole stacked cache ``[L, P, page_size, 2 * Hkv, Dh]`` and the layer index (a
@@ -355,12 +405,13 @@ def forward_paged(
                               layer=layer)
         return out, (cache.replace(pages=pages), ext)
 
-    hook = None
-    if on_layer_input is not None:
-        def hook(layer, x, carry):
-            return carry[0], on_layer_input(layer, x, carry[1])
+    def on_extra(fn):  # a hook on ``extra``, the second half of the scan's carry
+        if fn is None:
+            return None
+        return lambda layer, value, carry: (carry[0], fn(layer, value, carry[1]))
 
     x, (kv, extra) = run_layers(cfg, params.layers, params.embed[batch.token_ids],
                                 batch.positions, attention, (kv, extra), adapters=adapters,
-                                lora=lora, on_layer_input=hook, hints=hints)
+                                lora=lora, on_layer_input=on_extra(on_layer_input),
+                                on_projections=on_extra(on_projections), hints=hints)
     return x, kv, extra
