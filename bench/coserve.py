@@ -245,16 +245,22 @@ def decode_tpot(model, args, requests: int = 4, prompt_len: int = 32,
 def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
               bisections: int = 2, log=print) -> tuple[float, list[dict]]:
     """The highest arrival rate at which inference-only keeps ``attainment``: doubling from
-    ``start`` until it fails, then ``bisections`` halvings of the bracket. Returns the rate
-    and every probe's record."""
+    ``start`` until it fails, then ``bisections`` halvings of the bracket. A probe that
+    misses is run once more, and the rate fails only if that run misses too: on a shared
+    machine one slow moment would otherwise set the whole benchmark's load (a peak found
+    too low is silent, one too high shows in inference-only's attainment at the peak).
+    Returns the rate and every probe's record."""
     probes = []
 
     def ok(rate: float) -> bool:
-        rec = run_one(model, "inference-only", rate, args)
-        probes.append(rec)
-        log(f"  peak probe {rate:7.2f} req/s: inference-only attainment "
-            f"{rec['slo_attainment']:.1%}")
-        return rec["slo_attainment"] >= attainment
+        for attempt in (1, 2):
+            rec = run_one(model, "inference-only", rate, args)
+            probes.append(rec)
+            log(f"  peak probe {rate:7.2f} req/s" + (" (again)" if attempt == 2 else "")
+                + f": inference-only attainment {rec['slo_attainment']:.1%}")
+            if rec["slo_attainment"] >= attainment:
+                return True
+        return False
 
     lo, hi = 0.0, start
     while ok(hi):

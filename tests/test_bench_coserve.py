@@ -132,3 +132,21 @@ def test_a_ratio_is_reported_even_when_no_rival_keeps_the_attainment():
     assert "no temporal (token-level ablation) variant reaches 95.0%" in ablation
     assert "best temporal:dynamic at 74.0%, 400 tok/s" in ablation
     assert ablation.endswith("coserve finetunes 1.50x as much at its higher attainment")
+
+
+def test_a_peak_probe_that_misses_once_is_run_again(monkeypatch):
+    # Inference-only's attainment by rate, run after run: 4 req/s misses once (a slow
+    # moment) and then holds; 8 misses twice; the bisection finds 6 holds and 7 does not.
+    runs = {2.0: [1.0], 4.0: [0.80, 1.0], 8.0: [0.5, 0.6], 6.0: [1.0], 7.0: [0.9, 0.9]}
+    seen = []
+
+    def run_one(model, mode, rate, args):
+        assert mode == "inference-only"
+        seen.append(rate)
+        return {"mode": mode, "rate": rate, "slo_attainment": runs[rate].pop(0)}
+
+    monkeypatch.setattr(coserve, "run_one", run_one)
+    peak, probes = coserve.find_peak(None, None, bisections=2, log=lambda _: None)
+    assert peak == 6.0
+    assert seen == [2.0, 4.0, 4.0, 8.0, 8.0, 6.0, 7.0, 7.0]
+    assert len(probes) == len(seen)
