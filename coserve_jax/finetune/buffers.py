@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from coserve_jax.config import ModelConfig
+from coserve_jax.lora.adapter import module_shape
+from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.lora.slots import AdapterSlots
 
 
@@ -53,8 +55,8 @@ class TrainBuffers:
         lead = (groups,) if groups > 1 else ()
         saved = None
         if keep_projections:
-            saved = {name: jnp.zeros((cfg.num_layers, rows, width), dtype)
-                     for name, width in projection_widths(cfg).items()}
+            saved = {name: jnp.zeros((cfg.num_layers, rows, module_shape(cfg, name)[1]), dtype)
+                     for name in ALL_TARGETS}
         return cls(
             acts=jnp.zeros((cfg.num_layers, rows, cfg.hidden_size), dtype),
             grads_h=jnp.zeros((rows, cfg.hidden_size), jnp.float32),
@@ -73,13 +75,6 @@ class TrainBuffers:
         """Partial-sum groups of the accumulators (1: no group axis)."""
         first = next(iter(self.grad_a.values()), None)
         return 1 if first is None or first.ndim == 4 else first.shape[0]
-
-
-def projection_widths(cfg: ModelConfig) -> dict[str, int]:
-    """Each projection's output width: what ``keep_projections`` saves per token and layer."""
-    d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": d, "gate_proj": f,
-            "up_proj": f, "down_proj": d}
 
 
 def drop_negative(index: jax.Array, size: int) -> jax.Array:

@@ -123,7 +123,7 @@ def _pullback_only_fwd(x, w):
 
 
 def _pullback_only_bwd(w, g):
-    return (g @ w.T.astype(g.dtype)).astype(g.dtype), jnp.zeros_like(w)
+    return g @ w.T.astype(g.dtype), jnp.zeros_like(w)
 
 
 _pullback_only.defvjp(_pullback_only_fwd, _pullback_only_bwd)
