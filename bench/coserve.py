@@ -62,11 +62,11 @@ from benchlib import library_revision, record
 SEPARATE_FRACTIONS = (0.25, 0.5, 0.75)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION = "token-level ablation"
-QUICK_MODES = ("inference-only", "coserve", "temporal-seq:64", "temporal-seq:dynamic",
-               "temporal:dynamic")
-FULL_MODES = ("inference-only", "coserve", "temporal-seq:64", "temporal-seq:128",
-              "temporal-seq:256", "temporal-seq:512", "temporal-seq:dynamic", "temporal:16",
-              "temporal:dynamic")
+QUICK_MODES = ("inference-only", "coserve", "coserve+token-level", "temporal-seq:64",
+               "temporal-seq:dynamic", "temporal:dynamic")
+FULL_MODES = ("inference-only", "coserve", "coserve+token-level", "temporal-seq:64",
+              "temporal-seq:128", "temporal-seq:256", "temporal-seq:512", "temporal-seq:dynamic",
+              "temporal:16", "temporal:dynamic")
 
 
 WHOLE_SAMPLES = "finetune-only (whole samples)"
@@ -77,6 +77,14 @@ jitted forward and backward per sample, activations kept), beside the token-leve
 IDLE_SAMPLES = "coserve+idle-samples"
 """coserve with ``SchedulingConfig.idle_whole_samples``: iterations with nothing to serve
 run whole samples."""
+
+WHOLE_SAMPLE_UNIT = "coserve+whole-samples"
+"""coserve with ``SchedulingConfig.finetune_unit="samples"``: the slack the requests leave is
+banked and spent on whole samples in iterations of their own."""
+
+TOKEN_UNIT = "coserve+token-level"
+"""coserve with ``SchedulingConfig.finetune_unit="tokens"``: windows beside inference and
+backward pieces (FlexLLM's token-level co-serving)."""
 
 KEPT_PROJECTIONS = "coserve+kept-projections"
 """coserve with ``FinetuneConfig.keep_projections``: the forward windows save every
@@ -89,7 +97,8 @@ def engine_config(mode: str, args) -> EngineConfig:
     max_model_len = getattr(args, "max_model_len", 512)
     idle_samples = mode == IDLE_SAMPLES
     keep = mode == KEPT_PROJECTIONS or getattr(args, "keep_projections", False)
-    mode = "coserve" if mode in (IDLE_SAMPLES, KEPT_PROJECTIONS) else mode
+    unit = {WHOLE_SAMPLE_UNIT: "samples", TOKEN_UNIT: "tokens"}.get(mode, "auto")
+    mode = "coserve" if mode.startswith("coserve") else mode
     # One layer per backward piece: the smallest unit of backward work, so that a piece
     # fits beside a decode step within the TPOT target rather than waiting for a lull.
     return EngineConfig.flat(
@@ -100,6 +109,7 @@ def engine_config(mode: str, args) -> EngineConfig:
         keep_projections=keep,
         min_page_bucket=getattr(args, "min_page_bucket", 8), default_ttft_s=args.ttft_s,
         default_tpot_s=args.tpot_ms / 1000, idle_whole_samples=idle_samples,
+        finetune_unit=unit,
         safety=getattr(args, "safety", 0.9),
         latency_model_dir=getattr(args, "latency_dir", None))
 
@@ -198,6 +208,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None) -
         "host_fraction": host / iteration if iteration else 0.0,
         "steps": engine.counters["steps"], "mixed_steps": engine.counters["mixed_steps"],
         "whole_samples": engine.counters["whole_samples"],
+        "finetune_unit": engine.finetune_unit if mode.startswith("coserve") else None,
     } | error
 
 
@@ -208,7 +219,8 @@ def pool_rounds(recs: list[dict]) -> dict:
     if len(recs) == 1:
         return dict(recs[0], rounds=1)
     counts = ("requests", "refused", "unfinished", "steps", "mixed_steps", "whole_samples")
-    out = {"mode": recs[0]["mode"], "rate": recs[0]["rate"]}
+    out = {"mode": recs[0]["mode"], "rate": recs[0]["rate"],
+           "finetune_unit": recs[0].get("finetune_unit")}
     out |= {k: sum(r[k] for r in recs) for k in counts}
     attained = sum(r["slo_attainment"] * r["requests"] for r in recs)
     out["slo_attainment"] = attained / out["requests"] if out["requests"] else 1.0
@@ -330,6 +342,11 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
                      f"whole samples ({ft_whole / max(ft_only, 1e-9):.2f}x: the token-level "
                      f"backward recomputes each layer's forward)")
     ceiling = max(ft_only, ft_whole or 0.0)
+    units = sorted({r["finetune_unit"] for r in records
+                    if r["mode"] == "coserve" and r.get("finetune_unit")})
+    if units:
+        lines.append(f"coserve finetuned by {' and '.join(units)} (finetune_unit auto: the unit "
+                     f"the latency model prices lower per token)")
     separate_target = 1.9 if on_gpu else 1.0
     for rate in rates:
         at = {r["mode"]: r for r in records if round(r["rate"], 6) == round(rate, 6)}
@@ -355,7 +372,8 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
         for prefix, label, factor in (
                 ("separate", "separate split", separate_target),
                 ("temporal-seq", "temporal-seq (FlexLLM's baseline)", 2.0 if half_up else None),
-                ("temporal:", f"temporal ({ABLATION})", 1.1 if half_up else None)):
+                ("temporal:", f"temporal ({ABLATION})", 1.1 if half_up else None),
+                (TOKEN_UNIT, "coserve by tokens (windows and pieces)", None)):
             rivals = [r for m, r in at.items() if m.startswith(prefix)]
             best = _best([r for r in rivals if r["slo_attainment"] >= need])
             if best is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import random
 import time
 
@@ -32,7 +33,7 @@ from coserve_jax.finetune.buffers import TrainBuffers
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.finetune.trainer import Trainer, TrainerConfig
 from coserve_jax.kv_cache import KVCache, KVUsage, PageAllocator
-from coserve_jax.latency import LatencyModel, bucket_key, model_file, piece_key
+from coserve_jax.latency import LatencyModel, bucket_key, model_file, piece_key, sample_key
 from coserve_jax.lora.adapter import LoraAdapter
 from coserve_jax.lora.slots import AdapterRegistry, AdapterSlots, slot_modules
 from coserve_jax.model import Model
@@ -47,6 +48,8 @@ from coserve_jax.step import STEP_PROGRAM_VERSION, StepOutput, step_kernels
 from coserve_jax.telemetry import Profiler, ScalarWriter, backward_label, forward_label
 from coserve_jax.tiny_model import cache_root
 from sharding.layout import Layout
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineConfig", "Request", "RequestOutput", "StepInfo"]
 
@@ -137,9 +140,15 @@ class Engine:
         if self.policy.whole_samples and self.layout.sharded:
             raise ValueError(f"mode {sched.mode} runs whole samples on one device; use "
                              f"coserve or temporal:N on a mesh")
-        # Idle coserve iterations may run whole samples (one device, and a trainer).
-        idle_samples = (sched.idle_whole_samples and self.policy.kind == "coserve"
-                        and self.trainer is not None and not self.layout.sharded)
+        # Idle coserve iterations may run whole samples, and so may the whole-sample unit
+        # (one device, and a trainer).
+        samples_ok = (self.policy.kind == "coserve" and self.trainer is not None
+                      and not self.layout.sharded)
+        idle_samples = sched.idle_whole_samples and samples_ok
+        if sched.finetune_unit == "samples" and not samples_ok:
+            raise ValueError("finetune_unit='samples' runs whole samples on one device beside "
+                             "coserve inference; use 'tokens' (or 'auto') here")
+        self._choose_unit = sched.finetune_unit == "auto" and samples_ok
         # Keyed by what sets step times: hardware, model and the engine's shapes (the
         # shape-related parts of the config, never scheduling or telemetry), the resolved
         # kernels (not the requested "auto") and the step program's version.
@@ -156,7 +165,9 @@ class Engine:
             admission_control=sched.admission_control, allocator=self.allocator,
             latency=latency, policy=self.policy, eos_token_ids=mc.eos_token_ids,
             registry=self.registry, trainer=self.trainer, idle_whole_samples=idle_samples,
-            slo_prefill_chunks=sched.slo_prefill_chunks)
+            slo_prefill_chunks=sched.slo_prefill_chunks,
+            finetune_unit="samples" if sched.finetune_unit == "samples" and samples_ok
+            else "tokens")
         # A dynamic temporal period is set from each iteration's own time: synchronous.
         self.overlap = sched.overlap_host and not (self.policy.kind in TEMPORAL_KINDS
                                                    and self.policy.period is None)
@@ -417,7 +428,8 @@ class Engine:
             pieces = self._run_backward(plan, step_s, timed=True)
         total = time.perf_counter() - t_start
         self.policy.observe(total, had_inference=bool(plan.rows),
-                            had_finetune=bool(plan.windows or pieces))
+                            had_finetune=bool(plan.windows or pieces),
+                            tpot_target=plan.tpot_target)
         # Host time: planning and packing before the dispatch (with overlap, reading back
         # and applying the previous iteration's tokens is hidden behind this one's step).
         self.counters.update(host_s=t_planned - t_start, iteration_s=total)
@@ -501,11 +513,16 @@ class Engine:
                                 t_start: float) -> list[RequestOutput]:
         """A temporal-seq finetuning iteration: one whole sample, forward and backward, as a
         standard trainer runs it; no inference tokens."""
+        bucket = self.trainer.next_sample_bucket()
         with jax.profiler.TraceAnnotation("whole_sample"):
+            t0 = time.perf_counter()
             tokens = self.trainer.run_whole_sample()
             jax.block_until_ready(self.runner.train.grad_a)
+        if tokens:
+            self._observe(sample_key(bucket), time.perf_counter() - t0)
         total = time.perf_counter() - t_start
-        self.policy.observe(total, had_inference=False, had_finetune=True)
+        self.policy.observe(total, had_inference=False, had_finetune=True,
+                            tpot_target=plan.tpot_target)
         self.counters.update(train_tokens=tokens, whole_samples=1, iteration_s=total)
         self.last_step = StepInfo(0, tokens, 0, True, None, total, whole_samples=1)
         return []
@@ -559,8 +576,13 @@ class Engine:
         The timing batch writes nothing (every KV slot is padding) but takes the
         costly paths: all tokens use adapter slot 0 and all sequences sample.
         A latency model saved by an earlier run with the same hardware, model and
-        config is reused instead of measuring again.
+        config is reused instead of measuring again (whole samples are measured when it
+        has none: they run only in some modes).
         """
+        samples = self.trainer is not None and (self.policy.whole_samples or self._choose_unit
+                                                or self.scheduler._idle_samples)
+        measure_samples = samples and measure and any(
+            sample_key(n) not in self.latency.times for n in self.trainer.seq_buckets)
         measure = measure and not self.latency.times
         self._compiled.update(bucket_key(b) for b in self.buckets)
         for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
@@ -571,17 +593,31 @@ class Engine:
             times = [self._run_padding(batch, bucket) for _ in range(3 if measure else 1)]
             if measure:
                 self.latency.observe(bucket_key(bucket), float(np.median(times[1:])))
-        if self.trainer is not None and (self.policy.whole_samples
-                                         or self.scheduler.idle_whole_samples):
-            self.trainer.warmup_samples(progress)
+        if samples:
+            times = self.trainer.warmup_samples(progress, repeats=3 if measure_samples else 1)
+            self._compiled.update(sample_key(n) for n in times)
+            for n, seconds in times.items():
+                if measure_samples:
+                    self.latency.observe(sample_key(n), seconds)
         if self.trainer is not None:
             times = self.trainer.warmup(progress, repeats=3 if measure else 1)
             self._compiled.update(piece_key(*shape) for shape in times)
             for shape, seconds in times.items():
                 if measure:
                     self.latency.observe(piece_key(*shape), seconds)
-        if measure:
+        if measure or measure_samples:
             self.latency.save(self.latency_path)
+        if self._choose_unit:
+            unit = self.scheduler.choose_finetune_unit()
+            costs = self.scheduler.finetune_costs() or {}
+            log.info("finetune unit: %s (predicted ms per finetuning token: %s)", unit,
+                        ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(costs.items())))
+
+    @property
+    def finetune_unit(self) -> str:
+        """coserve's unit of finetuning beside inference, "tokens" or "samples"
+        (``SchedulingConfig.finetune_unit``; "auto" is resolved by ``warmup``)."""
+        return self.scheduler.finetune_unit
 
     def _run_padding(self, batch, bucket) -> float:
         t0 = time.perf_counter()

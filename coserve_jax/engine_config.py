@@ -156,6 +156,17 @@ class SchedulingConfig:
     backward in one program, as ``temporal-seq`` does): idle capacity goes to the program
     that finetunes fastest (no recompute, no windows). A request arriving meanwhile waits
     for it. Single device."""
+    finetune_unit: str = "auto"
+    """coserve: the unit of finetuning work while requests run. "tokens": forward windows in
+    the inference steps and backward pieces in the time they leave (FlexLLM's token-level
+    co-serving). "samples": iterations serving requests carry no finetuning and bank what
+    they leave of ``safety`` times the tightest TPOT target; when the bank covers the next
+    whole sample and every running or waiting request can absorb the delay
+    (``Policy.sample_fits``), one iteration runs it, forward and full backward in one
+    program, as a standard trainer does (idle iterations run whole samples too). "auto": the
+    one the latency model predicts costs less per finetuning token
+    (``Scheduler.finetune_costs``), chosen by ``Engine.warmup``. Whole samples run on one
+    device only."""
     slo_prefill_chunks: bool = True
     """Size each prefill chunk so that the iteration's predicted time keeps every decoding
     request's mean TPOT within its target (``Policy.iteration_limit`` without the margins
@@ -173,6 +184,9 @@ class SchedulingConfig:
 
     def __post_init__(self):
         parse_mode(self.mode)
+        if self.finetune_unit not in ("tokens", "samples", "auto"):
+            raise ValueError(f"finetune_unit must be 'tokens', 'samples' or 'auto'; got "
+                             f"{self.finetune_unit!r}")
         SLO(self.default_ttft_s, self.default_tpot_s)
         if not 0 < self.safety <= 1:
             raise ValueError(f"SchedulingConfig.safety must be in (0, 1]; got {self.safety}")

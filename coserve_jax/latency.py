@@ -1,10 +1,10 @@
 """The latency model: how long an iteration takes, measured on the hardware at hand.
 
 A step's cost is set by its bucket (padding makes the compute the same for any
-batch that fits), so the model is a table of measured times per step bucket and
-per backward-piece shape, taken at warm-up and corrected online with an
-exponential moving average of observed times. It is saved to a file keyed by
-hardware, model and engine config so a restart reuses it.
+batch that fits), so the model is a table of measured times per step bucket,
+per backward-piece shape and per whole-sample length bucket, taken at warm-up
+and corrected online with an exponential moving average of observed times. It is
+saved to a file keyed by hardware, model and engine config so a restart reuses it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ def piece_key(seq_len: int, num_layers: int, block: int | None = None) -> str:
     tokens, or over a ``block`` of them (token-block pieces)."""
     rows = "" if block is None or block >= seq_len else f"-b{block}"
     return f"piece-n{seq_len}-k{num_layers}{rows}"
+
+
+def sample_key(seq_len: int) -> str:
+    """A whole training sample (its forward and full backward in one program) padded to the
+    sequence bucket of ``seq_len`` tokens."""
+    return f"sample-n{seq_len}"
 
 
 class LatencyModel:

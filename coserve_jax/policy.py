@@ -9,6 +9,12 @@ policy then decides the finetuning share of the iteration:
   ``safety`` times its TPOT target plus the time it has banked by being served
   faster than that so far (TPOT is a mean); the tightest request decides. A burst
   that fills the token budget leaves finetuning nothing.
+  That is the token-level unit (``SchedulingConfig.finetune_unit``). With the
+  whole-sample unit, iterations serving requests carry no finetuning and bank
+  what they leave of ``safety`` times the tightest target; when the bank covers
+  the next whole sample (forward and full backward in one program, as
+  ``temporal-seq`` runs it) and every running request can absorb the delay
+  (``sample_fits``), an iteration runs that sample instead.
 - ``inference-only`` / ``finetune-only``: never / always finetune (the
   latter refuses inference requests).
 - ``temporal-seq:N`` (FlexLLM's temporal-sharing baseline): every N-th iteration
@@ -68,6 +74,13 @@ class Policy:
         # Observed seconds of inference-only and finetuning-only iterations (temporal).
         self._t_inference: float | None = None
         self._t_finetune: float | None = None
+        self.samples_beside_inference = False
+        """coserve: finetune through whole samples in iterations of their own while requests
+        run, funded by ``slack_credit`` (the whole-sample unit), rather than through windows
+        and pieces beside them (set by the scheduler, ``SchedulingConfig.finetune_unit``)."""
+        self.slack_credit = 0.0
+        """Seconds of slack the iterations serving requests left under ``safety`` times the
+        tightest TPOT target, not yet spent on whole samples (the whole-sample unit)."""
 
     @property
     def serves_inference(self) -> bool:
@@ -101,10 +114,19 @@ class Policy:
             return self.max_period
         return max(2, min(self.max_period, math.ceil(self._t_finetune / slack) + 1))
 
-    def observe(self, seconds: float, had_inference: bool, had_finetune: bool) -> None:
-        """Records an iteration's wall time (feeds temporal:dynamic)."""
+    def observe(self, seconds: float, had_inference: bool, had_finetune: bool,
+                tpot_target: float | None = None) -> None:
+        """Records an iteration's wall time: feeds temporal:dynamic, and the slack credit of
+        coserve's whole-sample unit (``tpot_target``: the tightest target the iteration
+        served; None when it served no request)."""
         def ema(old, new):
             return new if old is None else 0.8 * old + 0.2 * new
+
+        if self.kind == "coserve" and self.samples_beside_inference:
+            if had_inference and tpot_target is not None:
+                self.slack_credit += self.safety * tpot_target - seconds
+            elif had_finetune and not had_inference:
+                self.slack_credit -= seconds
 
         if had_inference and not had_finetune:
             self._t_inference = ema(self._t_inference, seconds)
@@ -120,6 +142,8 @@ class Policy:
             return True
         if self.kind == "temporal":
             return not inference_running
+        if self.samples_beside_inference and inference_running:
+            return False  # the slack is banked for whole samples
         if not inference_running or time_limit is None:
             return True
         return None
@@ -215,6 +239,41 @@ class Policy:
             else:
                 limits.append(floor)
         return min(limits, default=None)
+
+
+    def sample_fits(self, sample_s: float, step_s: float, targets, progress) -> bool:
+        """coserve's whole-sample unit: whether an iteration running a whole sample of
+        ``sample_s`` seconds, before the next step of ``step_s``, may go now.
+
+        The slack credit must cover it (the iterations so far left that much beside their
+        requests: on average the samples take no more than the slack), capped at one
+        sample so that the credit of a lull is not spent in a burst of samples. And every
+        request must be able to absorb the delay: ``progress`` as ``iteration_limit`` takes
+        it, of the running and waiting requests. One decoding (``(tokens after the first,
+        seconds since the first, tokens to come)``) keeps its mean TPOT within ``safety``
+        times its target by its last token if the tokens to come run at ``step_s``, with
+        ``banked_reserve`` targets kept back for overruns; one before its first token keeps
+        ``safety`` times the time left to its TTFT target for this and its prefill steps;
+        one with nothing known allows ``safety`` times its target for both.
+        """
+        self.slack_credit = min(self.slack_credit, sample_s)
+        if self.slack_credit < sample_s:
+            return False
+        for target, done in zip(targets, progress, strict=True):
+            if isinstance(done, BeforeFirstToken):
+                needed = sample_s + (done.prefill_iterations + 1) * step_s
+                allowed = self.safety * done.ttft_left_s
+            elif done is not None:
+                produced, elapsed, to_come = done
+                to_come = max(1, to_come)
+                needed = sample_s + to_come * step_s
+                allowed = (self.safety * target * (produced + to_come) - elapsed
+                           - self.banked_reserve * target)
+            else:
+                needed, allowed = sample_s + step_s, self.safety * target
+            if needed > allowed:
+                return False
+        return True
 
 
 @dataclasses.dataclass(frozen=True)

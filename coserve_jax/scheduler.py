@@ -12,8 +12,9 @@ One engine iteration has three stages, in the manner of vLLM v1's engine core:
    then, through the ``policy.Policy``, the finetuning forward windows that fit beside
    them (the trainer proposes windows, the scheduler prices each proposal with the
    latency model and commits the one it picks), the time left for backward pieces, or
-   a whole-sample iteration (``temporal-seq``, or an idle ``coserve`` iteration with
-   ``idle_whole_samples``).
+   a whole-sample iteration (``temporal-seq``; an idle ``coserve`` iteration with
+   ``idle_whole_samples``; or, with coserve's whole-sample unit, one that the slack the
+   running requests left covers: ``Policy.sample_fits``).
 2. The engine hands the plan's batch to the ``runner.Runner`` (the device), then the
    backward pieces.
 3. ``Scheduler.update`` applies what the step sampled, matched by request id, and
@@ -44,7 +45,7 @@ import numpy as np
 from coserve_jax.batch import Bucket, SeqChunk, TokenBatch, build_batch, pick_bucket
 from coserve_jax.finetune.trainer import InFlight, Trainer
 from coserve_jax.kv_cache import PageAllocator
-from coserve_jax.latency import LatencyModel, bucket_key, piece_key
+from coserve_jax.latency import LatencyModel, bucket_key, piece_key, sample_key
 from coserve_jax.lora.slots import AdapterRegistry
 from coserve_jax.policy import BeforeFirstToken, Policy
 from coserve_jax.sampling import SamplingParams
@@ -137,6 +138,8 @@ class IterationPlan:
     """Seconds the iteration may take (``Policy.iteration_limit``); None: no request runs."""
     tokens_left: int = 0
     """Token budget the iteration left unused."""
+    tpot_target: float | None = None
+    """The tightest TPOT target of the requests running when it was planned (None: none)."""
 
     @property
     def inference_tokens(self) -> int:
@@ -159,7 +162,8 @@ class Scheduler:
                  admission_control: bool, allocator: PageAllocator, latency: LatencyModel,
                  policy: Policy, eos_token_ids: tuple[int, ...],
                  registry: AdapterRegistry | None = None, trainer: Trainer | None = None,
-                 idle_whole_samples: bool = False, slo_prefill_chunks: bool = True):
+                 idle_whole_samples: bool = False, slo_prefill_chunks: bool = True,
+                 finetune_unit: str = "tokens"):
         self.buckets = buckets
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -176,6 +180,8 @@ class Scheduler:
         self.idle_whole_samples = idle_whole_samples
         """An iteration with nothing to serve runs a whole sample (``SchedulingConfig``)."""
         self.slo_prefill_chunks = slo_prefill_chunks
+        self.finetune_unit = finetune_unit
+        self._last_step_s = 0.0  # predicted step seconds of the last plan that served requests
         """Prefill chunks are sized to what the decoding requests allow
         (``SchedulingConfig``)."""
         self.token_buckets = sorted({b.num_tokens for b in buckets})
@@ -242,9 +248,14 @@ class Scheduler:
         has not finished (the overlapped loop's previous iteration); this iteration's
         tokens land after it, which the requests' time budgets account for."""
         trainer = self.trainer
-        if (self.idle_whole_samples and trainer is not None and not self.has_requests()
-                and trainer.has_sample_work() and not trainer.has_inflight()):
-            return IterationPlan(finetune_iteration=True, whole_sample=True)
+        if not self.has_requests():
+            self.policy.slack_credit = 0.0  # a lull: what the last requests left is theirs
+            if (self._idle_samples and trainer is not None and trainer.has_sample_work()
+                    and not trainer.has_inflight()):
+                return IterationPlan(finetune_iteration=True, whole_sample=True)
+        elif self._sample_due(queued_s):
+            return IterationPlan(finetune_iteration=True, whole_sample=True,
+                                 tpot_target=self.tpot_target())
         if trainer is None:
             ft_waiting = False
         elif self.policy.whole_samples:
@@ -283,8 +294,75 @@ class Scheduler:
             num_tokens = sum(len(c.token_ids) for c in chunks)
             bucket = pick_bucket(self.buckets, num_tokens, len(chunks), widest, bool(windows))
             batch = build_batch(chunks, bucket, self.page_size)
-        return IterationPlan(tuple(rows), tuple(windows), bucket, batch, ft_iteration,
-                             time_limit=limit, tokens_left=left)
+        plan = IterationPlan(tuple(rows), tuple(windows), bucket, batch, ft_iteration,
+                             time_limit=limit, tokens_left=left, tpot_target=self.tpot_target())
+        if rows:
+            self._last_step_s = self.predicted_step_seconds(plan)
+        return plan
+
+    # ----- the finetuning unit --------------------------------------------------------------
+
+    @property
+    def finetune_unit(self) -> str:
+        """coserve's unit of finetuning while requests run: "tokens" (windows beside them and
+        backward pieces) or "samples" (whole samples funded by their slack)."""
+        return "samples" if self.policy.samples_beside_inference else "tokens"
+
+    @finetune_unit.setter
+    def finetune_unit(self, unit: str) -> None:
+        if unit not in ("tokens", "samples"):
+            raise ValueError(f"finetune_unit must be 'tokens' or 'samples'; got {unit!r}")
+        self.policy.samples_beside_inference = unit == "samples"
+
+    @property
+    def _idle_samples(self) -> bool:
+        """An iteration with nothing to serve runs a whole sample."""
+        return self.idle_whole_samples or self.policy.samples_beside_inference
+
+    def finetune_costs(self) -> dict[str, float] | None:
+        """Predicted seconds per finetuning token of each unit, for a sample of the longest
+        training bucket beside half a batch of decodes: "samples" (the whole sample in one
+        program) and "tokens" (its forward tokens' share of steps that fill the token budget
+        beside the decodes, plus its backward pieces); None until the latency model has
+        measured them (``Engine.warmup``)."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        n = trainer.seq_buckets[-1]
+        sample = self.latency.predict(sample_key(n))
+        shape, pieces = trainer.pieces_per_sequence(n)
+        piece = self.latency.predict(piece_key(*shape))
+        decodes = max(1, self.max_num_seqs // 2)
+        forward = self.max_num_batched_tokens - decodes
+        pages = -(-n // self.page_size)
+        windows = -(-forward // trainer.config.window)
+        mixed = self._predict_shape(decodes + forward, decodes + windows, pages, True)
+        alone = self._predict_shape(decodes, decodes, pages, False)
+        if not (sample and piece and alone) or forward <= 0 or mixed == float("inf"):
+            return None
+        return {"samples": sample / n, "tokens": (mixed - alone) / forward + pieces * piece / n}
+
+    def choose_finetune_unit(self) -> str:
+        """Sets the unit that costs less per token (``finetune_costs``; tokens when
+        unknown) and returns it: ``SchedulingConfig.finetune_unit="auto"``."""
+        costs = self.finetune_costs()
+        self.finetune_unit = ("samples" if costs and costs["samples"] < costs["tokens"]
+                              else "tokens")
+        return self.finetune_unit
+
+    def _sample_due(self, queued_s: float) -> bool:
+        """The whole-sample unit: whether this iteration runs a whole sample while requests
+        run (``Policy.sample_fits``). Token-level sequences in flight finish first."""
+        trainer = self.trainer
+        if (not self.policy.samples_beside_inference or trainer is None
+                or not trainer.has_sample_work() or trainer.has_inflight()):
+            return False
+        sample_s = self.latency.predict(sample_key(trainer.next_sample_bucket()))
+        now = time.monotonic() + queued_s
+        requests = self.running + list(self.waiting)
+        return self.policy.sample_fits(sample_s, self._last_step_s,
+                                       [r.slo.tpot_s for r in requests],
+                                       [self._progress(r, now, set()) for r in requests])
 
     def _choose_windows(self, chunks: list[SeqChunk], ft_iteration: bool,
                         inference_running: bool, left: int, limit: float | None, used: int):
@@ -295,7 +373,7 @@ class Scheduler:
         # With nothing to serve (a request whose last token is in flight cannot be) and
         # idle_whole_samples, the sequences in flight finish and no new one starts at token
         # level: the next idle iteration runs a whole sample.
-        start_new = not (self.idle_whole_samples and not inference_running and not self.waiting)
+        start_new = not (self._idle_samples and not inference_running and not self.waiting)
         # The piece this iteration would run: the furthest along that fits beside the
         # inference alone (or simply the furthest along when nothing limits the time).
         room = None if limit is None else limit - self._predict(chunks, [])

@@ -587,14 +587,30 @@ class Trainer:
             times[n] = _median_seconds(run, repeats)
         return times
 
+    def _next_sample_run(self) -> JobRun | None:
+        """The job whose sample ``run_whole_sample`` runs next: the furthest behind its share."""
+        runs = [r for r in self.jobs.values() if r.state == "running" and r.unstarted_in_step]
+        return min(runs, key=lambda r: r.tokens_scheduled / r.spec.weight, default=None)
+
+    def next_sample_bucket(self) -> int | None:
+        """The length bucket of the sample ``run_whole_sample`` would run (None: none)."""
+        run = self._next_sample_run()
+        return None if run is None else self._seq_bucket(len(run.upcoming(0).tokens))
+
+    def pieces_per_sequence(self, seq_len: int) -> tuple[PieceShape, int]:
+        """The backward pieces a sequence in bucket ``seq_len`` takes on the token-level
+        path: their shape and how many."""
+        shape = self._shape_of(seq_len)
+        n, layers, block = shape
+        return shape, -(-self.cfg.num_layers // layers) * -(-n // block)
+
     def run_whole_sample(self) -> int:
         """Runs the next sample of the job furthest behind its share, whole: its forward over
         all tokens and its backward through every layer in one program, as a standard
         trainer does (``temporal-seq``). Returns its tokens, 0 if no job has one ready."""
-        runs = [r for r in self.jobs.values() if r.state == "running" and r.unstarted_in_step]
-        if not runs:
+        run = self._next_sample_run()
+        if run is None:
             return 0
-        run = min(runs, key=lambda r: r.tokens_scheduled / r.spec.weight)
         seq = run.next_sequence()
         labels, weights = labels_and_weights(seq)
         length = len(seq.tokens)
