@@ -122,10 +122,10 @@ class Policy:
         def ema(old, new):
             return new if old is None else 0.8 * old + 0.2 * new
 
-        if self.kind == "coserve" and self.samples_beside_inference:
-            if had_inference and tpot_target is not None:
+        if self.kind == "coserve" and self.samples_beside_inference and tpot_target is not None:
+            if had_inference:
                 self.slack_credit += self.safety * tpot_target - seconds
-            elif had_finetune and not had_inference:
+            elif had_finetune:  # a whole sample while requests ran: it spends the credit
                 self.slack_credit -= seconds
 
         if had_inference and not had_finetune:
@@ -257,8 +257,8 @@ class Policy:
         one with nothing known allows ``safety`` times its target for both.
         """
         self.slack_credit = min(self.slack_credit, sample_s)
-        if self.slack_credit < sample_s:
-            return False
+        if self.slack_credit <= 0 or self.slack_credit < sample_s:
+            return False  # (an unmeasured sample, predicted 0 s, first runs when idle)
         for target, done in zip(targets, progress, strict=True):
             if isinstance(done, BeforeFirstToken):
                 needed = sample_s + (done.prefill_iterations + 1) * step_s

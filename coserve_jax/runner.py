@@ -147,6 +147,10 @@ class Runner:
                  for m, x in self.slots.b.items()}
         else:
             a, b = c.a, c.b
+        # Laid out as a job's update hands its weights to the same program, so that the
+        # first optimizer step finds that program compiled (uncommitted host arrays would
+        # compile a variant of their own).
+        a, b = self.layout.put(a), self.layout.put(b)
         self.slots = self._write_slot(self.slots, np.int32(c.index), a, b,
                                       np.float32(c.scale))
 

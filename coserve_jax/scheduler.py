@@ -360,9 +360,17 @@ class Scheduler:
         sample_s = self.latency.predict(sample_key(trainer.next_sample_bucket()))
         now = time.monotonic() + queued_s
         requests = self.running + list(self.waiting)
+        progress, ahead = [], 0
+        for req in requests:
+            done = self._progress(req, now, set())
+            if isinstance(done, BeforeFirstToken):
+                # Its first token also waits for the prompts ahead of it in the queue.
+                ahead += req.pending
+                done = dataclasses.replace(
+                    done, prefill_iterations=-(-ahead // self.max_num_batched_tokens))
+            progress.append(done)
         return self.policy.sample_fits(sample_s, self._last_step_s,
-                                       [r.slo.tpot_s for r in requests],
-                                       [self._progress(r, now, set()) for r in requests])
+                                       [r.slo.tpot_s for r in requests], progress)
 
     def _choose_windows(self, chunks: list[SeqChunk], ft_iteration: bool,
                         inference_running: bool, left: int, limit: float | None, used: int):

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = real_backend(path, coserve_jax.EngineConfig.flat(**DEMO_ENGINE),
                            warmup=not args.no_warmup)
     compile_s = time.perf_counter() - t0
-    print(f"engine ready in {compile_s:.1f}s ({len(backend.engine.buckets)} batch buckets)")
+    print(f"engine ready in {compile_s:.1f}s ({len(backend.engine.buckets)} batch buckets; "
+          f"finetuning beside requests by {backend.engine.finetune_unit})")
 
     state = tempfile.mkdtemp(prefix="coserve-demo-")
     config = ServerConfig(port=0, metrics_port=0, http_port=0,

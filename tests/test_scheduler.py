@@ -18,7 +18,7 @@ from coserve_jax import (
     from_records,
 )
 from coserve_jax.finetune.data import synthetic_task
-from coserve_jax.latency import LatencyModel, bucket_key, piece_key
+from coserve_jax.latency import LatencyModel, bucket_key, piece_key, sample_key
 from coserve_jax.policy import BeforeFirstToken, Policy, parse_mode
 from coserve_jax.slo import SLO, AdmissionError
 
@@ -219,14 +219,18 @@ def test_latency_model_is_saved_and_reused(tmp_path):
     measured = dict(engine.latency.times)
     assert all(v > 0 for v in measured.values())
     assert {bucket_key(b) for b in engine.buckets} <= set(measured)
+    # finetune_unit "auto" prices whole samples too, and has chosen a unit.
+    assert {sample_key(n) for n in engine.trainer.seq_buckets} <= set(measured)
+    assert engine.scheduler.finetune_costs() is not None
     again = _engine(latency_model_dir=str(tmp_path))
     assert again.latency.times == measured  # loaded, not re-measured
     other = _engine(latency_model_dir=str(tmp_path), max_num_batched_tokens=32)
     assert other.latency.times == {}  # another config, another file
 
 
-def test_coserving_never_recompiles_in_steady_state():
-    engine = _engine(mode="coserve")
+@pytest.mark.parametrize("unit", ["tokens", "samples"])
+def test_coserving_never_recompiles_in_steady_state(unit):
+    engine = _engine(mode="coserve", finetune_unit=unit)
     engine.warmup(progress=False)
     engine.submit_job(_job())  # compiles the job's optimizer update
     run = engine.trainer.jobs["ft"]
@@ -241,7 +245,11 @@ def test_coserving_never_recompiles_in_steady_state():
                                                   ignore_eos=True))
             engine.step()
     assert compiled["n"] == 0, compiled["events"]
-    assert engine.counters["mixed_steps"] > 10 and run.step > 1
+    assert run.step > 1
+    if unit == "tokens":
+        assert engine.counters["mixed_steps"] > 10
+    else:
+        assert engine.counters["whole_samples"] > 4 and engine.counters["mixed_steps"] == 0
 
 
 def test_policy_prices_the_candidates_it_is_given():

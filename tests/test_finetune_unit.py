@@ -1,0 +1,169 @@
+"""coserve's unit of finetuning while requests run (``SchedulingConfig.finetune_unit``): whole
+samples funded by the slack the requests leave, token-level windows and pieces, or whichever
+the latency model prices lower per token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, SamplingParams
+from coserve_jax.finetune.data import Dataset
+from coserve_jax.latency import LatencyModel, bucket_key, piece_key, sample_key
+from coserve_jax.policy import BeforeFirstToken, Policy
+from coserve_jax.slo import SLO
+
+from support import greedy_reference, random_sequence, tiny_model
+
+CONFIG = dict(page_size=4, num_pages=96, max_num_seqs=4, max_num_batched_tokens=16,
+              min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_train_seqs=2,
+              max_train_len=64, train_window=8, max_lora_rank=8)
+
+
+def _samples_policy(**kw) -> Policy:
+    policy = Policy("coserve", safety=0.9, banked_reserve=1.0, **kw)
+    policy.samples_beside_inference = True
+    return policy
+
+
+def test_a_sample_waits_for_the_slack_credit_and_never_hoards_more_than_one():
+    policy = _samples_policy()
+    # Each iteration serving a 10 ms target in 5 ms leaves 0.9 * 10 - 5 = 4 ms.
+    for _ in range(4):
+        assert not policy.sample_fits(0.018, 0.005, [], [])
+        policy.observe(0.005, had_inference=True, had_finetune=False, tpot_target=0.010)
+    assert policy.slack_credit == pytest.approx(0.016)
+    assert not policy.sample_fits(0.018, 0.005, [], [])
+    policy.observe(0.005, had_inference=True, had_finetune=False, tpot_target=0.010)
+    assert policy.sample_fits(0.018, 0.005, [], [])
+    assert policy.slack_credit == pytest.approx(0.018)  # capped at one sample
+    # The sample spends what it took; the credit of a long lull is capped at one sample.
+    policy.observe(0.020, had_inference=False, had_finetune=True, tpot_target=0.010)
+    assert policy.slack_credit == pytest.approx(-0.002)
+    for _ in range(100):
+        policy.observe(0.005, had_inference=True, had_finetune=False, tpot_target=0.010)
+    assert policy.sample_fits(0.020, 0.005, [], [])
+    assert policy.slack_credit == pytest.approx(0.020)
+    # An idle whole sample (no request was served: no target) spends no credit.
+    policy.observe(0.020, had_inference=False, had_finetune=True)
+    assert policy.slack_credit == pytest.approx(0.020)
+    # Iterations that overran the target take credit back.
+    policy.observe(0.030, had_inference=True, had_finetune=False, tpot_target=0.010)
+    assert policy.slack_credit == pytest.approx(-0.001)
+
+
+def test_every_request_must_absorb_the_samples_delay():
+    policy = _samples_policy()
+    policy.slack_credit = 1.0
+    target, step, sample = 0.010, 0.004, 0.030
+    # 10 tokens after the first in 40 ms, 20 to come at 4 ms: by its last token its mean may
+    # be 0.9 * 10 ms over 30 tokens = 270 ms, of which 40 + 80 are spent and 10 (one target)
+    # kept back: 140 ms allowed; the sample needs 30 ms more than the steps.
+    assert policy.sample_fits(sample, step, [target], [(10, 0.040, 20)])
+    # Behind: 10 tokens in 150 ms; 270 - 150 - 80 - 10 = 30 ms allowed, 30 ms needed.
+    assert policy.sample_fits(sample, step, [target], [(10, 0.149, 20)])
+    assert not policy.sample_fits(sample, step, [target], [(10, 0.151, 20)])
+    # The tightest request decides.
+    assert not policy.sample_fits(sample, step, [target, target],
+                                  [(10, 0.040, 20), (10, 0.160, 20)])
+    # Before its first token: 0.9 of the time left to its TTFT covers the sample and its
+    # prefill steps (here two more after this one: three steps).
+    assert policy.sample_fits(sample, step, [target], [BeforeFirstToken(0.050, 2)])
+    assert not policy.sample_fits(sample, step, [target], [BeforeFirstToken(0.045, 2)])
+    # Nothing known: the sample and the next step within 0.9 of the target.
+    assert not policy.sample_fits(sample, step, [target], [None])
+    assert policy.sample_fits(0.004, step, [target], [None])
+    # No credit, no sample (an unmeasured one predicts 0 s).
+    policy.slack_credit = 0.0
+    assert not policy.sample_fits(0.0, step, [target], [None])
+    # No window or piece runs beside inference in this unit; with nothing to serve, all do.
+    assert policy.forward_tokens(finetune_iteration=False, inference_running=True,
+                                 tokens_left=64, time_limit=1.0, step_seconds=lambda n: 0.0,
+                                 piece_seconds=0.0) == 0
+    assert policy.backward_seconds(finetune_iteration=False, inference_running=True,
+                                   tokens_left=64, time_limit=1.0, step_seconds=0.0) == 0.0
+    assert policy.forward_tokens(finetune_iteration=False, inference_running=False,
+                                 tokens_left=64, time_limit=None, step_seconds=lambda n: 0.0,
+                                 piece_seconds=0.0) == 64
+
+
+def _job(lengths, seed=0, steps=1000):
+    rng = np.random.default_rng(seed)
+    return FinetuneJob("t", Dataset([random_sequence(rng, n) for n in lengths]),
+                       lora=LoraConfig(r=4, lora_alpha=8), sequences_per_step=2,
+                       max_steps=steps)
+
+
+def test_auto_picks_the_unit_the_latency_model_prices_lower_per_token():
+    engine = Engine(tiny_model(), EngineConfig.flat(**CONFIG))
+    scheduler = engine.scheduler
+    assert engine.finetune_unit == "tokens"  # unknown costs: the default until warmup
+
+    def times(sample_per_token: float) -> LatencyModel:
+        t = {bucket_key(b): 0.001 * b.num_tokens for b in engine.buckets}
+        for n in engine.trainer.seq_buckets:
+            shape, _ = engine.trainer.pieces_per_sequence(n)
+            t[piece_key(*shape)] = 0.001 * n
+            t[sample_key(n)] = sample_per_token * n
+        return LatencyModel(t)
+
+    # A sample of the longest bucket (64 tokens) beside half a batch of decodes (2): its 14
+    # forward tokens a step add (16 - 8) ms, 8/14 ms a token, and each of its pieces 64 ms,
+    # 1 ms a token.
+    shape, pieces = engine.trainer.pieces_per_sequence(64)
+    assert shape[0] == 64 and pieces * shape[1] == engine.model.config.num_layers
+    token_level = 8 / 14 * 1e-3 + pieces * 1e-3
+    engine.latency = times(token_level * 0.9)
+    assert scheduler.finetune_costs()["tokens"] == pytest.approx(token_level)
+    assert scheduler.choose_finetune_unit() == "samples" == engine.finetune_unit
+    engine.latency = times(token_level * 1.1)
+    assert scheduler.choose_finetune_unit() == "tokens" == engine.finetune_unit
+
+
+@pytest.mark.parametrize("tpot_s", [60.0, 1e-4])
+def test_coserve_by_samples_interleaves_whole_samples_with_requests(tpot_s):
+    """With the whole-sample unit, requests are served by steps without finetuning tokens, and
+    whole samples run between them while the requests' slack covers them (a loose target:
+    every other iteration), never when it does not (a target no step meets). Either way the
+    requests' greedy outputs are those of the model alone, and idle iterations run samples."""
+    model = tiny_model()
+    rng = np.random.default_rng(5)
+    lengths = [40, 61, 35, 52, 47, 58]
+    engine = Engine(model, EngineConfig.flat(**CONFIG, finetune_unit="samples"))
+    assert engine.finetune_unit == "samples"
+    engine.submit_job(_job(lengths))
+    run = engine.trainer.jobs["t"]
+    for _ in range(2):  # nothing to serve: whole samples (the second one is timed)
+        engine.step()
+        assert engine.last_step.whole_samples == 1
+    assert engine.latency.predict(sample_key(64)) > 0
+    prompts = [rng.integers(3, 259, size=int(n)).tolist() for n in (9, 14, 6)]
+    ids = [engine.add_request(p, SamplingParams(max_tokens=8, ignore_eos=True),
+                              slo=SLO(ttft_s=60.0, tpot_s=tpot_s), admission=False)
+           for p in prompts]
+    done, beside_requests = {}, 0
+    while len(done) < len(ids):
+        serving = bool(engine.running or engine.waiting)
+        trained = run.tokens_trained
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.output_token_ids
+        info = engine.last_step
+        assert info.backward_pieces == 0 and not run.inflight
+        if info.whole_samples:
+            assert info.inference_tokens == 0 and info.bucket is None
+            assert run.tokens_trained - trained == info.finetune_tokens
+            beside_requests += serving
+        else:
+            assert info.finetune_tokens == 0
+    assert engine.counters["mixed_steps"] == 0
+    if tpot_s > 1:
+        assert beside_requests >= 3
+    else:
+        assert beside_requests == 0
+    assert [done[i] for i in ids] == [greedy_reference(model, p, 8) for p in prompts]
+
+
+def test_finetune_unit_is_checked():
+    with pytest.raises(ValueError, match="finetune_unit"):
+        EngineConfig.flat(finetune_unit="layers")
