@@ -511,8 +511,9 @@ class Engine:
 
     def _whole_sample_iteration(self, plan: IterationPlan,
                                 t_start: float) -> list[RequestOutput]:
-        """A temporal-seq finetuning iteration: one whole sample, forward and backward, as a
-        standard trainer runs it; no inference tokens."""
+        """One whole sample, forward and backward, as a standard trainer runs it, and no
+        inference tokens: a temporal-seq finetuning iteration, an idle coserve one, or one of
+        coserve's whole-sample unit. Its time feeds the latency model and the policy."""
         bucket = self.trainer.next_sample_bucket()
         with jax.profiler.TraceAnnotation("whole_sample"):
             t0 = time.perf_counter()
@@ -580,7 +581,7 @@ class Engine:
         has none: they run only in some modes).
         """
         samples = self.trainer is not None and (self.policy.whole_samples or self._choose_unit
-                                                or self.scheduler._idle_samples)
+                                                or self.scheduler.idle_samples)
         measure_samples = samples and measure and any(
             sample_key(n) not in self.latency.times for n in self.trainer.seq_buckets)
         measure = measure and not self.latency.times
@@ -611,7 +612,7 @@ class Engine:
             unit = self.scheduler.choose_finetune_unit()
             costs = self.scheduler.finetune_costs() or {}
             log.info("finetune unit: %s (predicted ms per finetuning token: %s)", unit,
-                        ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(costs.items())))
+                     ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(costs.items())))
 
     @property
     def finetune_unit(self) -> str:

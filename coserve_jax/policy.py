@@ -251,7 +251,9 @@ class Policy:
         request must be able to absorb the delay: ``progress`` as ``iteration_limit`` takes
         it, of the running and waiting requests. One decoding (``(tokens after the first,
         seconds since the first, tokens to come)``) keeps its mean TPOT within ``safety``
-        times its target by its last token if the tokens to come run at ``step_s``, with
+        times its target by its last token if the tokens to come take ``step_s`` each, or
+        the observed mean of the iterations serving requests where that is longer (prefill
+        chunks, host time and bursts make them longer than a predicted step), with
         ``banked_reserve`` targets kept back for overruns; one before its first token keeps
         ``safety`` times the time left to its TTFT target for this and its prefill steps;
         one with nothing known allows ``safety`` times its target for both.
@@ -259,6 +261,7 @@ class Policy:
         self.slack_credit = min(self.slack_credit, sample_s)
         if self.slack_credit <= 0 or self.slack_credit < sample_s:
             return False  # (an unmeasured sample, predicted 0 s, first runs when idle)
+        step_s = max(step_s, self._t_inference or 0.0)
         for target, done in zip(targets, progress, strict=True):
             if isinstance(done, BeforeFirstToken):
                 needed = sample_s + (done.prefill_iterations + 1) * step_s

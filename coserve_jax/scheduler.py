@@ -180,10 +180,10 @@ class Scheduler:
         self.idle_whole_samples = idle_whole_samples
         """An iteration with nothing to serve runs a whole sample (``SchedulingConfig``)."""
         self.slo_prefill_chunks = slo_prefill_chunks
-        self.finetune_unit = finetune_unit
-        self._last_step_s = 0.0  # predicted step seconds of the last plan that served requests
         """Prefill chunks are sized to what the decoding requests allow
         (``SchedulingConfig``)."""
+        self.finetune_unit = finetune_unit
+        self._last_step_s = 0.0  # predicted step seconds of the last plan that served requests
         self.token_buckets = sorted({b.num_tokens for b in buckets})
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -250,7 +250,7 @@ class Scheduler:
         trainer = self.trainer
         if not self.has_requests():
             self.policy.slack_credit = 0.0  # a lull: what the last requests left is theirs
-            if (self._idle_samples and trainer is not None and trainer.has_sample_work()
+            if (self.idle_samples and trainer is not None and trainer.has_sample_work()
                     and not trainer.has_inflight()):
                 return IterationPlan(finetune_iteration=True, whole_sample=True)
         elif self._sample_due(queued_s):
@@ -315,7 +315,7 @@ class Scheduler:
         self.policy.samples_beside_inference = unit == "samples"
 
     @property
-    def _idle_samples(self) -> bool:
+    def idle_samples(self) -> bool:
         """An iteration with nothing to serve runs a whole sample."""
         return self.idle_whole_samples or self.policy.samples_beside_inference
 
@@ -381,7 +381,7 @@ class Scheduler:
         # With nothing to serve (a request whose last token is in flight cannot be) and
         # idle_whole_samples, the sequences in flight finish and no new one starts at token
         # level: the next idle iteration runs a whole sample.
-        start_new = not (self._idle_samples and not inference_running and not self.waiting)
+        start_new = not (self.idle_samples and not inference_running and not self.waiting)
         # The piece this iteration would run: the furthest along that fits beside the
         # inference alone (or simply the furthest along when nothing limits the time).
         room = None if limit is None else limit - self._predict(chunks, [])

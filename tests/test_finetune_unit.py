@@ -73,6 +73,12 @@ def test_every_request_must_absorb_the_samples_delay():
     # Nothing known: the sample and the next step within 0.9 of the target.
     assert not policy.sample_fits(sample, step, [target], [None])
     assert policy.sample_fits(0.004, step, [target], [None])
+    # The tokens to come take what the iterations serving requests were seen to take, where
+    # that is longer than the predicted step: 8 ms, so 30 + 160 ms are needed.
+    policy.observe(0.008, had_inference=True, had_finetune=False, tpot_target=target)
+    policy.slack_credit = 1.0
+    assert policy.sample_fits(sample, step, [target], [(10, 0.065, 20)])  # 195 allowed
+    assert not policy.sample_fits(sample, step, [target], [(10, 0.080, 20)])  # 180 allowed
     # No credit, no sample (an unmeasured one predicts 0 s).
     policy.slack_credit = 0.0
     assert not policy.sample_fits(0.0, step, [target], [None])
