@@ -240,7 +240,6 @@ class Policy:
                 limits.append(floor)
         return min(limits, default=None)
 
-
     def sample_fits(self, sample_s: float, step_s: float, targets, progress) -> bool:
         """coserve's whole-sample unit: whether an iteration running a whole sample of
         ``sample_s`` seconds, before the next step of ``step_s``, may go now.
