@@ -103,13 +103,13 @@ def build_backward_block(cfg: ModelConfig, layout=None, kernels: Kernels | None 
     if layout is not None and layout.sharded:
         raise ValueError("token-block backward pieces (FinetuneConfig.backward_block) run "
                          "on one device; a sharded engine runs whole-sequence pieces")
-    return _build_backward_block(cfg, _resolved(kernels, None))
+    return _build_backward_block(cfg, _layout(cfg, layout), _resolved(kernels, None))
 
 
 @functools.cache
-def _build_backward_block(cfg: ModelConfig, kernels: Kernels):
+def _build_backward_block(cfg: ModelConfig, layout, kernels: Kernels):
     fn = functools.partial(backward_block_fn, cfg, kernels=kernels)
-    return jax.jit(fn, donate_argnums=(2,), static_argnames=("seq_len", "block"))
+    return layout.jit_train(fn, ("seq_len", "block"))
 
 
 def build_sample_grads(cfg: ModelConfig, attention_block: int = 256, layout=None,
@@ -120,14 +120,15 @@ def build_sample_grads(cfg: ModelConfig, attention_block: int = 256, layout=None
     if layout is not None and layout.sharded:
         raise ValueError("whole-sample finetuning (temporal-seq modes) runs on one device; "
                          "use coserve or temporal:N on a mesh")
-    return _build_sample_grads(cfg, attention_block, _resolved(kernels, None))
+    return _build_sample_grads(cfg, attention_block, _layout(cfg, layout),
+                               _resolved(kernels, None))
 
 
 @functools.cache
-def _build_sample_grads(cfg: ModelConfig, attention_block: int, kernels: Kernels):
+def _build_sample_grads(cfg: ModelConfig, attention_block: int, layout, kernels: Kernels):
     fn = functools.partial(sample_grads_fn, cfg, attention_block=attention_block,
                            kernels=kernels)
-    return jax.jit(fn, donate_argnums=(2,))
+    return layout.jit_train(fn, (), with_loss=True)
 
 
 @functools.cache

@@ -241,7 +241,13 @@ class Layout:
         return jax.tree_util.tree_map_with_path(one, batch)
 
     def replicated_specs(self, tree: Any) -> Any:
-        return jax.tree.map(lambda _: P(), tree)
+        """Every leaf on every device, spelled with one ``None`` per dimension as ``specs``
+        spells a replicated leaf (jit's dispatch cache tells ``P()`` from ``P(None)``)."""
+        def one(leaf):
+            shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
+            return P(*(None,) * len(shape))
+
+        return jax.tree.map(one, tree)
 
     def named(self, specs: Any) -> Any:
         """``NamedSharding`` tree of a spec tree."""
@@ -313,13 +319,28 @@ class Layout:
 
     def jit_backward(self, fn: Callable) -> LayoutJit:
         """``fn(params, slots, train, piece, num_layers=, seq_len=) -> train`` in layout."""
-        def shardings(params, slots, train, piece):
+        return self.jit_train(fn, ("num_layers", "seq_len"))
+
+    def jit_train(self, fn: Callable, static_argnames: tuple[str, ...],
+                  with_loss: bool = False) -> LayoutJit:
+        """``fn(params, slots, train, *inputs, **static) -> train`` (``(train, loss)`` with
+        ``with_loss``), with ``train`` donated, the inputs replicated and ``train`` handed
+        back in exactly the layout the step takes it in.
+
+        Why exactly: jit's dispatch cache compares argument shardings by their spec, and
+        ``P()`` (what a plain jit gives a replicated output) is not ``P(None, None, None)``
+        (what the layout gives). A ``train`` in another spec sends the next step down
+        jit's slow path, which re-traces the step when its trace has left jax's bounded
+        caches: a compile in steady serving."""
+        loss = NamedSharding(self.mesh, P())
+
+        def shardings(params, slots, train, *inputs):
             ins = (self.shardings(params), self.shardings(slots), self.shardings(train),
-                   self.named(self.replicated_specs(piece)))
-            return ins, ins[2]
+                   *self.named(self.replicated_specs(inputs)))
+            return ins, ((ins[2], loss) if with_loss else ins[2])
 
         return LayoutJit(self, fn, shardings, donate_argnums=(2,),
-                         static_argnames=("num_layers", "seq_len"), batch_argnum=3)
+                         static_argnames=static_argnames, batch_argnum=3)
 
     def jit_state(self, fn: Callable, donate_argnums: tuple[int, ...] = ()) -> StateJit:
         """Any function of state trees whose outputs are laid out by ``specs`` (job

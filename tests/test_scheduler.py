@@ -228,9 +228,7 @@ def test_latency_model_is_saved_and_reused(tmp_path):
     assert other.latency.times == {}  # another config, another file
 
 
-@pytest.mark.parametrize("unit", ["tokens", pytest.param("samples", marks=pytest.mark.xfail(
-    reason="open: in the full file a program still compiles mid-serving with whole samples "
-           "(passes alone); not yet found", strict=False))])
+@pytest.mark.parametrize("unit", ["tokens", "samples"])
 def test_coserving_never_recompiles_in_steady_state(unit):
     engine = _engine(mode="coserve", finetune_unit=unit)
     engine.warmup(progress=False)
