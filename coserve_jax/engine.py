@@ -609,8 +609,8 @@ class Engine:
         if measure or measure_samples:
             self.latency.save(self.latency_path)
         if self._choose_unit:
-            unit = self.scheduler.choose_finetune_unit()
             costs = self.scheduler.finetune_costs() or {}
+            unit = self.scheduler.choose_finetune_unit(costs)
             log.info("finetune unit: %s (predicted ms per finetuning token: %s)", unit,
                      ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(costs.items())))
 

@@ -240,13 +240,18 @@ class Policy:
                 limits.append(floor)
         return min(limits, default=None)
 
+    def cap_credit(self, sample_s: float) -> None:
+        """Keeps the slack credit at most one sample of ``sample_s`` seconds, so that the
+        credit of a lull is not spent in a burst of samples back to back."""
+        self.slack_credit = min(self.slack_credit, sample_s)
+
     def sample_fits(self, sample_s: float, step_s: float, targets, progress) -> bool:
         """coserve's whole-sample unit: whether an iteration running a whole sample of
         ``sample_s`` seconds, before the next step of ``step_s``, may go now.
 
         The slack credit must cover it (the iterations so far left that much beside their
-        requests: on average the samples take no more than the slack), capped at one
-        sample so that the credit of a lull is not spent in a burst of samples. And every
+        requests: on average the samples take no more than the slack; ``cap_credit`` keeps
+        it at one sample). And every
         request must be able to absorb the delay: ``progress`` as ``iteration_limit`` takes
         it, of the running and waiting requests. One decoding (``(tokens after the first,
         seconds since the first, tokens to come)``) keeps its mean TPOT within ``safety``
@@ -257,7 +262,6 @@ class Policy:
         ``safety`` times the time left to its TTFT target for this and its prefill steps;
         one with nothing known allows ``safety`` times its target for both.
         """
-        self.slack_credit = min(self.slack_credit, sample_s)
         if self.slack_credit <= 0 or self.slack_credit < sample_s:
             return False  # (an unmeasured sample, predicted 0 s, first runs when idle)
         step_s = max(step_s, self._t_inference or 0.0)

@@ -16,10 +16,13 @@ weights, optimizer state and the buffers by its optimizer update.
 
 Builders are cached on (model config, layout, kernels, ...): engines of the same
 model share one jitted function, so a second engine reuses the first one's
-compilations. Without a layout a program runs on the default device; with one
-(``sharding.layout.Layout``) every input and output is pinned to its sharding on the
-layout's mesh, the model gets its sharding hints, and the Pallas kernels run under
-``shard_map`` (``coserve_jax.sharded_kernels``).
+compilations. Every program that hands device state back pins it to exactly the
+sharding the step takes it in (``sharding.layout.Layout.jit_train`` and friends), on one
+device too: jit's dispatch cache tells equivalent specs apart (``P()`` from
+``P(None, None)``), and a state in another spec sends the next step down jit's slow path,
+which re-traces it once jax's bounded trace cache has evicted it. On a mesh, the model
+also gets its sharding hints and the Pallas kernels run under ``shard_map``
+(``coserve_jax.sharded_kernels``).
 """
 
 from __future__ import annotations

@@ -342,10 +342,10 @@ class Scheduler:
             return None
         return {"samples": sample / n, "tokens": (mixed - alone) / forward + pieces * piece / n}
 
-    def choose_finetune_unit(self) -> str:
-        """Sets the unit that costs less per token (``finetune_costs``; tokens when
-        unknown) and returns it: ``SchedulingConfig.finetune_unit="auto"``."""
-        costs = self.finetune_costs()
+    def choose_finetune_unit(self, costs: dict[str, float] | None = None) -> str:
+        """Sets the unit that costs less per token (``costs``, default ``finetune_costs()``;
+        tokens when unknown) and returns it: ``SchedulingConfig.finetune_unit="auto"``."""
+        costs = self.finetune_costs() if costs is None else costs
         self.finetune_unit = ("samples" if costs and costs["samples"] < costs["tokens"]
                               else "tokens")
         return self.finetune_unit
@@ -358,6 +358,7 @@ class Scheduler:
                 or not trainer.has_sample_work() or trainer.has_inflight()):
             return False
         sample_s = self.latency.predict(sample_key(trainer.next_sample_bucket()))
+        self.policy.cap_credit(sample_s)
         now = time.monotonic() + queued_s
         requests = self.running + list(self.waiting)
         progress, ahead = [], 0

@@ -35,15 +35,17 @@ def test_a_sample_waits_for_the_slack_credit_and_never_hoards_more_than_one():
     assert policy.slack_credit == pytest.approx(0.016)
     assert not policy.sample_fits(0.018, 0.005, [], [])
     policy.observe(0.005, had_inference=True, had_finetune=False, tpot_target=0.010)
-    assert policy.sample_fits(0.018, 0.005, [], [])
+    policy.cap_credit(0.018)
     assert policy.slack_credit == pytest.approx(0.018)  # capped at one sample
+    assert policy.sample_fits(0.018, 0.005, [], [])
     # The sample spends what it took; the credit of a long lull is capped at one sample.
     policy.observe(0.020, had_inference=False, had_finetune=True, tpot_target=0.010)
     assert policy.slack_credit == pytest.approx(-0.002)
     for _ in range(100):
         policy.observe(0.005, had_inference=True, had_finetune=False, tpot_target=0.010)
-    assert policy.sample_fits(0.020, 0.005, [], [])
+    policy.cap_credit(0.020)
     assert policy.slack_credit == pytest.approx(0.020)
+    assert policy.sample_fits(0.020, 0.005, [], [])
     # An idle whole sample (no request was served: no target) spends no credit.
     policy.observe(0.020, had_inference=False, had_finetune=True)
     assert policy.slack_credit == pytest.approx(0.020)
