@@ -438,14 +438,18 @@ class Scheduler:
         """What ``Policy.iteration_limit`` needs of a running request (clock: monotonic;
         ``now``: when the work queued before this iteration will have finished).
         ``sampling``: ids of the requests this iteration samples a token for."""
-        if req.first_token_time is not None:
-            # Tokens in flight from earlier iterations (the overlapped loop) count as
-            # produced by ``now``. A request behind its target makes its lack up over the
-            # tokens it has to come: up to ``max_tokens``, but no more than it produced so
-            # far, since it may stop early.
-            produced = len(req.output) - 1 + req.in_flight - (req.request_id in sampling)
+        # Tokens in flight from earlier iterations (the overlapped loop) count as produced
+        # by ``now``; a first token among them starts the TPOT clock then, so from the
+        # next iteration on such a request is decoding (with nothing banked), not in prefill.
+        landed = req.in_flight - (req.request_id in sampling)
+        if req.first_token_time is not None or (landed and req.params.max_tokens > 1):
+            # A request behind its target makes its lack up over the tokens it has to
+            # come: up to ``max_tokens``, but no more than it produced so far, since it
+            # may stop early.
+            produced = len(req.output) - 1 + landed
             to_come = min(req.params.max_tokens - produced - 1, produced + 1)
-            return produced, now - req.first_token_time, to_come
+            first = now if req.first_token_time is None else req.first_token_time
+            return produced, now - first, to_come
         # Prefill left after this iteration's chunk, at a full token budget per iteration.
         budget = self.max_num_batched_tokens
         return BeforeFirstToken(req.slo.ttft_s - (now - req.arrival_time),

@@ -10,7 +10,7 @@ import numpy as np
 from coserve_jax.batch import Bucket
 from coserve_jax.kv_cache import PageAllocator
 from coserve_jax.latency import LatencyModel, bucket_key
-from coserve_jax.policy import Policy
+from coserve_jax.policy import BeforeFirstToken, Policy
 from coserve_jax.sampling import SamplingParams
 from coserve_jax.scheduler import IterationPlan, Request, Scheduler
 from coserve_jax.slo import SLO
@@ -143,6 +143,30 @@ def test_time_budget_counts_tokens_in_flight_and_the_work_queued_before_the_plan
     second = s.schedule(queued_s=0.05)
     assert [r.request.request_id for r in second.rows] == ["a"]
     assert 0.125 < second.time_limit <= 0.13
+
+
+def test_a_first_token_in_flight_starts_the_tpot_clock():
+    """Planned while a request's first token is still in flight (the overlapped loop), the
+    next iteration delays its second token: the request counts as decoding with nothing
+    banked, not as a prompt with its TTFT slack to lend (a whole sample's check would
+    otherwise let the sample land between its first two tokens)."""
+    s = _scheduler()
+    req = _add(s, "a", 3, 10, ignore_eos=True)
+    s.schedule()  # samples the first token; not read back yet
+    now = time.monotonic() + 0.02
+    assert s._progress(req, now, set()) == (0, 0.0, 1)
+    # While planning the iteration that samples the first token, the request is in prefill.
+    fresh = _add(s, "b", 3, 10, ignore_eos=True)
+    fresh.in_flight = 1
+    assert isinstance(s._progress(fresh, now, {"b"}), BeforeFirstToken)
+    # A request of one token has no TPOT clock to start.
+    single = _add(s, "c", 3, 1, ignore_eos=True)
+    single.in_flight = 1
+    assert isinstance(s._progress(single, now, set()), BeforeFirstToken)
+    policy = Policy("coserve", safety=0.9, banked_reserve=1.0)
+    policy.samples_beside_inference = True
+    policy.slack_credit = 1.0
+    assert not policy.sample_fits(0.01, 0.001, [1.0], [s._progress(req, now, set())])
 
 
 def _decoding_beside(prefills: dict[str, float], t16_s: float, t8_s: float = 0.001,
