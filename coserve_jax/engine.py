@@ -172,6 +172,10 @@ class Engine:
         self.overlap = sched.overlap_host and not (self.policy.kind in TEMPORAL_KINDS
                                                    and self.policy.period is None)
         self._launched: _Launched | None = None
+        # A whole sample planned right after a step that sampled tokens: those tokens go out
+        # first (the call returns them) and the sample runs at the next call, so no client
+        # waits a whole sample for tokens already computed. (plan, when its iteration began)
+        self._deferred_sample: tuple[IterationPlan, float] | None = None
         self._device_free: float | None = None  # when the last collected step ended, if known
         self._pieces_queued: list[str] = []  # keys of pieces dispatched since the last step
         self._queued_s = 0.0  # predicted seconds of the last iteration's device work
@@ -281,6 +285,7 @@ class Engine:
     def has_unfinished(self) -> bool:
         """Inference requests or finetuning jobs still have work."""
         return (self.scheduler.has_requests() or self._launched is not None
+                or self._deferred_sample is not None
                 or (self.trainer is not None and self.trainer.has_work()))
 
     # ----- adapters and jobs ----------------------------------------------------------------
@@ -350,7 +355,9 @@ class Engine:
         """Runs one iteration; returns the outputs of every request that advanced.
 
         Inference is scheduled first; the policy then sizes the finetuning forward
-        windows and backward pieces the iteration can carry (see ``scheduler``).
+        windows and backward pieces the iteration can carry (see ``scheduler``). An
+        iteration that runs a whole sample returns no tokens: when the step before it
+        sampled some, this call hands them out and the next one runs the sample.
         """
         with self.profiler.step(self.counters["iterations"]):
             outputs = self._iteration()
@@ -400,12 +407,20 @@ class Engine:
 
     def _iteration(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
+        if self._deferred_sample is not None:
+            plan, began = self._deferred_sample
+            self._deferred_sample = None
+            if self.trainer.has_sample_work():  # (unless its job ended in between)
+                return self._whole_sample_iteration(plan, began)
         plan = self.scheduler.schedule(self._queued_s)
         self._queued_s = 0.0
         self.counters["finetune_yields"] = self.scheduler.finetune_yields
         if plan.whole_sample:
             outputs, _ = self._collect_launched()
-            return outputs + self._whole_sample_iteration(plan, t_start)
+            if outputs:
+                self._deferred_sample = (plan, t_start)
+                return outputs
+            return self._whole_sample_iteration(plan, t_start)
         t_planned = time.perf_counter()
         launched = None
         if plan.batch is not None:

@@ -133,7 +133,8 @@ def test_coserve_by_samples_interleaves_whole_samples_with_requests(tpot_s):
     """With the whole-sample unit, requests are served by steps without finetuning tokens, and
     whole samples run between them while the requests' slack covers them (a loose target:
     every other iteration), never when it does not (a target no step meets). Either way the
-    requests' greedy outputs are those of the model alone, and idle iterations run samples."""
+    requests' greedy outputs are those of the model alone, and idle iterations run samples.
+    The tokens of the step before a sample are handed out before the sample runs."""
     model = tiny_model()
     rng = np.random.default_rng(5)
     lengths = [40, 61, 35, 52, 47, 58]
@@ -152,10 +153,14 @@ def test_coserve_by_samples_interleaves_whole_samples_with_requests(tpot_s):
     done, beside_requests = {}, 0
     while len(done) < len(ids):
         serving = bool(engine.running or engine.waiting)
-        trained = run.tokens_trained
-        for out in engine.step():
+        trained, samples = run.tokens_trained, engine.counters["whole_samples"]
+        outputs = engine.step()
+        for out in outputs:
             if out.finished:
                 done[out.request_id] = out.output_token_ids
+        if engine.counters["whole_samples"] > samples:
+            # Tokens sampled before a whole sample went out before it ran.
+            assert outputs == []
         info = engine.last_step
         assert info.backward_pieces == 0 and not run.inflight
         if info.whole_samples:
