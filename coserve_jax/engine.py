@@ -419,6 +419,9 @@ class Engine:
             outputs, _ = self._collect_launched()
             if outputs:
                 self._deferred_sample = (plan, t_start)
+                # This call ran nothing of its own: it only handed out the tokens.
+                self.last_step = StepInfo(0, 0, 0, False, None,
+                                          time.perf_counter() - t_start)
                 return outputs
             return self._whole_sample_iteration(plan, t_start)
         t_planned = time.perf_counter()

@@ -70,8 +70,15 @@ def test_each_finetuning_iteration_is_one_whole_sample_without_inference():
     while engine.has_unfinished():
         done, trained = run.seqs_done, run.tokens_trained
         inference_waiting = bool(engine.running or engine.waiting)
+        steps = engine.num_steps
         engine.step()
         info = engine.last_step
+        if engine.num_steps == steps and not info.finetune_iteration:
+            # A call that only handed out the tokens of the step before a finetuning
+            # iteration (which the next call runs): not an iteration of the period.
+            assert info.inference_tokens == 0 and info.bucket is None
+            assert run.seqs_done == done and run.tokens_trained == trained
+            continue
         if info.finetune_iteration:
             finetune_iterations += 1
             # Exactly one sample, all its tokens, forward and backward, nothing else.
