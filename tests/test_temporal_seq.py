@@ -74,8 +74,9 @@ def test_each_finetuning_iteration_is_one_whole_sample_without_inference():
         engine.step()
         info = engine.last_step
         if engine.num_steps == steps and not info.finetune_iteration:
-            # A call that only handed out the tokens of the step before a finetuning
-            # iteration (which the next call runs): not an iteration of the period.
+            # A call that ran no step and no sample, only handed out tokens (those of the
+            # step before a finetuning iteration, which the next call runs, or the last
+            # step's): not an iteration of the period.
             assert info.inference_tokens == 0 and info.bucket is None
             assert run.seqs_done == done and run.tokens_trained == trained
             continue
