@@ -143,7 +143,9 @@ class SchedulingConfig:
     """The share of the tightest request's time an iteration is planned to fill (coserve),
     and of the TPOT target the dynamic temporal modes keep their mean within."""
     default_ttft_s: float = 5.0
-    """TTFT target of requests that set none (arrival to first token, queueing included)."""
+    """TTFT target of requests that set none (arrival to first token, queueing included);
+    also what a request arriving during a whole sample is assumed to need
+    (``finetune_unit``)."""
     default_tpot_s: float = 0.1
     """TPOT target of requests that set none (mean time per output token after the first)."""
     max_waiting: int = 1024
@@ -163,7 +165,10 @@ class SchedulingConfig:
     they leave of ``safety`` times the tightest TPOT target; when the bank covers the next
     whole sample and every running or waiting request can absorb the delay
     (``Policy.sample_fits``), one iteration runs it, forward and full backward in one
-    program, as a standard trainer does (idle iterations run whole samples too). "auto": the
+    program, as a standard trainer does (idle iterations run whole samples too); a sample
+    too long for a request arriving meanwhile to meet ``default_ttft_s`` (or a present
+    request's tighter TTFT target) runs at token level while requests run instead
+    (``Policy.sample_too_long``). "auto": the
     one the latency model predicts costs less per finetuning token
     (``Scheduler.finetune_costs``), chosen by ``Engine.warmup``. Whole samples run on one
     device only."""

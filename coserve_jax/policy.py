@@ -14,7 +14,10 @@ policy then decides the finetuning share of the iteration:
   what they leave of ``safety`` times the tightest target; when the bank covers
   the next whole sample (forward and full backward in one program, as
   ``temporal-seq`` runs it) and every running request can absorb the delay
-  (``sample_fits``), an iteration runs that sample instead.
+  (``sample_fits``), an iteration runs that sample instead. A sample too long for a
+  request arriving during it to meet its TTFT target (``sample_too_long``) never runs
+  whole while requests run: it goes at token level there, as the token-level unit would
+  run it (``token_fallback``).
 - ``inference-only`` / ``finetune-only``: never / always finetune (the
   latter refuses inference requests).
 - ``temporal-seq:N`` (FlexLLM's temporal-sharing baseline): every N-th iteration
@@ -134,15 +137,18 @@ class Policy:
             self._t_finetune = ema(self._t_finetune, seconds)
 
     def _unconstrained(self, finetune_iteration: bool, inference_running: bool,
-                       time_limit: float | None) -> bool | None:
-        """True: finetune freely; False: not at all; None: within ``time_limit``."""
+                       time_limit: float | None, token_fallback: bool = False) -> bool | None:
+        """True: finetune freely; False: not at all; None: within ``time_limit``.
+        ``token_fallback``: the whole-sample unit runs this iteration's finetuning at token
+        level, as the token-level unit would (a sample too long to run whole beside requests,
+        ``sample_too_long``)."""
         if self.kind in ("inference-only", "temporal-seq"):
             return False  # temporal-seq finetunes only through whole samples
         if self.kind == "finetune-only" or finetune_iteration:
             return True
         if self.kind == "temporal":
             return not inference_running
-        if self.samples_beside_inference and inference_running:
+        if self.samples_beside_inference and inference_running and not token_fallback:
             return False  # the slack is banked for whole samples
         if not inference_running or time_limit is None:
             return True
@@ -150,7 +156,8 @@ class Policy:
 
     def forward_tokens(self, *, finetune_iteration: bool, inference_running: bool,
                        tokens_left: int, time_limit: float | None, step_seconds,
-                       piece_seconds: float, candidates: Iterable[int] | None = None) -> int:
+                       piece_seconds: float, candidates: Iterable[int] | None = None,
+                       token_fallback: bool = False) -> int:
         """Finetuning forward tokens for this iteration.
 
         ``step_seconds(tokens)`` predicts the step with that many finetuning tokens
@@ -161,8 +168,10 @@ class Policy:
         ``candidates`` are the budgets worth pricing (default: powers of two and all
         that is left); the engine passes the ones that exactly fill a token bucket,
         since padding makes any smaller budget in the same bucket cost the same.
+        ``token_fallback``: see ``_unconstrained``.
         """
-        free = self._unconstrained(finetune_iteration, inference_running, time_limit)
+        free = self._unconstrained(finetune_iteration, inference_running, time_limit,
+                                   token_fallback)
         if free is not None:
             return tokens_left if free else 0
         if step_seconds(0) + piece_seconds > time_limit:
@@ -176,11 +185,13 @@ class Policy:
 
     def backward_seconds(self, *, finetune_iteration: bool, inference_running: bool,
                          tokens_left: int, time_limit: float | None,
-                         step_seconds: float) -> float:
+                         step_seconds: float, token_fallback: bool = False) -> float:
         """Seconds of backward pieces to run after a step that took ``step_seconds``
         (``inf``: as many as are ready); none when inference alone filled the token
-        budget (a burst). The engine runs a piece only while its predicted time fits."""
-        free = self._unconstrained(finetune_iteration, inference_running, time_limit)
+        budget (a burst). The engine runs a piece only while its predicted time fits.
+        ``token_fallback``: see ``_unconstrained``."""
+        free = self._unconstrained(finetune_iteration, inference_running, time_limit,
+                                   token_fallback)
         if free is not None:
             return math.inf if free else 0.0
         if tokens_left == 0:
@@ -245,7 +256,20 @@ class Policy:
         credit of a lull is not spent in a burst of samples back to back."""
         self.slack_credit = min(self.slack_credit, sample_s)
 
-    def sample_fits(self, sample_s: float, step_s: float, targets, progress) -> bool:
+    def sample_too_long(self, sample_s: float, step_s: float,
+                        arrival_ttft_s: float | None) -> bool:
+        """coserve's whole-sample unit: whether a whole sample of ``sample_s`` seconds may
+        never run while requests do. A request arriving as it starts waits for it and for the
+        step after it (``step_s``, or the observed mean of the iterations serving requests
+        where that is longer), which must fit in ``safety`` times its TTFT target
+        ``arrival_ttft_s``: under load requests arrive every few iterations, so a longer
+        sample would cause TTFT misses, not rare ones. The unit runs such a sample at token
+        level instead while requests run (``token_fallback``), whole when idle."""
+        step_s = max(step_s, self._t_inference or 0.0)
+        return arrival_ttft_s is not None and sample_s + step_s > self.safety * arrival_ttft_s
+
+    def sample_fits(self, sample_s: float, step_s: float, targets, progress,
+                    arrival_ttft_s: float | None = None) -> bool:
         """coserve's whole-sample unit: whether an iteration running a whole sample of
         ``sample_s`` seconds, before the next step of ``step_s``, may go now.
 
@@ -261,9 +285,14 @@ class Policy:
         ``banked_reserve`` targets kept back for overruns; one before its first token keeps
         ``safety`` times the time left to its TTFT target for this and its prefill steps;
         one with nothing known allows ``safety`` times its target for both.
+
+        ``arrival_ttft_s``: the TTFT target of a request that arrives while the sample runs:
+        a sample ``sample_too_long`` for it never fits.
         """
         if self.slack_credit <= 0 or self.slack_credit < sample_s:
             return False  # (an unmeasured sample, predicted 0 s, first runs when idle)
+        if self.sample_too_long(sample_s, step_s, arrival_ttft_s):
+            return False
         step_s = max(step_s, self._t_inference or 0.0)
         for target, done in zip(targets, progress, strict=True):
             if isinstance(done, BeforeFirstToken):

@@ -14,7 +14,8 @@ One engine iteration has three stages, in the manner of vLLM v1's engine core:
    latency model and commits the one it picks), the time left for backward pieces, or
    a whole-sample iteration (``temporal-seq``; an idle ``coserve`` iteration with
    ``idle_whole_samples``; or, with coserve's whole-sample unit, one that the slack the
-   running requests left covers: ``Policy.sample_fits``).
+   running requests left covers: ``Policy.sample_fits``; a sample too long ever to run
+   whole beside requests runs there at token level instead: ``Policy.sample_too_long``).
 2. The engine hands the plan's batch to the ``runner.Runner`` (the device), then the
    backward pieces.
 3. ``Scheduler.update`` applies what the step sampled, matched by request id, and
@@ -140,6 +141,9 @@ class IterationPlan:
     """Token budget the iteration left unused."""
     tpot_target: float | None = None
     """The tightest TPOT target of the requests running when it was planned (None: none)."""
+    token_fallback: bool = False
+    """coserve's whole-sample unit finetunes at token level in this iteration beside its
+    requests (``Scheduler._token_fallback``)."""
 
     @property
     def inference_tokens(self) -> int:
@@ -163,7 +167,7 @@ class Scheduler:
                  policy: Policy, eos_token_ids: tuple[int, ...],
                  registry: AdapterRegistry | None = None, trainer: Trainer | None = None,
                  idle_whole_samples: bool = False, slo_prefill_chunks: bool = True,
-                 finetune_unit: str = "tokens"):
+                 finetune_unit: str = "tokens", arrival_ttft_s: float | None = None):
         self.buckets = buckets
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -183,6 +187,9 @@ class Scheduler:
         """Prefill chunks are sized to what the decoding requests allow
         (``SchedulingConfig``)."""
         self.finetune_unit = finetune_unit
+        self.arrival_ttft_s = arrival_ttft_s
+        """TTFT target of the requests that set none: one may arrive during a whole sample
+        (``Policy.sample_fits``)."""
         self._last_step_s = 0.0  # predicted step seconds of the last plan that served requests
         self.token_buckets = sorted({b.num_tokens for b in buckets})
         self.waiting: collections.deque[Request] = collections.deque()
@@ -284,9 +291,10 @@ class Scheduler:
         used = sum(n for _, n in scheduled)
         left = self.max_num_batched_tokens - used
         windows = []
+        fallback = bool(scheduled) and self._token_fallback()
         if trainer is not None:
             windows = trainer.commit_windows(self._choose_windows(
-                chunks, ft_iteration, bool(scheduled), left, limit, used))
+                chunks, ft_iteration, bool(scheduled), left, limit, used, fallback))
         chunks += [chunk for _, chunk in windows]
         bucket = batch = None
         if chunks:
@@ -295,7 +303,8 @@ class Scheduler:
             bucket = pick_bucket(self.buckets, num_tokens, len(chunks), widest, bool(windows))
             batch = build_batch(chunks, bucket, self.page_size)
         plan = IterationPlan(tuple(rows), tuple(windows), bucket, batch, ft_iteration,
-                             time_limit=limit, tokens_left=left, tpot_target=self.tpot_target())
+                             time_limit=limit, tokens_left=left, tpot_target=self.tpot_target(),
+                             token_fallback=fallback)
         if rows:
             self._last_step_s = self.predicted_step_seconds(plan)
         return plan
@@ -352,10 +361,12 @@ class Scheduler:
 
     def _sample_due(self, queued_s: float) -> bool:
         """The whole-sample unit: whether this iteration runs a whole sample while requests
-        run (``Policy.sample_fits``). Token-level sequences in flight finish first."""
+        run (``Policy.sample_fits``). Sequences in flight at token level (``_token_fallback``)
+        need not finish first: a whole sample adds its gradients to the same accumulators
+        and touches nothing else of theirs."""
         trainer = self.trainer
         if (not self.policy.samples_beside_inference or trainer is None
-                or not trainer.has_sample_work() or trainer.has_inflight()):
+                or not trainer.has_sample_work()):
             return False
         sample_s = self.latency.predict(sample_key(trainer.next_sample_bucket()))
         self.policy.cap_credit(sample_s)
@@ -371,10 +382,39 @@ class Scheduler:
                     done, prefill_iterations=-(-ahead // self.max_num_batched_tokens))
             progress.append(done)
         return self.policy.sample_fits(sample_s, self._last_step_s,
-                                       [r.slo.tpot_s for r in requests], progress)
+                                       [r.slo.tpot_s for r in requests], progress,
+                                       arrival_ttft_s=self._arrival_ttft())
+
+    def _arrival_ttft(self) -> float | None:
+        """The TTFT target of a request that may arrive now: the default one, or the
+        tightest of the present requests' where that is tighter."""
+        targets = [r.slo.ttft_s for r in (*self.running, *self.waiting)]
+        targets += [self.arrival_ttft_s] if self.arrival_ttft_s else []
+        return min(targets, default=None)
+
+    def _next_sample_too_long(self) -> bool:
+        """The whole-sample unit: the next sample may never run whole beside requests
+        (``Policy.sample_too_long``)."""
+        trainer = self.trainer
+        if not trainer.has_sample_work():
+            return False
+        sample_s = self.latency.predict(sample_key(trainer.next_sample_bucket()))
+        return self.policy.sample_too_long(sample_s, self._last_step_s, self._arrival_ttft())
+
+    def _token_fallback(self) -> bool:
+        """The whole-sample unit, in an iteration serving requests: whether its finetuning
+        goes at token level, windows beside the requests and pieces after them, as the
+        token-level unit runs it. It does for the sequences already in flight at token
+        level, and for a next sample too long ever to run whole beside requests: without
+        that, such a sample would wait for a lull, and every sample after it with it."""
+        trainer = self.trainer
+        if not self.policy.samples_beside_inference or trainer is None:
+            return False
+        return trainer.has_inflight() or self._next_sample_too_long()
 
     def _choose_windows(self, chunks: list[SeqChunk], ft_iteration: bool,
-                        inference_running: bool, left: int, limit: float | None, used: int):
+                        inference_running: bool, left: int, limit: float | None, used: int,
+                        token_fallback: bool = False):
         """The trainer's proposal the policy picks: the largest budget whose step, plus the
         backward piece this iteration would run, the latency model says fits."""
         trainer = self.trainer
@@ -383,6 +423,11 @@ class Scheduler:
         # idle_whole_samples, the sequences in flight finish and no new one starts at token
         # level: the next idle iteration runs a whole sample.
         start_new = not (self.idle_samples and not inference_running and not self.waiting)
+        # The whole-sample unit's fallback starts only the sample too long to run whole;
+        # the others wait for whole-sample iterations.
+        max_new = None
+        if token_fallback:
+            max_new = int(self._next_sample_too_long())
         # The piece this iteration would run: the furthest along that fits beside the
         # inference alone (or simply the furthest along when nothing limits the time).
         room = None if limit is None else limit - self._predict(chunks, [])
@@ -393,16 +438,19 @@ class Scheduler:
 
         def step_seconds(n: int) -> float:
             if n not in proposals:
-                proposals[n] = trainer.propose_windows(n, max_seqs, start_new) if n else []
+                proposals[n] = (trainer.propose_windows(n, max_seqs, start_new, max_new)
+                                if n else [])
             return self._predict(chunks, proposals[n])
 
         tokens = self.policy.forward_tokens(
             finetune_iteration=ft_iteration, inference_running=inference_running,
             tokens_left=left, time_limit=limit, piece_seconds=piece_s,
-            step_seconds=step_seconds, candidates=[t - used for t in self.token_buckets])
+            step_seconds=step_seconds, candidates=[t - used for t in self.token_buckets],
+            token_fallback=token_fallback)
         if not tokens:
             return []
-        return proposals.get(tokens) or trainer.propose_windows(tokens, max_seqs, start_new)
+        return proposals.get(tokens) or trainer.propose_windows(tokens, max_seqs, start_new,
+                                                                 max_new)
 
     def backward_seconds(self, plan: IterationPlan, step_seconds: float) -> float:
         """Seconds of backward pieces the iteration may run after a step that took (or is
@@ -410,7 +458,8 @@ class Scheduler:
         return self.policy.backward_seconds(
             finetune_iteration=plan.finetune_iteration,
             inference_running=bool(plan.rows), tokens_left=plan.tokens_left,
-            time_limit=plan.time_limit, step_seconds=step_seconds)
+            time_limit=plan.time_limit, step_seconds=step_seconds,
+            token_fallback=plan.token_fallback)
 
     def predicted_step_seconds(self, plan: IterationPlan) -> float:
         return 0.0 if plan.bucket is None else self.latency.predict(bucket_key(plan.bucket))

@@ -95,6 +95,17 @@ def test_every_request_must_absorb_the_samples_delay():
                                  piece_seconds=0.0) == 64
 
 
+def test_a_sample_an_arrival_could_not_wait_for_waits_for_a_lull():
+    """A request arriving during a whole sample waits for all of it: the sample and the step
+    after it must fit in ``safety`` times its TTFT target, whatever the credit and the
+    requests running."""
+    policy = _samples_policy()
+    policy.slack_credit = 10.0
+    assert policy.sample_fits(1.78, 0.01, [], [], arrival_ttft_s=2.0)  # 1.79 <= 0.9 * 2 s
+    assert not policy.sample_fits(1.80, 0.01, [], [], arrival_ttft_s=2.0)
+    assert policy.sample_fits(1.80, 0.01, [], [])  # no arrival to keep the TTFT of
+
+
 def _job(lengths, seed=0, steps=1000):
     rng = np.random.default_rng(seed)
     return FinetuneJob("t", Dataset([random_sequence(rng, n) for n in lengths]),
@@ -128,17 +139,22 @@ def test_auto_picks_the_unit_the_latency_model_prices_lower_per_token():
     assert scheduler.choose_finetune_unit() == "tokens" == engine.finetune_unit
 
 
-@pytest.mark.parametrize("tpot_s", [60.0, 1e-4])
-def test_coserve_by_samples_interleaves_whole_samples_with_requests(tpot_s):
+@pytest.mark.parametrize("tpot_s, arrival_ttft_s", [(60.0, 60.0), (1e-4, 60.0),
+                                                    (60.0, 1e-4)])
+def test_coserve_by_samples_interleaves_whole_samples_with_requests(tpot_s, arrival_ttft_s):
     """With the whole-sample unit, requests are served by steps without finetuning tokens, and
     whole samples run between them while the requests' slack covers them (a loose target:
-    every other iteration), never when it does not (a target no step meets). Either way the
-    requests' greedy outputs are those of the model alone, and idle iterations run samples.
-    The tokens of the step before a sample are handed out before the sample runs."""
+    every other iteration), never when it does not (a target no step meets). A default TTFT
+    target that a request arriving during any sample would miss makes every sample too long
+    to run whole beside requests: they run at token level there (windows beside the
+    requests, pieces after them). Either way the requests' greedy outputs are those of the
+    model alone, and idle iterations run samples. The tokens of the step before a sample
+    are handed out before the sample runs."""
     model = tiny_model()
     rng = np.random.default_rng(5)
     lengths = [40, 61, 35, 52, 47, 58]
-    engine = Engine(model, EngineConfig.flat(**CONFIG, finetune_unit="samples"))
+    engine = Engine(model, EngineConfig.flat(**CONFIG, finetune_unit="samples",
+                                             default_ttft_s=arrival_ttft_s))
     assert engine.finetune_unit == "samples"
     engine.submit_job(_job(lengths))
     run = engine.trainer.jobs["t"]
@@ -162,21 +178,60 @@ def test_coserve_by_samples_interleaves_whole_samples_with_requests(tpot_s):
             # Tokens sampled before a whole sample went out before it ran.
             assert outputs == []
         info = engine.last_step
-        assert info.backward_pieces == 0 and not run.inflight
+        fallback = arrival_ttft_s < 1
+        assert fallback or (info.backward_pieces == 0 and not run.inflight)
         if info.whole_samples:
             assert info.inference_tokens == 0 and info.bucket is None
             assert run.tokens_trained - trained == info.finetune_tokens
             beside_requests += serving
         else:
-            assert info.finetune_tokens == 0
-    assert engine.counters["mixed_steps"] == 0
-    if tpot_s > 1:
+            assert fallback or info.finetune_tokens == 0
+    if tpot_s > 1 and not fallback:
         assert beside_requests >= 3
     else:
         assert beside_requests == 0
+    # Token level beside the requests only where no sample could run whole beside them.
+    assert (engine.counters["mixed_steps"] > 0) == fallback
     assert [done[i] for i in ids] == [greedy_reference(model, p, 8) for p in prompts]
 
 
 def test_finetune_unit_is_checked():
     with pytest.raises(ValueError, match="finetune_unit"):
         EngineConfig.flat(finetune_unit="layers")
+
+
+def test_only_samples_too_long_to_run_whole_beside_requests_fall_back_to_token_level():
+    """With the whole-sample unit, a sample whose whole program a request arriving meanwhile
+    could not wait for (here: priced at 10 s against a 5 s default TTFT) runs at token level
+    beside the requests; shorter ones still run whole, also while a long one is in flight at
+    token level."""
+    model = tiny_model()
+    engine = Engine(model, EngineConfig.flat(**CONFIG, finetune_unit="samples",
+                                             default_ttft_s=5.0))
+    engine.submit_job(_job([10, 12, 40, 20, 9, 14, 50, 11, 13, 15], steps=5))
+    run = engine.trainer.jobs["t"]
+    for _ in range(2):  # compile the sample program
+        engine.step()
+    engine.latency.times |= {sample_key(16): 0.01, sample_key(32): 0.01, sample_key(64): 10.0}
+    rng = np.random.default_rng(3)
+    # Three requests: the batch's fourth sequence row is free for a training window.
+    prompts = [rng.integers(3, 259, size=n).tolist() for n in (9, 14, 6)]
+    ids = [engine.add_request(p, SamplingParams(max_tokens=24, ignore_eos=True),
+                              slo=SLO(ttft_s=60.0, tpot_s=60.0), admission=False)
+           for p in prompts]
+    done, whole, token_level, whole_beside_token_level = {}, [], set(), 0
+    while len(done) < len(ids):
+        serving = bool(engine.running or engine.waiting)
+        inflight = bool(run.inflight)
+        outputs = engine.step()
+        done |= {o.request_id: o.output_token_ids for o in outputs if o.finished}
+        info = engine.last_step
+        if serving and info.whole_samples:
+            whole.append(info.finetune_tokens)
+            whole_beside_token_level += inflight
+        token_level |= {id(f) for f in run.inflight}
+        assert all(f.length > 32 for f in run.inflight)  # bucket 64 only
+    assert whole and all(n <= 32 for n in whole) and whole_beside_token_level
+    assert token_level and engine.counters["mixed_steps"] > 0
+    # (The outputs are those of the model alone: the test above checks it.)
+    assert all(len(done[i]) == 24 for i in ids)

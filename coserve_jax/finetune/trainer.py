@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -417,19 +418,20 @@ class Trainer:
 
     # ----- forward windows ------------------------------------------------------------------
 
-    def propose_windows(self, budget: int, max_seqs: int,
-                        start_new: bool = True) -> list[Window]:
+    def propose_windows(self, budget: int, max_seqs: int, start_new: bool = True,
+                        max_new: int | None = None) -> list[Window]:
         """The forward windows of training sequences this iteration could run, within
         ``budget`` tokens, ``max_seqs`` sequences and the free KV pages, without changing
         anything: the scheduler prices proposals, then ``commit_windows`` runs the one it
         picks. Jobs furthest behind their share go first; each job continues the
         sequences it is forwarding, then (``start_new``) starts new ones of its current
-        optimizer step.
+        optimizer step, ``max_new`` at most in all (None: as many as fit).
         Windows grow a sequence's page table only up to their own end, so early windows
         of long sequences stay in narrow (cheap) buckets."""
         out: list[Window] = []
         free_pages = self.allocator.usage().free_pages
         free_act = len(self._free_act)
+        new_left = math.inf if max_new is None else max_new
         for run in sorted((r for r in self.jobs.values() if r.state == "running"),
                           key=lambda r: r.tokens_scheduled / r.spec.weight):
             forwarding = [f for f in run.inflight if f.forwarded < f.length]
@@ -440,7 +442,8 @@ class Trainer:
                     start, length, seq = f.forwarded, f.length, f
                     have = len(self.allocator.page_table(f.kv_id)) if f.forwarded else 0
                 else:
-                    if not start_new or not free_act or started == run.unstarted_in_step:
+                    if (not start_new or not free_act or not new_left
+                            or started == run.unstarted_in_step):
                         break
                     start, length, seq, have = 0, len(run.upcoming(started).tokens), None, 0
                 n = min(self.config.window, length - start, budget)
@@ -450,6 +453,7 @@ class Trainer:
                 if seq is None:
                     started += 1
                     free_act -= 1
+                    new_left -= 1
                 free_pages -= pages - have
                 out.append(Window(run, seq, start, n, pages))
                 budget -= n

@@ -1,0 +1,161 @@
+"""Why co-serving's requests miss their SLO: one coserve run (and inference-only on the same
+trace), and for every request that missed, what ran in its decode window.
+
+For each missed request it prints whether TTFT or TPOT missed, the whole samples that ran
+while it waited for its first token, its TPOT against the target, the whole samples that
+ran between its first and last token (count, seconds, and observed / predicted), and the
+TPOT it would have had without them. A miss whose samples were predicted well but that
+would have met the target without them says the admission check (``Policy.sample_fits``)
+let through what the requests could not absorb; one whose samples overran says the
+prediction did; one that misses without samples says the iterations themselves (prefill,
+bursts) did, and inference-only on the same trace shows whether it misses the same
+requests. The summary goes to BENCHMARKS.md.
+
+    python bench/coserve_misses.py --rates 8 --seed 1             # tiny tier, TPOT 3x
+    python bench/coserve_misses.py --tier small --scale 0.1 --rates 2.5 --tpot-ms 290
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import coserve
+import numpy as np
+from coserve import decode_tpot, fit_to_model, run_one, tier_model
+
+from coserve_jax import engine as engine_module
+from coserve_jax.latency import sample_key
+
+from benchlib import library_revision, record
+
+
+class TracedEngine(engine_module.Engine):
+    """An engine that keeps each finished request's metrics by id and records when each
+    whole sample ran (with its predicted seconds)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.samples: list[tuple[float, float, float]] = []  # (start, end, predicted s)
+        self.metrics_by_id: dict[str, object] = {}
+        TracedEngine.last = self
+
+    def step(self):
+        outputs = super().step()
+        self.metrics_by_id |= {o.request_id: o.metrics for o in outputs if o.finished}
+        return outputs
+
+    def _whole_sample_iteration(self, plan, t_start):
+        predicted = self.latency.predict(sample_key(self.trainer.next_sample_bucket()))
+        start = time.monotonic()
+        outputs = super()._whole_sample_iteration(plan, t_start)
+        self.samples.append((start, time.monotonic(), predicted))
+        return outputs
+
+
+def misses(engine: TracedEngine) -> list[dict]:
+    """One row per finished request that missed its SLO."""
+    samples = np.array(engine.samples).reshape(-1, 3)
+    rows = []
+    for rid, m in engine.metrics_by_id.items():
+        if m.slo_attained:
+            continue
+        first, last = m.first_token_time, m.finish_time
+        inside = samples[(samples[:, 0] >= first) & (samples[:, 1] <= last)] if (
+            first is not None) else samples[:0]
+        spent = float((inside[:, 1] - inside[:, 0]).sum())
+        # Whole samples that ran while it waited for its first token.
+        waited = samples[(samples[:, 1] > m.arrival_time)
+                         & (samples[:, 0] < (first if first is not None else last))]
+        n = m.num_output_tokens
+        rows.append({
+            "id": rid, "ttft_s": m.ttft_s, "tpot_ms": m.tpot_s * 1e3,
+            "ttft_missed": m.ttft_s is None or m.ttft_s > m.slo.ttft_s,
+            "tokens": n, "samples": len(inside), "sample_s": spent,
+            "ttft_samples": len(waited),
+            "ttft_sample_s": float((waited[:, 1] - waited[:, 0]).sum()),
+            "sample_over": float(((inside[:, 1] - inside[:, 0]) / inside[:, 2]).mean())
+            if len(inside) else float("nan"),
+            "tpot_without_ms": ((last - first - spent) / (n - 1) * 1e3) if n > 1 else 0.0,
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rates", type=float, nargs="+", required=True)
+    p.add_argument("--tier", choices=("tiny", "small"), default="tiny")
+    p.add_argument("--tpot-multiple", type=float, default=3.0)
+    p.add_argument("--tpot-ms", type=float)
+    p.add_argument("--ttft-s", type=float, default=2.0)
+    p.add_argument("--duration", type=float,
+                   help="seconds of trace (default: as bench/coserve.py --quick sets it)")
+    p.add_argument("--drain", type=float, default=5.0)
+    p.add_argument("--arrivals", choices=("poisson", "gamma"), default="poisson")
+    p.add_argument("--gamma-cv", type=float, default=2.0)
+    p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", nargs="+", default=["inference-only", "coserve"])
+    p.add_argument("--backward-block", type=int, default=0,
+                   help="EngineConfig.backward_block (0: whole-sequence backward pieces)")
+    p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    args = p.parse_args(argv)
+    args.duration_given = args.duration is not None
+    args.duration = args.duration or 6.0
+    model = tier_model(args.tier, None)
+    if args.tpot_ms is None:
+        args.tpot_ms = 1e6
+        tpot = decode_tpot(model, args)
+        args.tpot_ms = args.tpot_multiple * tpot * 1e3
+        print(f"decode TPOT {tpot * 1e3:.2f} ms -> target {args.tpot_ms:.2f} ms")
+    fit_to_model(args)
+    args.latency_dir = tempfile.mkdtemp(prefix="coserve-misses-latency-")
+    coserve.Engine = TracedEngine  # run_one builds its engine through this name
+    summary = []
+    for rate in args.rates:
+        for mode in args.modes:
+            rec = run_one(model, mode, rate, args)
+            engine = TracedEngine.last
+            rows = misses(engine)
+            s = np.array(engine.samples).reshape(-1, 3)
+            over = (s[:, 1] - s[:, 0]) / s[:, 2] if len(s) else np.zeros(1)
+            caused = [r for r in rows if r["samples"] and not r["ttft_missed"]
+                      and r["tpot_without_ms"] <= args.tpot_ms]
+            waited = [r for r in rows if r["ttft_missed"] and r["ttft_samples"]]
+            summary.append(
+                f"{mode} @ {rate:g} req/s: attainment {rec['slo_attainment']:.1%} of "
+                f"{rec['requests']} requests, finetuning {rec['ft_tokens_per_s']:.0f} tok/s "
+                f"(unit {rec['finetune_unit']}), {len(s)} whole samples (observed / predicted "
+                f"p50 {np.median(over):.2f}, p90 {np.percentile(over, 90):.2f}); TTFT p99 "
+                f"{rec['ttft_p99_s']:.2f} s, TPOT p99 {rec['tpot_p99_s'] * 1e3:.1f} ms; "
+                f"{len(rows)} missed: {len(caused)} would have met the TPOT target without "
+                f"the whole samples in their decode window, {len(waited)} missed TTFT with "
+                f"whole samples run while they waited")
+            print("\n" + summary[-1])
+            for r in sorted(rows, key=lambda r: r["tpot_ms"]):
+                print(f"  {r['id']:>6}: {'TTFT' if r['ttft_missed'] else 'TPOT'} miss, "
+                      f"TTFT {r['ttft_s']:.3f} s ({r['ttft_samples']} samples, "
+                      f"{r['ttft_sample_s'] * 1e3:.0f} ms before it), "
+                      f"TPOT {r['tpot_ms']:.2f} ms over "
+                      f"{r['tokens']} tokens; {r['samples']} samples inside, "
+                      f"{r['sample_s'] * 1e3:.0f} ms (obs/pred {r['sample_over']:.2f}); "
+                      f"TPOT without them {r['tpot_without_ms']:.2f} ms")
+    if not args.no_record:
+        import jax
+
+        record(f"Why requests miss ({args.tier} tier)", {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
+                       f"cores, jax {jax.__version__} on {jax.devices()[0].platform}",
+            "commit": library_revision(),
+            "regime": f"TPOT target {args.tpot_ms:.1f} ms, TTFT {args.ttft_s:g} s; "
+                      f"{args.arrivals} arrivals, seed {args.seed}, {args.duration:.3g} s of "
+                      f"trace, ShareGPT lengths x{args.scale:g}"},
+            "\n".join(f"- {line}" for line in summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
