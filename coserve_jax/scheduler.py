@@ -210,12 +210,21 @@ class Scheduler:
             raise AdmissionError(f"queue full ({self.max_waiting} requests waiting)")
         if not self.admission_control:
             return
-        # Prefill tokens ahead of this request (its own included), at the rate a full
-        # iteration clears them after the running requests' decode tokens.
+        # Prefill tokens ahead of this request (its own included), at the rate iterations
+        # clear them beside the running requests' decode tokens, each iteration priced at
+        # the step bucket it would use: full token budgets, then the rest. (Pricing every
+        # one at the largest bucket, the widest page tables included, refused every short
+        # prompt whenever that bucket alone was measured above its TTFT target.)
+        queued = [*self.running, *self.waiting]
         ahead = prompt_len + sum(r.pending for r in self.waiting)
-        per_iteration = max(1, self.max_num_batched_tokens - len(self.running))
-        full = next(b for b in reversed(self.buckets) if not b.train)
-        estimate = -(-ahead // per_iteration) * self.latency.predict(bucket_key(full))
+        decodes = len(self.running)
+        per_iteration = max(1, self.max_num_batched_tokens - decodes)
+        full, rest = divmod(ahead, per_iteration)
+        seqs = len(queued) + 1
+        widest = -(-max([prompt_len] + [r.num_known + 1 for r in queued]) // self.page_size)
+        estimate = full * self._predict_shape(decodes + per_iteration, seqs, widest, False)
+        if rest:
+            estimate += self._predict_shape(decodes + rest, seqs, widest, False)
         if estimate > slo.ttft_s:
             raise AdmissionError(f"cannot meet the TTFT target of {slo.ttft_s:g}s: about "
                                  f"{estimate:.2f}s of prefill is queued ahead")

@@ -193,6 +193,14 @@ def test_admission_refuses_with_a_reason():
         slow.add_request(list(range(3, 100)), params, slo=SLO(ttft_s=1.0, tpot_s=1.0))
     slow.add_request([5, 6], params, slo=SLO(ttft_s=10.0, tpot_s=1.0))
 
+    # A short prompt is priced at the step it will run in, not at the largest one.
+    idle = _engine()
+    times = _synthetic_times(idle, per_token=0.01, piece=0.01)
+    largest = next(b for b in reversed(idle.buckets) if not b.train)
+    times[bucket_key(largest)] = 100.0
+    _steps_with_latency(idle, times)
+    idle.add_request([5, 6, 7], params, slo=SLO(ttft_s=1.0, tpot_s=1.0))
+
     with pytest.raises(AdmissionError, match="serves no inference"):
         _engine(mode="finetune-only").add_request([5], params)
 
