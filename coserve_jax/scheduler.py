@@ -300,10 +300,10 @@ class Scheduler:
         used = sum(n for _, n in scheduled)
         left = self.max_num_batched_tokens - used
         windows = []
-        fallback = bool(scheduled) and self._token_fallback()
+        fallback_new = self._token_fallback() if scheduled else None
         if trainer is not None:
             windows = trainer.commit_windows(self._choose_windows(
-                chunks, ft_iteration, bool(scheduled), left, limit, used, fallback))
+                chunks, ft_iteration, bool(scheduled), left, limit, used, fallback_new))
         chunks += [chunk for _, chunk in windows]
         bucket = batch = None
         if chunks:
@@ -313,7 +313,7 @@ class Scheduler:
             batch = build_batch(chunks, bucket, self.page_size)
         plan = IterationPlan(tuple(rows), tuple(windows), bucket, batch, ft_iteration,
                              time_limit=limit, tokens_left=left, tpot_target=self.tpot_target(),
-                             token_fallback=fallback)
+                             token_fallback=fallback_new is not None)
         if rows:
             self._last_step_s = self.predicted_step_seconds(plan)
         return plan
@@ -410,33 +410,32 @@ class Scheduler:
         sample_s = self.latency.predict(sample_key(trainer.next_sample_bucket()))
         return self.policy.sample_too_long(sample_s, self._last_step_s, self._arrival_ttft())
 
-    def _token_fallback(self) -> bool:
+    def _token_fallback(self) -> int | None:
         """The whole-sample unit, in an iteration serving requests: whether its finetuning
         goes at token level, windows beside the requests and pieces after them, as the
-        token-level unit runs it. It does for the sequences already in flight at token
-        level, and for a next sample too long ever to run whole beside requests: without
-        that, such a sample would wait for a lull, and every sample after it with it."""
+        token-level unit runs it, and if so how many new sequences it may start (None: it
+        does not). It does for the sequences already in flight at token level, and for a
+        next sample too long ever to run whole beside requests, the one new sequence it
+        starts: without that, such a sample would wait for a lull, and every sample after
+        it with it. Other samples wait for whole-sample iterations."""
         trainer = self.trainer
         if not self.policy.samples_beside_inference or trainer is None:
-            return False
-        return trainer.has_inflight() or self._next_sample_too_long()
+            return None
+        too_long = self._next_sample_too_long()
+        return int(too_long) if too_long or trainer.has_inflight() else None
 
     def _choose_windows(self, chunks: list[SeqChunk], ft_iteration: bool,
                         inference_running: bool, left: int, limit: float | None, used: int,
-                        token_fallback: bool = False):
+                        fallback_new: int | None = None):
         """The trainer's proposal the policy picks: the largest budget whose step, plus the
-        backward piece this iteration would run, the latency model says fits."""
+        backward piece this iteration would run, the latency model says fits.
+        ``fallback_new``: ``_token_fallback``'s answer."""
         trainer = self.trainer
         max_seqs = self.max_num_seqs - len(chunks)
         # With nothing to serve (a request whose last token is in flight cannot be) and
         # idle_whole_samples, the sequences in flight finish and no new one starts at token
         # level: the next idle iteration runs a whole sample.
         start_new = not (self.idle_samples and not inference_running and not self.waiting)
-        # The whole-sample unit's fallback starts only the sample too long to run whole;
-        # the others wait for whole-sample iterations.
-        max_new = None
-        if token_fallback:
-            max_new = int(self._next_sample_too_long())
         # The piece this iteration would run: the furthest along that fits beside the
         # inference alone (or simply the furthest along when nothing limits the time).
         room = None if limit is None else limit - self._predict(chunks, [])
@@ -447,7 +446,7 @@ class Scheduler:
 
         def step_seconds(n: int) -> float:
             if n not in proposals:
-                proposals[n] = (trainer.propose_windows(n, max_seqs, start_new, max_new)
+                proposals[n] = (trainer.propose_windows(n, max_seqs, start_new, fallback_new)
                                 if n else [])
             return self._predict(chunks, proposals[n])
 
@@ -455,11 +454,11 @@ class Scheduler:
             finetune_iteration=ft_iteration, inference_running=inference_running,
             tokens_left=left, time_limit=limit, piece_seconds=piece_s,
             step_seconds=step_seconds, candidates=[t - used for t in self.token_buckets],
-            token_fallback=token_fallback)
+            token_fallback=fallback_new is not None)
         if not tokens:
             return []
         return proposals.get(tokens) or trainer.propose_windows(tokens, max_seqs, start_new,
-                                                                 max_new)
+                                                                 fallback_new)
 
     def backward_seconds(self, plan: IterationPlan, step_seconds: float) -> float:
         """Seconds of backward pieces the iteration may run after a step that took (or is
