@@ -26,14 +26,22 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from coserve_jax.batch import Bucket, build_batch
+from coserve_jax.batch import Bucket, TokenBatch, build_batch
 from coserve_jax.engine_config import EngineConfig, derive_lengths, derive_trainer_config
 from coserve_jax.errors import AdmissionError, AlreadyExists, InUse, InvalidRequest, NotFound
 from coserve_jax.finetune.buffers import TrainBuffers
 from coserve_jax.finetune.job import FinetuneJob, JobProgress
 from coserve_jax.finetune.trainer import Trainer, TrainerConfig
 from coserve_jax.kv_cache import KVCache, KVUsage, PageAllocator
-from coserve_jax.latency import LatencyModel, bucket_key, model_file, piece_key, sample_key
+from coserve_jax.latency import (
+    LATENCY_MODEL_VERSION,
+    LatencyModel,
+    bucket_key,
+    model_file,
+    piece_key,
+    sample_key,
+    vocab_sort_key,
+)
 from coserve_jax.lora.adapter import LoraAdapter
 from coserve_jax.lora.slots import AdapterRegistry, AdapterSlots, slot_modules
 from coserve_jax.model import Model
@@ -155,7 +163,8 @@ class Engine:
         shapes = (config.cache, config.buckets, config.adapters, config.finetune)
         self.latency_path = model_file(config.telemetry.latency_model_dir or cache_root(),
                                        jax.devices()[0].device_kind, jax.__version__, mc, shapes,
-                                       self.kernels, STEP_PROGRAM_VERSION)
+                                       self.kernels, STEP_PROGRAM_VERSION,
+                                       LATENCY_MODEL_VERSION)
         latency = LatencyModel.load(self.latency_path) or LatencyModel()
         self.scheduler = Scheduler(
             buckets=self.buckets, page_size=cache.page_size,
@@ -269,7 +278,7 @@ class Engine:
         slo = slo or SLO(self.config.scheduling.default_ttft_s,
                          self.config.scheduling.default_tpot_s)
         if admission:
-            self.scheduler.admit(len(prompt), slo)
+            self.scheduler.admit(len(prompt), slo, sorts_vocab=params.temperature > 0)
         index = next(self.scheduler.arrivals)
         request_id = str(index) if request_id is None else str(request_id)
         seed = params.seed if params.seed is not None else self._seed_rng.randint(0, MAX_SEED)
@@ -488,7 +497,7 @@ class Engine:
             logprobs = (np.asarray(out.sampled_logprobs), np.asarray(out.top_logprobs),
                         np.asarray(out.top_token_ids))
         if not self.overlap:  # the device was idle at the dispatch
-            self._observe(bucket_key(plan.bucket), t_ready - launched.dispatched)
+            self._observe_step(plan, t_ready - launched.dispatched)
         elif was_running and self._device_free is not None:
             self._observe_overlapped(launched, t_ready)
         # The step's end is known only if the host was waiting for it.
@@ -509,10 +518,11 @@ class Engine:
         timed at all: a latency model measured on a quieter machine would otherwise keep
         pricing them too low (or too high) for as long as the engine runs.
         """
-        key = bucket_key(launched.plan.bucket)
+        plan = launched.plan
+        key = bucket_key(plan.bucket)
         before = launched.pieces_before
         if not before:
-            self._observe(key, t_ready - max(launched.dispatched, self._device_free))
+            self._observe_step(plan, t_ready - max(launched.dispatched, self._device_free))
             return
         if launched.dispatched > self._device_free:
             return  # the device may have been idle between the pieces and the step
@@ -521,7 +531,7 @@ class Engine:
             return
         predicted = [self.latency.predict(k) for k in before]
         total = sum(predicted)
-        pieces_s = t_ready - self._device_free - self.latency.predict(key)
+        pieces_s = t_ready - self._device_free - self.scheduler.predicted_step_seconds(plan)
         if pieces_s <= 0 or not total:
             return
         for k, p in zip(before, predicted, strict=True):
@@ -578,6 +588,13 @@ class Engine:
         self.counters["backward_pieces"] += len(done)
         return done
 
+    def _observe_step(self, plan: IterationPlan, seconds: float) -> None:
+        """Times a step for its bucket, whose entry is an all-greedy step's time: less the
+        sort's predicted time where the step sorted the vocabulary."""
+        sort = self.latency.predict(vocab_sort_key(plan.bucket.num_seqs)) if (
+            plan.sorts_vocab) else 0.0
+        self._observe(bucket_key(plan.bucket), seconds - sort)
+
     def _observe(self, key: str, seconds: float) -> None:
         """Feeds an observed time to the latency model, except a shape's first run in this
         process: it includes compilation, and a prediction inflated by it would keep the
@@ -593,7 +610,9 @@ class Engine:
         """Compiles the step for every bucket and measures the latency model.
 
         The timing batch writes nothing (every KV slot is padding) but takes the
-        costly paths: all tokens use adapter slot 0 and all sequences sample.
+        costly paths, all tokens using adapter slot 0, except the vocabulary sort: a bucket
+        is timed greedy (the common case, which skips the sort), and the sort's extra
+        time is measured apart for each number of rows (``latency.vocab_sort_key``).
         A latency model saved by an earlier run with the same hardware, model and
         config is reused instead of measuring again (whole samples are measured when it
         has none: they run only in some modes).
@@ -605,13 +624,12 @@ class Engine:
         measure = measure and not self.latency.times
         self._compiled.update(bucket_key(b) for b in self.buckets)
         for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
-            batch = build_batch([], bucket, self.config.cache.page_size)
-            if self.registry is not None:
-                batch = batch.replace(adapter_slots=np.zeros_like(batch.adapter_slots))
-            batch = batch.replace(temperature=np.ones_like(batch.temperature))
+            batch = self._timing_batch(bucket)
             times = [self._run_padding(batch, bucket) for _ in range(3 if measure else 1)]
             if measure:
                 self.latency.observe(bucket_key(bucket), float(np.median(times[1:])))
+        if measure:
+            self._measure_vocab_sort()
         if samples:
             times = self.trainer.warmup_samples(progress, repeats=3 if measure_samples else 1)
             self._compiled.update(sample_key(n) for n in times)
@@ -637,6 +655,29 @@ class Engine:
         """coserve's unit of finetuning beside inference, "tokens" or "samples"
         (``SchedulingConfig.finetune_unit``; "auto" is resolved by ``warmup``)."""
         return self.scheduler.finetune_unit
+
+    def _timing_batch(self, bucket: Bucket, sorts_vocab: bool = False) -> TokenBatch:
+        batch = build_batch([], bucket, self.config.cache.page_size)
+        if self.registry is not None:
+            batch = batch.replace(adapter_slots=np.zeros_like(batch.adapter_slots))
+        if sorts_vocab:
+            batch = batch.replace(temperature=np.ones_like(batch.temperature))
+        return batch
+
+    def _measure_vocab_sort(self, repeats: int = 3) -> None:
+        """The vocabulary sort's extra seconds per number of rows: the smallest inference
+        bucket of each row count, timed greedy and sampling in turn (the median difference,
+        never below 0)."""
+        smallest = {}
+        for b in self.buckets:
+            if not b.train:
+                smallest.setdefault(b.num_seqs, b)
+        for num_seqs, bucket in smallest.items():
+            greedy, sorting = self._timing_batch(bucket), self._timing_batch(bucket, True)
+            self._run_padding(sorting, bucket)  # (the first run of the sort's branch)
+            diffs = [self._run_padding(sorting, bucket) - self._run_padding(greedy, bucket)
+                     for _ in range(repeats)]
+            self.latency.observe(vocab_sort_key(num_seqs), max(0.0, float(np.median(diffs))))
 
     def _run_padding(self, batch, bucket) -> float:
         t0 = time.perf_counter()

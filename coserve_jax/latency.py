@@ -5,6 +5,13 @@ batch that fits), so the model is a table of measured times per step bucket,
 per backward-piece shape and per whole-sample length bucket, taken at warm-up
 and corrected online with an exponential moving average of observed times. It is
 saved to a file keyed by hardware, model and engine config so a restart reuses it.
+
+A step bucket's time is that of an all-greedy batch, which skips the vocabulary sort
+(``sampling.sample_tokens``); a batch with a row at temperature > 0 sorts every row's
+logits, which costs extra by the bucket's rows (``vocab_sort_key``) and is priced on top
+(``step_seconds``). On a vocabulary of 49152 the sort of 16 rows doubled a CPU step, so
+a table measured on the sorting path priced greedy steps, and above all the training
+buckets greedy serving never corrected, at twice their time.
 """
 
 from __future__ import annotations
@@ -20,6 +27,17 @@ from coserve_jax.batch import Bucket
 
 def bucket_key(b: Bucket) -> str:
     return f"t{b.num_tokens}-s{b.num_seqs}-w{b.num_pages}-{'train' if b.train else 'infer'}"
+
+
+LATENCY_MODEL_VERSION = 2
+"""Part of a saved model's file key: bumped when what a key's time means changes (2: step
+buckets are timed greedy, the vocabulary sort apart)."""
+
+
+def vocab_sort_key(num_seqs: int) -> str:
+    """The extra seconds of a step of ``num_seqs`` rows whose batch samples a row at
+    temperature > 0 (the sort of every row's logits over the vocabulary)."""
+    return f"vocab-sort-s{num_seqs}"
 
 
 def piece_key(seq_len: int, num_layers: int, block: int | None = None) -> str:
@@ -49,6 +67,12 @@ class LatencyModel:
         """Seconds for ``key``. An unmeasured shape predicts 0: it gets tried, and its first
         observation replaces the guess (warm-up measures every shape up front)."""
         return self.times.get(key, 0.0)
+
+    def step_seconds(self, bucket: Bucket, sorts_vocab: bool) -> float:
+        """Seconds of a step of ``bucket``; ``sorts_vocab``: some row samples at temperature
+        > 0, so the step also sorts the vocabulary."""
+        sort = self.predict(vocab_sort_key(bucket.num_seqs)) if sorts_vocab else 0.0
+        return self.predict(bucket_key(bucket)) + sort
 
     def observe(self, key: str, seconds: float) -> None:
         """Folds an observed time into the estimate (the first observation replaces it)."""

@@ -46,7 +46,7 @@ import numpy as np
 from coserve_jax.batch import Bucket, SeqChunk, TokenBatch, build_batch, pick_bucket
 from coserve_jax.finetune.trainer import InFlight, Trainer
 from coserve_jax.kv_cache import PageAllocator
-from coserve_jax.latency import LatencyModel, bucket_key, piece_key, sample_key
+from coserve_jax.latency import LatencyModel, piece_key, sample_key
 from coserve_jax.lora.slots import AdapterRegistry
 from coserve_jax.policy import BeforeFirstToken, Policy
 from coserve_jax.sampling import SamplingParams
@@ -157,6 +157,12 @@ class IterationPlan:
     def decode_rows(self) -> int:
         return sum(1 for r in self.rows if r.num_tokens == 1 and r.request.output)
 
+    @property
+    def sorts_vocab(self) -> bool:
+        """Some row samples at temperature > 0: the step sorts the vocabulary (all-greedy
+        steps skip it; ``latency.vocab_sort_key``)."""
+        return self.batch is not None and bool((self.batch.temperature > 0).any())
+
 
 class Scheduler:
     """Queues and pages of one engine, and the plan of each of its iterations."""
@@ -203,9 +209,9 @@ class Scheduler:
 
     # ----- requests -------------------------------------------------------------------------
 
-    def admit(self, prompt_len: int, slo: SLO) -> None:
+    def admit(self, prompt_len: int, slo: SLO, sorts_vocab: bool = False) -> None:
         """Refuses, rather than queues without bound, what cannot meet its TTFT; raises
-        ``AdmissionError``."""
+        ``AdmissionError``. ``sorts_vocab``: the request samples at temperature > 0."""
         if len(self.waiting) >= self.max_waiting:
             raise AdmissionError(f"queue full ({self.max_waiting} requests waiting)")
         if not self.admission_control:
@@ -222,9 +228,11 @@ class Scheduler:
         full, rest = divmod(ahead, per_iteration)
         seqs = len(queued) + 1
         widest = -(-max([prompt_len] + [r.num_known + 1 for r in queued]) // self.page_size)
-        estimate = full * self._predict_shape(decodes + per_iteration, seqs, widest, False)
+        sorts = sorts_vocab or any(_sorts_vocab(r) for r in queued)
+        estimate = full * self._predict_shape(decodes + per_iteration, seqs, widest, False,
+                                              sorts)
         if rest:
-            estimate += self._predict_shape(decodes + rest, seqs, widest, False)
+            estimate += self._predict_shape(decodes + rest, seqs, widest, False, sorts)
         if estimate > slo.ttft_s:
             raise AdmissionError(f"cannot meet the TTFT target of {slo.ttft_s:g}s: about "
                                  f"{estimate:.2f}s of prefill is queued ahead")
@@ -470,7 +478,9 @@ class Scheduler:
             token_fallback=plan.token_fallback)
 
     def predicted_step_seconds(self, plan: IterationPlan) -> float:
-        return 0.0 if plan.bucket is None else self.latency.predict(bucket_key(plan.bucket))
+        if plan.bucket is None:
+            return 0.0
+        return self.latency.step_seconds(plan.bucket, plan.sorts_vocab)
 
     def _predict(self, chunks: list[SeqChunk], windows) -> float:
         """Predicted step seconds of ``chunks`` plus the proposed finetuning ``windows``."""
@@ -478,18 +488,19 @@ class Scheduler:
                      default=1)
         num_tokens = sum(len(c.token_ids) for c in chunks) + sum(w.n for w in windows)
         return self._predict_shape(num_tokens, len(chunks) + len(windows), widest,
-                                   bool(windows))
+                                   bool(windows), any(c.temperature > 0 for c in chunks))
 
     def _predict_shape(self, num_tokens: int, num_seqs: int, widest: int,
-                       train: bool) -> float:
+                       train: bool, sorts_vocab: bool = False) -> float:
         """Predicted seconds of the step bucket that holds this many tokens and sequences,
-        the longest with ``widest`` pages (inf when none does)."""
+        the longest with ``widest`` pages (inf when none does); ``sorts_vocab``: some row
+        samples at temperature > 0."""
         try:
             bucket = pick_bucket(self.buckets, num_tokens, min(num_seqs, self.max_num_seqs),
                                  min(widest, self.max_pages_per_seq), train)
         except ValueError:
             return float("inf")
-        return self.latency.predict(bucket_key(bucket))
+        return self.latency.step_seconds(bucket, sorts_vocab)
 
     def _progress(self, req: Request, now: float, sampling: set[str]):
         """What ``Policy.iteration_limit`` needs of a running request (clock: monotonic;
@@ -627,7 +638,8 @@ class Scheduler:
         if not scheduled:
             return 0.0
         widest = max(self.allocator.pages_for(r.num_computed + k) for r, k in scheduled)
-        return self._predict_shape(sum(k for _, k in scheduled), len(scheduled), widest, False)
+        return self._predict_shape(sum(k for _, k in scheduled), len(scheduled), widest, False,
+                                   any(_sorts_vocab(r) for r, _ in scheduled))
 
     def _make_room(self, req: Request, num_tokens: int, taken: set[str]) -> bool:
         """Finetuning yields its pages first, then newer requests are preempted until ``req``
@@ -716,6 +728,11 @@ class Scheduler:
                              req.finish_reason is not None, req.finish_reason, metrics,
                              None if logprobs is None else [logprobs[0]],
                              None if logprobs is None else [logprobs[1]])
+
+
+def _sorts_vocab(req: Request) -> bool:
+    """The request samples at temperature > 0 (its steps sort the vocabulary)."""
+    return req.params.temperature > 0
 
 
 def _row_logprobs(logprobs, row: int, params: SamplingParams

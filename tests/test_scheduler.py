@@ -18,7 +18,7 @@ from coserve_jax import (
     from_records,
 )
 from coserve_jax.finetune.data import synthetic_task
-from coserve_jax.latency import LatencyModel, bucket_key, piece_key, sample_key
+from coserve_jax.latency import LatencyModel, bucket_key, piece_key, sample_key, vocab_sort_key
 from coserve_jax.policy import BeforeFirstToken, Policy, parse_mode
 from coserve_jax.slo import SLO, AdmissionError
 
@@ -205,6 +205,44 @@ def test_admission_refuses_with_a_reason():
         _engine(mode="finetune-only").add_request([5], params)
 
 
+def test_steps_that_sample_at_temperature_are_priced_with_the_vocabulary_sort():
+    """Bucket times are those of all-greedy steps (which skip the sort); a step with a row at
+    temperature > 0 is priced with its rows' sort on top, in plans and in admission, and its
+    observed time is folded into the bucket less that sort."""
+    sort_s = 5.0
+    engine = _engine(mode="inference-only", overlap_host=False)
+    times = _synthetic_times(engine, per_token=0.001, piece=0.001)
+    times |= {vocab_sort_key(b.num_seqs): sort_s for b in engine.buckets}
+    _steps_with_latency(engine, times)
+    observed = []
+    observe = engine.latency.observe
+    engine.latency.observe = lambda key, s: (observed.append((key, s)), observe(key, s))
+    slo = SLO(ttft_s=1.0, tpot_s=60.0)
+    for temperature in (0.0, 1.0):
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=temperature,
+                                                     ignore_eos=True),
+                           slo=slo, admission=False)
+        plan = engine.scheduler.schedule()
+        engine.scheduler.update(plan, np.zeros(plan.bucket.num_seqs, np.int32))
+        bucket_s = engine.latency.predict(bucket_key(plan.bucket))
+        assert plan.sorts_vocab == (temperature > 0)
+        assert engine.scheduler.predicted_step_seconds(plan) == pytest.approx(
+            bucket_s + (sort_s if temperature > 0 else 0.0))
+    engine.scheduler.abort("0")
+    engine.scheduler.abort("1")
+    # Admission: the sort alone is beyond a 1 s TTFT target; a greedy prompt is admitted.
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), slo=slo)
+    with pytest.raises(AdmissionError, match="TTFT target of 1s"):
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=2, temperature=0.7), slo=slo)
+    engine.scheduler.abort("2")
+    # A sampling step's observed time is folded in less the sort's 5 s; a greedy one's whole.
+    engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=1.0, seed=0))
+    assert observed and all(-sort_s < s < 0 for _, s in observed)
+    observed.clear()
+    engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+    assert observed and all(s > 0 for _, s in observed)
+
+
 def test_finished_requests_record_slo_attainment():
     engine = _engine(mode="inference-only")
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True),
@@ -225,7 +263,10 @@ def test_latency_model_is_saved_and_reused(tmp_path):
     engine.warmup(progress=False)
     assert os.path.isfile(engine.latency_path)
     measured = dict(engine.latency.times)
-    assert all(v > 0 for v in measured.values())
+    sorts = {vocab_sort_key(b.num_seqs) for b in engine.buckets}
+    assert sorts <= set(measured)  # the sort's extra time by rows (0 where it is lost in noise)
+    assert all(measured[k] >= 0 for k in sorts)
+    assert all(v > 0 for k, v in measured.items() if k not in sorts)
     assert {bucket_key(b) for b in engine.buckets} <= set(measured)
     # finetune_unit "auto" prices whole samples too, and has chosen a unit.
     assert {sample_key(n) for n in engine.trainer.seq_buckets} <= set(measured)
