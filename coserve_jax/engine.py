@@ -591,8 +591,7 @@ class Engine:
     def _observe_step(self, plan: IterationPlan, seconds: float) -> None:
         """Times a step for its bucket, whose entry is an all-greedy step's time: less the
         sort's predicted time where the step sorted the vocabulary."""
-        sort = self.latency.predict(vocab_sort_key(plan.bucket.num_seqs)) if (
-            plan.sorts_vocab) else 0.0
+        sort = self.latency.sort_seconds(plan.bucket, plan.sorts_vocab)
         self._observe(bucket_key(plan.bucket), seconds - sort)
 
     def _observe(self, key: str, seconds: float) -> None:

@@ -71,8 +71,12 @@ class LatencyModel:
     def step_seconds(self, bucket: Bucket, sorts_vocab: bool) -> float:
         """Seconds of a step of ``bucket``; ``sorts_vocab``: some row samples at temperature
         > 0, so the step also sorts the vocabulary."""
-        sort = self.predict(vocab_sort_key(bucket.num_seqs)) if sorts_vocab else 0.0
-        return self.predict(bucket_key(bucket)) + sort
+        return self.predict(bucket_key(bucket)) + self.sort_seconds(bucket, sorts_vocab)
+
+    def sort_seconds(self, bucket: Bucket, sorts_vocab: bool) -> float:
+        """The vocabulary sort's share of a step of ``bucket`` (0 when ``sorts_vocab`` is
+        False: an all-greedy step skips it)."""
+        return self.predict(vocab_sort_key(bucket.num_seqs)) if sorts_vocab else 0.0
 
     def observe(self, key: str, seconds: float) -> None:
         """Folds an observed time into the estimate (the first observation replaces it)."""

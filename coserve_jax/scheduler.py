@@ -88,6 +88,11 @@ class Request:
         return self.num_known - self.num_computed
 
     @property
+    def sorts_vocab(self) -> bool:
+        """It samples at temperature > 0: the steps it is in sort the vocabulary."""
+        return self.params.temperature > 0
+
+    @property
     def done_sampling(self) -> bool:
         """Every token it may produce is produced or in flight (``max_tokens``)."""
         return len(self.output) + self.in_flight >= self.params.max_tokens
@@ -228,7 +233,7 @@ class Scheduler:
         full, rest = divmod(ahead, per_iteration)
         seqs = len(queued) + 1
         widest = -(-max([prompt_len] + [r.num_known + 1 for r in queued]) // self.page_size)
-        sorts = sorts_vocab or any(_sorts_vocab(r) for r in queued)
+        sorts = sorts_vocab or any(r.sorts_vocab for r in queued)
         estimate = full * self._predict_shape(decodes + per_iteration, seqs, widest, False,
                                               sorts)
         if rest:
@@ -639,7 +644,7 @@ class Scheduler:
             return 0.0
         widest = max(self.allocator.pages_for(r.num_computed + k) for r, k in scheduled)
         return self._predict_shape(sum(k for _, k in scheduled), len(scheduled), widest, False,
-                                   any(_sorts_vocab(r) for r, _ in scheduled))
+                                   any(r.sorts_vocab for r, _ in scheduled))
 
     def _make_room(self, req: Request, num_tokens: int, taken: set[str]) -> bool:
         """Finetuning yields its pages first, then newer requests are preempted until ``req``
@@ -728,11 +733,6 @@ class Scheduler:
                              req.finish_reason is not None, req.finish_reason, metrics,
                              None if logprobs is None else [logprobs[0]],
                              None if logprobs is None else [logprobs[1]])
-
-
-def _sorts_vocab(req: Request) -> bool:
-    """The request samples at temperature > 0 (its steps sort the vocabulary)."""
-    return req.params.temperature > 0
 
 
 def _row_logprobs(logprobs, row: int, params: SamplingParams
