@@ -76,6 +76,24 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return (*out, hi)
 
 
+LOSS_ROWS_MIN = 4
+"""Smallest row count the training loss head is compiled for (``loss_row_sizes``)."""
+
+
+def loss_row_sizes(num_tokens: int) -> tuple[int, ...]:
+    """The row counts a training step of ``num_tokens`` tokens has a loss head for: 0 and
+    powers of two from ``LOSS_ROWS_MIN`` up to ``num_tokens``. The step runs the smallest
+    that holds its rows with a loss (``loss_head_rows``), so a few finetuning tokens beside
+    many decodes pay the vocabulary projection, forward and backward, for their own rows
+    rather than for the whole bucket."""
+    return (0, *powers_of_two(min(LOSS_ROWS_MIN, num_tokens), num_tokens))
+
+
+def loss_head_rows(loss_rows: int, num_tokens: int) -> int:
+    """The loss head a step of ``num_tokens`` tokens runs for ``loss_rows`` rows with a loss."""
+    return next(n for n in loss_row_sizes(num_tokens) if n >= min(loss_rows, num_tokens))
+
+
 def pick_bucket(
     buckets: tuple[Bucket, ...], num_tokens: int, num_seqs: int, num_pages: int,
     train: bool = False,

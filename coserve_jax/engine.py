@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from coserve_jax.batch import Bucket, TokenBatch, build_batch
+from coserve_jax.batch import Bucket, TokenBatch, build_batch, loss_row_sizes
 from coserve_jax.engine_config import EngineConfig, derive_lengths, derive_trainer_config
 from coserve_jax.errors import AdmissionError, AlreadyExists, InUse, InvalidRequest, NotFound
 from coserve_jax.finetune.buffers import TrainBuffers
@@ -37,6 +37,7 @@ from coserve_jax.latency import (
     LATENCY_MODEL_VERSION,
     LatencyModel,
     bucket_key,
+    loss_head_key,
     model_file,
     piece_key,
     sample_key,
@@ -589,10 +590,12 @@ class Engine:
         return done
 
     def _observe_step(self, plan: IterationPlan, seconds: float) -> None:
-        """Times a step for its bucket, whose entry is an all-greedy step's time: less the
-        sort's predicted time where the step sorted the vocabulary."""
-        sort = self.latency.sort_seconds(plan.bucket, plan.sorts_vocab)
-        self._observe(bucket_key(plan.bucket), seconds - sort)
+        """Times a step for its bucket, whose entry is an all-greedy step's time with no
+        loss rows: less the predicted time of the sort where the step sorted the vocabulary
+        and of the loss head where it carried finetuning tokens."""
+        extra = (self.latency.sort_seconds(plan.bucket, plan.sorts_vocab)
+                 + self.latency.loss_seconds(plan.bucket, plan.loss_rows))
+        self._observe(bucket_key(plan.bucket), seconds - extra)
 
     def _observe(self, key: str, seconds: float) -> None:
         """Feeds an observed time to the latency model, except a shape's first run in this
@@ -609,9 +612,11 @@ class Engine:
         """Compiles the step for every bucket and measures the latency model.
 
         The timing batch writes nothing (every KV slot is padding) but takes the
-        costly paths, all tokens using adapter slot 0, except the vocabulary sort: a bucket
-        is timed greedy (the common case, which skips the sort), and the sort's extra
-        time is measured apart for each number of rows (``latency.vocab_sort_key``).
+        costly paths, all tokens using adapter slot 0, except two whose cost depends on the
+        batch, not the bucket, and which are measured apart: the vocabulary sort (a bucket
+        is timed greedy, the common case, which skips it; ``latency.vocab_sort_key`` per
+        number of rows) and a training step's loss head (a bucket is timed with no rows
+        carrying a loss; ``latency.loss_head_key`` per compiled row count).
         A latency model saved by an earlier run with the same hardware, model and
         config is reused instead of measuring again (whole samples are measured when it
         has none: they run only in some modes).
@@ -629,6 +634,7 @@ class Engine:
                 self.latency.observe(bucket_key(bucket), float(np.median(times[1:])))
         if measure:
             self._measure_vocab_sort()
+            self._measure_loss_head()
         if samples:
             times = self.trainer.warmup_samples(progress, repeats=3 if measure_samples else 1)
             self._compiled.update(sample_key(n) for n in times)
@@ -655,28 +661,51 @@ class Engine:
         (``SchedulingConfig.finetune_unit``; "auto" is resolved by ``warmup``)."""
         return self.scheduler.finetune_unit
 
-    def _timing_batch(self, bucket: Bucket, sorts_vocab: bool = False) -> TokenBatch:
+    def _timing_batch(self, bucket: Bucket, sorts_vocab: bool = False,
+                      loss_rows: int = 0) -> TokenBatch:
         batch = build_batch([], bucket, self.config.cache.page_size)
         if self.registry is not None:
             batch = batch.replace(adapter_slots=np.zeros_like(batch.adapter_slots))
         if sorts_vocab:
             batch = batch.replace(temperature=np.ones_like(batch.temperature))
+        if loss_rows:
+            weights = np.zeros_like(batch.loss_weights)
+            weights[:loss_rows] = 1.0 / loss_rows
+            batch = batch.replace(loss_weights=weights)
         return batch
 
-    def _measure_vocab_sort(self, repeats: int = 3) -> None:
+    def _measure_loss_head(self) -> None:
+        """The loss head's extra seconds per compiled row count (``batch.loss_row_sizes``):
+        the smallest training bucket holding that many rows, with them carrying a loss."""
+        smallest = {}
+        for b in self.buckets:
+            if b.train:
+                for rows in loss_row_sizes(b.num_tokens)[1:]:
+                    smallest.setdefault(rows, b)
+        for rows, bucket in smallest.items():
+            self.latency.observe(loss_head_key(rows), self._extra_seconds(
+                bucket, self._timing_batch(bucket, loss_rows=rows), self._timing_batch(bucket)))
+
+    def _measure_vocab_sort(self) -> None:
         """The vocabulary sort's extra seconds per number of rows: the smallest inference
-        bucket of each row count, timed greedy and sampling in turn (the median difference,
-        never below 0)."""
+        bucket of each row count, sampling at temperature 1."""
         smallest = {}
         for b in self.buckets:
             if not b.train:
                 smallest.setdefault(b.num_seqs, b)
         for num_seqs, bucket in smallest.items():
-            greedy, sorting = self._timing_batch(bucket), self._timing_batch(bucket, True)
-            self._run_padding(sorting, bucket)  # (the first run of the sort's branch)
-            diffs = [self._run_padding(sorting, bucket) - self._run_padding(greedy, bucket)
-                     for _ in range(repeats)]
-            self.latency.observe(vocab_sort_key(num_seqs), max(0.0, float(np.median(diffs))))
+            self.latency.observe(vocab_sort_key(num_seqs), self._extra_seconds(
+                bucket, self._timing_batch(bucket, sorts_vocab=True), self._timing_batch(bucket)))
+
+    def _extra_seconds(self, bucket: Bucket, batch: TokenBatch, plain: TokenBatch,
+                       repeats: int = 3) -> float:
+        """What ``batch`` costs over ``plain`` in a step of ``bucket``: the median difference
+        of the two timed in turn, never below 0 (the first run of ``batch``, whose branch
+        may not have run yet, is not timed)."""
+        self._run_padding(batch, bucket)
+        diffs = [self._run_padding(batch, bucket) - self._run_padding(plain, bucket)
+                 for _ in range(repeats)]
+        return max(0.0, float(np.median(diffs)))
 
     def _run_padding(self, batch, bucket) -> float:
         t0 = time.perf_counter()

@@ -12,6 +12,12 @@ logits, which costs extra by the bucket's rows (``vocab_sort_key``) and is price
 (``step_seconds``). On a vocabulary of 49152 the sort of 16 rows doubled a CPU step, so
 a table measured on the sorting path priced greedy steps, and above all the training
 buckets greedy serving never corrected, at twice their time.
+
+Likewise a training bucket's time is that of a step with no rows carrying a loss: the
+loss head (the vocabulary projection and its gradient) runs over the rows with a loss
+only, in a few compiled sizes (``batch.loss_row_sizes``), and each size's seconds are
+measured apart (``loss_head_key``) and priced on top by the finetuning tokens a step
+carries.
 """
 
 from __future__ import annotations
@@ -22,22 +28,29 @@ import json
 import os
 import tempfile
 
-from coserve_jax.batch import Bucket
+from coserve_jax.batch import Bucket, loss_head_rows
 
 
 def bucket_key(b: Bucket) -> str:
     return f"t{b.num_tokens}-s{b.num_seqs}-w{b.num_pages}-{'train' if b.train else 'infer'}"
 
 
-LATENCY_MODEL_VERSION = 2
+LATENCY_MODEL_VERSION = 3
 """Part of a saved model's file key: bumped when what a key's time means changes (2: step
-buckets are timed greedy, the vocabulary sort apart)."""
+buckets are timed greedy, the vocabulary sort apart; 3: training buckets are timed with
+no loss rows, the loss head apart)."""
 
 
 def vocab_sort_key(num_seqs: int) -> str:
     """The extra seconds of a step of ``num_seqs`` rows whose batch samples a row at
     temperature > 0 (the sort of every row's logits over the vocabulary)."""
     return f"vocab-sort-s{num_seqs}"
+
+
+def loss_head_key(rows: int) -> str:
+    """The extra seconds of a training step whose loss head runs over ``rows`` rows (one of
+    ``batch.loss_row_sizes``), over the same step with no rows carrying a loss."""
+    return f"loss-head-r{rows}"
 
 
 def piece_key(seq_len: int, num_layers: int, block: int | None = None) -> str:
@@ -68,10 +81,19 @@ class LatencyModel:
         observation replaces the guess (warm-up measures every shape up front)."""
         return self.times.get(key, 0.0)
 
-    def step_seconds(self, bucket: Bucket, sorts_vocab: bool) -> float:
+    def step_seconds(self, bucket: Bucket, sorts_vocab: bool, loss_rows: int = 0) -> float:
         """Seconds of a step of ``bucket``; ``sorts_vocab``: some row samples at temperature
-        > 0, so the step also sorts the vocabulary."""
-        return self.predict(bucket_key(bucket)) + self.sort_seconds(bucket, sorts_vocab)
+        > 0, so the step also sorts the vocabulary; ``loss_rows``: rows carrying a finetuning
+        loss (a training bucket's loss head)."""
+        return (self.predict(bucket_key(bucket)) + self.sort_seconds(bucket, sorts_vocab)
+                + self.loss_seconds(bucket, loss_rows))
+
+    def loss_seconds(self, bucket: Bucket, loss_rows: int) -> float:
+        """The loss head's share of a step of ``bucket`` with ``loss_rows`` rows carrying a
+        loss (0 for none)."""
+        if not bucket.train or loss_rows <= 0:
+            return 0.0
+        return self.predict(loss_head_key(loss_head_rows(loss_rows, bucket.num_tokens)))
 
     def sort_seconds(self, bucket: Bucket, sorts_vocab: bool) -> float:
         """The vocabulary sort's share of a step of ``bucket`` (0 when ``sorts_vocab`` is

@@ -168,6 +168,12 @@ class IterationPlan:
         steps skip it; ``latency.vocab_sort_key``)."""
         return self.batch is not None and bool((self.batch.temperature > 0).any())
 
+    @property
+    def loss_rows(self) -> int:
+        """Rows carrying a finetuning loss: what the step's loss head runs over
+        (``latency.loss_head_key``)."""
+        return sum(int(np.count_nonzero(c.loss_weights)) for _, c in self.windows)
+
 
 class Scheduler:
     """Queues and pages of one engine, and the plan of each of its iterations."""
@@ -367,7 +373,8 @@ class Scheduler:
         forward = self.max_num_batched_tokens - decodes
         pages = -(-n // self.page_size)
         windows = -(-forward // trainer.config.window)
-        mixed = self._predict_shape(decodes + forward, decodes + windows, pages, True)
+        mixed = self._predict_shape(decodes + forward, decodes + windows, pages, True,
+                                    loss_rows=forward)
         alone = self._predict_shape(decodes, decodes, pages, False)
         if not (sample and piece and alone) or forward <= 0 or mixed == float("inf"):
             return None
@@ -485,27 +492,30 @@ class Scheduler:
     def predicted_step_seconds(self, plan: IterationPlan) -> float:
         if plan.bucket is None:
             return 0.0
-        return self.latency.step_seconds(plan.bucket, plan.sorts_vocab)
+        return self.latency.step_seconds(plan.bucket, plan.sorts_vocab, plan.loss_rows)
 
     def _predict(self, chunks: list[SeqChunk], windows) -> float:
-        """Predicted step seconds of ``chunks`` plus the proposed finetuning ``windows``."""
+        """Predicted step seconds of ``chunks`` plus the proposed finetuning ``windows``
+        (each window's tokens priced as rows with a loss: at most that many have one)."""
         widest = max([len(c.page_table) for c in chunks] + [w.pages for w in windows],
                      default=1)
-        num_tokens = sum(len(c.token_ids) for c in chunks) + sum(w.n for w in windows)
+        forward = sum(w.n for w in windows)
+        num_tokens = sum(len(c.token_ids) for c in chunks) + forward
         return self._predict_shape(num_tokens, len(chunks) + len(windows), widest,
-                                   bool(windows), any(c.temperature > 0 for c in chunks))
+                                   bool(windows), any(c.temperature > 0 for c in chunks),
+                                   loss_rows=forward)
 
     def _predict_shape(self, num_tokens: int, num_seqs: int, widest: int,
-                       train: bool, sorts_vocab: bool = False) -> float:
+                       train: bool, sorts_vocab: bool = False, loss_rows: int = 0) -> float:
         """Predicted seconds of the step bucket that holds this many tokens and sequences,
         the longest with ``widest`` pages (inf when none does); ``sorts_vocab``: some row
-        samples at temperature > 0."""
+        samples at temperature > 0; ``loss_rows``: rows carrying a finetuning loss."""
         try:
             bucket = pick_bucket(self.buckets, num_tokens, min(num_seqs, self.max_num_seqs),
                                  min(widest, self.max_pages_per_seq), train)
         except ValueError:
             return float("inf")
-        return self.latency.step_seconds(bucket, sorts_vocab)
+        return self.latency.step_seconds(bucket, sorts_vocab, loss_rows)
 
     def _progress(self, req: Request, now: float, sampling: set[str]):
         """What ``Policy.iteration_limit`` needs of a running request (clock: monotonic;

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coserve_jax.batch import TokenBatch
+from coserve_jax.batch import TokenBatch, loss_row_sizes
 from coserve_jax.config import ModelConfig
 from coserve_jax.finetune.buffers import TrainBuffers, drop_negative
 from coserve_jax.kv_cache import KVCache
@@ -38,12 +38,13 @@ from pallas_kernels.ragged_paged_attention import write_kv_pages
 
 log = logging.getLogger(__name__)
 
-STEP_PROGRAM_VERSION = 4
+STEP_PROGRAM_VERSION = 5
 """Bumped when the step's program changes what a bucket costs (saved latency models are
 keyed on it). 2: many-sequence batches attend by token on the reference path. 3: the step
 also returns the sampled tokens' logprobs and the top ``MAX_LOGPROBS`` (a top-k over the
 vocabulary per sequence). 4: the KV cache is one array with K and V combined on the head
-axis (one scatter per layer)."""
+axis (one scatter per layer). 5: a training step's loss head runs over its rows with a
+loss only (``_training_loss``), priced apart (``latency.loss_head_key``)."""
 
 REFERENCE_KERNELS = Kernels(impl="reference")
 """The jnp references: what direct callers of the step functions use by default."""
@@ -149,8 +150,7 @@ def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
         on_layer_input=save, on_projections=save_projections, hints=hints)
     num_seqs = batch.num_seqs
     if with_train:
-        (_, ce), g = jax.value_and_grad(_head_loss, argnums=2, has_aux=True)(
-            cfg, params, x, batch.labels, batch.loss_weights)
+        ce, g = _training_loss(cfg, params, x, batch.labels, batch.loss_weights)
         acts, saved = stores
         train = train.replace(acts=acts, saved=saved,
                               grads_h=train.grads_h.at[rows].set(g, mode="drop"))
@@ -177,6 +177,37 @@ def _head_loss(cfg, params, x, labels, weights):
     ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
         logits, labels[:, None], axis=-1)[:, 0]
     return jnp.sum(ce * weights), ce
+
+
+def _training_loss(cfg, params, x, labels, weights):
+    """The per-token cross-entropy ``ce [T]`` and its gradient w.r.t. the last layer output
+    ``g [T, D]`` (of the weighted sum), computed over the rows with a loss weight only.
+
+    The vocabulary projection, forward and backward, is the costliest part of the head: a
+    finetuning window of a few tokens beside many decodes would pay it for every row of
+    the bucket. The rows with a loss are gathered first (in order) and the head runs for
+    the smallest of ``batch.loss_row_sizes`` that holds them, a ``lax.switch`` on their
+    count; other rows get ``ce = 0`` and ``g = 0``, which is what their zero weight gives
+    them anyway."""
+    num_tokens = x.shape[0]
+    sizes = loss_row_sizes(num_tokens)
+    has_loss = weights != 0
+    order = jnp.argsort(~has_loss, stable=True)  # rows with a loss first, in batch order
+
+    def head(size):
+        def run(x):
+            if size == 0:
+                return jnp.zeros((num_tokens,), jnp.float32), jnp.zeros_like(x)
+            rows = order[:size]
+            (_, ce), g = jax.value_and_grad(_head_loss, argnums=2, has_aux=True)(
+                cfg, params, x[rows], labels[rows], weights[rows])
+            ce = jnp.where(has_loss[rows], ce, 0.0)  # the size's rows past those with a loss
+            return (jnp.zeros((num_tokens,), ce.dtype).at[rows].set(ce),
+                    jnp.zeros_like(x).at[rows].set(g))
+        return run
+
+    branch = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(has_loss))  # first size >= count
+    return jax.lax.switch(branch, [head(size) for size in sizes], x)
 
 
 def _one_slot_lora(kernels: Kernels, scale: jax.Array) -> llama.LoraFn:

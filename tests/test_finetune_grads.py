@@ -70,3 +70,32 @@ def test_pieces_with_kept_projections_run_no_frozen_matmul_of_the_forward_again(
 
     for layers in (1, 2):
         assert matmuls(False, layers) - matmuls(True, layers) == len(PROJECTIONS)
+
+
+@pytest.mark.parametrize("with_loss", [0, 1, 3, 4, 5, 9, 16])
+def test_loss_head_over_the_rows_with_a_loss_equals_the_head_over_every_row(with_loss):
+    """The step's loss head runs over its rows with a loss only (the smallest compiled row
+    count holding them): per-token losses of those rows and the gradient at every row equal
+    the head over all rows, whose other rows have weight 0."""
+    import jax
+    import jax.numpy as jnp
+
+    from coserve_jax.step import _head_loss, _training_loss
+
+    model = tiny_model()
+    cfg, params = model.config, model.params
+    rng = np.random.default_rng(with_loss)
+    num_tokens = 16
+    x = jnp.asarray(rng.standard_normal((num_tokens, cfg.hidden_size)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, cfg.vocab_size, num_tokens), jnp.int32)
+    weights = np.zeros(num_tokens, np.float32)
+    weights[rng.choice(num_tokens, with_loss, replace=False)] = 1.0 / max(with_loss, 1)
+    weights = jnp.asarray(weights)
+    (_, ce_all), g_all = jax.value_and_grad(_head_loss, argnums=2, has_aux=True)(
+        cfg, params, x, labels, weights)
+    ce, g = jax.jit(lambda x: _training_loss(cfg, params, x, labels, weights))(x)
+    np.testing.assert_allclose(ce * weights, ce_all * weights, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(g, g_all, rtol=1e-5, atol=1e-8)
+    assert np.all(np.asarray(ce)[np.asarray(weights) == 0] == 0)
+    if with_loss:
+        assert np.abs(np.asarray(g)).max() > 0

@@ -17,8 +17,16 @@ from coserve_jax import (
     SamplingParams,
     from_records,
 )
+from coserve_jax.batch import loss_head_rows, loss_row_sizes
 from coserve_jax.finetune.data import synthetic_task
-from coserve_jax.latency import LatencyModel, bucket_key, piece_key, sample_key, vocab_sort_key
+from coserve_jax.latency import (
+    LatencyModel,
+    bucket_key,
+    loss_head_key,
+    piece_key,
+    sample_key,
+    vocab_sort_key,
+)
 from coserve_jax.policy import BeforeFirstToken, Policy, parse_mode
 from coserve_jax.slo import SLO, AdmissionError
 
@@ -243,6 +251,35 @@ def test_steps_that_sample_at_temperature_are_priced_with_the_vocabulary_sort():
     assert observed and all(s > 0 for _, s in observed)
 
 
+def test_training_steps_are_priced_with_the_loss_head_of_their_rows():
+    """A training bucket's time is that of a step with no rows carrying a loss; a plan with
+    finetuning windows is priced with the loss head of its rows on top (the smallest compiled
+    row count holding them), and its observed time is folded in less that head."""
+    engine = _engine(mode="finetune-only", overlap_host=False)
+    engine.submit_job(_job())
+    sizes = {rows for b in engine.buckets if b.train for rows in loss_row_sizes(b.num_tokens)}
+    head_s = {rows: 5.0 + rows for rows in sizes - {0}}
+    times = _synthetic_times(engine, per_token=0.001, piece=0.001)
+    _steps_with_latency(engine, times | {loss_head_key(r): s for r, s in head_s.items()})
+    plans, observed = [], []
+    schedule, observe = engine.scheduler.schedule, engine.latency.observe
+    engine.scheduler.schedule = lambda *a, **k: plans.append(schedule(*a, **k)) or plans[-1]
+    engine.latency.observe = lambda key, s: (observed.append((key, s)), observe(key, s))
+    for _ in range(6):
+        engine.step()
+    training = [p for p in plans if p.windows]
+    assert training
+    for plan in training:
+        rows = plan.loss_rows
+        assert 0 < rows == sum(int((c.loss_weights > 0).sum()) for _, c in plan.windows)
+        head = head_s[loss_head_rows(rows, plan.bucket.num_tokens)]
+        assert engine.scheduler.predicted_step_seconds(plan) == pytest.approx(
+            times[bucket_key(plan.bucket)] + head)
+    # Observed steps (well under a second here) are folded in less their head (9 s or more).
+    steps = [s for key, s in observed if key.endswith("-train")]
+    assert steps and all(s < 0 for s in steps)
+
+
 def test_finished_requests_record_slo_attainment():
     engine = _engine(mode="inference-only")
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True),
@@ -263,10 +300,14 @@ def test_latency_model_is_saved_and_reused(tmp_path):
     engine.warmup(progress=False)
     assert os.path.isfile(engine.latency_path)
     measured = dict(engine.latency.times)
-    sorts = {vocab_sort_key(b.num_seqs) for b in engine.buckets}
-    assert sorts <= set(measured)  # the sort's extra time by rows (0 where it is lost in noise)
-    assert all(measured[k] >= 0 for k in sorts)
-    assert all(v > 0 for k, v in measured.items() if k not in sorts)
+    # The sort's extra time by rows and the loss head's by row count (0 where it is lost in
+    # noise): the small vocabulary of the tiny model makes both cheap.
+    extras = {vocab_sort_key(b.num_seqs) for b in engine.buckets}
+    extras |= {loss_head_key(r) for b in engine.buckets if b.train
+               for r in loss_row_sizes(b.num_tokens)[1:]}
+    assert extras <= set(measured)
+    assert all(measured[k] >= 0 for k in extras)
+    assert all(v > 0 for k, v in measured.items() if k not in extras)
     assert {bucket_key(b) for b in engine.buckets} <= set(measured)
     # finetune_unit "auto" prices whole samples too, and has chosen a unit.
     assert {sample_key(n) for n in engine.trainer.seq_buckets} <= set(measured)
