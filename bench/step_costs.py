@@ -29,7 +29,6 @@ import numpy as np
 from coserve import engine_config, tier_model
 
 import coserve_jax as cj
-from coserve_jax.latency import bucket_key
 
 from benchlib import library_revision, markdown_table, record
 
@@ -53,24 +52,23 @@ def cases(engine: cj.Engine) -> list[tuple[str, object, object]]:
     return out
 
 
-def measure(engine: cj.Engine, timed: list, repeats: int) -> dict[tuple[str, str], float]:
-    """Median seconds of each case, the cases run in turn ``repeats`` times (after one
-    untimed run each: compilation and first runs of branches)."""
+def measure(engine: cj.Engine, timed: list, repeats: int) -> dict[tuple[int, str], float]:
+    """Median seconds of each case by (bucket tokens, label), the cases run in turn
+    ``repeats`` times (after one untimed run each: compilation and first runs of branches)."""
     for _, bucket, batch in timed:
         engine._run_padding(batch, bucket)
-    seconds: dict[tuple[str, str], list[float]] = {}
+    seconds: dict[tuple[int, str], list[float]] = {}
     for _ in range(repeats):
         for label, bucket, batch in timed:
-            seconds.setdefault((bucket_key(bucket), label), []).append(
+            seconds.setdefault((bucket.num_tokens, label), []).append(
                 engine._run_padding(batch, bucket))
     return {key: float(np.median(v)) for key, v in seconds.items()}
 
 
-def table(medians: dict[tuple[str, str], float]) -> str:
+def table(medians: dict[tuple[int, str], float]) -> str:
     """One row per token count: inference greedy and sampling, training by loss rows."""
     by_tokens: dict[int, dict[str, float]] = {}
-    for (key, label), s in medians.items():
-        tokens = int(key.split("-")[0][1:])
+    for (tokens, label), s in medians.items():
         by_tokens.setdefault(tokens, {})[label] = s
     rows = []
     for tokens, m in sorted(by_tokens.items()):
