@@ -25,10 +25,14 @@ The regime (DESIGN.md section 5, FlexLLM's evaluation):
 
 Finetuning throughput counts tokens whose forward and backward both finished within the
 trace. Every run is repeated in ``--rounds`` interleaved rounds and pooled (attainment over
-all their requests), since a shared machine's speed drifts over minutes; the latency model
-is measured afresh at the start. Each run appends nothing until the end, where the table and
-the target checks go to BENCHMARKS.md (``--no-record`` skips it) and ``--json`` gets one
-record per mode and rate.
+all their requests), since a shared machine's speed drifts over minutes; round i draws its
+own trace (seed ``--seed`` + i, the same for every mode in the round), so that a pooled
+figure rests on several samples of the workload rather than one trace run twice, and a
+trace lasts long enough to hold ``--min-requests`` requests on average at its rate (at a
+few requests per second a 6-second trace holds a dozen, and one late request moves the
+attainment by several points). The latency model is measured afresh at the start. Each
+run appends nothing until the end, where the table and the target checks go to
+BENCHMARKS.md (``--no-record`` skips it) and ``--json`` gets one record per mode and rate.
 
     python bench/coserve.py --quick --json out.json       # about 15 minutes on 2 CPU cores
     python bench/coserve.py --tier small --quick           # SmolLM2-135M shapes
@@ -129,12 +133,19 @@ def finetune_job(model, seed: int = 0, max_len: int = 256) -> FinetuneJob:
                        max_steps=10**6, seed=seed)
 
 
-def arrival_times(rate: float, args) -> np.ndarray:
+def trace_seconds(rate: float, args) -> float:
+    """Seconds of trace of a run at ``rate``: ``args.duration``, or longer at a rate too low
+    for that to hold ``args.min_requests`` requests on average."""
+    floor = getattr(args, "min_requests", 0) / rate if rate > 0 else 0.0
+    return max(args.duration, floor)
+
+
+def arrival_times(rate: float, args, seed: int, duration: float) -> np.ndarray:
     if rate <= 0:
         return np.zeros(0)
     if getattr(args, "arrivals", "poisson") == "gamma":
-        return gamma_arrivals(rate, args.gamma_cv, args.duration, args.seed)
-    return poisson_arrivals(rate, args.duration, args.seed)
+        return gamma_arrivals(rate, args.gamma_cv, duration, seed)
+    return poisson_arrivals(rate, duration, seed)
 
 
 def longest_request(args) -> int:
@@ -142,9 +153,11 @@ def longest_request(args) -> int:
     return int(0.4 * getattr(args, "max_model_len", 512))
 
 
-def run_one(model, mode: str, rate: float, args, finetune: bool | None = None) -> dict:
-    """Drives one engine for ``args.duration`` seconds of trace; returns a record.
-    ``finetune`` (default: every mode but inference-only) submits the benchmark's job."""
+def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
+            seed: int | None = None) -> dict:
+    """Drives one engine for ``trace_seconds`` of trace; returns a record.
+    ``finetune`` (default: every mode but inference-only) submits the benchmark's job.
+    ``seed`` (default ``args.seed``) draws the trace: arrivals, lengths and prompts."""
     engine = Engine(model, engine_config(mode, args))
     engine.warmup(progress=False)
     engine.latency.errors.clear()  # from here: the run's own predictions
@@ -153,10 +166,12 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None) -
         engine.submit_job(finetune_job(model, max_len=engine.trainer.config.max_len))
         run = engine.trainer.jobs["bench"]
     slo = SLO(args.ttft_s, args.tpot_ms / 1000)
-    rng = np.random.default_rng(args.seed)
-    arrivals = arrival_times(rate, args)
+    seed = args.seed if seed is None else seed
+    duration = trace_seconds(rate, args)
+    rng = np.random.default_rng(seed)
+    arrivals = arrival_times(rate, args, seed, duration)
     longest = longest_request(args)
-    prompt_lens, output_lens = sharegpt_lengths(len(arrivals), args.seed, scale=args.scale,
+    prompt_lens, output_lens = sharegpt_lengths(len(arrivals), seed, scale=args.scale,
                                                 max_prompt=longest, max_output=longest)
     prompts = [rng.integers(3, 259, size=int(n)).tolist() for n in prompt_lens]
     refused, out_tokens, metrics = 0, 0, []
@@ -173,18 +188,18 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None) -
             except AdmissionError:
                 refused += 1
             i += 1
-        if now >= args.duration:
+        if now >= duration:
             if ft_tokens_at_end is None:
                 ft_tokens_at_end = run.tokens_trained if finetune else 0
                 host, iteration = engine.counters["host_s"], engine.counters["iteration_s"]
-            if not (engine.running or engine.waiting) or now > args.duration + args.drain:
+            if not (engine.running or engine.waiting) or now > duration + args.drain:
                 break
-        busy = engine.running or engine.waiting or (finetune and now < args.duration)
+        busy = engine.running or engine.waiting or (finetune and now < duration)
         if not busy:
             time.sleep(max(0.0, min(arrivals[i] - now if i < len(arrivals) else 0.01, 0.01)))
             continue
         for out in engine.step():
-            if time.monotonic() - start <= args.duration:
+            if time.monotonic() - start <= duration:
                 out_tokens += len(out.new_token_ids)
             if out.finished:
                 metrics.append(out.metrics)
@@ -199,12 +214,13 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None) -
     error = {f"prediction_error_p{q}": float(np.percentile(errors, q)) for q in (50, 90)
              if len(errors)}
     return {
-        "mode": mode, "rate": rate, "requests": n, "refused": refused, "unfinished": unfinished,
+        "mode": mode, "rate": rate, "seed": seed, "duration_s": duration,
+        "requests": n, "refused": refused, "unfinished": unfinished,
         "slo_attainment": attained / n if n else 1.0,
         "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
         "tpot_p50_s": float(np.percentile(tpot, 50)), "tpot_p99_s": float(np.percentile(tpot, 99)),
-        "inference_tokens_per_s": out_tokens / args.duration,
-        "ft_tokens_per_s": ft_tokens_at_end / args.duration,
+        "inference_tokens_per_s": out_tokens / duration,
+        "ft_tokens_per_s": ft_tokens_at_end / duration,
         "host_fraction": host / iteration if iteration else 0.0,
         "steps": engine.counters["steps"], "mixed_steps": engine.counters["mixed_steps"],
         "whole_samples": engine.counters["whole_samples"],
@@ -231,6 +247,7 @@ def pool_rounds(recs: list[dict]) -> dict:
     out["rounds"] = len(recs)
     out["round_attainment"] = [r["slo_attainment"] for r in recs]
     out["round_ft_tokens_per_s"] = [r["ft_tokens_per_s"] for r in recs]
+    out["round_seeds"] = [r.get("seed") for r in recs]
     return out
 
 
@@ -258,15 +275,16 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
               bisections: int = 2, log=print) -> tuple[float, list[dict]]:
     """The highest arrival rate at which inference-only keeps ``attainment``: doubling from
     ``start`` until it fails, then ``bisections`` halvings of the bracket. A probe that
-    misses is run once more, and the rate fails only if that run misses too: on a shared
-    machine one slow moment would otherwise set the whole benchmark's load (a peak found
-    too low is silent, one too high shows in inference-only's attainment at the peak).
-    Returns the rate and every probe's record."""
+    misses is run once more, on the next round's trace (seed ``args.seed`` + 1), and the
+    rate fails only if that run misses too: on a shared machine one slow moment would
+    otherwise set the whole benchmark's load (a peak found too low is silent, one too high
+    shows in inference-only's attainment at the peak). Returns the rate and every probe's
+    record."""
     probes = []
 
     def ok(rate: float) -> bool:
         for attempt in (1, 2):
-            rec = run_one(model, "inference-only", rate, args)
+            rec = run_one(model, "inference-only", rate, args, seed=args.seed + attempt - 1)
             probes.append(rec)
             log(f"  peak probe {rate:7.2f} req/s" + (" (again)" if attempt == 2 else "")
                 + f": inference-only attainment {rec['slo_attainment']:.1%}")
@@ -357,8 +375,8 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
         where = f"rate {rate:g}" + ("" if frac is None else f" ({frac:g} of peak)")
         if inf["slo_attainment"] >= 0.95:
             ok = co["slo_attainment"] >= 0.95
-            lines.append(f"{where}: inference-only {inf['slo_attainment']:.1%}, coserve "
-                         f"{co['slo_attainment']:.1%} -> {'OK' if ok else 'MISSED'} (>= 95%)")
+            lines.append(f"{where}: inference-only {_missed(inf)}, coserve {_missed(co)} -> "
+                         f"{'OK' if ok else 'MISSED'} (>= 95%)")
         bound = compute_bound(inf, ceiling, tpot_target_s) if tpot_target_s else None
         if bound is not None:
             lines.append(
@@ -405,6 +423,15 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
 
 def mode_label(mode: str) -> str:
     return f"{mode} ({ABLATION})" if mode.startswith("temporal:") else mode
+
+
+def _missed(r: dict) -> str:
+    """Attainment, with how many of how many requests missed where the record counts them
+    (a few requests move a short run's attainment by points)."""
+    if not r.get("requests"):
+        return f"{r['slo_attainment']:.1%}"
+    missed = round((1 - r["slo_attainment"]) * r["requests"])
+    return f"{r['slo_attainment']:.1%} ({missed} of {r['requests']} missed)"
 
 
 def _attainment(r: dict) -> str:
@@ -519,7 +546,8 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     records.append(whole | {"mode": WHOLE_SAMPLES, "rate_fraction": 0.0})
     regime["ft_whole_tokens_per_s"] = whole["ft_tokens_per_s"]
     log(f"{WHOLE_SAMPLES}: {whole['ft_tokens_per_s']:.0f} finetuning tokens/s")
-    known = {(p["mode"], round(p["rate"], 6)): p for p in probes}
+    # A peak probe stands for the round whose trace it ran (popped: used once).
+    known = {(p["mode"], round(p["rate"], 6), p["seed"]): p for p in probes}
     runs = [(m, r) for r in rates for m in args.modes]
     runs += [("inference-only", round(r / f, 6)) for r in rates for f in SEPARATE_FRACTIONS]
     runs = list(dict.fromkeys(runs))
@@ -527,9 +555,11 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     for i in range(args.rounds):
         # Interleaved rounds, every other one in reverse order: a machine whose speed
         # drifts over minutes weighs on every mode alike.
+        # Every mode of a round runs the round's own trace.
+        seed = args.seed + i
         for mode, rate in runs if i % 2 == 0 else runs[::-1]:
-            # A peak probe at this rate stands for its first round (popped: used once).
-            rec = known.pop((mode, round(rate, 6)), None) or run_one(model, mode, rate, args)
+            rec = (known.pop((mode, round(rate, 6), seed), None)
+                   or run_one(model, mode, rate, args, seed=seed))
             rounds[mode, rate].append(rec)
             log(f"{mode_label(mode):>40} @ {rate:6.2f} req/s (round {i + 1}): attainment "
                 f"{rec['slo_attainment']:.1%}, finetuning {rec['ft_tokens_per_s']:.0f} tok/s")
@@ -575,7 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--safety", type=float, default=0.9,
                    help="share of a target an iteration is planned to fill (SchedulingConfig)")
     p.add_argument("--scale", type=float, default=0.25, help="ShareGPT length scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="trace seed of the first round (round i runs seed + i)")
+    p.add_argument("--min-requests", type=int, default=30,
+                   help="a run's trace lasts long enough to hold this many requests on "
+                        "average (longer than --duration at low rates)")
     p.add_argument("--rounds", type=int,
                    help="interleaved rounds of every run, pooled (default 2 with --quick, "
                         "3 otherwise): the machine's drift weighs on every mode alike")
@@ -633,8 +667,10 @@ def main(argv: list[str] | None = None) -> int:
                        + (f"{peak:.2f} req/s" if peak else "not measured (fixed rates)")
                        + f"; {args.arrivals} arrivals"
                        + (f" (cv {args.gamma_cv:g})" if args.arrivals == "gamma" else "")
-                       + f", seed {args.seed}, {args.rounds} interleaved rounds of "
-                       f"{args.duration:.3g} s per run (pooled), backward pieces "
+                       + f", {args.rounds} interleaved rounds of {args.duration:.3g} s per "
+                       f"run or {args.min_requests} requests' worth where longer (pooled), "
+                       f"trace seeds {args.seed}-{args.seed + args.rounds - 1} (one per "
+                       f"round), backward pieces "
                        + (f"of {args.backward_block}-token blocks" if args.backward_block
                           else "over whole sequences")
                        + (" reusing the forward's projections" if args.keep_projections

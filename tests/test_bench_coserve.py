@@ -140,13 +140,62 @@ def test_a_peak_probe_that_misses_once_is_run_again(monkeypatch):
     runs = {2.0: [1.0], 4.0: [0.80, 1.0], 8.0: [0.5, 0.6], 6.0: [1.0], 7.0: [0.9, 0.9]}
     seen = []
 
-    def run_one(model, mode, rate, args):
+    def run_one(model, mode, rate, args, seed):
         assert mode == "inference-only"
-        seen.append(rate)
-        return {"mode": mode, "rate": rate, "slo_attainment": runs[rate].pop(0)}
+        seen.append((rate, seed))
+        return {"mode": mode, "rate": rate, "seed": seed,
+                "slo_attainment": runs[rate].pop(0)}
 
     monkeypatch.setattr(coserve, "run_one", run_one)
-    peak, probes = coserve.find_peak(None, None, bisections=2, log=lambda _: None)
+    args = argparse.Namespace(seed=3)
+    peak, probes = coserve.find_peak(None, args, bisections=2, log=lambda _: None)
     assert peak == 6.0
-    assert seen == [2.0, 4.0, 4.0, 8.0, 8.0, 6.0, 7.0, 7.0]
+    # A probe run again draws the next round's trace.
+    assert seen == [(2.0, 3), (4.0, 3), (4.0, 4), (8.0, 3), (8.0, 4), (6.0, 3), (7.0, 3),
+                    (7.0, 4)]
     assert len(probes) == len(seen)
+
+
+def test_a_trace_holds_the_minimum_number_of_requests_at_low_rates():
+    args = argparse.Namespace(duration=6.0, min_requests=30)
+    assert coserve.trace_seconds(1.5, args) == pytest.approx(20.0)
+    assert coserve.trace_seconds(24.0, args) == 6.0
+    assert coserve.trace_seconds(0.0, args) == 6.0  # finetune-only: no requests
+    assert coserve.trace_seconds(1.5, argparse.Namespace(duration=6.0)) == 6.0
+
+
+def test_each_round_runs_its_own_trace_and_probes_stand_for_their_round(monkeypatch):
+    counts = dict(requests=20, refused=0, unfinished=0, steps=5, mixed_steps=0,
+                  whole_samples=0)
+    calls = []
+
+    def run_one(model, mode, rate, args, seed=None):
+        calls.append((mode, rate, seed))
+        return rec(mode, rate, 1.0, 0.0 if mode == "inference-only" else 100.0, seed=seed,
+                   **counts)
+
+    probes = [rec("inference-only", 4.0, 0.9, 0.0, seed=5, **counts),
+              rec("inference-only", 4.0, 1.0, 0.0, seed=6, **counts)]
+    monkeypatch.setattr(coserve, "run_one", run_one)
+    monkeypatch.setattr(coserve, "find_peak", lambda *a, **k: (4.0, probes))
+    args = argparse.Namespace(tpot_ms=10.0, ttft_s=2.0, drain=1.0, duration=6.0, scale=0.25,
+                              max_model_len=512, duration_given=True, rates=None,
+                              fractions=[1.0], modes=["coserve", "inference-only"], rounds=2,
+                              seed=5, peak_bisections=0)
+    shown, regime = coserve.run_regime(None, args, log=lambda _: None)
+    served = [c for c in calls if c[1] > 0]
+    # Every run but the probes', once per round, on that round's trace.
+    expected = [(m, r) for m, r in [("coserve", 4.0)] + [
+        ("inference-only", round(4.0 / f, 6)) for f in coserve.SEPARATE_FRACTIONS]]
+    assert sorted(served) == sorted((m, r, s) for m, r in expected for s in (5, 6))
+    inference = next(r for r in shown if r["mode"] == "inference-only" and r["rate"] == 4.0)
+    assert inference["round_seeds"] == [5, 6]
+    assert inference["round_attainment"] == [0.9, 1.0]
+
+
+def test_the_attainment_check_counts_the_requests_that_missed():
+    recs = [rec("coserve", 3.0, 0.875, 600.0, rate_fraction=0.5, requests=40),
+            rec("inference-only", 3.0, 0.975, 0.0, requests=40)]
+    lines = coserve.compare(recs, [3.0], 1000.0)
+    assert ("rate 3 (0.5 of peak): inference-only 97.5% (1 of 40 missed), coserve 87.5% "
+            "(5 of 40 missed) -> MISSED (>= 95%)") in lines
