@@ -34,7 +34,7 @@ attainment by several points). The latency model is measured afresh at the start
 run appends nothing until the end, where the table and the target checks go to
 BENCHMARKS.md (``--no-record`` skips it) and ``--json`` gets one record per mode and rate.
 
-    python bench/coserve.py --quick --json out.json       # about 15 minutes on 2 CPU cores
+    python bench/coserve.py --quick --json out.json       # 10-20 minutes on 2 CPU cores
     python bench/coserve.py --tier small --quick           # SmolLM2-135M shapes
     python bench/coserve.py --fractions 0.25 0.5 0.75 1 --duration 30 --rounds 3
 """
@@ -578,7 +578,9 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="short runs (10-15 minutes on CPU)")
+    p.add_argument("--quick", action="store_true",
+                   help="short runs (10-20 minutes on 2 CPU cores; longer where the peak "
+                        "rate is low, as traces hold --min-requests requests)")
     p.add_argument("--tier", choices=("tiny", "small"), default="tiny",
                    help="tiny: the embedded model; small: SmolLM2-135M shapes, random weights")
     p.add_argument("--fractions", type=float, nargs="+",
@@ -607,9 +609,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=0.25, help="ShareGPT length scale")
     p.add_argument("--seed", type=int, default=0,
                    help="trace seed of the first round (round i runs seed + i)")
-    p.add_argument("--min-requests", type=int, default=30,
+    p.add_argument("--min-requests", type=int,
                    help="a run's trace lasts long enough to hold this many requests on "
-                        "average (longer than --duration at low rates)")
+                        "average, longer than --duration at low rates (default 20 with "
+                        "--quick, 40 otherwise)")
     p.add_argument("--rounds", type=int,
                    help="interleaved rounds of every run, pooled (default 2 with --quick, "
                         "3 otherwise): the machine's drift weighs on every mode alike")
@@ -622,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
                                         else [0.25, 0.5, 0.75, 1.0])
     args.modes = args.modes or list(QUICK_MODES if args.quick else FULL_MODES)
     args.rounds = args.rounds or (2 if args.quick else 3)
+    args.min_requests = (args.min_requests if args.min_requests is not None
+                         else (20 if args.quick else 40))
     args.duration_given = args.duration is not None
     args.duration = args.duration or (6.0 if args.quick else 20.0)
     args.drain = args.drain if args.drain is not None else (5.0 if args.quick else 10.0)

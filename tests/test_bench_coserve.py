@@ -191,6 +191,7 @@ def test_each_round_runs_its_own_trace_and_probes_stand_for_their_round(monkeypa
     inference = next(r for r in shown if r["mode"] == "inference-only" and r["rate"] == 4.0)
     assert inference["round_seeds"] == [5, 6]
     assert inference["round_attainment"] == [0.9, 1.0]
+    assert regime["peak_rate"] == 4.0 and regime["rates"] == [4.0]
 
 
 def test_the_attainment_check_counts_the_requests_that_missed():
