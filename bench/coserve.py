@@ -279,7 +279,7 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
     attainment is theirs pooled, as every figure at that rate is judged later: a peak found
     on one trace can be far past what inference-only keeps on the next (on the tiny tier,
     2026-12-03: 1 of 30 requests late on one trace, 10 of 43 on the next). Returns the
-    rate and every probe's record (each stands for the round whose trace it ran)."""
+    rate and every probe's record."""
     probes = []
     rounds = getattr(args, "rounds", 1)
 
@@ -525,12 +525,13 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
             f"{args.tpot_ms:.1f} ms ({args.tpot_multiple:g}x)")
     regime["tpot_ms"] = args.tpot_ms
     fit_to_model(args)
-    probes = []
     if args.rates:
         rates = list(args.rates)
         peak = None
     else:
         peak, probes = find_peak(model, args, bisections=args.peak_bisections, log=log)
+        regime["peak_probes"] = [{k: p.get(k) for k in ("rate", "seed", "requests",
+                                                         "slo_attainment")} for p in probes]
         if peak <= 0:
             raise RuntimeError("no rate keeps inference-only at 95% attainment")
         log(f"peak rate (inference-only keeps 95% attainment): {peak:.2f} req/s")
@@ -546,20 +547,18 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     records.append(whole | {"mode": WHOLE_SAMPLES, "rate_fraction": 0.0})
     regime["ft_whole_tokens_per_s"] = whole["ft_tokens_per_s"]
     log(f"{WHOLE_SAMPLES}: {whole['ft_tokens_per_s']:.0f} finetuning tokens/s")
-    # A peak probe stands for the round whose trace it ran (popped: used once).
-    known = {(p["mode"], round(p["rate"], 6), p["seed"]): p for p in probes}
     runs = [(m, r) for r in rates for m in args.modes]
     runs += [("inference-only", round(r / f, 6)) for r in rates for f in SEPARATE_FRACTIONS]
     runs = list(dict.fromkeys(runs))
     rounds: dict[tuple[str, float], list[dict]] = {run: [] for run in runs}
     for i in range(args.rounds):
         # Interleaved rounds, every other one in reverse order: a machine whose speed
-        # drifts over minutes weighs on every mode alike.
-        # Every mode of a round runs the round's own trace.
+        # drifts over minutes weighs on every mode alike. Every mode of a round runs the
+        # round's own trace. The peak probes are not reused here: they ran minutes before,
+        # and inference-only at the peak is what the attainment check holds coserve to.
         seed = args.seed + i
         for mode, rate in runs if i % 2 == 0 else runs[::-1]:
-            rec = (known.pop((mode, round(rate, 6), seed), None)
-                   or run_one(model, mode, rate, args, seed=seed))
+            rec = run_one(model, mode, rate, args, seed=seed)
             rounds[mode, rate].append(rec)
             log(f"{mode_label(mode):>40} @ {rate:6.2f} req/s (round {i + 1}): attainment "
                 f"{rec['slo_attainment']:.1%}, finetuning {rec['ft_tokens_per_s']:.0f} tok/s")

@@ -164,17 +164,18 @@ def test_a_trace_holds_the_minimum_number_of_requests_at_low_rates():
     assert coserve.trace_seconds(1.5, argparse.Namespace(duration=6.0)) == 6.0
 
 
-def test_each_round_runs_its_own_trace_and_probes_stand_for_their_round(monkeypatch):
+def test_each_round_runs_every_mode_on_its_own_trace(monkeypatch):
     counts = dict(requests=20, refused=0, unfinished=0, steps=5, mixed_steps=0,
                   whole_samples=0)
     calls = []
 
     def run_one(model, mode, rate, args, seed=None):
         calls.append((mode, rate, seed))
-        return rec(mode, rate, 1.0, 0.0 if mode == "inference-only" else 100.0, seed=seed,
-                   **counts)
+        attainment = 0.9 if seed == 6 else 1.0
+        return rec(mode, rate, attainment, 0.0 if mode == "inference-only" else 100.0,
+                   seed=seed, **counts)
 
-    probes = [rec("inference-only", 4.0, 0.9, 0.0, seed=5, **counts),
+    probes = [rec("inference-only", 4.0, 0.95, 0.0, seed=5, **counts),
               rec("inference-only", 4.0, 1.0, 0.0, seed=6, **counts)]
     monkeypatch.setattr(coserve, "run_one", run_one)
     monkeypatch.setattr(coserve, "find_peak", lambda *a, **k: (4.0, probes))
@@ -184,14 +185,16 @@ def test_each_round_runs_its_own_trace_and_probes_stand_for_their_round(monkeypa
                               seed=5, peak_bisections=0)
     shown, regime = coserve.run_regime(None, args, log=lambda _: None)
     served = [c for c in calls if c[1] > 0]
-    # Every run but the probes', once per round, on that round's trace.
-    expected = [(m, r) for m, r in [("coserve", 4.0)] + [
-        ("inference-only", round(4.0 / f, 6)) for f in coserve.SEPARATE_FRACTIONS]]
+    # Every mode at every rate once per round, on that round's trace; inference-only at the
+    # peak too (the probes ran minutes before the rounds: they are not reused).
+    expected = [("coserve", 4.0)] + [("inference-only", round(4.0 / f, 6))
+                                     for f in (1.0, *coserve.SEPARATE_FRACTIONS)]
     assert sorted(served) == sorted((m, r, s) for m, r in expected for s in (5, 6))
     inference = next(r for r in shown if r["mode"] == "inference-only" and r["rate"] == 4.0)
     assert inference["round_seeds"] == [5, 6]
-    assert inference["round_attainment"] == [0.9, 1.0]
+    assert inference["round_attainment"] == [1.0, 0.9]
     assert regime["peak_rate"] == 4.0 and regime["rates"] == [4.0]
+    assert [p["seed"] for p in regime["peak_probes"]] == [5, 6]
 
 
 def test_the_attainment_check_counts_the_requests_that_missed():
