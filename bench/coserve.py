@@ -281,7 +281,7 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
     2026-12-03: 1 of 30 requests late on one trace, 10 of 43 on the next). Returns the
     rate and every probe's record."""
     probes = []
-    rounds = getattr(args, "rounds", 1)
+    rounds = args.rounds
 
     def ok(rate: float) -> bool:
         recs = [run_one(model, "inference-only", rate, args, seed=args.seed + i)
