@@ -1,0 +1,54 @@
+"""``bench/attainment_pairs.py`` without an engine: every trace runs both modes, in
+alternating order, and the summary compares them trace by trace."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+pairs = pytest.importorskip("attainment_pairs")
+
+
+def fake_run(attainment):
+    """A ``run_one`` whose attainment is ``attainment[mode][seed]``, 20 requests a run."""
+    calls = []
+
+    def run(model, mode, rate, args, seed):
+        calls.append((seed, mode))
+        return {"mode": mode, "rate": rate, "seed": seed, "requests": 20, "refused": 0,
+                "unfinished": 0, "slo_attainment": attainment[mode][seed],
+                "ft_tokens_per_s": 0.0 if mode == "inference-only" else 100.0,
+                "steps": 1, "mixed_steps": 0, "whole_samples": 0}
+
+    return run, calls
+
+
+def test_every_trace_runs_both_modes_in_alternating_order():
+    run, calls = fake_run({m: [1.0] * 4 for m in pairs.MODES})
+    args = argparse.Namespace(traces=4, seed=0)
+    recs = pairs.run_pairs(None, 6.0, args, run=run, log=lambda _: None)
+    assert calls == [(0, "inference-only"), (0, "coserve"), (1, "coserve"),
+                     (1, "inference-only"), (2, "inference-only"), (2, "coserve"),
+                     (3, "coserve"), (3, "inference-only")]
+    assert len(recs) == 8
+
+
+def test_the_summary_counts_traces_each_way_and_bounds_the_difference():
+    run, _ = fake_run({"inference-only": [1.0, 0.9, 0.8, 1.0],
+                       "coserve": [1.0, 0.95, 0.7, 0.9]})
+    recs = pairs.run_pairs(None, 6.0, argparse.Namespace(traces=4, seed=0), run=run,
+                           log=lambda _: None)
+    s = pairs.paired_summary(recs)
+    assert (s["better"], s["same"], s["worse"]) == (1, 1, 2)
+    assert s["coserve"]["slo_attainment"] == pytest.approx(3.55 / 4)
+    assert s["inference-only"]["slo_attainment"] == pytest.approx(3.7 / 4)
+    assert s["difference"] == pytest.approx(-0.15 / 4)
+    lo, hi = s["interval"]
+    assert lo <= s["difference"] <= hi
+    assert lo >= -0.1 - 1e-9 and hi <= 0.05 + 1e-9  # within the widest per-trace differences
+    assert "worse on 2" in pairs.describe(6.0, s)
