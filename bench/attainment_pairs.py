@@ -17,15 +17,20 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 
 import coserve
 import numpy as np
-from coserve import decode_tpot, find_peak, fit_to_model, pool_rounds, run_one, tier_model
+from coserve import (
+    calibrate_tpot_target,
+    find_peak,
+    fit_to_model,
+    pool_rounds,
+    run_one,
+    tier_model,
+)
 
-from benchlib import library_revision, record
+from benchlib import library_revision, machine_line, record
 
 MODES = ("inference-only", "coserve")
 
@@ -108,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     model = tier_model(args.tier, None)
     args.latency_dir = tempfile.mkdtemp(prefix="coserve-pairs-latency-")
     if args.tpot_ms is None:
-        args.tpot_ms = 1e6  # no SLO while calibrating
-        tpot = decode_tpot(model, args)
-        args.tpot_ms = args.tpot_multiple * tpot * 1e3
+        tpot = calibrate_tpot_target(model, args)
         print(f"decode TPOT {tpot * 1e3:.2f} ms -> TPOT target {args.tpot_ms:.2f} ms")
     fit_to_model(args)
     rates = args.rates
@@ -124,11 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(describe(rate, paired_summary(run_pairs(model, rate, args))))
         print(lines[-1])
     if not args.no_record:
-        import jax
 
         record(f"Attainment in pairs, coserve and inference-only ({args.tier} tier)", {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                       f"jax {jax.__version__} on {jax.devices()[0].platform}",
+            "machine": machine_line(),
             "commit": library_revision(),
             "regime": (f"TPOT target {args.tpot_ms:.1f} ms, TTFT {args.ttft_s:g} s; "
                        f"{args.arrivals} arrivals, trace seeds {args.seed}-"

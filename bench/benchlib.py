@@ -41,6 +41,16 @@ def library_revision() -> str:
     return commit + (" + uncommitted library changes" if dirty else "")
 
 
+def machine_line() -> str:
+    """The machine a record was measured on: CPU, cores, jax and its platform."""
+    import platform
+
+    import jax
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"jax {jax.__version__} on {jax.devices()[0].platform}")
+
+
 # ----- measuring on a device (imports jax lazily: a caller may only orchestrate) --------------
 
 

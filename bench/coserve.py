@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
@@ -61,7 +60,7 @@ from coserve_jax.workload import (
     sharegpt_lengths,
 )
 
-from benchlib import library_revision, record
+from benchlib import library_revision, machine_line, record
 
 SEPARATE_FRACTIONS = (0.25, 0.5, 0.75)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -269,6 +268,15 @@ def decode_tpot(model, args, requests: int = 4, prompt_len: int = 32,
         while engine.has_unfinished():
             tpots += [o.metrics.tpot_s for o in engine.step() if o.finished]
     return float(np.median(tpots))
+
+
+def calibrate_tpot_target(model, args) -> float:
+    """Sets ``args.tpot_ms`` to ``args.tpot_multiple`` times inference-only's decode TPOT
+    (``decode_tpot``, measured with no SLO) and returns that TPOT in seconds."""
+    args.tpot_ms = 1e6  # no SLO while calibrating
+    tpot = decode_tpot(model, args)
+    args.tpot_ms = args.tpot_multiple * tpot * 1e3
+    return tpot
 
 
 def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
@@ -517,9 +525,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     fraction of it. Returns the records (separate splits included) and the regime."""
     regime = {}
     if args.tpot_ms is None:
-        args.tpot_ms = 1e6  # no SLO while calibrating
-        tpot = decode_tpot(model, args)
-        args.tpot_ms = args.tpot_multiple * tpot * 1e3
+        tpot = calibrate_tpot_target(model, args)
         regime["decode_tpot_ms"] = tpot * 1e3
         log(f"inference-only decode TPOT {tpot * 1e3:.1f} ms -> TPOT target "
             f"{args.tpot_ms:.1f} ms ({args.tpot_multiple:g}x)")
@@ -658,8 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_record:
         peak = regime["peak_rate"]
         record(f"coserve ({args.tier} tier): scheduling modes side by side", {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                       f"jax {jax.__version__} on {jax.devices()[0].platform}",
+            "machine": machine_line(),
             "commit": library_revision(),
             "model": f"{args.tier} tier ({model.config.num_layers} layers, hidden "
                      f"{model.config.hidden_size}, vocab {model.config.vocab_size})",

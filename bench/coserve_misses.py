@@ -18,19 +18,17 @@ requests. The summary goes to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 
 import coserve
 import numpy as np
-from coserve import decode_tpot, fit_to_model, run_one, tier_model
+from coserve import calibrate_tpot_target, fit_to_model, run_one, tier_model
 
 from coserve_jax import engine as engine_module
 from coserve_jax.latency import sample_key
 
-from benchlib import library_revision, record
+from benchlib import library_revision, machine_line, record
 
 
 class TracedEngine(engine_module.Engine):
@@ -107,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args.duration = args.duration or 6.0
     model = tier_model(args.tier, None)
     if args.tpot_ms is None:
-        args.tpot_ms = 1e6
-        tpot = decode_tpot(model, args)
-        args.tpot_ms = args.tpot_multiple * tpot * 1e3
+        tpot = calibrate_tpot_target(model, args)
         print(f"decode TPOT {tpot * 1e3:.2f} ms -> target {args.tpot_ms:.2f} ms")
     fit_to_model(args)
     args.latency_dir = tempfile.mkdtemp(prefix="coserve-misses-latency-")
@@ -144,11 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['sample_s'] * 1e3:.0f} ms (obs/pred {r['sample_over']:.2f}); "
                       f"TPOT without them {r['tpot_without_ms']:.2f} ms")
     if not args.no_record:
-        import jax
 
         record(f"Why requests miss ({args.tier} tier)", {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-                       f"cores, jax {jax.__version__} on {jax.devices()[0].platform}",
+            "machine": machine_line(),
             "commit": library_revision(),
             "regime": f"TPOT target {args.tpot_ms:.1f} ms, TTFT {args.ttft_s:g} s; "
                       f"{args.arrivals} arrivals, seed {args.seed}, {args.duration:.3g} s of "
