@@ -65,8 +65,10 @@ from benchlib import library_revision, machine_line, record
 SEPARATE_FRACTIONS = (0.25, 0.5, 0.75)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION = "token-level ablation"
-QUICK_MODES = ("inference-only", "coserve", "coserve+token-level", "temporal-seq:64",
-               "temporal-seq:dynamic", "temporal:dynamic")
+# What the checks need, within about 15 minutes: coserve+token-level (reported, not
+# checked) only in full runs or by --modes.
+QUICK_MODES = ("inference-only", "coserve", "temporal-seq:64", "temporal-seq:dynamic",
+               "temporal:dynamic")
 FULL_MODES = ("inference-only", "coserve", "coserve+token-level", "temporal-seq:64",
               "temporal-seq:128", "temporal-seq:256", "temporal-seq:512", "temporal-seq:dynamic",
               "temporal:16", "temporal:dynamic")
@@ -557,6 +559,8 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     runs += [("inference-only", round(r / f, 6)) for r in rates for f in SEPARATE_FRACTIONS]
     runs = list(dict.fromkeys(runs))
     rounds: dict[tuple[str, float], list[dict]] = {run: [] for run in runs}
+    traces = args.rounds * sum(trace_seconds(rate, args) for _mode, rate in runs)
+    log(f"{len(runs)} runs x {args.rounds} rounds: {traces / 60:.0f} minutes of traces")
     for i in range(args.rounds):
         # Interleaved rounds, every other one in reverse order: a machine whose speed
         # drifts over minutes weighs on every mode alike. Every mode of a round runs the

@@ -189,7 +189,9 @@ class Engine:
         self._device_free: float | None = None  # when the last collected step ended, if known
         self._pieces_queued: list[str] = []  # keys of pieces dispatched since the last step
         self._queued_s = 0.0  # predicted seconds of the last iteration's device work
-        self._compiled: set[str] = set()  # latency keys whose shape has run in this process
+        # Latency keys whose shape has run in this process (on this engine or an earlier
+        # one sharing its programs): a shape's first run includes its compilation.
+        self._compiled = self.runner.shapes_run
         self._seed_rng = random.Random()
         self.num_steps = 0
         # Totals since start: steps, inference_tokens, train_tokens, mixed_steps (inference
@@ -609,7 +611,9 @@ class Engine:
     # ----- compilation ----------------------------------------------------------------------
 
     def warmup(self, progress: bool = True, measure: bool = True) -> None:
-        """Compiles the step for every bucket and measures the latency model.
+        """Compiles the step for every bucket and measures the latency model. Shapes an
+        earlier engine of this process ran on the same programs are compiled already, and
+        are skipped unless the latency model is measured.
 
         The timing batch writes nothing (every KV slot is padding) but takes the
         costly paths, all tokens using adapter slot 0, except two whose cost depends on the
@@ -626,8 +630,10 @@ class Engine:
         measure_samples = samples and measure and any(
             sample_key(n) not in self.latency.times for n in self.trainer.seq_buckets)
         measure = measure and not self.latency.times
-        self._compiled.update(bucket_key(b) for b in self.buckets)
         for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
+            if not measure and bucket_key(bucket) in self._compiled:
+                continue  # compiled by an earlier engine of this process
+            self._compiled.add(bucket_key(bucket))
             batch = self._timing_batch(bucket)
             times = [self._run_padding(batch, bucket) for _ in range(3 if measure else 1)]
             if measure:
@@ -636,13 +642,17 @@ class Engine:
             self._measure_vocab_sort()
             self._measure_loss_head()
         if samples:
-            times = self.trainer.warmup_samples(progress, repeats=3 if measure_samples else 1)
+            times = self.trainer.warmup_samples(
+                progress, repeats=3 if measure_samples else 1,
+                skip=lambda n: not measure_samples and sample_key(n) in self._compiled)
             self._compiled.update(sample_key(n) for n in times)
             for n, seconds in times.items():
                 if measure_samples:
                     self.latency.observe(sample_key(n), seconds)
         if self.trainer is not None:
-            times = self.trainer.warmup(progress, repeats=3 if measure else 1)
+            times = self.trainer.warmup(
+                progress, repeats=3 if measure else 1,
+                skip=lambda shape: not measure and piece_key(*shape) in self._compiled)
             self._compiled.update(piece_key(*shape) for shape in times)
             for shape, seconds in times.items():
                 if measure:

@@ -40,6 +40,17 @@ from coserve_jax.step import StepOutput
 from pallas_kernels.dispatch import Kernels
 from sharding.gather import tree_to_host
 
+_SHAPES_RUN: dict[tuple, set[str]] = {}
+"""Latency keys of the shapes run in this process, per set of programs and state shapes
+(``Runner.shapes_run``)."""
+
+
+def _state_signature(tree) -> tuple:
+    """The tree structure, shapes and dtypes of ``tree``: with the programs, what decides
+    whether a call compiles."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
 
 @dataclasses.dataclass
 class JobState:
@@ -77,6 +88,15 @@ class Runner:
         self._backward_block = None
         self._sample = None
         self._write_slot = programs.build_write_slot(layout)
+        # programs.py caches each program on (model config, layout, kernels, attention
+        # block), so every runner with these and state of the same shapes shares the
+        # compilations of its programs: a shape one engine has run, the next need not
+        # run again to compile it.
+        self.shapes_run: set[str] = _SHAPES_RUN.setdefault(
+            (cfg, layout, kernels, attention_block,
+             _state_signature((params, kv, self.feed, slots, train))), set())
+        """Latency keys (``latency.bucket_key`` and friends) of the shapes that have run on
+        these programs in this process, by this runner or an earlier one like it."""
         c = commands
         self._handlers: dict[type, Callable[[Any], Any]] = {
             c.RunStep: self._run_step, c.RunBackwardPiece: self._run_backward_piece,

@@ -318,6 +318,34 @@ def test_latency_model_is_saved_and_reused(tmp_path):
     assert other.latency.times == {}  # another config, another file
 
 
+def test_warmup_skips_the_shapes_an_earlier_engine_ran(tmp_path):
+    first = _engine(latency_model_dir=str(tmp_path))
+    first.warmup(progress=False)
+    # Same programs, same state shapes: every shape is compiled, and the latency model is
+    # loaded, so warmup runs nothing.
+    again = _engine(latency_model_dir=str(tmp_path))
+    assert again.runner.shapes_run is first.runner.shapes_run
+    ran = []
+    execute = again.runner.execute
+    again.runner.execute = lambda command: ran.append(command) or execute(command)
+    again.warmup(progress=False)
+    assert ran == []
+    keys = {bucket_key(b) for b in again.buckets}
+    keys |= {sample_key(n) for n in again.trainer.seq_buckets}
+    assert keys <= again.runner.shapes_run
+    # ... and they are compiled indeed: serving and finetuning compile nothing.
+    again.runner.execute = execute
+    again.submit_job(_job())  # compiles the job's optimizer update
+    with count_compilations() as compiled:
+        again.generate(_prompts(3, 5, 40), SamplingParams(max_tokens=6, ignore_eos=True))
+        for _ in range(20):
+            again.step()
+    assert compiled["n"] == 0, compiled["events"]
+    # Other state shapes (more KV pages) are other compilations, recorded apart.
+    other = _engine(latency_model_dir=str(tmp_path), num_pages=BASE["num_pages"] * 2)
+    assert other.runner.shapes_run is not first.runner.shapes_run
+
+
 @pytest.mark.parametrize("unit", ["tokens", "samples"])
 def test_coserving_never_recompiles_in_steady_state(unit):
     engine = _engine(mode="coserve", finetune_unit=unit)

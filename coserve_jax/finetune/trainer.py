@@ -505,15 +505,20 @@ class Trainer:
 
     # ----- backward pieces ------------------------------------------------------------------
 
-    def warmup(self, progress: bool = True, repeats: int = 1) -> dict[PieceShape, float]:
-        """Compiles the backward piece of every sequence bucket and times it; returns
-        ``{(seq_len, layers, block): median seconds after the first run}``. A zero-length
-        piece changes nothing (every row is masked) but costs the same as a full one."""
+    def warmup(self, progress: bool = True, repeats: int = 1,
+               skip: Callable[[PieceShape], bool] = lambda shape: False,
+               ) -> dict[PieceShape, float]:
+        """Compiles the backward piece of every sequence bucket (but those whose shape the
+        caller says to ``skip``) and times it; returns ``{(seq_len, layers, block): median
+        seconds after the first run}``. A zero-length piece changes nothing (every row is
+        masked) but costs the same as a full one."""
         from tqdm.auto import tqdm
 
         times = {}
         for seq_len in tqdm(self.seq_buckets, desc="compiling backward", disable=not progress):
             shape = self._shape_of(seq_len)
+            if skip(shape):
+                continue
             # The last block of layer 0 of an empty sequence: nothing to pull back.
             empty = BackwardPiece(act_row=np.int32(0), layer_start=np.int32(0),
                                   length=np.int32(0), adapter_slot=np.int32(0),
@@ -576,13 +581,17 @@ class Trainer:
         """Some running job has a sample of its current optimizer step left to run whole."""
         return any(r.state == "running" and r.unstarted_in_step for r in self.jobs.values())
 
-    def warmup_samples(self, progress: bool = True, repeats: int = 1) -> dict[int, float]:
-        """Compiles the whole-sample program for every length bucket and times it; returns
-        ``{length bucket: median seconds after the first run}`` (zero weights: no change)."""
+    def warmup_samples(self, progress: bool = True, repeats: int = 1,
+                       skip: Callable[[int], bool] = lambda n: False) -> dict[int, float]:
+        """Compiles the whole-sample program for every length bucket (but those the caller
+        says to ``skip``) and times it; returns ``{length bucket: median seconds after the
+        first run}`` (zero weights: no change)."""
         from tqdm.auto import tqdm
 
         times = {}
         for n in tqdm(self.seq_buckets, desc="compiling samples", disable=not progress):
+            if skip(n):
+                continue
             def run(n=n):
                 zeros = np.zeros(n, np.int32)
                 return self.runner.execute(RunWholeSample(zeros, zeros,
