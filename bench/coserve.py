@@ -223,6 +223,8 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
         "inference_tokens_per_s": out_tokens / duration,
         "ft_tokens_per_s": ft_tokens_at_end / duration,
         "host_fraction": host / iteration if iteration else 0.0,
+        # Share of the trace's wall time spent in engine iterations (the rest was idle).
+        "busy_fraction": iteration / duration,
         "steps": engine.counters["steps"], "mixed_steps": engine.counters["mixed_steps"],
         "whole_samples": engine.counters["whole_samples"],
         "finetune_unit": engine.finetune_unit if mode.startswith("coserve") else None,
@@ -348,14 +350,17 @@ def compute_bound(inference_only: dict, ft_only: float, tpot_target_s: float) ->
     """Finetuning tokens/s co-serving could reach at this rate if no compute were free;
     ``ft_only``: the machine's fastest finetune-only tokens/s.
 
-    Inference-only's iterations each take about its median TPOT (every iteration decodes
-    every running request); co-serving may stretch them to the TPOT target, so at most
-    ``1 - TPOT / target`` of the machine's time is left to finetuning. Where a step is
-    compute-bound (a CPU from a batch of about 8) a finetuning token costs what it costs
-    in finetune-only, and this bound holds; where decode leaves compute idle (a GPU)
-    finetuning tokens ride in the step for less, and co-serving can pass it.
+    Inference-only is busy ``busy_fraction`` of the wall time (1 where unrecorded), its
+    iterations each taking about its median TPOT (every iteration decodes every running
+    request); co-serving may finetune through the idle rest and stretch the iterations to
+    the TPOT target, so at most ``1 - busy * TPOT / target`` of the machine's time is left
+    to finetuning. Where a step is compute-bound (a CPU from a batch of about 8) a
+    finetuning token costs what it costs in finetune-only, and this bound holds; where
+    decode leaves compute idle (a GPU) finetuning tokens ride in the step for less, and
+    co-serving can pass it.
     """
-    return ft_only * max(0.0, 1.0 - inference_only["tpot_p50_s"] / tpot_target_s)
+    busy = min(1.0, inference_only.get("busy_fraction", 1.0))
+    return ft_only * max(0.0, 1.0 - busy * inference_only["tpot_p50_s"] / tpot_target_s)
 
 
 def compare(records: list[dict], rates: list[float], ft_only: float,
@@ -391,7 +396,8 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
         if bound is not None:
             lines.append(
                 f"{where}: compute bound {bound:.0f} tok/s ({bound / max(ceiling, 1e-9):.0%} "
-                f"of the fastest finetune-only: inference-only's TPOT p50 "
+                f"of the fastest finetune-only: inference-only busy "
+                f"{min(1.0, inf.get('busy_fraction', 1.0)):.0%} of the time, its TPOT p50 "
                 f"{inf['tpot_p50_s'] * 1e3:.1f} ms of the {tpot_target_s * 1e3:.1f} ms "
                 f"target); coserve reaches "
                 f"{co['ft_tokens_per_s'] / max(bound, 1e-9):.0%} of it")

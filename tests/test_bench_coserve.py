@@ -90,6 +90,19 @@ def test_a_miss_comes_with_what_bounds_it():
     assert "the compute bound allows 1.73x, the whole machine finetuning 2.60x" in seq
 
 
+def test_the_compute_bound_counts_inference_onlys_idle_time():
+    busy = rec("inference-only", 4.0, 1.0, 0.0, tpot_p50_s=0.003)
+    # Busy all the time: only the stretch of each iteration to the target is left.
+    assert coserve.compute_bound(busy, 1300.0, 0.009) == pytest.approx(1300 * (1 - 3 / 9))
+    # Idle half the time: that half, and the stretch of the busy half.
+    half = busy | {"busy_fraction": 0.5}
+    assert coserve.compute_bound(half, 1300.0, 0.009) == pytest.approx(1300 * (1 - 0.5 / 3))
+    line = next(x for x in coserve.compare(
+        [rec("coserve", 4.0, 0.99, 900.0), half], [4.0], 1000.0, tpot_target_s=0.009,
+        ft_whole=1300.0) if "compute bound" in x)
+    assert "compute bound 1083 tok/s" in line and "busy 50% of the time" in line
+
+
 def test_below_half_of_peak_the_ratios_are_reported_not_judged():
     recs = [rec("coserve", 2.0, 1.0, 600.0, rate_fraction=0.25),
             rec("inference-only", 2.0, 1.0, 0.0),
