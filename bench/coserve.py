@@ -34,7 +34,7 @@ attainment by several points). The latency model is measured afresh at the start
 run appends nothing until the end, where the table and the target checks go to
 BENCHMARKS.md (``--no-record`` skips it) and ``--json`` gets one record per mode and rate.
 
-    python bench/coserve.py --quick --json out.json       # 10-20 minutes on 2 CPU cores
+    python bench/coserve.py --quick --json out.json       # about 10-12 minutes on 2 CPU cores
     python bench/coserve.py --tier small --quick           # SmolLM2-135M shapes
     python bench/coserve.py --fractions 0.25 0.5 0.75 1 --duration 30 --rounds 3
 """
@@ -594,7 +594,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="short runs (10-20 minutes on 2 CPU cores; longer where the peak "
+                   help="short runs (about 10-12 minutes on 2 CPU cores; longer where the peak "
                         "rate is low, as traces hold --min-requests requests)")
     p.add_argument("--tier", choices=("tiny", "small"), default="tiny",
                    help="tiny: the embedded model; small: SmolLM2-135M shapes, random weights")
