@@ -346,6 +346,11 @@ def _best(rivals: list[dict]) -> dict | None:
     return max(rivals, key=lambda r: r["ft_tokens_per_s"], default=None)
 
 
+def busy_fraction(record: dict) -> float:
+    """The share of the wall time a run's engine spent in iterations (1 where unrecorded)."""
+    return min(1.0, record.get("busy_fraction", 1.0))
+
+
 def compute_bound(inference_only: dict, ft_only: float, tpot_target_s: float) -> float:
     """Finetuning tokens/s co-serving could reach at this rate if no compute were free;
     ``ft_only``: the machine's fastest finetune-only tokens/s.
@@ -359,7 +364,7 @@ def compute_bound(inference_only: dict, ft_only: float, tpot_target_s: float) ->
     decode leaves compute idle (a GPU) finetuning tokens ride in the step for less, and
     co-serving can pass it.
     """
-    busy = min(1.0, inference_only.get("busy_fraction", 1.0))
+    busy = busy_fraction(inference_only)
     return ft_only * max(0.0, 1.0 - busy * inference_only["tpot_p50_s"] / tpot_target_s)
 
 
@@ -397,7 +402,7 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
             lines.append(
                 f"{where}: compute bound {bound:.0f} tok/s ({bound / max(ceiling, 1e-9):.0%} "
                 f"of the fastest finetune-only: inference-only busy "
-                f"{min(1.0, inf.get('busy_fraction', 1.0)):.0%} of the time, its TPOT p50 "
+                f"{busy_fraction(inf):.0%} of the time, its TPOT p50 "
                 f"{inf['tpot_p50_s'] * 1e3:.1f} ms of the {tpot_target_s * 1e3:.1f} ms "
                 f"target); coserve reaches "
                 f"{co['ft_tokens_per_s'] / max(bound, 1e-9):.0%} of it")
