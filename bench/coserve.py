@@ -227,6 +227,8 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
         "busy_fraction": iteration / duration,
         "steps": engine.counters["steps"], "mixed_steps": engine.counters["mixed_steps"],
         "whole_samples": engine.counters["whole_samples"],
+        # Iterations planned while requests waited for a sequence slot.
+        "slot_waits": engine.counters["slot_waits"],
         "finetune_unit": engine.finetune_unit if mode.startswith("coserve") else None,
     } | error
 
@@ -237,10 +239,11 @@ def pool_rounds(recs: list[dict]) -> dict:
     attainment and finetuning throughput (their spread is the machine's noise)."""
     if len(recs) == 1:
         return dict(recs[0], rounds=1)
-    counts = ("requests", "refused", "unfinished", "steps", "mixed_steps", "whole_samples")
+    counts = ("requests", "refused", "unfinished", "steps", "mixed_steps", "whole_samples",
+              "slot_waits")
     out = {"mode": recs[0]["mode"], "rate": recs[0]["rate"],
            "finetune_unit": recs[0].get("finetune_unit")}
-    out |= {k: sum(r[k] for r in recs) for k in counts}
+    out |= {k: sum(r.get(k, 0) for r in recs) for k in counts}
     attained = sum(r["slo_attainment"] * r["requests"] for r in recs)
     out["slo_attainment"] = attained / out["requests"] if out["requests"] else 1.0
     for k in dict.fromkeys(k for r in recs for k in r):

@@ -427,6 +427,7 @@ class Engine:
         plan = self.scheduler.schedule(self._queued_s)
         self._queued_s = 0.0
         self.counters["finetune_yields"] = self.scheduler.finetune_yields
+        self.counters["slot_waits"] = self.scheduler.slot_waits
         if plan.whole_sample:
             outputs, _ = self._collect_launched()
             if outputs:

@@ -149,6 +149,9 @@ class IterationPlan:
     token_fallback: bool = False
     """coserve's whole-sample unit finetunes at token level in this iteration beside its
     requests (``Scheduler._token_fallback``)."""
+    slots_full: bool = False
+    """Requests wait for a sequence slot (``Scheduler.slots_full``): nothing finetunes beside
+    this iteration's inference."""
 
     @property
     def inference_tokens(self) -> int:
@@ -215,6 +218,8 @@ class Scheduler:
         self.arrivals = itertools.count()
         self.num_preemptions = 0
         self.finetune_yields = 0
+        self.slot_waits = 0
+        """Iterations planned while requests waited for a sequence slot (``slots_full``)."""
         # Metrics of recently finished requests, newest last.
         self.finished: collections.deque[RequestMetrics] = collections.deque(maxlen=100_000)
 
@@ -288,7 +293,7 @@ class Scheduler:
             if (self.idle_samples and trainer is not None and trainer.has_sample_work()
                     and not trainer.has_inflight()):
                 return IterationPlan(finetune_iteration=True, whole_sample=True)
-        elif self._sample_due(queued_s):
+        elif not self.slots_full() and self._sample_due(queued_s):
             return IterationPlan(finetune_iteration=True, whole_sample=True,
                                  tpot_target=self.tpot_target())
         if trainer is None:
@@ -320,7 +325,9 @@ class Scheduler:
         left = self.max_num_batched_tokens - used
         windows = []
         fallback_new = self._token_fallback() if scheduled else None
-        if trainer is not None:
+        slots_full = self.slots_full()
+        self.slot_waits += slots_full
+        if trainer is not None and not (slots_full and scheduled):
             windows = trainer.commit_windows(self._choose_windows(
                 chunks, ft_iteration, bool(scheduled), left, limit, used, fallback_new))
         chunks += [chunk for _, chunk in windows]
@@ -332,10 +339,20 @@ class Scheduler:
             batch = build_batch(chunks, bucket, self.page_size)
         plan = IterationPlan(tuple(rows), tuple(windows), bucket, batch, ft_iteration,
                              time_limit=limit, tokens_left=left, tpot_target=self.tpot_target(),
-                             token_fallback=fallback_new is not None)
+                             token_fallback=fallback_new is not None,
+                             slots_full=slots_full and bool(scheduled))
         if rows:
             self._last_step_s = self.predicted_step_seconds(plan)
         return plan
+
+    def slots_full(self) -> bool:
+        """Requests wait while ``max_num_seqs`` run. A waiting request's TTFT then runs until
+        a running one finishes, every iteration of the running ones' remaining tokens
+        later, so finetuning that stretches those iterations spends the waiting one's TTFT
+        many times over (and keeps more requests in flight, which keeps the slots full):
+        while it holds, no finetuning runs beside inference (no whole sample, no windows,
+        no backward piece)."""
+        return bool(self.waiting) and len(self.running) >= self.max_num_seqs
 
     # ----- the finetuning unit --------------------------------------------------------------
 
@@ -483,6 +500,8 @@ class Scheduler:
     def backward_seconds(self, plan: IterationPlan, step_seconds: float) -> float:
         """Seconds of backward pieces the iteration may run after a step that took (or is
         predicted to take) ``step_seconds``."""
+        if plan.slots_full:
+            return 0.0
         return self.policy.backward_seconds(
             finetune_iteration=plan.finetune_iteration,
             inference_running=bool(plan.rows), tokens_left=plan.tokens_left,

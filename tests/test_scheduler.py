@@ -186,6 +186,38 @@ def test_finetuning_yields_pages_before_inference_is_preempted():
     assert out[rid] == greedy_reference(tiny_model(), prompt, 20)
 
 
+@pytest.mark.parametrize("unit", ["tokens", "samples"])
+def test_nothing_finetunes_beside_inference_while_requests_wait_for_a_slot(unit):
+    # A loose TPOT target (1 s): without the rule, pieces and whole samples would fit.
+    engine = _engine(mode="coserve", finetune_unit=unit, max_num_seqs=4)
+    engine.warmup(progress=False)
+    engine.submit_job(_job())
+    for _ in range(4):  # finetuning alone: sequences in flight, backward pieces ready
+        engine.step()
+    prompts = _prompts(7, 5, 20)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    queued, free, done = [], [], {}
+    while engine.running or engine.waiting:
+        serving = bool(engine.running)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.output_token_ids
+        # Requests still waiting after the step waited when it was planned (only a slot,
+        # not tokens or pages, is short here), and when the sample it ran was planned.
+        if engine.waiting:
+            queued.append(engine.last_step)
+        elif serving:
+            free.append(engine.last_step)
+    assert len(queued) >= 20 and engine.counters["slot_waits"] >= 20
+    assert all(s.finetune_tokens == 0 and s.backward_pieces == 0 and s.whole_samples == 0
+               for s in queued)
+    # Once a slot is free, finetuning runs beside the requests again.
+    assert any(s.backward_pieces or s.whole_samples for s in free)
+    assert [done[i] for i in ids[:2]] == [greedy_reference(tiny_model(), p, 40)
+                                          for p in prompts[:2]]
+
+
 def test_admission_refuses_with_a_reason():
     engine = _engine(max_waiting=2)
     params = SamplingParams(max_tokens=4)
