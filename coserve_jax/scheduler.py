@@ -327,7 +327,8 @@ class Scheduler:
         fallback_new = self._token_fallback() if scheduled else None
         slots_full = self.slots_full()
         self.slot_waits += slots_full
-        if trainer is not None and not (slots_full and scheduled):
+        yields_to_queue = slots_full and bool(scheduled)  # (nothing finetunes beside them)
+        if trainer is not None and not yields_to_queue:
             windows = trainer.commit_windows(self._choose_windows(
                 chunks, ft_iteration, bool(scheduled), left, limit, used, fallback_new))
         chunks += [chunk for _, chunk in windows]
@@ -340,7 +341,7 @@ class Scheduler:
         plan = IterationPlan(tuple(rows), tuple(windows), bucket, batch, ft_iteration,
                              time_limit=limit, tokens_left=left, tpot_target=self.tpot_target(),
                              token_fallback=fallback_new is not None,
-                             slots_full=slots_full and bool(scheduled))
+                             slots_full=yields_to_queue)
         if rows:
             self._last_step_s = self.predicted_step_seconds(plan)
         return plan
