@@ -35,6 +35,7 @@ import coserve_jax
 from coserve_jax import Engine, EngineConfig, Model, ModelConfig, SamplingParams
 from coserve_jax.config import RopeConfig
 from coserve_jax.models.llama import LayerParams, Params
+from coserve_jax.slo import SLO
 
 from benchlib import copy_bandwidth, library_revision, markdown_table, matmul_flops, record
 
@@ -390,6 +391,10 @@ def decode_context(sizes: ShapeSizes, batch: int, budget: int) -> int:
     return sizes.decode_prompt_len + prefill_steps + sizes.warm_steps + sizes.timed_steps + 1
 
 
+NO_SLO = SLO(1e9, 1e9)
+"""Latency targets no step misses: decode and prefill measurements run at full chunks."""
+
+
 def decode_step_time(
     engine: Engine,
     batch: int,
@@ -406,25 +411,39 @@ def decode_step_time(
     vocab = engine.model.config.vocab_size
     max_tokens = engine.max_model_len - sizes.decode_prompt_len
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    # No latency targets: under the engine's default TPOT target the scheduler cuts prefill
+    # chunks to what the decoding requests allow (seen on an H200 at 8B shapes, 2026-12-04),
+    # so early requests decode for more steps than ``decode_context`` counts and reach
+    # max_model_len before the timed steps.
     ids = [
-        engine.add_request(p, params, adapter=adapters[i % len(adapters)])
+        engine.add_request(p, params, adapter=adapters[i % len(adapters)], slo=NO_SLO)
         for i, p in enumerate(random_prompts(rng, batch, sizes.decode_prompt_len, vocab))
     ]
-    started: set[str] = set()
-    while len(started) < batch:  # prefill (the last prefill chunk yields the first token)
-        started.update(out.request_id for out in engine.step())
-    for _ in range(sizes.warm_steps):
-        engine.step()
-    # Tokens in the cache when timing starts, plus half the timed steps on average.
-    mean_context = sum(r.num_computed for r in engine.running) / batch + sizes.timed_steps / 2
-    times = []
-    for _ in range(sizes.timed_steps):
-        start = time.perf_counter()
-        outs = engine.step()  # blocks: the engine reads the sampled tokens back
-        times.append(time.perf_counter() - start)
-        assert len(outs) == batch, "every sequence should decode in every timed step"
-    for i in ids:
-        engine.abort(i)
+    try:
+        started: set[str] = set()
+        while len(started) < batch:  # prefill (the last prefill chunk yields the first token)
+            started.update(out.request_id for out in engine.step())
+        for _ in range(sizes.warm_steps):
+            engine.step()
+        # Tokens in the cache when timing starts, plus half the timed steps on average.
+        mean_context = (sum(r.num_computed for r in engine.running) / batch
+                        + sizes.timed_steps / 2)
+        times = []
+        for _ in range(sizes.timed_steps):
+            start = time.perf_counter()
+            outs = engine.step()  # blocks: the engine reads the sampled tokens back
+            times.append(time.perf_counter() - start)
+            if len(outs) != batch:  # the figure would not be a batch-``batch`` decode step
+                contexts = sorted(r.num_computed for r in engine.running)
+                raise RuntimeError(
+                    f"decode b={batch}: a timed step returned {len(outs)} outputs "
+                    f"({sum(o.finished for o in outs)} finished); {len(engine.running)} "
+                    f"running, {len(engine.waiting)} waiting, contexts "
+                    f"{contexts[:3]}..{contexts[-3:]}, max_model_len {engine.max_model_len}, "
+                    f"timed step {len(times)}")
+    finally:  # a failed measurement leaves no requests behind for the next one
+        for i in ids:
+            engine.abort(i)
     return statistics.median(times), mean_context
 
 
@@ -455,6 +474,7 @@ def decode_engine_config(sizes: ShapeSizes, kernels: str = "auto", max_adapters:
         max_adapters=max_adapters,
         max_lora_rank=max_lora_rank,
         kernels=kernels,
+        **({} if max_adapters else {"max_train_seqs": 0}),  # finetuning needs a slot
     )
 
 

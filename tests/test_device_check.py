@@ -111,12 +111,21 @@ def test_decode_against_floors(dry_run):
     for v in [*results["decode"].values(), results["prefill"]]:
         assert 0 < v["floor_fraction"] < math.inf
     assert math.isfinite(results["lora"]["4"]["added_fraction"])
+    # The same decode by engines without adapter slots and on the references.
+    assert set(results["variants"]) == {"no adapter slots", "no adapter slots, reference kernels",
+                                        "8 adapter slots, reference kernels"}
+    for v in results["variants"].values():
+        assert v["batch"] == 4 and 0 < v["ratio_to_configured"] < math.inf
 
 
 def test_coserve_ran(dry_run):
-    records = record(dry_run[0], 5, "coserve")["results"]["records"]
-    assert [r["mode"] for r in records] == ["coserve"]
+    results = record(dry_run[0], 5, "coserve")["results"]
+    records = results["records"]
+    assert [r["mode"] for r in records] == ["coserve", "finetune-only"]
     assert records[0]["requests"] > 0 and 0 <= records[0]["slo_attainment"] <= 1
+    assert records[1]["requests"] == 0 and records[1]["ft_tokens_per_s"] > 0
+    assert results["coserve_share_of_finetune_only"] == pytest.approx(
+        records[0]["ft_tokens_per_s"] / records[1]["ft_tokens_per_s"])
 
 
 def import_bench(*names: str) -> list:
