@@ -36,6 +36,8 @@ BENCHMARKS.md (``--no-record`` skips it) and ``--json`` gets one record per mode
 
     python bench/coserve.py --quick --json out.json       # about 10-12 minutes on 2 CPU cores
     python bench/coserve.py --tier small --quick           # SmolLM2-135M shapes
+    python bench/coserve.py --tier llama3-8b --quick --rounds 1 --modes inference-only \
+        coserve temporal-seq:dynamic --json $OUT/coserve.json --no-record   # on a GPU
     python bench/coserve.py --fractions 0.25 0.5 0.75 1 --duration 30 --rounds 3
 """
 
@@ -513,11 +515,37 @@ def plot(records: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+TIERS = ("tiny", "small", "llama3-8b", "tiny-8b-like")
+DEVICE_TIERS = {"llama3-8b": "bfloat16", "tiny-8b-like": "float32"}
+"""Tiers built on the device with random weights (``bench/engine_throughput.py``'s shapes):
+``llama3-8b`` for a GPU, ``tiny-8b-like`` its code path at small shapes, for a CPU run
+before a GPU one."""
+
+
+def fit_buckets_to_tier(args) -> None:
+    """A ``DEVICE_TIERS`` engine compiles one sequence-count and one page-width bucket: 8
+    step programs, not 72 (at 8B shapes on an H200, 2026-12-04, compiling all 72 did not
+    end within two minutes)."""
+    if args.tier in DEVICE_TIERS:
+        args.min_seq_bucket = 16
+        args.min_page_bucket = getattr(args, "max_model_len", 512) // 16
+
+
 def tier_model(tier: str, path: str | None):
     """The model of a tier: ``tiny`` is the embedded model, ``small`` random weights with
-    SmolLM2-135M's shapes (generated and cached the same way)."""
+    SmolLM2-135M's shapes (generated and cached the same way), the ``DEVICE_TIERS`` random
+    weights made on the device, with the embedded model's byte-level tokenizer (the
+    finetuning job's texts need one; its ids are valid in any larger vocabulary)."""
     if path:
         return cj.load_model(path, progress=False)
+    if tier in DEVICE_TIERS:
+        import engine_throughput
+        import jax.numpy as jnp
+
+        tokenizer = cj.load_model(cj.tiny_model_dir(), progress=False).tokenizer
+        return engine_throughput.random_weight_model(
+            engine_throughput.SHAPES[tier][0](), jnp.dtype(DEVICE_TIERS[tier]),
+            tokenizer=tokenizer)
     from coserve_jax.tiny_model import small_model_dir
 
     return cj.load_model(cj.tiny_model_dir() if tier == "tiny" else small_model_dir(),
@@ -605,8 +633,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="short runs (about 10-12 minutes on 2 CPU cores; longer where the peak "
                         "rate is low, as traces hold --min-requests requests)")
-    p.add_argument("--tier", choices=("tiny", "small"), default="tiny",
-                   help="tiny: the embedded model; small: SmolLM2-135M shapes, random weights")
+    p.add_argument("--tier", choices=TIERS, default="tiny",
+                   help="tiny: the embedded model; small: SmolLM2-135M shapes, random weights; "
+                        "llama3-8b: Llama-3.1-8B shapes, random bfloat16 weights (a GPU); "
+                        "tiny-8b-like: that code path at small shapes (a CPU check)")
     p.add_argument("--fractions", type=float, nargs="+",
                    help="arrival rates as fractions of the peak (default 0.25 0.5 1 with "
                         "--quick, 0.25 0.5 0.75 1 otherwise)")
@@ -658,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                             else (2 if args.quick else 4))
     args.plot = args.plot or os.path.join(ROOT, "bench", "out", f"coserve-{args.tier}.png")
     model = tier_model(args.tier, args.model)
+    fit_buckets_to_tier(args)
 
     import jax
 

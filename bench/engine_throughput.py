@@ -457,9 +457,10 @@ def prefill_time(engine: Engine, sizes: ShapeSizes, rng: np.random.Generator) ->
 
 
 def decode_engine_config(sizes: ShapeSizes, kernels: str = "auto", max_adapters: int = 4,
-                         max_lora_rank: int = 16) -> EngineConfig:
+                         max_lora_rank: int = 16, **fields) -> EngineConfig:
     """The decode measurements' engine: max_model_len just covers the workload, so the KV
-    pages fit and every timed step uses one page-width bucket (compiled by the warm steps)."""
+    pages fit and every timed step uses one page-width bucket (compiled by the warm steps).
+    ``fields``: more of the config (``EngineConfig.flat`` names)."""
     max_seqs = max(sizes.decode_batches)
     budget = max(sizes.max_num_batched_tokens, max_seqs)
     max_len = round_up(decode_context(sizes, max_seqs, budget), 16)
@@ -475,6 +476,7 @@ def decode_engine_config(sizes: ShapeSizes, kernels: str = "auto", max_adapters:
         max_lora_rank=max_lora_rank,
         kernels=kernels,
         **({} if max_adapters else {"max_train_seqs": 0}),  # finetuning needs a slot
+        **fields,
     )
 
 

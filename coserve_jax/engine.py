@@ -56,6 +56,7 @@ from coserve_jax.slo import SLO, RequestMetrics
 from coserve_jax.step import STEP_PROGRAM_VERSION, StepOutput, step_kernels
 from coserve_jax.telemetry import Profiler, ScalarWriter, backward_label, forward_label
 from coserve_jax.tiny_model import cache_root
+from pallas_kernels.dispatch import KernelOptions
 from sharding.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ class Engine:
         cache, adapters, ft = config.cache, config.adapters, config.finetune
         enable_compilation_cache(config.kernels.compilation_cache_dir)
         # Resolved once, here: the step and the backward pieces share it.
-        self.kernels = step_kernels(config.kernels.impl, self.layout)
+        self.kernels = step_kernels(config.kernels.impl, self.layout, KernelOptions(
+            dense_lora=config.kernels.dense_lora,
+            skip_unused_lora=config.kernels.skip_unused_lora))
         self.allocator = PageAllocator(cache.num_pages, cache.page_size, self.max_pages_per_seq)
         trainer_config = derive_trainer_config(config, lengths.max_train_len)
         modules = slot_modules(adapters.lora_target_modules)

@@ -228,6 +228,14 @@ class KernelConfig:
     TPU engine runs the references)."""
     compilation_cache_dir: str | None = None
     """JAX persistent compilation cache; None means $COSERVE_XLA_CACHE or ~/.cache."""
+    dense_lora: bool = False
+    """The step's multi-slot LoRA as a masked einsum over every slot (the reference's
+    formulation) on every path, instead of the grouped Pallas kernel or ``lax.ragged_dot``
+    (``pallas_kernels.KernelOptions.dense_lora`` says what was measured)."""
+    skip_unused_lora: bool = True
+    """Skip the step's LoRA at run time when no token of the batch names a slot. Each skip
+    is a conditional, which on XLA:GPU waits for its predicate on the host
+    (``KernelOptions.skip_unused_lora``)."""
 
     def __post_init__(self):
         if self.impl not in KERNEL_IMPLS:

@@ -202,7 +202,7 @@ class ShardedKernels:
     def multi_slot_lora(self, scale: jax.Array, slot_ids: jax.Array) -> ShardedLora:
         """``Kernels.multi_slot_lora`` per device: tokens grouped by slot once per data
         shard, the grouped kernels on each device's part of the dependent layout."""
-        groups = self._per_shard(
+        groups = None if self.kernels.options.dense_lora else self._per_shard(
             lambda ids: self.kernels.group_tokens(ids, scale.shape[0], ids.shape[0]), slot_ids)
         return ShardedLora(self, scale, slot_ids, groups)
 
@@ -219,27 +219,32 @@ class ShardedLora:
     owner: ShardedKernels
     scale: jax.Array
     slot_ids: jax.Array
-    groups: object  # TokenGroups, each leaf stacked over data shards
+    groups: object  # TokenGroups, each leaf stacked over data shards; None for dense LoRA
 
     def _run(self, x, a, b, x_spec, a_spec, b_spec, out_spec, parts: bool) -> jax.Array:
         kernels = self.owner.kernels
         tok = x_spec[0]
-        group_specs = jax.tree.map(lambda _: P(tok), self.groups)
+        groups = () if self.groups is None else (self.groups,)
+        group_specs = tuple(jax.tree.map(lambda _: P(tok), g) for g in groups)
 
-        def body(x, a, b, scale, slot_ids, groups):
+        def body(x, a, b, scale, slot_ids, *groups):
             if parts:  # [T, 1, in/m]: this device's part
                 x = x[:, 0]
 
             def delta():
-                return kernels.lora_grouped(x, a, b, scale, slot_ids, groups)
+                return kernels.lora_grouped(x, a, b, scale, slot_ids,
+                                            groups[0] if groups else None)
 
-            # Skipped at run time when none of this shard's tokens names a slot.
-            y = jax.lax.cond(jnp.any(slot_ids >= 0), delta,
-                             lambda: jnp.zeros((x.shape[0], b.shape[-1]), x.dtype))
+            if kernels.options.skip_unused_lora:
+                # Skipped at run time when none of this shard's tokens names a slot.
+                y = jax.lax.cond(jnp.any(slot_ids >= 0), delta,
+                                 lambda: jnp.zeros((x.shape[0], b.shape[-1]), x.dtype))
+            else:
+                y = delta()
             return y[:, None] if parts else y
 
-        return self.owner._map(body, (x_spec, a_spec, b_spec, P(), P(tok), group_specs),
-                               out_spec)(x, a, b, self.scale, self.slot_ids, self.groups)
+        return self.owner._map(body, (x_spec, a_spec, b_spec, P(), P(tok), *group_specs),
+                               out_spec)(x, a, b, self.scale, self.slot_ids, *groups)
 
     def _weights(self, la, module: str):
         a, b = la[module]

@@ -19,6 +19,7 @@ choice. Sharded programs run the Pallas kernels under ``shard_map``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import flax.struct
@@ -33,7 +34,7 @@ from coserve_jax.kv_cache import KVCache
 from coserve_jax.lora.slots import AdapterSlots
 from coserve_jax.models import llama
 from coserve_jax.sampling import sample_tokens, token_logprobs
-from pallas_kernels.dispatch import Kernels, requested_impl, select_kernels
+from pallas_kernels.dispatch import KernelOptions, Kernels, requested_impl, select_kernels
 from pallas_kernels.ragged_paged_attention import write_kv_pages
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ REFERENCE_KERNELS = Kernels(impl="reference")
 """The jnp references: what direct callers of the step functions use by default."""
 
 
-def step_kernels(impl: str | None = None, layout=None) -> Kernels:
+def step_kernels(impl: str | None = None, layout=None,
+                 options: KernelOptions | None = None) -> Kernels:
     """The attention and LoRA implementations a step is built with, resolved once.
 
     ``impl`` is ``KernelConfig.impl``: "auto" | "kernel" | "reference" | "interpret"
@@ -58,13 +60,14 @@ def step_kernels(impl: str | None = None, layout=None) -> Kernels:
     name or a path this backend cannot run ("kernel" on CPU). With a ``layout`` (sharded)
     the Pallas kernels run under ``shard_map`` (``coserve_jax.sharded_kernels``); jax's
     TPU kernels are not wrapped yet, so a sharded TPU step runs the references.
+    ``options``: tile sizes and the LoRA choices (``KernelOptions``; None: the defaults).
     """
-    kernels = select_kernels(impl)
+    kernels = select_kernels(impl, options)
     if layout is None or not layout.sharded or kernels.impl != "tpu":
         return kernels
     log.info("kernels=%r: a sharded TPU step runs the jnp reference attention and LoRA (jax's "
              "TPU kernels are not placed under shard_map)", requested_impl(impl))
-    return REFERENCE_KERNELS
+    return dataclasses.replace(REFERENCE_KERNELS, options=kernels.options)
 
 
 @flax.struct.dataclass

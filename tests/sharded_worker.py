@@ -366,7 +366,7 @@ def cuda_lowering(cases: list[str]) -> dict:
     from coserve_jax.config import ModelConfig
     from coserve_jax.kv_cache import KVCache
     from coserve_jax.sharded_kernels import ShardedKernels
-    from pallas_kernels.dispatch import Kernels
+    from pallas_kernels.dispatch import KernelOptions, Kernels
     from sharding import Layout
 
     shape, bf16, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.int32
@@ -380,6 +380,9 @@ def cuda_lowering(cases: list[str]) -> dict:
             "intermediate_size": 14336})
         layout = Layout(make_mesh(MeshConfig.parse(spec)), cfg)
         kernels = ShardedKernels(Kernels(impl="kernel"), layout)
+        # The LoRA choices measured on a GPU: the masked einsum on every step, no conditional.
+        dense = ShardedKernels(Kernels(impl="kernel", options=KernelOptions(
+            dense_lora=True, skip_unused_lora=False)), layout)
         pages = shape((2, 64, page_size, 2 * hkv, head_dim), bf16)
 
         def step(q, kv, tables, seq_ids, positions, x, a, b, scale, slot_ids, kernels=kernels,
@@ -405,10 +408,15 @@ def cuda_lowering(cases: list[str]) -> dict:
             return out, pullback(w)
 
         seq = [shape((1, 256, h, head_dim), bf16) for h in (hq, hkv, hkv, hq)]
-        report[case] = {name: jax.jit(fn).trace(*a).lower(lowering_platforms=("cuda",))
-                        .as_text().count("__gpu$xla.gpu.triton")
-                        for name, fn, a in (("step", step, args),
-                                            ("flash", flash_fwd_bwd, seq))}
+        texts = {name: jax.jit(fn).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
+                 for name, fn, a in (("step", step, args), ("flash", flash_fwd_bwd, seq),
+                                     ("dense_step", functools.partial(step, kernels=dense),
+                                      args))}
+        report[case] = {name: text.count("__gpu$xla.gpu.triton")
+                        for name, text in texts.items()}
+        report[case] |= {f"{name}_conditionals": text.count("stablehlo.case")
+                         + text.count("stablehlo.if") for name, text in texts.items()
+                         if "step" in name}
     return report
 
 

@@ -216,3 +216,21 @@ def test_the_attainment_check_counts_the_requests_that_missed():
     lines = coserve.compare(recs, [3.0], 1000.0)
     assert ("rate 3 (0.5 of peak): inference-only 97.5% (1 of 40 missed), coserve 87.5% "
             "(5 of 40 missed) -> MISSED (>= 95%)") in lines
+
+
+def test_the_8b_tier_path_builds_its_model_and_eight_step_programs():
+    """``--tier tiny-8b-like`` (the CPU check of ``--tier llama3-8b``): random weights at the
+    engine benchmark's shapes, with a tokenizer for the finetuning job, and one
+    sequence-count and one page-width bucket."""
+    import engine_throughput
+
+    from coserve_jax import Engine
+
+    model = coserve.tier_model("tiny-8b-like", None)
+    assert model.config == engine_throughput.tiny_8b_like_config()
+    assert model.tokenizer is not None
+    args = argparse.Namespace(tier="tiny-8b-like", ttft_s=2.0, tpot_ms=50.0, max_model_len=512)
+    coserve.fit_buckets_to_tier(args)
+    buckets = Engine(model, coserve.engine_config("coserve", args)).buckets
+    assert len(buckets) == 8
+    assert {(b.num_seqs, b.num_pages) for b in buckets} == {(16, 32)}

@@ -112,8 +112,10 @@ def test_decode_against_floors(dry_run):
         assert 0 < v["floor_fraction"] < math.inf
     assert math.isfinite(results["lora"]["4"]["added_fraction"])
     # The same decode by engines without adapter slots and on the references.
-    assert set(results["variants"]) == {"no adapter slots", "no adapter slots, reference kernels",
-                                        "8 adapter slots, reference kernels"}
+    assert set(results["variants"]) == {
+        "no adapter slots", "dense LoRA, no conditional",
+        "dense LoRA, no conditional, 8 adapters in use", "grouped LoRA, no conditional",
+        "grouped LoRA, no conditional, 8 adapters in use"}
     for v in results["variants"].values():
         assert v["batch"] == 4 and 0 < v["ratio_to_configured"] < math.inf
 

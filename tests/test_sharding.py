@@ -215,10 +215,13 @@ def test_sharded_kernels_lower_to_triton():
     """The compiled kernels under shard_map lower for CUDA through Triton on this host (no
     GPU) at Llama-3.1-8B widths in bfloat16, on the three kinds of head split: paged
     attention and a column- and a row-parallel LoRA (1 + 2 + 2 Triton calls), and the
-    flash pair (forward, dq, dk/dv)."""
+    flash pair (forward, dq, dk/dv). Each LoRA projection is skipped by a conditional when no
+    token names a slot; with ``dense_lora`` and no ``skip_unused_lora`` the same step has the
+    attention's Triton call alone and no conditional."""
     report = run_worker("cuda", "32,8,model=8", "32,8,data=2,model=4", "32,2,model=4")
     for case, counts in report.items():
-        assert counts == {"step": 5, "flash": 3}, (case, counts)
+        assert counts == {"step": 5, "flash": 3, "dense_step": 1, "step_conditionals": 2,
+                          "dense_step_conditionals": 0}, (case, counts)
 
 
 @pytest.fixture(scope="module")

@@ -37,20 +37,20 @@ from support import (
 PAGE_SIZE = 8
 
 
-def serving_config(kernels: str) -> EngineConfig:
+def serving_config(kernels: str, **fields) -> EngineConfig:
     """One bucket (32 tokens, 4 sequences, 8 pages), two adapter slots, no finetuning."""
     return EngineConfig.flat(kernels=kernels, page_size=PAGE_SIZE, num_pages=48, max_model_len=64,
                              max_num_seqs=4, max_num_batched_tokens=32, min_token_bucket=32,
                              min_seq_bucket=4, min_page_bucket=8, max_adapters=2, max_lora_rank=8,
-                             max_train_seqs=0)
+                             max_train_seqs=0, **fields)
 
 
-def serve(kernels: str) -> tuple[dict[str, list[int]], list[np.ndarray], str]:
+def serve(kernels: str, **fields) -> tuple[dict[str, list[int]], list[np.ndarray], str]:
     """Greedy tokens of a mixed batch, the logits of the real sequences of every step, and
-    the jaxpr of the first step."""
+    the jaxpr of the first step. ``fields``: more of the engine's config."""
     model = tiny_model()
     cfg = model.config
-    engine = Engine(model, serving_config(kernels))
+    engine = Engine(model, serving_config(kernels, **fields))
     assert engine.kernels.impl == kernels
     assert engine.runner.step is build_step(cfg, kernels=engine.kernels)
     engine.load_adapter(random_adapter("a4", cfg, 4, 1))
@@ -96,6 +96,21 @@ def test_coserving_step_kernels_give_the_references_greedy_tokens(caplog):
     assert len(logits) == len(ref_logits)
     for ours, ref in zip(logits, ref_logits, strict=True):
         assert np.isfinite(ours).all()
+        assert relative_error(ours, ref) <= 1e-5
+
+
+def test_dense_lora_without_the_conditional_gives_the_references_greedy_tokens():
+    """The LoRA choices measured on a GPU (``KernelConfig.dense_lora``, ``skip_unused_lora``):
+    the masked einsum over every slot, run on every step (no ``lax.cond``), beside the
+    kernels' attention, gives what the references give; the default skips by a conditional."""
+    ref_tokens, ref_logits, ref_jaxpr = serve("reference")
+    tokens, logits, jaxpr = serve("interpret", dense_lora=True, skip_unused_lora=False)
+    # One conditional per LoRA target in the layer scan's body is gone (the sampler keeps
+    # its own, which skips the vocabulary sort in greedy batches).
+    assert ref_jaxpr.count("cond[") - jaxpr.count("cond[") == len(ALL_TARGETS)
+    assert "pallas_call" in jaxpr  # the attention kernel
+    assert tokens == ref_tokens
+    for ours, ref in zip(logits, ref_logits, strict=True):
         assert relative_error(ours, ref) <= 1e-5
 
 
@@ -164,7 +179,8 @@ def test_sharded_steps_resolve_the_kernels(monkeypatch, caplog):
     assert step_kernels("auto", layout) == REFERENCE_KERNELS
     with pytest.raises(ValueError, match=r"'kernel' needs a GPU or TPU"):
         step_kernels("kernel", layout)
-    monkeypatch.setattr(step_module, "select_kernels", lambda impl: Kernels(impl="tpu"))
+    monkeypatch.setattr(step_module, "select_kernels",
+                        lambda impl, options=None: Kernels(impl="tpu"))
     assert step_kernels("auto").impl == "tpu"
     assert step_kernels("auto", single).impl == "tpu"  # one device: the kernels as they are
     with caplog.at_level(logging.INFO, logger="coserve_jax.step"):
