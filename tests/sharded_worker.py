@@ -177,7 +177,7 @@ def parity(model_dir: str, meshes: list[str]) -> dict:
     return report
 
 
-def kernel_steps(model_dir: str, mesh, kernels: str) -> dict:
+def kernel_steps(model_dir: str, mesh, kernels: str, **fields) -> dict:
     """Two co-serving steps and the backward pieces of their finetuning sequence, driven
     directly (two compiled programs: the finetuning step bucket and one backward piece).
 
@@ -185,10 +185,12 @@ def kernel_steps(model_dir: str, mesh, kernels: str) -> dict:
     around the first 16-token window of a 30-token training sequence; step 2 decodes one
     token of each and forwards the second window over the first one's cached KV. Then both
     one-layer backward pieces run. Returns logits, sampled tokens, losses, the job slot's
-    LoRA gradients and whether the programs contain Pallas calls."""
+    LoRA gradients and whether the programs contain Pallas calls. ``fields``: more of the
+    engine's config."""
     fallbacks = Messages(logging.getLogger("pallas_kernels.dispatch"))
     model = cj.load_model(model_dir, progress=False, mesh=mesh)
-    engine = cj.Engine(model, cj.EngineConfig.flat(**ENGINE, kernels=kernels), mesh=mesh)
+    engine = cj.Engine(model, cj.EngineConfig.flat(**ENGINE, kernels=kernels, **fields),
+                       mesh=mesh)
     cfg, trainer = model.config, engine.trainer
     step = build_step(cfg, return_logits=True, layout=engine.layout, kernels=engine.kernels)
     for i, r in enumerate((8, 4)):
@@ -266,13 +268,14 @@ class Messages(logging.Handler):
         return self.messages
 
 
-def kernel_parity(model_dir: str, meshes: list[str]) -> dict:
-    """``kernel_steps`` with the Pallas kernels in interpret mode on each mesh against the
-    single-device references."""
+def kernel_parity(model_dir: str, meshes: list[str], **fields) -> dict:
+    """``kernel_steps`` with the Pallas kernels in interpret mode on each mesh (and
+    ``fields`` in their engines' config) against the single-device references."""
     ref = kernel_steps(model_dir, None, "reference")
     report = {}
     for spec in meshes:
-        got = kernel_steps(model_dir, make_mesh(MeshConfig.parse(spec)), "interpret")
+        got = kernel_steps(model_dir, make_mesh(MeshConfig.parse(spec)), "interpret",
+                           **fields)
         errs = {f"logits.{i}": rel(g, r)
                 for i, (g, r) in enumerate(zip(got["logits"], ref["logits"], strict=True))}
         errs["loss"] = rel(got["loss"], ref["loss"])
@@ -518,6 +521,9 @@ def main(argv: list[str]) -> None:
         print(json.dumps(parity(model_dir, meshes)))
     elif what == "kernels":
         print(json.dumps(kernel_parity(model_dir, meshes)))
+    elif what == "kernels-dense":  # the same with the dense LoRA and no conditional
+        print(json.dumps(kernel_parity(model_dir, meshes, dense_lora=True,
+                                       skip_unused_lora=False)))
     elif what == "attention":  # HQ,HKV,MESH cases (no model directory)
         print(json.dumps(attention_parity([model_dir, *meshes])))
     elif what == "cuda":  # HQ,HKV,MESH cases (no model directory)

@@ -190,6 +190,14 @@ def test_sharded_kernel_steps_equal_single_device(model_dirs):
     assert not any(others.values()), counts
 
 
+@pytest.mark.slow
+def test_sharded_dense_lora_steps_equal_single_device(model_dirs):
+    """``KernelConfig.dense_lora`` with no ``skip_unused_lora`` under shard_map on model=8:
+    the masked einsum per device's part of the dependent layout, beside the attention
+    kernel, gives the single-device references' logits, tokens, losses and gradients."""
+    check_kernel_parity(run_worker("kernels-dense", model_dirs[8], "model=8"))
+
+
 def test_sharded_kernel_steps_equal_single_device_replicated_kv(model_dirs):
     """model=4 with 2 KV heads: KV pages replicated, each device's attention kernel reads
     the one KV head its two query heads share."""
