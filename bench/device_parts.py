@@ -589,16 +589,25 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
     rep.results["kernels_resolved"] = engine.kernels.impl
     rng = np.random.default_rng(0)
     rows = []
+
+    def decode_step(name: str, engine, batch: int, **kwargs) -> tuple[float, float] | None:
+        """``decode_step_time``, or None after a failed check: one measurement's failure
+        leaves the others' figures."""
+        try:
+            return et.decode_step_time(engine, batch, sizes, rng, **kwargs)
+        except RuntimeError as error:
+            rep.check(f"{name} measured", False, str(error))
+            rep.save()
+            return None
+
     for batch in sizes.decode_batches:
         if rep.out_of_time(f"decode batch {batch}"):
             break
         print(f"[decode] batch {batch} ...", flush=True)
-        try:
-            step, context = et.decode_step_time(engine, batch, sizes, rng)
-        except RuntimeError as error:  # one batch's failure leaves the others' figures
-            rep.check(f"decode b={batch} measured", False, str(error))
-            rep.save()
+        measured = decode_step(f"decode b={batch}", engine, batch)
+        if measured is None:
             continue
+        step, context = measured
         floor = et.decode_bytes(model, batch, context) / bandwidth
         rep.results["decode"][batch] = {"step_s": step, "mean_context": context,
                                         "floor_s": floor, "floor_fraction": floor / step}
@@ -638,12 +647,12 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
                 if adapters_used:
                     for adapter in adapters:
                         variant.load_adapter(adapter)
-                try:
-                    step, _ = et.decode_step_time(variant, variant_batch, sizes, rng,
-                                                  adapters=names if adapters_used else (None,))
-                except RuntimeError as error:
-                    rep.check(f"decode b={variant_batch}, {name} measured", False, str(error))
+                measured = decode_step(f"decode b={variant_batch}, {name}", variant,
+                                       variant_batch,
+                                       adapters=names if adapters_used else (None,))
+                if measured is None:
                     continue
+                step = measured[0]
                 rep.results["variants"][name] = {"batch": variant_batch, "step_s": step,
                                                  "ratio_to_configured": step / base_step}
                 rows.append([f"decode b={variant_batch}, {name}", f"{step * 1e3:.2f} ms",
@@ -658,11 +667,10 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
         if base is None or rep.out_of_time(f"LoRA decode batch {batch}"):
             continue
         print(f"[decode] batch {batch} with 8 adapters ...", flush=True)
-        try:
-            step, _ = et.decode_step_time(engine, batch, sizes, rng, adapters=names)
-        except RuntimeError as error:
-            rep.check(f"LoRA decode b={batch} measured", False, str(error))
+        measured = decode_step(f"LoRA decode b={batch}", engine, batch, adapters=names)
+        if measured is None:
             continue
+        step = measured[0]
         added = step / base["step_s"] - 1
         rep.results["lora"][batch] = {"step_s": step, "added_fraction": added}
         rows.append([f"decode b={batch}, 8 adapters r{rank} x 7 targets",
@@ -730,9 +738,8 @@ def run_coserve(rep: Report, shapes: Shapes) -> None:
         duration=2.0 if shapes.dry_run else 10.0, drain=2.0 if shapes.dry_run else 5.0,
         ttft_s=2.0 if not shapes.dry_run else 10.0, tpot_ms=tpot_ms, scale=0.25, seed=0,
         max_model_len=128 if shapes.dry_run else 512, tpot_multiple=3.0, arrivals="poisson",
-        # One sequence-count and one page-width bucket (8 step programs, not 72): at 8B
-        # shapes each compile takes seconds, and the part has two minutes.
-        min_seq_bucket=16, min_page_bucket=(128 if shapes.dry_run else 512) // 16)
+        tier="tiny-8b-like" if shapes.dry_run else "llama3-8b")
+    coserve.fit_buckets_to_tier(args)  # 8 step programs, not 72: the part has two minutes
     # The drain lets a request arriving last finish its longest output at the TPOT target
     # (on the H200, 2026-12-04, a fixed 5 s left two of co-serving's requests unfinished,
     # counted as misses, at a TPOT p99 under the target).

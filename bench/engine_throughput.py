@@ -392,7 +392,7 @@ def decode_context(sizes: ShapeSizes, batch: int, budget: int) -> int:
 
 
 NO_SLO = SLO(1e9, 1e9)
-"""Latency targets no step misses: decode and prefill measurements run at full chunks."""
+"""Latency targets no step misses: a decode measurement's prefill runs at full chunks."""
 
 
 def decode_step_time(

@@ -235,12 +235,9 @@ class ShardedLora:
                 return kernels.lora_grouped(x, a, b, scale, slot_ids,
                                             groups[0] if groups else None)
 
-            if kernels.options.skip_unused_lora:
-                # Skipped at run time when none of this shard's tokens names a slot.
-                y = jax.lax.cond(jnp.any(slot_ids >= 0), delta,
-                                 lambda: jnp.zeros((x.shape[0], b.shape[-1]), x.dtype))
-            else:
-                y = delta()
+            # Skipped at run time when none of this shard's tokens names a slot.
+            y = kernels.unless_unused(jnp.any(slot_ids >= 0), delta,
+                                      (x.shape[0], b.shape[-1]), x.dtype)
             return y[:, None] if parts else y
 
         return self.owner._map(body, (x_spec, a_spec, b_spec, P(), P(tok), *group_specs),

@@ -277,14 +277,19 @@ class Kernels:
             if la is None or module not in la:
                 return None
             a, b = la[module]
-            if not self.options.skip_unused_lora:
-                return self.lora_grouped(x, a, b, scale, slot_ids, groups)
-            return jax.lax.cond(
-                any_adapter,
-                lambda: self.lora_grouped(x, a, b, scale, slot_ids, groups),
-                lambda: jnp.zeros((*x.shape[:-1], b.shape[-1]), x.dtype))
+            return self.unless_unused(
+                any_adapter, lambda: self.lora_grouped(x, a, b, scale, slot_ids, groups),
+                (*x.shape[:-1], b.shape[-1]), x.dtype)
 
         return lora
+
+    def unless_unused(self, any_adapter: jax.Array, delta: Callable[[], jax.Array],
+                      shape: tuple[int, ...], dtype) -> jax.Array:
+        """``delta()``, skipped at run time for zeros of ``shape`` when ``any_adapter`` is
+        false (no token names a slot), unless ``options.skip_unused_lora`` is off."""
+        if not self.options.skip_unused_lora:
+            return delta()
+        return jax.lax.cond(any_adapter, delta, lambda: jnp.zeros(shape, dtype))
 
     @staticmethod
     def lora_single(x, a, b, scale) -> jax.Array:
