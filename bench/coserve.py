@@ -46,26 +46,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 
-import coserve_jax as cj
-from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, OptimizerConfig
-from coserve_jax.finetune.data import DataConfig, from_records
-from coserve_jax.slo import SLO, AdmissionError
-from coserve_jax.workload import (
+# The repository root, for a machine where the project is not installed (a lent GPU).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import coserve_jax as cj  # noqa: E402
+from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, OptimizerConfig  # noqa: E402
+from coserve_jax.finetune.data import DataConfig, from_records  # noqa: E402
+from coserve_jax.slo import SLO, AdmissionError  # noqa: E402
+from coserve_jax.workload import (  # noqa: E402
     SHAREGPT_MEAN_OUTPUT,
     gamma_arrivals,
     poisson_arrivals,
     sharegpt_lengths,
 )
 
-from benchlib import library_revision, machine_line, record
+from benchlib import library_revision, machine_line, record  # noqa: E402
 
 SEPARATE_FRACTIONS = (0.25, 0.5, 0.75)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION = "token-level ablation"
 # What the issue's checks need, within about 15 minutes: coserve+token-level (reported, not
 # checked) only in full runs or by --modes.
@@ -565,6 +570,15 @@ def fit_to_model(args) -> None:
         args.duration = max(args.duration, 5 * SHAREGPT_MEAN_OUTPUT * args.scale * tpot_s)
 
 
+def save_partial(args, regime: dict, records: list[dict]) -> None:
+    """Writes the runs so far to ``--json`` (``"complete": false``), so that a run killed
+    at a time limit (a lent GPU's call) still leaves its finished runs' records; the
+    finished benchmark overwrites the file."""
+    if getattr(args, "json", None):
+        with open(args.json, "w") as f:
+            json.dump({"regime": regime, "records": records, "complete": False}, f, indent=1)
+
+
 def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     """The whole benchmark: calibrate the SLO, find the peak, run every mode at every
     fraction of it. Returns the records (separate splits included) and the regime."""
@@ -579,6 +593,11 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     if args.rates:
         rates = list(args.rates)
         peak = None
+    elif getattr(args, "peak", None):
+        peak = args.peak
+        regime["peak_given"] = True
+        log(f"peak rate given (no search): {peak:.2f} req/s")
+        rates = [round(f * peak, 6) for f in args.fractions]
     else:
         peak, probes = find_peak(model, args, bisections=args.peak_bisections, log=log)
         regime["peak_probes"] = [{k: p.get(k) for k in ("rate", "seed", "requests",
@@ -613,6 +632,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
         for mode, rate in runs if i % 2 == 0 else runs[::-1]:
             rec = run_one(model, mode, rate, args, seed=seed)
             rounds[mode, rate].append(rec)
+            save_partial(args, regime, records + [r for rs in rounds.values() for r in rs])
             log(f"{mode_label(mode):>40} @ {rate:6.2f} req/s (round {i + 1}): attainment "
                 f"{rec['slo_attainment']:.1%}, finetuning {rec['ft_tokens_per_s']:.0f} tok/s")
     for (_mode, rate), recs in rounds.items():
@@ -653,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="TPOT target as a multiple of inference-only's decode TPOT")
     p.add_argument("--tpot-ms", type=float, help="a fixed TPOT target instead (ms)")
     p.add_argument("--peak-bisections", type=int, help="bisection steps of the peak search")
+    p.add_argument("--peak", type=float,
+                   help="the peak rate an earlier run found on this machine, model and TPOT "
+                        "multiple (req/s): skips the search, and the JSON says it was given")
     p.add_argument("--backward-block", type=int, default=0,
                    help="EngineConfig.backward_block (0: whole-sequence backward pieces)")
     p.add_argument("--keep-projections", action="store_true",
@@ -707,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmark took {time.monotonic() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"regime": regime, "records": shown}, f, indent=1)
+            json.dump({"regime": regime, "records": shown, "complete": True}, f, indent=1)
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
     plot([r for r in shown if r["rate"] > 0], args.plot)
     print(f"plot: {args.plot}")

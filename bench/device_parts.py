@@ -9,10 +9,12 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import importlib
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import step_profile
 from device_records import STATUS_FAILED, Report, read_record
 
 import benchlib
@@ -600,11 +603,44 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
             rep.save()
             return None
 
+    variant_batch = lora_batches[0]
+
+    def profile(label: str, engine) -> None:
+        """Where an engine's step goes: a profile of 5 more decode steps (device busy time,
+        the part of it spent in memcpy kernels, the top ops, and the host's planning
+        before each dispatch). On an H200, 2026-12-04, the b=16 step spent 8.0 ms of its
+        14.6 ms device time copying each layer's weights out of the stacked arrays
+        (``bench/layer_weights.py``)."""
+        before = engine.counters.copy()
+        try:
+            summary = step_profile.profile_steps(
+                engine, 5, os.path.join(rep.out_dir, "profile", re.sub(r"\W+", "-", label)))
+        except Exception as error:  # a comparison: its failure fails no check
+            rep.note(f"profile of {label} failed: {type(error).__name__}: {error}")
+            return
+        delta = engine.counters - before
+        summary["host_planning_per_step_s"] = delta["host_s"] / max(delta["iterations"], 1)
+        rep.results.setdefault("profiles", {})[label] = summary
+        busy, copies = summary["device_busy_per_step_s"], summary["memcpy_per_step_s"]
+        rows.append([f"decode b={variant_batch}, {label}, profiled (5 steps)",
+                     f"{summary['wall_per_step_s'] * 1e3:.2f} ms", "",
+                     ("device busy n/a (no device streams)" if busy is None else
+                      f"device busy {busy * 1e3:.2f} ms, memcpy {copies * 1e3:.2f} ms")
+                     + f", host planning {summary['host_planning_per_step_s'] * 1e3:.2f} ms",
+                     f"{summary['device_ops_per_step']:.0f} ops"])
+        if summary["top_ops"]:  # (none on the CPU backend: its ops run on host threads)
+            rep.table(f"Top device ops of a b={variant_batch} decode step: {label}",
+                      ["op", "ms per step", "calls per step"],
+                      [[op["name"][:80], f"{op['per_step_s'] * 1e3:.3f}",
+                        f"{op['calls_per_step']:g}"] for op in summary["top_ops"]])
+
     for batch in sizes.decode_batches:
         if rep.out_of_time(f"decode batch {batch}"):
             break
         print(f"[decode] batch {batch} ...", flush=True)
-        measured = decode_step(f"decode b={batch}", engine, batch)
+        measured = decode_step(f"decode b={batch}", engine, batch,
+                               then=(functools.partial(profile, "configured engine")
+                                     if batch == variant_batch else None))
         if measured is None:
             continue
         step, context = measured
@@ -628,15 +664,18 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
     # adapters in use.
     adapters = random_adapters([f"lora{i}" for i in range(8)], cfg, rank, seed=2)
     names = [a.name for a in adapters] + [None]  # every ninth request: the base model
-    variant_batch = lora_batches[0]
     if variant_batch in rep.results["decode"]:
         base_step = rep.results["decode"][variant_batch]["step_s"]
         rep.results["variants"] = {}
         for label, slots, fields in (
                 ("no adapter slots", 0, {}),
-                ("dense LoRA, no conditional", 8,
-                 {"dense_lora": True, "skip_unused_lora": False}),
-                ("grouped LoRA, no conditional", 8, {"skip_unused_lora": False})):
+                # The LoRA default before 2026-12-04's measurements (still the default off
+                # a GPU); the dense einsum without the conditional is a GPU's default now.
+                ("grouped LoRA behind the conditional", 8,
+                 {"dense_lora": False, "skip_unused_lora": True}),
+                # cuBLAS GEMMs, which XLA's dynamic-slice fusion may point at each layer's
+                # slice of the stacked weights instead of copying it out first.
+                ("cuBLAS GEMMs", 8, {"xla_options": "xla_gpu_enable_triton_gemm=false"})):
             if rep.out_of_time(f"decode variant {label}"):
                 break
             variant = Engine(model, et.decode_engine_config(
@@ -647,9 +686,10 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
                 if adapters_used:
                     for adapter in adapters:
                         variant.load_adapter(adapter)
-                measured = decode_step(f"decode b={variant_batch}, {name}", variant,
-                                       variant_batch,
-                                       adapters=names if adapters_used else (None,))
+                measured = decode_step(
+                    f"decode b={variant_batch}, {name}", variant, variant_batch,
+                    adapters=names if adapters_used else (None,),
+                    then=None if adapters_used else functools.partial(profile, label))
                 if measured is None:
                     continue
                 step = measured[0]

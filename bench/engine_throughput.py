@@ -24,6 +24,7 @@ import functools
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -31,16 +32,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import coserve_jax
-from coserve_jax import Engine, EngineConfig, Model, ModelConfig, SamplingParams
-from coserve_jax.config import RopeConfig
-from coserve_jax.models.llama import LayerParams, Params
-from coserve_jax.slo import SLO
-
-from benchlib import copy_bandwidth, library_revision, markdown_table, matmul_flops, record
-
+# The repository root, for a machine where the project is not installed (a lent GPU).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
 
+import coserve_jax  # noqa: E402
+from coserve_jax import Engine, EngineConfig, Model, ModelConfig, SamplingParams  # noqa: E402
+from coserve_jax.config import RopeConfig  # noqa: E402
+from coserve_jax.models.llama import LayerParams, Params  # noqa: E402
+from coserve_jax.slo import SLO  # noqa: E402
+
+from benchlib import copy_bandwidth, library_revision, markdown_table, matmul_flops, record  # noqa: E402
 
 # ----- shared helpers ------------------------------------------------------------------------
 
@@ -401,12 +404,15 @@ def decode_step_time(
     sizes: ShapeSizes,
     rng: np.random.Generator,
     adapters: Sequence[str | None] = (None,),
+    then: Callable[[Engine], object] | None = None,
 ) -> tuple[float, float]:
     """Median seconds of one steady decode step of ``batch`` sequences, and their mean context.
 
     Every request is prefilled first; a few untimed decode steps compile the
     bucket; max_tokens lets no request finish while timed. Request ``i`` uses adapter
-    ``adapters[i % len(adapters)]`` (None: the base model).
+    ``adapters[i % len(adapters)]`` (None: the base model). ``then(engine)``, if given,
+    runs after the timed steps while every request is still decoding (a profile of the
+    same steps, say).
     """
     vocab = engine.model.config.vocab_size
     max_tokens = engine.max_model_len - sizes.decode_prompt_len
@@ -441,6 +447,8 @@ def decode_step_time(
                     f"running, {len(engine.waiting)} waiting, contexts "
                     f"{contexts[:3]}..{contexts[-3:]}, max_model_len {engine.max_model_len}, "
                     f"timed step {len(times)}")
+        if then is not None:
+            then(engine)
     finally:  # a failed measurement leaves no requests behind for the next one
         for i in ids:
             engine.abort(i)

@@ -47,7 +47,7 @@ from coserve_jax.lora.adapter import LoraAdapter
 from coserve_jax.lora.slots import AdapterRegistry, AdapterSlots, slot_modules
 from coserve_jax.model import Model
 from coserve_jax.policy import TEMPORAL_KINDS, Policy
-from coserve_jax.programs import enable_compilation_cache
+from coserve_jax.programs import check_compiler_options, enable_compilation_cache
 from coserve_jax.runner import Runner
 from coserve_jax.runner_commands import RunStep
 from coserve_jax.sampling import MAX_SEED, SamplingParams
@@ -113,7 +113,8 @@ class Engine:
         # Resolved once, here: the step and the backward pieces share it.
         self.kernels = step_kernels(config.kernels.impl, self.layout, KernelOptions(
             dense_lora=config.kernels.dense_lora,
-            skip_unused_lora=config.kernels.skip_unused_lora))
+            skip_unused_lora=config.kernels.skip_unused_lora,
+            xla_compiler_options=check_compiler_options(config.kernels.compiler_options())))
         self.allocator = PageAllocator(cache.num_pages, cache.page_size, self.max_pages_per_seq)
         trainer_config = derive_trainer_config(config, lengths.max_train_len)
         modules = slot_modules(adapters.lora_target_modules)

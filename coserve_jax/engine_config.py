@@ -228,19 +228,50 @@ class KernelConfig:
     TPU engine runs the references)."""
     compilation_cache_dir: str | None = None
     """JAX persistent compilation cache; None means $COSERVE_XLA_CACHE or ~/.cache."""
-    dense_lora: bool = False
+    dense_lora: bool | None = None
     """The step's multi-slot LoRA as a masked einsum over every slot (the reference's
-    formulation) on every path, instead of the grouped Pallas kernel or ``lax.ragged_dot``
-    (``pallas_kernels.KernelOptions.dense_lora`` says what was measured)."""
-    skip_unused_lora: bool = True
+    formulation) on every path, instead of the grouped Pallas kernel or ``lax.ragged_dot``.
+    None: by backend, on a GPU only (``pallas_kernels.KernelOptions.dense_lora`` says what
+    was measured)."""
+    skip_unused_lora: bool | None = None
     """Skip the step's LoRA at run time when no token of the batch names a slot. Each skip
-    is a conditional, which on XLA:GPU waits for its predicate on the host
-    (``KernelOptions.skip_unused_lora``)."""
+    is a conditional, which on XLA:GPU waits for its predicate on the host. None: by
+    backend, off on a GPU (``KernelOptions.skip_unused_lora``)."""
+
+    xla_options: str = ""
+    """XLA options the step and the training programs are compiled with, as
+    "name=value" pairs separated by commas: for example
+    "xla_gpu_enable_triton_gemm=false" for cuBLAS GEMMs instead of Triton ones. Values
+    "true"/"false" are booleans, numbers are numbers, anything else a string. XLA checks
+    the names when the engine is built."""
 
     def __post_init__(self):
         if self.impl not in KERNEL_IMPLS:
             raise ValueError(f"KernelConfig.impl must be one of "
                              f"{', '.join(map(repr, KERNEL_IMPLS))}, got {self.impl!r}")
+        self.compiler_options()  # a malformed entry fails here, not at the first compile
+
+    def compiler_options(self) -> tuple[tuple[str, bool | int | float | str], ...]:
+        """``xla_options`` as (name, value) pairs."""
+        pairs = []
+        for item in filter(None, (part.strip() for part in self.xla_options.split(","))):
+            name, sep, text = (part.strip() for part in item.partition("="))
+            if not sep or not name.startswith("xla_") or not text:
+                raise ValueError(f"KernelConfig.xla_options: expected 'xla_name=value' "
+                                 f"entries separated by commas, got {item!r}")
+            pairs.append((name, _option_value(text)))
+        return tuple(pairs)
+
+
+def _option_value(text: str) -> bool | int | float | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 _PARTS: dict[str, type] = {

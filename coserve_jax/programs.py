@@ -64,7 +64,8 @@ def build_step(cfg: ModelConfig, return_logits: bool = False, layout=None,
 @functools.cache
 def _build_step(cfg: ModelConfig, return_logits: bool, layout, kernels: Kernels):
     fn = functools.partial(step_fn, cfg, return_logits=return_logits, **_sharded(layout, kernels))
-    return layout.jit_step(fn, StepOutput.specs(return_logits), TOKEN_FIELDS)
+    return layout.jit_step(fn, StepOutput.specs(return_logits), TOKEN_FIELDS,
+                           compiler_options=_compiler_options(kernels))
 
 
 def build_backward_piece(cfg: ModelConfig, attention_block: int = 256, layout=None,
@@ -79,7 +80,26 @@ def build_backward_piece(cfg: ModelConfig, attention_block: int = 256, layout=No
 def _build_backward_piece(cfg: ModelConfig, attention_block: int, layout, kernels: Kernels):
     fn = functools.partial(backward_piece_fn, cfg, attention_block=attention_block,
                            **_sharded(layout, kernels))
-    return layout.jit_backward(fn)
+    return layout.jit_backward(fn, compiler_options=_compiler_options(kernels))
+
+
+def check_compiler_options(options: tuple[tuple[str, object], ...]) -> tuple:
+    """``options`` unchanged, once XLA has accepted them on a trivial program: an unknown
+    name or a bad value is a ``ValueError`` when the engine is built, not at the first
+    step's compile."""
+    if options:
+        try:
+            jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(
+                jax.ShapeDtypeStruct((), jnp.float32)).compile()
+        except Exception as error:  # XLA raises its own runtime error type
+            raise ValueError(f"KernelConfig.xla_options {dict(options)} were refused by "
+                             f"XLA: {error}") from error
+    return options
+
+
+def _compiler_options(kernels: Kernels) -> dict | None:
+    """``jax.jit``'s ``compiler_options`` for the programs built with ``kernels``."""
+    return dict(kernels.options.xla_compiler_options) or None
 
 
 def _layout(cfg: ModelConfig, layout):
@@ -112,7 +132,7 @@ def build_backward_block(cfg: ModelConfig, layout=None, kernels: Kernels | None 
 @functools.cache
 def _build_backward_block(cfg: ModelConfig, layout, kernels: Kernels):
     fn = functools.partial(backward_block_fn, cfg, kernels=kernels)
-    return layout.jit_train(fn, ("seq_len", "block"))
+    return layout.jit_train(fn, ("seq_len", "block"), compiler_options=_compiler_options(kernels))
 
 
 def build_sample_grads(cfg: ModelConfig, attention_block: int = 256, layout=None,
@@ -131,7 +151,7 @@ def build_sample_grads(cfg: ModelConfig, attention_block: int = 256, layout=None
 def _build_sample_grads(cfg: ModelConfig, attention_block: int, layout, kernels: Kernels):
     fn = functools.partial(sample_grads_fn, cfg, attention_block=attention_block,
                            kernels=kernels)
-    return layout.jit_train(fn, (), with_loss=True)
+    return layout.jit_train(fn, (), with_loss=True, compiler_options=_compiler_options(kernels))
 
 
 @functools.cache

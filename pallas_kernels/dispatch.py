@@ -70,15 +70,37 @@ class KernelOptions:
     lora_block: int = 128
     num_warps: int | None = None
     num_stages: int | None = None
-    dense_lora: bool = False
+    dense_lora: bool | None = None
     """Multi-slot LoRA as the reference's masked einsum over every slot on every path,
-    instead of the grouped kernel (GPU) or ``lax.ragged_dot`` (TPU). On an H200 at 8B
-    shapes, 2026-12-04, the einsum took 0.09 ms a layer for 7 targets at 256 decode tokens,
-    against 0.21 ms for the grouped kernel."""
-    skip_unused_lora: bool = True
-    """Skip the step's LoRA with a run-time conditional when no token names a slot. On
-    XLA:GPU each conditional copies its predicate to the host first: with 7 targets x 32
-    layers, empty slots cost 5.1 ms of a 17.8 ms decode step on an H200, 2026-12-04."""
+    instead of the grouped kernel (GPU) or ``lax.ragged_dot`` (TPU). None: by backend
+    (``select_kernels``), True on a GPU. On an H200 at 8B shapes, 2026-12-04, the einsum
+    took 0.09 ms a layer for 7 targets at 256 decode tokens, against 0.21 ms for the
+    grouped kernel; a whole b=16 decode step with 8 adapters in use took 14.7 ms with the
+    einsum and 18.9 ms with the grouped kernel (neither behind the conditional)."""
+    skip_unused_lora: bool | None = None
+    """Skip the step's LoRA with a run-time conditional when no token names a slot. None:
+    by backend (``select_kernels``), off on a GPU. On XLA:GPU each conditional copies its
+    predicate to the host first: on an H200 at 8B shapes, 2026-12-04, a b=16 decode step
+    with 8 empty slots took 17.7 ms with the conditional (and the grouped kernel) against
+    15.3 ms with the einsum always run, and with 8 adapters in use 25.0 ms against 14.7."""
+
+    xla_compiler_options: tuple[tuple[str, bool | int | float | str], ...] = ()
+    """XLA options the step and the training programs are compiled with (``jax.jit``'s
+    ``compiler_options``), as (name, value) pairs: for example
+    ``(("xla_gpu_enable_triton_gemm", False),)`` for cuBLAS GEMMs instead of Triton ones
+    (``bench/layer_weights.py`` measures why one might)."""
+
+    def for_impl(self, impl: str) -> KernelOptions:
+        """These options with the LoRA choices left None decided for ``impl``: on a GPU
+        ("kernel"), the einsum on every step (measured above); elsewhere the grouped or
+        ragged LoRA behind the conditional (on CPU and TPU a conditional does not wait on
+        the host)."""
+        on_gpu = impl == "kernel"
+        return dataclasses.replace(
+            self,
+            dense_lora=on_gpu if self.dense_lora is None else self.dense_lora,
+            skip_unused_lora=(not on_gpu if self.skip_unused_lora is None
+                              else self.skip_unused_lora))
 
 
 def requested_impl(impl: str | None = None) -> str:
@@ -134,6 +156,10 @@ class Kernels:
     impl: str
     """What was chosen: "kernel", "tpu", "reference" or "interpret"."""
     options: KernelOptions = KernelOptions()
+    """Tile sizes and the LoRA choices; those left None are decided for ``impl`` here."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", self.options.for_impl(self.impl))
 
     @property
     def uses_pallas(self) -> bool:

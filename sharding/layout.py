@@ -298,14 +298,16 @@ class Layout:
 
     # ----- jitted programs ------------------------------------------------------------------
 
-    def jit_step(self, fn: Callable, out_specs: Any, token_fields: Collection[str]) -> LayoutJit:
+    def jit_step(self, fn: Callable, out_specs: Any, token_fields: Collection[str],
+                 compiler_options: dict | None = None) -> LayoutJit:
         """``fn(params, slots, kv, train, feed, batch, with_train=...) -> (kv, train, feed,
         out)`` jitted with every input and output in its layout and kv/train/feed donated
         (``feed``, the previous step's sampled tokens, is replicated).
 
         The core says what it hands over: ``out_specs`` is ``out``'s structure with a
         ``PartitionSpec`` at each leaf (``StepOutput.specs``), ``token_fields`` the batch
-        fields with one entry per token (``batch_specs``)."""
+        fields with one entry per token (``batch_specs``). ``compiler_options`` go to
+        ``jax.jit`` (XLA options; None: the defaults), here and in ``jit_train``."""
         out = self.named(out_specs)
 
         def shardings(params, slots, kv, train, feed, batch):
@@ -315,14 +317,15 @@ class Layout:
             return ins, (ins[2], ins[3], ins[4], out)
 
         return LayoutJit(self, fn, shardings, donate_argnums=(2, 3, 4),
-                         static_argnames=("with_train",), batch_argnum=5)
+                         static_argnames=("with_train",), batch_argnum=5,
+                         compiler_options=compiler_options)
 
-    def jit_backward(self, fn: Callable) -> LayoutJit:
+    def jit_backward(self, fn: Callable, compiler_options: dict | None = None) -> LayoutJit:
         """``fn(params, slots, train, piece, num_layers=, seq_len=) -> train`` in layout."""
-        return self.jit_train(fn, ("num_layers", "seq_len"))
+        return self.jit_train(fn, ("num_layers", "seq_len"), compiler_options=compiler_options)
 
     def jit_train(self, fn: Callable, static_argnames: tuple[str, ...],
-                  with_loss: bool = False) -> LayoutJit:
+                  with_loss: bool = False, compiler_options: dict | None = None) -> LayoutJit:
         """``fn(params, slots, train, *inputs, **static) -> train`` (``(train, loss)`` with
         ``with_loss``), with ``train`` donated, the inputs replicated and ``train`` handed
         back in exactly the layout the step takes it in.
@@ -340,7 +343,8 @@ class Layout:
             return ins, ((ins[2], loss) if with_loss else ins[2])
 
         return LayoutJit(self, fn, shardings, donate_argnums=(2,),
-                         static_argnames=static_argnames, batch_argnum=3)
+                         static_argnames=static_argnames, batch_argnum=3,
+                         compiler_options=compiler_options)
 
     def jit_state(self, fn: Callable, donate_argnums: tuple[int, ...] = ()) -> StateJit:
         """Any function of state trees whose outputs are laid out by ``specs`` (job
@@ -396,8 +400,9 @@ class LayoutJit:
 
     def __init__(self, layout: Layout, fn: Callable, shardings: Callable,
                  donate_argnums: tuple[int, ...], static_argnames: tuple[str, ...],
-                 batch_argnum: int):
+                 batch_argnum: int, compiler_options: dict | None = None):
         self.layout = layout
+        self.compiler_options = compiler_options
         self.fn = fn
         self._shardings = shardings
         self._donate = donate_argnums
@@ -418,7 +423,8 @@ class LayoutJit:
 
             jitted = jax.jit(positional, in_shardings=ins, out_shardings=outs,
                              donate_argnums=self._donate,
-                             static_argnums=tuple(range(n, n + len(names))))
+                             static_argnums=tuple(range(n, n + len(names))),
+                             compiler_options=self.compiler_options)
             self._jits[key] = (jitted, ins[self._batch])
         return self._jits[key]
 

@@ -382,7 +382,9 @@ def cuda_lowering(cases: list[str]) -> dict:
             "num_attention_heads": hq, "head_dim": head_dim, "hidden_size": hidden,
             "intermediate_size": 14336})
         layout = Layout(make_mesh(MeshConfig.parse(spec)), cfg)
-        kernels = ShardedKernels(Kernels(impl="kernel"), layout)
+        # The grouped kernel behind the conditional (the LoRA default off a GPU).
+        kernels = ShardedKernels(Kernels(impl="kernel", options=KernelOptions(
+            dense_lora=False, skip_unused_lora=True)), layout)
         # The LoRA choices measured on a GPU: the masked einsum on every step, no conditional.
         dense = ShardedKernels(Kernels(impl="kernel", options=KernelOptions(
             dense_lora=True, skip_unused_lora=False)), layout)

@@ -5,6 +5,7 @@ a miss."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -208,6 +209,27 @@ def test_each_round_runs_every_mode_on_its_own_trace(monkeypatch):
     assert inference["round_attainment"] == [1.0, 0.9]
     assert regime["peak_rate"] == 4.0 and regime["rates"] == [4.0]
     assert [p["seed"] for p in regime["peak_probes"]] == [5, 6]
+
+
+def test_a_given_peak_skips_the_search(monkeypatch, tmp_path):
+    """``--peak``: the rates are fractions of the given peak, no probe runs, and the JSON
+    written after each run (``save_partial``) says so, marked incomplete."""
+    counts = dict(requests=10, refused=0, unfinished=0, steps=1, mixed_steps=0,
+                  whole_samples=0)
+    monkeypatch.setattr(coserve, "run_one", lambda model, mode, rate, args, seed=None: rec(
+        mode, rate, 1.0, 0.0 if mode == "inference-only" else 100.0, seed=seed, **counts))
+    monkeypatch.setattr(coserve, "find_peak", lambda *a, **k: pytest.fail("searched"))
+    out = tmp_path / "partial.json"
+    args = argparse.Namespace(tpot_ms=10.0, ttft_s=2.0, drain=1.0, duration=6.0, scale=0.25,
+                              max_model_len=512, duration_given=True, rates=None, peak=8.0,
+                              fractions=[0.5, 1.0], modes=["coserve"], rounds=1, seed=0,
+                              peak_bisections=0, json=str(out))
+    _shown, regime = coserve.run_regime(None, args, log=lambda _: None)
+    assert regime["peak_given"] and regime["peak_rate"] == 8.0
+    assert regime["rates"] == [4.0, 8.0]
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and partial["regime"]["peak_rate"] == 8.0
+    assert {r["mode"] for r in partial["records"]} >= {"finetune-only", "coserve"}
 
 
 def test_the_attainment_check_counts_the_requests_that_missed():

@@ -45,7 +45,7 @@ def record(out, index: int, part: str) -> dict:
 def test_one_json_and_one_markdown_per_part(dry_run):
     out, combined, stdout = dry_run
     expected = {f"{i:02d}_{p}.{ext}" for i, p in enumerate(PARTS, 1) for ext in ("json", "md")}
-    assert set(os.listdir(out)) == expected
+    assert set(os.listdir(out)) == expected | {"profile"}  # the decode part's traces
     for i, part in enumerate(PARTS, 1):
         r = record(out, i, part)
         assert (r["part"], r["index"], r["status"], r["dry_run"]) == (part, i, "ok", True)
@@ -111,13 +111,20 @@ def test_decode_against_floors(dry_run):
     for v in [*results["decode"].values(), results["prefill"]]:
         assert 0 < v["floor_fraction"] < math.inf
     assert math.isfinite(results["lora"]["4"]["added_fraction"])
-    # The same decode by engines without adapter slots and on the references.
+    # The same decode by an engine without adapter slots, with the LoRA choice that is not
+    # the backend's default, and with cuBLAS GEMMs (an XLA option).
     assert set(results["variants"]) == {
-        "no adapter slots", "dense LoRA, no conditional",
-        "dense LoRA, no conditional, 8 adapters in use", "grouped LoRA, no conditional",
-        "grouped LoRA, no conditional, 8 adapters in use"}
+        "no adapter slots", "grouped LoRA behind the conditional",
+        "grouped LoRA behind the conditional, 8 adapters in use", "cuBLAS GEMMs",
+        "cuBLAS GEMMs, 8 adapters in use"}
     for v in results["variants"].values():
         assert v["batch"] == 4 and 0 < v["ratio_to_configured"] < math.inf
+    # Each engine's base-model step profiled; the CPU backend has no device streams.
+    assert set(results["profiles"]) == {"configured engine", "no adapter slots",
+                                        "grouped LoRA behind the conditional", "cuBLAS GEMMs"}
+    for summary in results["profiles"].values():
+        assert summary["wall_per_step_s"] > 0 and summary["device_busy_per_step_s"] is None
+        assert summary["host_planning_per_step_s"] > 0
 
 
 def test_coserve_ran(dry_run):

@@ -147,6 +147,30 @@ def test_bad_kernels_value_is_refused():
     assert config.kernels.impl == "interpret"
 
 
+def test_xla_options_reach_the_step_and_change_nothing_it_computes():
+    """``KernelConfig.xla_options`` go to the step's ``jax.jit`` (here cuBLAS GEMMs asked
+    for, which the CPU backend ignores): the same tokens and logits as without."""
+    ref_tokens, ref_logits, _ = serve("reference")
+    option = "xla_gpu_enable_triton_gemm=false"
+    tokens, logits, _ = serve("reference", xla_options=option)
+    engine = Engine(tiny_model(), serving_config("reference", xla_options=option))
+    assert engine.kernels.options.xla_compiler_options == (("xla_gpu_enable_triton_gemm", False),)
+    assert engine.runner.step.compiler_options == {"xla_gpu_enable_triton_gemm": False}
+    assert tokens == ref_tokens
+    for ours, ref in zip(logits, ref_logits, strict=True):
+        assert relative_error(ours, ref) == 0.0
+
+
+def test_bad_xla_options_are_refused_before_serving():
+    with pytest.raises(ValueError, match=r"xla_options: expected 'xla_name=value'.*'fast'"):
+        serving_config("reference", xla_options="fast")
+    with pytest.raises(ValueError, match=r"xla_options .*refused by XLA.*xla_no_such_option"):
+        Engine(tiny_model(), serving_config("reference", xla_options="xla_no_such_option=1"))
+    config = serving_config("reference", xla_options=" xla_a=true, xla_b=3,xla_c=0.5,xla_d=x ")
+    assert config.kernels.compiler_options() == (
+        ("xla_a", True), ("xla_b", 3), ("xla_c", 0.5), ("xla_d", "x"))
+
+
 def test_kernel_path_on_cpu_fails_at_engine_build():
     with pytest.raises(ValueError, match=r"'kernel' needs a GPU or TPU.*'interpret'"):
         Engine(tiny_model(), serving_config("kernel"))

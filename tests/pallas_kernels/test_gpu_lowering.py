@@ -27,7 +27,8 @@ def lower_for_cuda(fn, *args) -> str:
     return traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
-GPU = Kernels(impl="kernel", options=KernelOptions())
+# The grouped LoRA kernel named explicitly: a GPU engine runs the einsum by default.
+GPU = Kernels(impl="kernel", options=KernelOptions(dense_lora=False))
 
 
 # (query heads, kv heads, page size, tokens): Llama-3.1-8B, Qwen2.5-7B (group of 7),

@@ -11,7 +11,7 @@ import pytest
 from kernel_cases import assert_close, lora_inputs, paged_batch
 
 from pallas_kernels import KernelOptions, select_kernels
-from pallas_kernels.dispatch import ENV_VAR, resolve_impl
+from pallas_kernels.dispatch import ENV_VAR, Kernels, resolve_impl
 from pallas_kernels.lora import lora_multi_slot_reference
 from pallas_kernels.ragged_paged_attention import (
     dense_causal_attention_reference,
@@ -44,6 +44,23 @@ def test_resolve_impl_errors_and_environment(monkeypatch):
     monkeypatch.delenv(ENV_VAR)
     assert select_kernels().impl == ("reference" if jax.default_backend() == "cpu" else
                                      resolve_impl("auto"))
+
+
+def test_lora_choices_left_open_are_decided_by_backend():
+    """Measured on an H200 (``KernelOptions``' docstrings): a GPU step runs the einsum on
+    every step; CPU (reference or interpret) and TPU keep the grouped path behind the
+    conditional. A choice made explicitly is kept on every backend."""
+    gpu = select_kernels("kernel", backend="gpu").options
+    assert (gpu.dense_lora, gpu.skip_unused_lora) == (True, False)
+    for impl, backend in (("reference", "cpu"), ("interpret", "cpu"), ("auto", "tpu")):
+        options = select_kernels(impl, backend=backend).options
+        assert (options.dense_lora, options.skip_unused_lora) == (False, True), impl
+    chosen = select_kernels("kernel", KernelOptions(dense_lora=False, skip_unused_lora=True),
+                            backend="gpu").options
+    assert (chosen.dense_lora, chosen.skip_unused_lora) == (False, True)
+    # Built directly, as a test or a sharded TPU fallback does, the choices are decided too.
+    assert Kernels(impl="kernel").options.dense_lora is True
+    assert Kernels(impl="reference").options.skip_unused_lora is True
 
 
 def test_planned_paged_attention_in_interpret_mode():

@@ -1,0 +1,151 @@
+"""Does a decode step read each layer's weights in place, or copy them out first?
+
+On an H200 at Llama-3.1-8B shapes (2026-12-04, BENCHMARKS.md), a profile of the engine's
+b=16 decode step showed 14.6 GB copied per step by 609 ``memcpy`` kernels (8.0 ms of a
+14.6 ms device-busy step): each layer's 7 weight matrices, and its adapter slots, copied
+out of the stacked ``[num_layers, ...]`` arrays that ``lax.scan`` slices, before the
+matmuls read the copies. This script times the 32 decoder layers alone (16 tokens of one
+position each, so attention is trivial and the weights are what is read) in three ways:
+
+- ``scan``: ``llama.run_layers``, the engine's path (``lax.scan`` over stacked weights);
+- ``loop-slices``: a Python loop over the same stacked arrays, indexed statically;
+- ``loop-arrays``: a Python loop over separate per-layer arrays (what an engine that
+  keeps every layer's weights apart would pass), which no slice can copy;
+
+the first two also with XLA options given to their ``jax.jit`` (``compiler_options``, so
+one process tries them all): cuBLAS GEMMs instead of Triton ones
+(``xla_gpu_enable_triton_gemm``), which XLA's dynamic-slice fusion can point at a slice
+in place; that fusion asked for explicitly; and without the pass that turns dynamic
+slices into memcpys. For each, the device time a ``jax.profiler`` trace gives to
+``memcpy`` kernels. A variant whose options this XLA does not know records the error.
+
+    python bench/layer_weights.py --tiny                     # the code path, on CPU
+    python bench/layer_weights.py --json $OUT/lw.json        # on a GPU, about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+CUBLAS = {"xla_gpu_enable_triton_gemm": False}
+VARIANTS = {  # name: (how the weights are read, compiler options)
+    "scan": ("scan", {}),
+    "scan, cuBLAS": ("scan", CUBLAS),
+    "scan, cuBLAS, dynamic-slice fusion": (
+        "scan", CUBLAS | {"xla_gpu_enable_dynamic_slice_fusion": True}),
+    "scan, no memcpy rewrite": (
+        "scan", {"xla_disable_hlo_passes": "fusion-dynamic-memcpy-rewriter"}),
+    "loop-slices": ("loop-slices", {}),
+    "loop-slices, cuBLAS": ("loop-slices", CUBLAS),
+    "loop-arrays": ("loop-arrays", {}),
+}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny-8b-like shapes (2 layers), CPU")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--batch", type=int, default=16, help="decode tokens (one per sequence)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--json", help="append one JSON line per variant here")
+    args = p.parse_args(argv)
+    for path in (REPO_ROOT, BENCH_DIR):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+    import engine_throughput as et
+    import jax
+    import jax.numpy as jnp
+    import step_profile
+
+    from coserve_jax.models import llama
+
+    cfg = et.tiny_8b_like_config(2) if args.tiny else et.llama3_8b_config(32)
+    dtype = jnp.float32 if args.tiny else jnp.bfloat16
+    layers = et.random_params(cfg, dtype).layers
+    per_layer = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(cfg.num_layers)]
+    weight_bytes = sum(a.nbytes for a in jax.tree.leaves(layers))
+    x = jax.random.normal(jax.random.key(1), (args.batch, 1, cfg.hidden_size), dtype)
+    positions = jnp.full((args.batch, 1), 100, jnp.int32)
+
+    def loop(stack_or_list, x):
+        cos, sin = llama.rope_cos_sin(cfg, positions)
+        for i in range(cfg.num_layers):
+            lp = (stack_or_list[i] if isinstance(stack_or_list, list)
+                  else jax.tree.map(lambda a, i=i: a[i], stack_or_list))
+            x, _ = llama.decoder_layer(cfg, lp, None, jnp.int32(i), x, cos, sin,
+                                       llama.dense_attention, None)
+        return x
+
+    def forward(reading: str, options: dict):
+        if reading == "scan":
+            def fn(w, x):
+                return llama.run_layers(cfg, w, x, positions, llama.dense_attention)[0]
+        else:
+            fn = loop
+        return jax.jit(fn, compiler_options=options or None), (
+            per_layer if reading == "loop-arrays" else layers)
+
+    rows, first, first_name = [], None, None
+    for name in args.variants:
+        reading, options = VARIANTS[name]
+        fn, weights = forward(reading, options)
+        t0 = time.perf_counter()
+        try:
+            out = fn(weights, x).block_until_ready()  # compiles
+        except Exception as error:  # an option this XLA does not know, say
+            row = {"variant": name, "compiler_options": options,
+                   "error": f"{type(error).__name__}: {str(error)[:300]}"}
+            rows.append(row)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            print(f"{name:36} failed: {row['error']}", flush=True)
+            continue
+        compile_s = time.perf_counter() - t0
+        # The same function whichever way the weights are read: relative error against the
+        # first variant (float32 arithmetic on CPU; bf16 fusions may round differently).
+        out = out.astype(jnp.float32)
+        if first is None:
+            first, first_name = out, name
+        rel_err = float(jnp.linalg.norm(out - first) / jnp.linalg.norm(first))
+        fn(weights, x).block_until_ready()
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn(weights, x).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        prof = step_profile.profile_steps(
+            None, 5, tempfile.mkdtemp(prefix="layer-weights-"),
+            step=lambda fn=fn, weights=weights: fn(weights, x).block_until_ready())
+        row = {"variant": name, "compiler_options": options, "layers": cfg.num_layers,
+               "batch": args.batch, "dtype": jnp.dtype(dtype).name,
+               "platform": jax.devices()[0].platform, "weight_bytes": weight_bytes,
+               "median_s": statistics.median(times), "compile_s": compile_s,
+               "rel_err_vs_first": rel_err,
+               "device_busy_s": prof["device_busy_per_step_s"],
+               "memcpy_s": prof["memcpy_per_step_s"],
+               "top_ops": prof["top_ops"][:5]}
+        rows.append(row)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        busy, copies = row["device_busy_s"], row["memcpy_s"]
+        print(f"{name:36} {row['median_s'] * 1e3:8.2f} ms  compile {compile_s:5.1f} s  "
+              f"device busy {'n/a' if busy is None else f'{busy * 1e3:.2f} ms'}  "
+              f"memcpy {'n/a' if copies is None else f'{copies * 1e3:.2f} ms'}  "
+              f"weights {weight_bytes / 1e9:.2f} GB  error vs {first_name} "
+              f"{rel_err:.1e}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
