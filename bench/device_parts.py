@@ -675,7 +675,9 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
                  {"dense_lora": False, "skip_unused_lora": True}),
                 # cuBLAS GEMMs, which XLA's dynamic-slice fusion may point at each layer's
                 # slice of the stacked weights instead of copying it out first.
-                ("cuBLAS GEMMs", 8, {"xla_options": "xla_gpu_enable_triton_gemm=false"})):
+                ("cuBLAS GEMMs", 8, {"xla_options": "xla_gpu_enable_triton_gemm=false"}),
+                # The layer scan unrolled: static slices of the stacked weights.
+                ("layers unrolled", 8, {"unroll_layers": True})):
             if rep.out_of_time(f"decode variant {label}"):
                 break
             variant = Engine(model, et.decode_engine_config(

@@ -7,7 +7,8 @@ out of the stacked ``[num_layers, ...]`` arrays that ``lax.scan`` slices, before
 matmuls read the copies. This script times the 32 decoder layers alone (16 tokens of one
 position each, so attention is trivial and the weights are what is read) in three ways:
 
-- ``scan``: ``llama.run_layers``, the engine's path (``lax.scan`` over stacked weights);
+- ``scan``: ``llama.run_layers``, the engine's path (``lax.scan`` over stacked weights),
+  and the same scan unrolled (``KernelConfig.unroll_layers``);
 - ``loop-slices``: a Python loop over the same stacked arrays, indexed statically;
 - ``loop-arrays``: a Python loop over separate per-layer arrays (what an engine that
   keeps every layer's weights apart would pass), which no slice can copy;
@@ -41,6 +42,7 @@ VARIANTS = {  # name: (how the weights are read, compiler options)
     "scan, cuBLAS": ("scan", CUBLAS),
     "scan, cuBLAS, dynamic-slice fusion": (
         "scan", CUBLAS | {"xla_gpu_enable_dynamic_slice_fusion": True}),
+    "scan, unrolled": ("scan-unrolled", {}),
     "scan, no memcpy rewrite": (
         "scan", {"xla_disable_hlo_passes": "fusion-dynamic-memcpy-rewriter"}),
     "loop-slices": ("loop-slices", {}),
@@ -86,9 +88,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return x
 
     def forward(reading: str, options: dict):
-        if reading == "scan":
+        if reading.startswith("scan"):
             def fn(w, x):
-                return llama.run_layers(cfg, w, x, positions, llama.dense_attention)[0]
+                return llama.run_layers(cfg, w, x, positions, llama.dense_attention,
+                                        unroll=reading == "scan-unrolled")[0]
         else:
             fn = loop
         return jax.jit(fn, compiler_options=options or None), (

@@ -114,6 +114,7 @@ class Engine:
         self.kernels = step_kernels(config.kernels.impl, self.layout, KernelOptions(
             dense_lora=config.kernels.dense_lora,
             skip_unused_lora=config.kernels.skip_unused_lora,
+            unroll_layers=config.kernels.unroll_layers,
             xla_compiler_options=check_compiler_options(config.kernels.compiler_options())))
         self.allocator = PageAllocator(cache.num_pages, cache.page_size, self.max_pages_per_seq)
         trainer_config = derive_trainer_config(config, lengths.max_train_len)

@@ -238,6 +238,8 @@ class KernelConfig:
     is a conditional, which on XLA:GPU waits for its predicate on the host. None: by
     backend, off on a GPU (``KernelOptions.skip_unused_lora``)."""
 
+    unroll_layers: bool = False
+    """The step's layer scan unrolled (``pallas_kernels.KernelOptions.unroll_layers``)."""
     xla_options: str = ""
     """XLA options the step and the training programs are compiled with, as
     "name=value" pairs separated by commas: for example

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from coserve_jax.kv_cache import KVCache
-from pallas_kernels.dispatch import Kernels
+from pallas_kernels.dispatch import KernelOptions, Kernels
 from pallas_kernels.ragged_paged_attention import flash
 from sharding.layout import ROW_PARALLEL, Layout
 from sharding.mesh import MODEL
@@ -76,6 +76,10 @@ class ShardedKernels:
     @property
     def impl(self) -> str:
         return self.kernels.impl
+
+    @property
+    def options(self) -> KernelOptions:
+        return self.kernels.options
 
     @property
     def uses_pallas(self) -> bool:
@@ -202,7 +206,7 @@ class ShardedKernels:
     def multi_slot_lora(self, scale: jax.Array, slot_ids: jax.Array) -> ShardedLora:
         """``Kernels.multi_slot_lora`` per device: tokens grouped by slot once per data
         shard, the grouped kernels on each device's part of the dependent layout."""
-        groups = None if self.kernels.options.dense_lora else self._per_shard(
+        groups = None if self.options.dense_lora else self._per_shard(
             lambda ids: self.kernels.group_tokens(ids, scale.shape[0], ids.shape[0]), slot_ids)
         return ShardedLora(self, scale, slot_ids, groups)
 

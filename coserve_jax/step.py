@@ -150,7 +150,8 @@ def step_fn(cfg: ModelConfig, params, slots: AdapterSlots | None, kv: KVCache,
         cfg, params, kv, batch, attention, write_kv_pages,
         adapters=adapters, lora=lora,
         extra=None if train is None else (train.acts, train.saved),
-        on_layer_input=save, on_projections=save_projections, hints=hints)
+        on_layer_input=save, on_projections=save_projections, hints=hints,
+        unroll=kernels.options.unroll_layers)
     num_seqs = batch.num_seqs
     if with_train:
         ce, g = _training_loss(cfg, params, x, batch.labels, batch.loss_weights)

@@ -161,6 +161,18 @@ def test_xla_options_reach_the_step_and_change_nothing_it_computes():
         assert relative_error(ours, ref) == 0.0
 
 
+def test_unrolled_layers_compute_what_the_scan_computes():
+    """``KernelConfig.unroll_layers``: the step's layer scan unrolled (every layer's
+    weights a static slice) gives the scan's tokens and logits."""
+    ref_tokens, ref_logits, ref_jaxpr = serve("reference")
+    tokens, logits, jaxpr = serve("reference", unroll_layers=True)
+    layers = tiny_model().config.num_layers
+    assert f"unroll={layers}" in jaxpr and f"unroll={layers}" not in ref_jaxpr
+    assert tokens == ref_tokens
+    for ours, ref in zip(logits, ref_logits, strict=True):
+        assert relative_error(ours, ref) <= 1e-6
+
+
 def test_bad_xla_options_are_refused_before_serving():
     with pytest.raises(ValueError, match=r"xla_options: expected 'xla_name=value'.*'fast'"):
         serving_config("reference", xla_options="fast")

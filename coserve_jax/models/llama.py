@@ -228,9 +228,11 @@ def run_layers(
     on_projections: Callable[[jax.Array, dict, object], object] | None = None,
     replay: dict | None = None,
     hints: ProjectionHints | None = None,
+    unroll: bool = False,
 ) -> tuple[jax.Array, object]:
     """Scans stacked ``layers`` (and per-layer ``adapters``) over ``x``; returns the last
-    layer's output, before the final norm.
+    layer's output, before the final norm. ``unroll``: the scan unrolled, so every layer
+    reads its weights by a static slice (``KernelOptions.unroll_layers``).
 
     ``first_layer`` numbers the layers when ``layers`` is a slice of the model;
     ``on_layer_input(layer_index, x, carry) -> carry`` sees each layer's input and
@@ -260,7 +262,8 @@ def run_layers(
     indices = first_layer + jnp.arange(num, dtype=jnp.int32)
     if hints is not None:
         x = hints.replicated_hidden(x)
-    (x, carry), _ = jax.lax.scan(body, (x, carry), (layers, adapters, indices, replay))
+    (x, carry), _ = jax.lax.scan(body, (x, carry), (layers, adapters, indices, replay),
+                                 unroll=unroll)
     if hints is not None:
         x = hints.replicated_hidden(x)
     return x, carry
@@ -382,9 +385,10 @@ def forward_paged(
     on_layer_input: Callable[[jax.Array, jax.Array, object], object] | None = None,
     on_projections: Callable[[jax.Array, dict, object], object] | None = None,
     hints: ProjectionHints | None = None,
+    unroll: bool = False,
 ) -> tuple[jax.Array, object, object]:
     """Runs a ragged token batch through paged KV: returns (last layer output ``[T, D]``
-    before the final norm, kv, extra).
+    before the final norm, kv, extra). ``unroll``: see ``run_layers``.
 
     Each layer first writes the batch's K/V into its pages, then every token
     attends over its own sequence's pages, so chunks of one sequence in the same
@@ -413,5 +417,6 @@ def forward_paged(
     x, (kv, extra) = run_layers(cfg, params.layers, params.embed[batch.token_ids],
                                 batch.positions, attention, (kv, extra), adapters=adapters,
                                 lora=lora, on_layer_input=on_extra(on_layer_input),
-                                on_projections=on_extra(on_projections), hints=hints)
+                                on_projections=on_extra(on_projections), hints=hints,
+                                unroll=unroll)
     return x, kv, extra
