@@ -674,8 +674,11 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
                 ("grouped LoRA behind the conditional", 8,
                  {"dense_lora": False, "skip_unused_lora": True}),
                 # cuBLAS GEMMs, which XLA's dynamic-slice fusion may point at each layer's
-                # slice of the stacked weights instead of copying it out first.
-                ("cuBLAS GEMMs", 8, {"xla_options": "xla_gpu_enable_triton_gemm=false"}),
+                # slice of the stacked weights instead of copying it out first (NVIDIA's
+                # JAX-Toolbox recommends the fusion for scans; bench/layer_weights.py
+                # separates the two options).
+                ("cuBLAS GEMMs", 8, {"xla_options": "xla_gpu_enable_triton_gemm=false,"
+                                                    "xla_gpu_enable_dynamic_slice_fusion=true"}),
                 # The layer scan unrolled: static slices of the stacked weights.
                 ("layers unrolled", 8, {"unroll_layers": True})):
             if rep.out_of_time(f"decode variant {label}"):

@@ -237,7 +237,6 @@ class KernelConfig:
     """Skip the step's LoRA at run time when no token of the batch names a slot. Each skip
     is a conditional, which on XLA:GPU waits for its predicate on the host. None: by
     backend, off on a GPU (``KernelOptions.skip_unused_lora``)."""
-
     unroll_layers: bool = False
     """The step's layer scan unrolled (``pallas_kernels.KernelOptions.unroll_layers``)."""
     xla_options: str = ""

@@ -73,13 +73,13 @@ class KernelOptions:
     dense_lora: bool | None = None
     """Multi-slot LoRA as the reference's masked einsum over every slot on every path,
     instead of the grouped kernel (GPU) or ``lax.ragged_dot`` (TPU). None: by backend
-    (``select_kernels``), True on a GPU. On an H200 at 8B shapes, 2026-12-04, the einsum
+    (``Kernels``), True on a GPU. On an H200 at 8B shapes, 2026-12-04, the einsum
     took 0.09 ms a layer for 7 targets at 256 decode tokens, against 0.21 ms for the
     grouped kernel; a whole b=16 decode step with 8 adapters in use took 14.7 ms with the
     einsum and 18.9 ms with the grouped kernel (neither behind the conditional)."""
     skip_unused_lora: bool | None = None
     """Skip the step's LoRA with a run-time conditional when no token names a slot. None:
-    by backend (``select_kernels``), off on a GPU. On XLA:GPU each conditional copies its
+    by backend (``Kernels``), off on a GPU. On XLA:GPU each conditional copies its
     predicate to the host first: on an H200 at 8B shapes, 2026-12-04, a b=16 decode step
     with 8 empty slots took 17.7 ms with the conditional (and the grouped kernel) against
     15.3 ms with the einsum always run, and with 8 adapters in use 25.0 ms against 14.7."""
