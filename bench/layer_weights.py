@@ -37,17 +37,17 @@ import time
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 CUBLAS = {"xla_gpu_enable_triton_gemm": False}
-VARIANTS = {  # name: (how the weights are read, compiler options)
+VARIANTS = {  # name: (how the weights are read, compiler options); likeliest fixes first
     "scan": ("scan", {}),
-    "scan, cuBLAS": ("scan", CUBLAS),
     "scan, cuBLAS, dynamic-slice fusion": (
         "scan", CUBLAS | {"xla_gpu_enable_dynamic_slice_fusion": True}),
+    "loop-arrays": ("loop-arrays", {}),
     "scan, unrolled": ("scan-unrolled", {}),
-    "scan, no memcpy rewrite": (
-        "scan", {"xla_disable_hlo_passes": "fusion-dynamic-memcpy-rewriter"}),
+    "scan, cuBLAS": ("scan", CUBLAS),
     "loop-slices": ("loop-slices", {}),
     "loop-slices, cuBLAS": ("loop-slices", CUBLAS),
-    "loop-arrays": ("loop-arrays", {}),
+    "scan, no memcpy rewrite": (
+        "scan", {"xla_disable_hlo_passes": "fusion-dynamic-memcpy-rewriter"}),
 }
 
 
