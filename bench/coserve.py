@@ -574,7 +574,7 @@ def save_partial(args, regime: dict, records: list[dict]) -> None:
     """Writes the runs so far to ``--json`` (``"complete": false``), so that a run killed
     at a time limit (a lent GPU's call) still leaves its finished runs' records; the
     finished benchmark overwrites the file."""
-    if getattr(args, "json", None):
+    if args.json:
         with open(args.json, "w") as f:
             json.dump({"regime": regime, "records": records, "complete": False}, f, indent=1)
 
@@ -593,7 +593,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     if args.rates:
         rates = list(args.rates)
         peak = None
-    elif getattr(args, "peak", None):
+    elif args.peak:
         peak = args.peak
         regime["peak_given"] = True
         log(f"peak rate given (no search): {peak:.2f} req/s")

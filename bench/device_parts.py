@@ -614,7 +614,7 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
         before = engine.counters.copy()
         try:
             summary = step_profile.profile_steps(
-                engine, 5, os.path.join(rep.out_dir, "profile", re.sub(r"\W+", "-", label)))
+                engine.step, 5, os.path.join(rep.out_dir, "profile", re.sub(r"\W+", "-", label)))
         except Exception as error:  # a comparison: its failure fails no check
             rep.note(f"profile of {label} failed: {type(error).__name__}: {error}")
             return

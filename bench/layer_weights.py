@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -98,6 +97,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             per_layer if reading == "loop-arrays" else layers)
 
     rows, first, first_name = [], None, None
+
+    def keep(row: dict) -> None:
+        """A variant's row, appended to ``--json`` as soon as it is known."""
+        rows.append(row)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     for name in args.variants:
         reading, options = VARIANTS[name]
         fn, weights = forward(reading, options)
@@ -107,10 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except Exception as error:  # an option this XLA does not know, say
             row = {"variant": name, "compiler_options": options,
                    "error": f"{type(error).__name__}: {str(error)[:300]}"}
-            rows.append(row)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            keep(row)
             print(f"{name:36} failed: {row['error']}", flush=True)
             continue
         compile_s = time.perf_counter() - t0
@@ -120,27 +124,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if first is None:
             first, first_name = out, name
         rel_err = float(jnp.linalg.norm(out - first) / jnp.linalg.norm(first))
-        fn(weights, x).block_until_ready()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            fn(weights, x).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        prof = step_profile.profile_steps(
-            None, 5, tempfile.mkdtemp(prefix="layer-weights-"),
-            step=lambda fn=fn, weights=weights: fn(weights, x).block_until_ready())
+        def call(fn=fn, weights=weights):
+            return fn(weights, x).block_until_ready()
+
+        call()
+        median_s = et.median_time(call, args.repeats)
+        prof = step_profile.profile_steps(call, 5, tempfile.mkdtemp(prefix="layer-weights-"))
         row = {"variant": name, "compiler_options": options, "layers": cfg.num_layers,
                "batch": args.batch, "dtype": jnp.dtype(dtype).name,
                "platform": jax.devices()[0].platform, "weight_bytes": weight_bytes,
-               "median_s": statistics.median(times), "compile_s": compile_s,
+               "median_s": median_s, "compile_s": compile_s,
                "rel_err_vs_first": rel_err,
                "device_busy_s": prof["device_busy_per_step_s"],
                "memcpy_s": prof["memcpy_per_step_s"],
                "top_ops": prof["top_ops"][:5]}
-        rows.append(row)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        keep(row)
         busy, copies = row["device_busy_s"], row["memcpy_s"]
         print(f"{name:36} {row['median_s'] * 1e3:8.2f} ms  compile {compile_s:5.1f} s  "
               f"device busy {'n/a' if busy is None else f'{busy * 1e3:.2f} ms'}  "

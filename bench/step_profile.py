@@ -1,6 +1,7 @@
 """Where an engine step's time goes: a ``jax.profiler`` trace of a few steps, summarised.
 
-``profile_steps(engine, steps, log_dir)`` traces ``steps`` calls of ``engine.step()`` with
+``profile_steps(step, steps, log_dir)`` traces ``steps`` calls of ``step()`` (an engine's
+``step``, or any blocking call) with
 jax's profiler (``create_perfetto_trace``, so the trace is also a plain JSON file that
 needs no TensorBoard plugin to read), and ``summarize(trace)`` splits the wall time
 into the time a device was busy (the union of its ops' intervals, so overlapping streams
@@ -9,7 +10,7 @@ read-back, and launch gaps. On a GPU the device rows are its streams; on the CPU
 there are none (XLA's ops run on host threads), and the summary says so.
 
     from step_profile import profile_steps
-    summary = profile_steps(engine, 5, "/tmp/prof")   # the engine must be mid-decode
+    summary = profile_steps(engine.step, 5, "/tmp/prof")   # the engine mid-decode
 """
 
 from __future__ import annotations
@@ -81,12 +82,10 @@ def summarize(trace: dict, wall_s: float, steps: int, top: int = 12) -> dict:
     }
 
 
-def profile_steps(engine, steps: int, log_dir: str,
-                  step: Callable[[], object] | None = None) -> dict:
-    """Traces ``steps`` calls of ``step`` (default ``engine.step``) and summarises them."""
+def profile_steps(step: Callable[[], object], steps: int, log_dir: str) -> dict:
+    """Traces ``steps`` calls of ``step`` (each must block) and summarises them."""
     import jax
 
-    step = step or engine.step
     os.makedirs(log_dir, exist_ok=True)
     jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
     try:
