@@ -124,7 +124,9 @@ def engine_config(mode: str, args) -> EngineConfig:
         default_tpot_s=args.tpot_ms / 1000, idle_whole_samples=idle_samples,
         finetune_unit=unit,
         safety=getattr(args, "safety", 0.9),
-        latency_model_dir=getattr(args, "latency_dir", None))
+        latency_model_dir=getattr(args, "latency_dir", None),
+        xla_options=getattr(args, "xla_options", None) or "",
+        unroll_layers=getattr(args, "unroll_layers", None))
 
 
 def finetune_job(model, seed: int = 0, max_len: int = 256) -> FinetuneJob:
@@ -582,7 +584,8 @@ def save_partial(args, regime: dict, records: list[dict]) -> None:
 def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     """The whole benchmark: calibrate the SLO, find the peak, run every mode at every
     fraction of it. Returns the records (separate splits included) and the regime."""
-    regime = {}
+    regime = {"xla_options": getattr(args, "xla_options", None) or "",
+              "unroll_layers": getattr(args, "unroll_layers", None)}
     if args.tpot_ms is None:
         tpot = calibrate_tpot_target(model, args)
         regime["decode_tpot_ms"] = tpot * 1e3
@@ -681,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-projections", action="store_true",
                    help="FinetuneConfig.keep_projections: backward pieces reuse the forward's "
                         "projection outputs instead of recomputing them")
+    p.add_argument("--xla-options", help="KernelConfig.xla_options ('name=value,...')")
+    p.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction,
+                   help="KernelConfig.unroll_layers (default: by backend)")
     p.add_argument("--safety", type=float, default=0.9,
                    help="share of a target an iteration is planned to fill (SchedulingConfig)")
     p.add_argument("--scale", type=float, default=0.25, help="ShareGPT length scale")

@@ -638,15 +638,23 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
         if rep.out_of_time(f"decode batch {batch}"):
             break
         print(f"[decode] batch {batch} ...", flush=True)
+        started = time.perf_counter()
         measured = decode_step(f"decode b={batch}", engine, batch,
                                then=(functools.partial(profile, "configured engine")
                                      if batch == variant_batch else None))
         if measured is None:
             continue
         step, context = measured
+        # The whole measurement's wall time: mostly the compiles of the batch's prefill
+        # and decode buckets (the step's layers as a loop compile far slower than a scan at
+        # 8B: this part measured half as much in 270 s on an H200, 2026-12-04).
+        wall = time.perf_counter() - started
+        print(f"[decode] batch {batch}: {step * 1e3:.2f} ms a step, measured in {wall:.0f} s",
+              flush=True)
         floor = et.decode_bytes(model, batch, context) / bandwidth
         rep.results["decode"][batch] = {"step_s": step, "mean_context": context,
-                                        "floor_s": floor, "floor_fraction": floor / step}
+                                        "floor_s": floor, "floor_fraction": floor / step,
+                                        "measurement_wall_s": wall}
         rows.append([f"decode b={batch} (ctx ~{context:.0f})", f"{step * 1e3:.2f} ms",
                      f"{batch / step:,.0f}", f"{floor * 1e3:.2f} ms (memory)",
                      f"{floor / step:.1%}"])
@@ -656,12 +664,11 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
             rep.target(f"decode b={batch} at >= 80% of the memory floor", floor / step >= 0.8,
                        f"{floor / step:.1%}")
         rep.save()
-    # Where the step's time goes beyond the memory floor, and the LoRA choices
-    # (``KernelConfig``): the same decode by an engine without adapter slots (no LoRA in the
-    # step), and by engines whose LoRA runs on every step, without the conditional that skips
-    # it for base-model batches (each such conditional waits for its predicate on the host:
-    # 5.1 ms of a 17.8 ms step at b=16 on an H200, 2026-12-04), base-model and with 8
-    # adapters in use.
+    # Where the step's time goes beyond the memory floor (``KernelConfig``): the same
+    # decode by an engine without adapter slots (no LoRA in the step), and by one whose
+    # layers are a scan (each layer's weights copied out of the stacked arrays first on
+    # XLA:GPU: 8.0 ms of a 14.6 ms step at b=16 on an H200, 2026-12-04), base-model and
+    # with 8 adapters in use. (The LoRA choices were measured by the second GPU call.)
     adapters = random_adapters([f"lora{i}" for i in range(8)], cfg, rank, seed=2)
     names = [a.name for a in adapters] + [None]  # every ninth request: the base model
     if variant_batch in rep.results["decode"]:
@@ -669,18 +676,9 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
         rep.results["variants"] = {}
         for label, slots, fields in (
                 ("no adapter slots", 0, {}),
-                # The LoRA default before 2026-12-04's measurements (still the default off
-                # a GPU); the dense einsum without the conditional is a GPU's default now.
-                ("grouped LoRA behind the conditional", 8,
-                 {"dense_lora": False, "skip_unused_lora": True}),
-                # cuBLAS GEMMs, which XLA's dynamic-slice fusion may point at each layer's
-                # slice of the stacked weights instead of copying it out first (NVIDIA's
-                # JAX-Toolbox recommends the fusion for scans; bench/layer_weights.py
-                # separates the two options).
-                ("cuBLAS GEMMs", 8, {"xla_options": "xla_gpu_enable_triton_gemm=false,"
-                                                    "xla_gpu_enable_dynamic_slice_fusion=true"}),
-                # The layer scan unrolled: static slices of the stacked weights.
-                ("layers unrolled", 8, {"unroll_layers": True})):
+                # The layer scan, a GPU's default before 2026-12-04's third call: each
+                # layer's weights copied out of the stacked arrays before use.
+                ("layer scan", 8, {"unroll_layers": False})):
             if rep.out_of_time(f"decode variant {label}"):
                 break
             variant = Engine(model, et.decode_engine_config(

@@ -237,8 +237,10 @@ class KernelConfig:
     """Skip the step's LoRA at run time when no token of the batch names a slot. Each skip
     is a conditional, which on XLA:GPU waits for its predicate on the host. None: by
     backend, off on a GPU (``KernelOptions.skip_unused_lora``)."""
-    unroll_layers: bool = False
-    """The step's layer scan unrolled (``pallas_kernels.KernelOptions.unroll_layers``)."""
+    unroll_layers: bool | None = None
+    """The step's layers as a loop over static weight slices instead of a scan. None: by
+    backend, on a GPU only (``pallas_kernels.KernelOptions.unroll_layers`` says what was
+    measured)."""
     xla_options: str = ""
     """XLA options the step and the training programs are compiled with, as
     "name=value" pairs separated by commas: for example

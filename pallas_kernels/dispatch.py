@@ -84,11 +84,17 @@ class KernelOptions:
     with 8 empty slots took 17.7 ms with the conditional (and the grouped kernel) against
     15.3 ms with the einsum always run, and with 8 adapters in use 25.0 ms against 14.7."""
 
-    unroll_layers: bool = False
-    """The co-serving step's layer scan unrolled: each layer's weights are then a static
-    slice of the stacked arrays, which XLA may read in place, where a scan's dynamic slice
-    is copied out first on XLA:GPU (8.0 ms of a 14.6 ms 8B decode step on an H200,
-    2026-12-04). Compiles 32 layer bodies instead of one at 8B."""
+    unroll_layers: bool | None = None
+    """The co-serving step's layers as a loop instead of a scan: each layer's weights are
+    then a static slice of the stacked arrays, which XLA reads in place, where a scan's
+    dynamic slice is copied out first on XLA:GPU. None: by backend (``Kernels``), on a
+    GPU only. On an H200 at 8B shapes, 2026-12-04, the copies took 8.0 ms of a 14.6 ms
+    b=16 decode step; the 32 layers alone took 11.96 ms as a scan and 4.36 ms as a loop
+    (at the weights' memory floor), against 5.58 ms for the best XLA option tried (cuBLAS
+    GEMMs with dynamic-slice fusion), and the engine's b=16 decode step 7.46 ms against
+    15.26 ms. The cost is compile time: 32 layer bodies instead of one, each with its
+    own attention kernel (several times slower per program at 8B, not yet measured
+    exactly; the persistent compilation cache pays it once per machine)."""
     xla_compiler_options: tuple[tuple[str, bool | int | float | str], ...] = ()
     """XLA options the step and the training programs are compiled with (``jax.jit``'s
     ``compiler_options``), as (name, value) pairs: for example
@@ -97,15 +103,17 @@ class KernelOptions:
 
     def for_impl(self, impl: str) -> KernelOptions:
         """These options with the LoRA choices left None decided for ``impl``: on a GPU
-        ("kernel"), the einsum on every step (measured above); elsewhere the grouped or
-        ragged LoRA behind the conditional (on CPU and TPU a conditional does not wait on
-        the host)."""
+        ("kernel"), the einsum on every step and the layers as a loop (measured above);
+        elsewhere the grouped or ragged LoRA behind the conditional (on CPU and TPU a
+        conditional does not wait on the host) and the layer scan (one layer body to
+        compile; no measurement yet says a loop is faster there)."""
         on_gpu = impl == "kernel"
         return dataclasses.replace(
             self,
             dense_lora=on_gpu if self.dense_lora is None else self.dense_lora,
             skip_unused_lora=(not on_gpu if self.skip_unused_lora is None
-                              else self.skip_unused_lora))
+                              else self.skip_unused_lora),
+            unroll_layers=on_gpu if self.unroll_layers is None else self.unroll_layers)
 
 
 def requested_impl(impl: str | None = None) -> str:

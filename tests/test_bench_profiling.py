@@ -52,3 +52,18 @@ def test_the_three_ways_of_reading_layer_weights_compute_the_same(tmp_path):
         assert row["median_s"] > 0 and row["weight_bytes"] > 0
         assert row["memcpy_s"] is None  # no device streams on the CPU backend
     assert len((tmp_path / "lw.json").read_text().splitlines()) == len(rows)
+    # --pick: the flags of the fastest variant an engine can be configured as; none when
+    # nothing beats the scan by 5%, and never a variant that computes something else.
+    flags = layer_weights.engine_flags
+    row = {"rel_err_vs_first": 0.0}
+    timed = [{"variant": "scan", "median_s": 12.0, **row},
+             {"variant": "loop-slices", "median_s": 4.4, **row},
+             {"variant": "loop-arrays", "median_s": 4.0, **row},  # no engine reads this way
+             {"variant": "scan, cuBLAS", "median_s": 5.8, **row},
+             {"variant": "scan, no memcpy rewrite", "error": "XlaRuntimeError: ..."}]
+    assert flags(timed) == "--unroll-layers"
+    timed[1] = {**timed[1], "rel_err_vs_first": 0.5}
+    assert flags(timed) == ("--no-unroll-layers "
+                            "--xla-options=xla_gpu_enable_triton_gemm=false")
+    assert flags([timed[0], {**timed[3], "median_s": 11.8}]) == ""
+    assert flags(timed[1:]) == ""  # the scan was not measured

@@ -19,7 +19,7 @@ from coserve_jax import step as step_module
 from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.programs import build_step
 from coserve_jax.step import REFERENCE_KERNELS, BackwardPiece, step_kernels
-from pallas_kernels.dispatch import ENV_VAR, Kernels
+from pallas_kernels.dispatch import ENV_VAR, KernelOptions, Kernels
 from pallas_kernels.ragged_paged_attention import flash
 from pallas_kernels.ragged_paged_attention import kernel as rpa_kernel
 from server.commands import engine_config_from_args
@@ -161,16 +161,20 @@ def test_xla_options_reach_the_step_and_change_nothing_it_computes():
         assert relative_error(ours, ref) == 0.0
 
 
-def test_unrolled_layers_compute_what_the_scan_computes():
-    """``KernelConfig.unroll_layers``: the step's layer scan unrolled (every layer's
-    weights a static slice) gives the scan's tokens and logits."""
+def test_layers_as_a_loop_compute_what_the_scan_computes():
+    """``KernelConfig.unroll_layers`` (a GPU's default): the step's layers as a Python loop
+    (every layer's weights a static slice of the stacked arrays) give the scan's tokens
+    and logits."""
     ref_tokens, ref_logits, ref_jaxpr = serve("reference")
     tokens, logits, jaxpr = serve("reference", unroll_layers=True)
-    layers = tiny_model().config.num_layers
-    assert f"unroll={layers}" in jaxpr and f"unroll={layers}" not in ref_jaxpr
+    assert ref_jaxpr.count("scan[") - jaxpr.count("scan[") == 1  # the layer scan is gone
     assert tokens == ref_tokens
     for ours, ref in zip(logits, ref_logits, strict=True):
         assert relative_error(ours, ref) <= 1e-6
+    # Left to the backend: a loop on a GPU ("kernel"), the scan elsewhere.
+    assert KernelOptions().for_impl("kernel").unroll_layers is True
+    for impl in ("tpu", "reference", "interpret"):
+        assert KernelOptions().for_impl(impl).unroll_layers is False
 
 
 def test_bad_xla_options_are_refused_before_serving():
