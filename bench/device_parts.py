@@ -605,12 +605,14 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
 
     variant_batch = lora_batches[0]
 
-    def profile(label: str, engine) -> None:
+    def profile(label: str, engine, batch: int = variant_batch) -> None:
         """Where an engine's step goes: a profile of 5 more decode steps (device busy time,
         the part of it spent in memcpy kernels, the top ops, and the host's planning
         before each dispatch). On an H200, 2026-12-04, the b=16 step spent 8.0 ms of its
         14.6 ms device time copying each layer's weights out of the stacked arrays
-        (``bench/layer_weights.py``)."""
+        (``bench/layer_weights.py``); with the layers as a loop (2026-12-04, third call)
+        b=16 went to 7.5 ms but b=64 stayed at 22.5 ms, which is why every batch up to 64
+        is profiled."""
         before = engine.counters.copy()
         try:
             summary = step_profile.profile_steps(
@@ -622,14 +624,14 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
         summary["host_planning_per_step_s"] = delta["host_s"] / max(delta["iterations"], 1)
         rep.results.setdefault("profiles", {})[label] = summary
         busy, copies = summary["device_busy_per_step_s"], summary["memcpy_per_step_s"]
-        rows.append([f"decode b={variant_batch}, {label}, profiled (5 steps)",
+        rows.append([f"decode b={batch}, {label}, profiled (5 steps)",
                      f"{summary['wall_per_step_s'] * 1e3:.2f} ms", "",
                      ("device busy n/a (no device streams)" if busy is None else
                       f"device busy {busy * 1e3:.2f} ms, memcpy {copies * 1e3:.2f} ms")
                      + f", host planning {summary['host_planning_per_step_s'] * 1e3:.2f} ms",
                      f"{summary['device_ops_per_step']:.0f} ops"])
         if summary["top_ops"]:  # (none on the CPU backend: its ops run on host threads)
-            rep.table(f"Top device ops of a b={variant_batch} decode step: {label}",
+            rep.table(f"Top device ops of a b={batch} decode step: {label}",
                       ["op", "ms per step", "calls per step"],
                       [[op["name"][:80], f"{op['per_step_s'] * 1e3:.3f}",
                         f"{op['calls_per_step']:g}"] for op in summary["top_ops"]])
@@ -639,9 +641,10 @@ def run_decode(rep: Report, shapes: Shapes) -> None:
             break
         print(f"[decode] batch {batch} ...", flush=True)
         started = time.perf_counter()
+        label = "configured engine" + ("" if batch == variant_batch else f", b={batch}")
         measured = decode_step(f"decode b={batch}", engine, batch,
-                               then=(functools.partial(profile, "configured engine")
-                                     if batch == variant_batch else None))
+                               then=(functools.partial(profile, label, batch=batch)
+                                     if batch <= 64 else None))
         if measured is None:
             continue
         step, context = measured
