@@ -621,7 +621,8 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     regime["ft_whole_tokens_per_s"] = whole["ft_tokens_per_s"]
     log(f"{WHOLE_SAMPLES}: {whole['ft_tokens_per_s']:.0f} finetuning tokens/s")
     runs = [(m, r) for r in rates for m in args.modes]
-    runs += [("inference-only", round(r / f, 6)) for r in rates for f in SEPARATE_FRACTIONS]
+    if getattr(args, "separate", True):
+        runs += [("inference-only", round(r / f, 6)) for r in rates for f in SEPARATE_FRACTIONS]
     runs = list(dict.fromkeys(runs))
     rounds: dict[tuple[str, float], list[dict]] = {run: [] for run in runs}
     traces = args.rounds * sum(trace_seconds(rate, args) for _mode, rate in runs)
@@ -646,7 +647,8 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     shown = [r for r in records if r["rate"] == 0
              or any(round(r["rate"], 6) == round(x, 6) for x in rates)]
     # The finetuning cluster runs as fast as this machine finetunes (see separate_cluster).
-    shown += separate_cluster(records, rates, max(ft_only, whole["ft_tokens_per_s"]), peak)
+    if getattr(args, "separate", True):
+        shown += separate_cluster(records, rates, max(ft_only, whole["ft_tokens_per_s"]), peak)
     regime["rates"] = rates
     return shown, regime
 
@@ -684,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-projections", action="store_true",
                    help="FinetuneConfig.keep_projections: backward pieces reuse the forward's "
                         "projection outputs instead of recomputing them")
+    p.add_argument("--separate", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the inference-only rates the separate-cluster splits need "
+                        "(--no-separate: a comparison of modes alone, in less time)")
     p.add_argument("--xla-options", help="KernelConfig.xla_options ('name=value,...')")
     p.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction,
                    help="KernelConfig.unroll_layers (default: by backend)")

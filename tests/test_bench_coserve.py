@@ -230,6 +230,11 @@ def test_a_given_peak_skips_the_search(monkeypatch, tmp_path):
     partial = json.loads(out.read_text())
     assert partial["complete"] is False and partial["regime"]["peak_rate"] == 8.0
     assert {r["mode"] for r in partial["records"]} >= {"finetune-only", "coserve"}
+    # --no-separate: the modes alone, without the inference-only rates the splits need.
+    args.separate = False
+    shown, _regime = coserve.run_regime(None, args, log=lambda _: None)
+    assert {r["mode"] for r in shown} == {"finetune-only", "finetune-only (whole samples)",
+                                          "coserve"}
 
 
 def test_the_attainment_check_counts_the_requests_that_missed():
