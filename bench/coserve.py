@@ -584,8 +584,7 @@ def save_partial(args, regime: dict, records: list[dict]) -> None:
 def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     """The whole benchmark: calibrate the SLO, find the peak, run every mode at every
     fraction of it. Returns the records (separate splits included) and the regime."""
-    regime = {"xla_options": getattr(args, "xla_options", None) or "",
-              "unroll_layers": getattr(args, "unroll_layers", None)}
+    regime = {"xla_options": args.xla_options, "unroll_layers": args.unroll_layers}
     if args.tpot_ms is None:
         tpot = calibrate_tpot_target(model, args)
         regime["decode_tpot_ms"] = tpot * 1e3
@@ -621,7 +620,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     regime["ft_whole_tokens_per_s"] = whole["ft_tokens_per_s"]
     log(f"{WHOLE_SAMPLES}: {whole['ft_tokens_per_s']:.0f} finetuning tokens/s")
     runs = [(m, r) for r in rates for m in args.modes]
-    if getattr(args, "separate", True):
+    if args.separate:
         runs += [("inference-only", round(r / f, 6)) for r in rates for f in SEPARATE_FRACTIONS]
     runs = list(dict.fromkeys(runs))
     rounds: dict[tuple[str, float], list[dict]] = {run: [] for run in runs}
@@ -647,7 +646,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     shown = [r for r in records if r["rate"] == 0
              or any(round(r["rate"], 6) == round(x, 6) for x in rates)]
     # The finetuning cluster runs as fast as this machine finetunes (see separate_cluster).
-    if getattr(args, "separate", True):
+    if args.separate:
         shown += separate_cluster(records, rates, max(ft_only, whole["ft_tokens_per_s"]), peak)
     regime["rates"] = rates
     return shown, regime
