@@ -19,11 +19,15 @@ import os
 import tempfile
 
 import pytest
+from suite_flags import with_suite_flags
 
 # Generated artefacts (the embedded model, measured latency models) go to a fresh
 # directory per test session, so no test depends on what an earlier run left in
 # ~/.cache.
 os.environ.setdefault("COSERVE_HOME", tempfile.mkdtemp(prefix="coserve-home-"))
+
+# Compile options for the suite's processes (suite_flags.py says why and what they cost).
+os.environ["XLA_FLAGS"] = with_suite_flags(os.environ.get("XLA_FLAGS", ""))
 
 from coserve_jax.programs import disable_compilation_cache
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from suite_flags import OPTIMIZED
 
 from coserve_jax import (
     Engine,
@@ -17,9 +18,10 @@ from coserve_jax.lora.config import ALL_TARGETS
 
 from support import tiny_model
 
+# 600 training steps: this test's time is in running, so its programs are optimized.
 CONFIG = EngineConfig.flat(max_num_seqs=8, max_num_batched_tokens=128, max_model_len=256,
                            max_train_seqs=8, train_window=32, backward_layers=4,
-                           backward_pieces_per_step=4)
+                           backward_pieces_per_step=4, xla_options=OPTIMIZED)
 
 
 def _accuracy(engine, tok, records, adapter):
@@ -73,6 +75,5 @@ def test_learns_uppercase_while_serving():
     assert engine.counters["mixed_steps"] >= 20
 
     # The base-model requests got exactly what an engine that never finetuned gives them.
-    plain = Engine(model, EngineConfig.flat(max_num_seqs=8, max_num_batched_tokens=128,
-                                            max_model_len=256, max_train_seqs=0))
+    plain = Engine(model, CONFIG.replace(max_train_seqs=0))
     assert [served[i] for i in ids] == plain.generate(prompts[:len(ids)], params)

@@ -8,6 +8,7 @@ import os
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from suite_flags import users_environment
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "notebooks",
                                           "*.ipynb")))
@@ -33,6 +34,11 @@ def test_notebook_executes_and_plots(path, monkeypatch):
     for k, v in SMALL.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # The kernel compiles as a Jupyter user's does, not with the suite's options.
+    users_flags = users_environment().get("XLA_FLAGS")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    if users_flags:
+        monkeypatch.setenv("XLA_FLAGS", users_flags)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": os.path.dirname(path)}})

@@ -6,13 +6,16 @@ import json
 import subprocess
 import sys
 
+from suite_flags import users_environment
+
 from server_support import ROOT
 
 
 def test_quick_demo_summary_is_sane(tmp_path):
     out = tmp_path / "summary.json"
     proc = subprocess.run([sys.executable, "-m", "server.demo", "--quick", "--json",
-                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=users_environment())  # as `make demo` runs, not as the suite
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "=== summary ===" in proc.stdout and "server stopped (exit code 0)" in proc.stdout
     s = json.loads(out.read_text())
