@@ -1,16 +1,14 @@
 """Shared fixtures: tiny random-weight Hugging Face checkpoints saved once per session.
 
-``make test`` runs the suite as four pytest processes (tests/pallas_kernels, tests/server,
-and the top-level tests in two halves): in a single process of the whole suite, jaxlib
-0.10.2 segfaulted in XLA's CPU compile (once) or in ``executable.serialize()`` for the
-persistent cache (twice), always in
-``test_step_kernels.py::test_finetuning_gradients_through_the_kernels[interpret]`` after
-some 390 earlier tests; that test alone, each folder alone, and tests/pallas_kernels or
-tests/server followed by it all pass. With the top-level tests in one process (some 275),
-it aborted once in XLA's CPU compile of the whole-sample program
-(``test_temporal_seq.py``, the 271st test); that file alone passes. The crash grows more
-likely with the number of programs a process has compiled; which resource runs out is not
-found yet.
+``make test`` runs the whole suite in one pytest process. Until 2026-12-04 it ran as four:
+a process of the whole suite crashed in XLA's CPU compile (or in the executable's
+serialization for the persistent cache) after some 270 to 430 tests, not always in the same
+place. The cause: XLA's CPU backend maps every compiled kernel into memory (some 200 maps for
+a step program of the tiny model), jax keeps every executable it compiled while its caches
+hold it, and the process reached Linux's limit of 65530 maps (``vm.max_map_count``): a
+process of two test files had 26218 maps after two minutes. ``_release_compiled_programs``
+below drops the caches after each module; the whole suite then peaked at 22198 maps and
+passed in one process (878 s on the 2-core VM, about what the four processes took).
 """
 
 from __future__ import annotations
@@ -29,17 +27,28 @@ os.environ.setdefault("COSERVE_HOME", tempfile.mkdtemp(prefix="coserve-home-"))
 # Compile options for the suite's processes (suite_flags.py says why and what they cost).
 os.environ["XLA_FLAGS"] = with_suite_flags(os.environ.get("XLA_FLAGS", ""))
 
+import jax
+
 from coserve_jax.programs import disable_compilation_cache
 
 from hf_models import save_hf_model
 
-# The pytest processes compile in memory only; subprocesses the tests start (workers, the
-# CLI, the device check) still use the shared persistent cache. Two of the three crashes
-# above were in ``executable.serialize()``, whose only caller is the cache write; with the
-# cache off the third came in the compile itself, so this alone is no fix: the three-process
-# split is what ran clean. It stays while the cause is open, so the configuration that ran
-# clean is the one CI runs.
+# The pytest process compiles in memory only (the subprocesses tests start, such as workers,
+# the CLI and the device check, still use the persistent cache under COSERVE_HOME). It was
+# turned off while the crash above was open; whether the cache would shorten the suite now
+# (a module may compile again what an earlier one did) is not measured.
 disable_compilation_cache()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops jax's compiled programs after each test module. XLA's CPU backend maps each
+    compiled kernel into memory (some 200 maps per step program of the tiny model) and
+    keeps them while jax caches the executable; a process of the whole suite reached
+    Linux's limit of 65530 maps per process (``vm.max_map_count``) and crashed in a
+    compile. Programs a later module needs again are compiled again."""
+    yield
+    jax.clear_caches()
 
 
 def _saved(tmp_path_factory, style: str) -> str:
