@@ -688,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--separate", action=argparse.BooleanOptionalAction, default=True,
                    help="run the inference-only rates the separate-cluster splits need "
                         "(--no-separate: a comparison of modes alone, in less time)")
-    p.add_argument("--xla-options", help="KernelConfig.xla_options ('name=value,...')")
+    p.add_argument("--xla-options", default="",
+                   help="KernelConfig.xla_options ('name=value,...')")
     p.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction,
                    help="KernelConfig.unroll_layers (default: by backend)")
     p.add_argument("--safety", type=float, default=0.9,

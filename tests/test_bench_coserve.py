@@ -197,7 +197,7 @@ def test_each_round_runs_every_mode_on_its_own_trace(monkeypatch):
                               max_model_len=512, duration_given=True, rates=None,
                               fractions=[1.0], modes=["coserve", "inference-only"], rounds=2,
                               seed=5, peak_bisections=0, peak=None, json=None,
-                              separate=True, xla_options=None, unroll_layers=None)
+                              separate=True, xla_options="", unroll_layers=None)
     shown, regime = coserve.run_regime(None, args, log=lambda _: None)
     served = [c for c in calls if c[1] > 0]
     # Every mode at every rate once per round, on that round's trace; inference-only at the
@@ -225,7 +225,7 @@ def test_a_given_peak_skips_the_search(monkeypatch, tmp_path):
                               max_model_len=512, duration_given=True, rates=None, peak=8.0,
                               fractions=[0.5, 1.0], modes=["coserve"], rounds=1, seed=0,
                               peak_bisections=0, json=str(out), separate=True,
-                              xla_options=None, unroll_layers=None)
+                              xla_options="", unroll_layers=None)
     _shown, regime = coserve.run_regime(None, args, log=lambda _: None)
     assert regime["peak_given"] and regime["peak_rate"] == 8.0
     assert regime["rates"] == [4.0, 8.0]
