@@ -104,12 +104,18 @@ projection's output and the backward pieces reuse them (FlexLLM's graph pruning)
 of recomputing each layer's forward."""
 
 
+NO_HEADROOM = "coserve+no-slot-headroom"
+"""coserve with ``SchedulingConfig.slot_headroom`` off: the TPOT targets alone bound how far
+finetuning stretches the iterations, however full the sequence slots get."""
+
+
 def engine_config(mode: str, args) -> EngineConfig:
     """The same engine for every mode; only the scheduling policy differs."""
     max_model_len = getattr(args, "max_model_len", 512)
     idle_samples = mode == IDLE_SAMPLES
     keep = mode == KEPT_PROJECTIONS or getattr(args, "keep_projections", False)
     unit = {WHOLE_SAMPLE_UNIT: "samples", TOKEN_UNIT: "tokens"}.get(mode, "auto")
+    headroom = mode != NO_HEADROOM
     mode = "coserve" if mode.startswith("coserve") else mode
     # One layer per backward piece: the smallest unit of backward work, so that a piece
     # fits beside a decode step within the TPOT target rather than waiting for a lull.
@@ -122,7 +128,7 @@ def engine_config(mode: str, args) -> EngineConfig:
         min_page_bucket=getattr(args, "min_page_bucket", 8),
         min_seq_bucket=getattr(args, "min_seq_bucket", 4), default_ttft_s=args.ttft_s,
         default_tpot_s=args.tpot_ms / 1000, idle_whole_samples=idle_samples,
-        finetune_unit=unit,
+        finetune_unit=unit, slot_headroom=headroom,
         safety=getattr(args, "safety", 0.9),
         latency_model_dir=getattr(args, "latency_dir", None),
         xla_options=getattr(args, "xla_options", None) or "",

@@ -150,7 +150,8 @@ class Engine:
         sched = config.scheduling
         self.policy = Policy(sched.mode, safety=sched.safety,
                              spend_banked=sched.spend_banked_slack,
-                             banked_reserve=sched.banked_reserve)
+                             banked_reserve=sched.banked_reserve,
+                             slot_headroom=sched.slot_headroom)
         if self.policy.whole_samples and self.layout.sharded:
             raise ValueError(f"mode {sched.mode} runs whole samples on one device; use "
                              f"coserve or temporal:N on a mesh")
@@ -465,7 +466,7 @@ class Engine:
         total = time.perf_counter() - t_start
         self.policy.observe(total, had_inference=bool(plan.rows),
                             had_finetune=bool(plan.windows or pieces),
-                            tpot_target=plan.tpot_target)
+                            tpot_target=plan.tpot_target, headroom_s=plan.slot_headroom_s)
         # Host time: planning and packing before the dispatch (with overlap, reading back
         # and applying the previous iteration's tokens is hidden behind this one's step).
         self.counters.update(host_s=t_planned - t_start, iteration_s=total)

@@ -8,7 +8,9 @@ policy then decides the finetuning share of the iteration:
   requests can give it (all of it when no inference is running): for each request,
   ``safety`` times its TPOT target plus the time it has banked by being served
   faster than that so far (TPOT is a mean); the tightest request decides. A burst
-  that fills the token budget leaves finetuning nothing.
+  that fills the token budget leaves finetuning nothing, and so do full sequence slots:
+  the stretch is also bounded by ``slot_headroom``, since stretched iterations keep more
+  requests present at the same arrival rate.
   That is the token-level unit (``SchedulingConfig.finetune_unit``). With the
   whole-sample unit, iterations serving requests carry no finetuning and bank
   what they leave of ``safety`` times the tightest target; when the bank covers
@@ -66,8 +68,10 @@ class Policy:
     """Per-iteration finetuning decisions of one engine."""
 
     def __init__(self, mode: str, safety: float = 0.9, max_period: int = 1024,
-                 spend_banked: bool = True, banked_reserve: float = 1.0):
+                 spend_banked: bool = True, banked_reserve: float = 1.0,
+                 slot_headroom: bool = True):
         self.mode = mode
+        self.use_slot_headroom = slot_headroom
         self.spend_banked = spend_banked
         self.banked_reserve = banked_reserve
         self.kind, self.period = parse_mode(mode)
@@ -118,16 +122,20 @@ class Policy:
         return max(2, min(self.max_period, math.ceil(self._t_finetune / slack) + 1))
 
     def observe(self, seconds: float, had_inference: bool, had_finetune: bool,
-                tpot_target: float | None = None) -> None:
+                tpot_target: float | None = None, headroom_s: float | None = None) -> None:
         """Records an iteration's wall time: feeds temporal:dynamic, and the slack credit of
         coserve's whole-sample unit (``tpot_target``: the tightest target the iteration
-        served; None when it served no request)."""
+        served; None when it served no request; ``headroom_s``: its ``slot_headroom``, which
+        caps what it banks as it caps what finetunes beside it)."""
         def ema(old, new):
             return new if old is None else 0.8 * old + 0.2 * new
 
         if self.kind == "coserve" and self.samples_beside_inference and tpot_target is not None:
             if had_inference:
-                self.slack_credit += self.safety * tpot_target - seconds
+                allowed = self.safety * tpot_target
+                if headroom_s is not None:
+                    allowed = min(allowed, headroom_s)
+                self.slack_credit += allowed - seconds
             elif had_finetune:  # a whole sample while requests ran: it spends the credit
                 self.slack_credit -= seconds
 
@@ -250,6 +258,18 @@ class Policy:
             else:
                 limits.append(floor)
         return min(limits, default=None)
+
+    def slot_headroom(self, inference_s: float, present: int, slots: int) -> float | None:
+        """Seconds an iteration whose inference alone takes ``inference_s`` may take with
+        finetuning beside it, so that the stretch does not fill the sequence slots (None:
+        no bound; built with ``slot_headroom=False``). Stretching the iterations by a
+        factor lengthens the requests' lives by as much, and by Little's law the requests
+        present at the same arrival rate: ``present`` of them (running and waiting) stay
+        within ``slots`` at a factor of at most ``slots / present``. Below that the TPOT
+        targets bind; at full slots nothing finetunes beside the requests."""
+        if not self.use_slot_headroom or present <= 0 or inference_s <= 0:
+            return None  # (an unmeasured step predicts 0 s: no bound until it is measured)
+        return inference_s * slots / present
 
     def cap_credit(self, sample_s: float) -> None:
         """Keeps the slack credit at most one sample of ``sample_s`` seconds, so that the

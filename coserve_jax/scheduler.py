@@ -152,6 +152,10 @@ class IterationPlan:
     slots_full: bool = False
     """Requests wait for a sequence slot (``Scheduler.slots_full``): nothing finetunes beside
     this iteration's inference."""
+    slot_headroom_s: float | None = None
+    """The most the iteration may take with finetuning beside its inference before the
+    stretch would fill the sequence slots (``Policy.slot_headroom``; None: no bound); its
+    ``time_limit`` is within it."""
 
     @property
     def inference_tokens(self) -> int:
@@ -321,6 +325,13 @@ class Scheduler:
         limit = self.policy.iteration_limit([r.slo.tpot_s for r in self.running],
                                             [self._progress(r, now + queued_s, sampling)
                                              for r in self.running])
+        headroom = None
+        if chunks:
+            headroom = self.policy.slot_headroom(self._predict(chunks, []),
+                                                 len(self.running) + len(self.waiting),
+                                                 self.max_num_seqs)
+        if limit is not None and headroom is not None:
+            limit = min(limit, headroom)
         used = sum(n for _, n in scheduled)
         left = self.max_num_batched_tokens - used
         windows = []
@@ -341,7 +352,7 @@ class Scheduler:
         plan = IterationPlan(tuple(rows), tuple(windows), bucket, batch, ft_iteration,
                              time_limit=limit, tokens_left=left, tpot_target=self.tpot_target(),
                              token_fallback=fallback_new is not None,
-                             slots_full=yields_to_queue)
+                             slots_full=yields_to_queue, slot_headroom_s=headroom)
         if rows:
             self._last_step_s = self.predicted_step_seconds(plan)
         return plan

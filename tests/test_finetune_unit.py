@@ -54,6 +54,18 @@ def test_a_sample_waits_for_the_slack_credit_and_never_hoards_more_than_one():
     assert policy.slack_credit == pytest.approx(-0.001)
 
 
+def test_the_slot_headroom_caps_what_an_iteration_banks():
+    """An iteration banks for whole samples only what it could have run beside its requests:
+    ``safety`` times the target, or less where the sequence slots allow less."""
+    policy = _samples_policy()
+    policy.observe(0.005, had_inference=True, had_finetune=False, tpot_target=0.010,
+                   headroom_s=0.006)
+    assert policy.slack_credit == pytest.approx(0.001)
+    policy.observe(0.005, had_inference=True, had_finetune=False, tpot_target=0.010,
+                   headroom_s=0.020)
+    assert policy.slack_credit == pytest.approx(0.005)
+
+
 def test_every_request_must_absorb_the_samples_delay():
     policy = _samples_policy()
     policy.slack_credit = 1.0

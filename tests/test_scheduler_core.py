@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from coserve_jax.batch import Bucket
 from coserve_jax.kv_cache import PageAllocator
@@ -209,6 +210,39 @@ def test_prefill_chunks_are_sized_to_what_the_decoding_requests_allow():
     # Where it fits, the chunk is not cut.
     _, plan = _decoding_beside({"new": 0.0}, t16_s=0.005)
     assert chunks(plan) == [("decoding", 1), ("new", 15)]
+
+
+def test_slot_headroom_is_the_stretch_that_keeps_the_requests_within_the_slots():
+    """Stretching every iteration by a factor keeps that factor more requests present at the
+    same arrival rate (Little's law): 4 of 16 slots allow four times the inference alone,
+    full slots nothing beside it."""
+    policy = Policy("coserve")
+    assert policy.slot_headroom(0.010, present=4, slots=16) == pytest.approx(0.040)
+    assert policy.slot_headroom(0.010, present=16, slots=16) == pytest.approx(0.010)
+    assert policy.slot_headroom(0.0, present=4, slots=16) is None  # not measured yet
+    assert Policy("coserve", slot_headroom=False).slot_headroom(0.010, 4, 16) is None
+
+
+def test_finetuning_stretches_an_iteration_only_as_far_as_the_sequence_slots_allow():
+    """Three requests decoding in 2 ms steps under a loose 100 ms TPOT target, 4 sequence
+    slots: the plan's time limit is 4/3 of the step, not 0.9 x 100 ms; with
+    ``slot_headroom`` off, the target's."""
+    plans = {}
+    for headroom in (True, False):
+        s = _scheduler()
+        s.policy = Policy("coserve", spend_banked=False, slot_headroom=headroom)
+        for b in s.buckets:
+            s.latency.times[bucket_key(b)] = 0.002
+        for rid in "abc":
+            _add(s, rid, 3, 10, ignore_eos=True).slo = SLO(10.0, 0.1)
+        prefill = s.schedule()
+        s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))
+        plans[headroom] = s.schedule()
+        assert len(plans[headroom].rows) == 3
+    assert plans[True].slot_headroom_s == pytest.approx(0.002 * 4 / 3)
+    assert plans[True].time_limit == pytest.approx(0.002 * 4 / 3)
+    assert plans[False].slot_headroom_s is None
+    assert plans[False].time_limit == pytest.approx(0.09, abs=1e-3)
 
 
 def test_prompts_advance_when_no_prefill_chunk_fits():
