@@ -325,9 +325,10 @@ class Scheduler:
         limit = self.policy.iteration_limit([r.slo.tpot_s for r in self.running],
                                             [self._progress(r, now + queued_s, sampling)
                                              for r in self.running])
+        inference_s = self._predict(chunks, [])  # the step of this iteration's inference alone
         headroom = None
         if chunks:
-            headroom = self.policy.slot_headroom(self._predict(chunks, []),
+            headroom = self.policy.slot_headroom(inference_s,
                                                  len(self.running) + len(self.waiting),
                                                  self.max_num_seqs)
         if limit is not None and headroom is not None:
@@ -341,7 +342,8 @@ class Scheduler:
         yields_to_queue = slots_full and bool(scheduled)  # (nothing finetunes beside them)
         if trainer is not None and not yields_to_queue:
             windows = trainer.commit_windows(self._choose_windows(
-                chunks, ft_iteration, bool(scheduled), left, limit, used, fallback_new))
+                chunks, ft_iteration, bool(scheduled), left, limit, used, inference_s,
+                fallback_new))
         chunks += [chunk for _, chunk in windows]
         bucket = batch = None
         if chunks:
@@ -475,10 +477,11 @@ class Scheduler:
 
     def _choose_windows(self, chunks: list[SeqChunk], ft_iteration: bool,
                         inference_running: bool, left: int, limit: float | None, used: int,
-                        fallback_new: int | None = None):
+                        inference_s: float, fallback_new: int | None = None):
         """The trainer's proposal the policy picks: the largest budget whose step, plus the
         backward piece this iteration would run, the latency model says fits.
-        ``fallback_new``: ``_token_fallback``'s answer."""
+        ``inference_s``: the predicted step of ``chunks`` alone; ``fallback_new``:
+        ``_token_fallback``'s answer."""
         trainer = self.trainer
         max_seqs = self.max_num_seqs - len(chunks)
         # With nothing to serve (a request whose last token is in flight cannot be) and
@@ -487,7 +490,7 @@ class Scheduler:
         start_new = not (self.idle_samples and not inference_running and not self.waiting)
         # The piece this iteration would run: the furthest along that fits beside the
         # inference alone (or simply the furthest along when nothing limits the time).
-        room = None if limit is None else limit - self._predict(chunks, [])
+        room = None if limit is None else limit - inference_s
         shape = trainer.next_piece_shape(
             None if room is None else lambda s: self.latency.predict(piece_key(*s)) <= room)
         piece_s = 0.0 if shape is None else self.latency.predict(piece_key(*shape))
