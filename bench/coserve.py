@@ -177,6 +177,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
     ``seed`` (default ``args.seed``) draws the trace: arrivals, lengths and prompts."""
     engine = Engine(model, engine_config(mode, args))
     engine.warmup(progress=False)
+    slowdown = engine.speed_probe()  # against the benchmark's one latency measurement
     engine.latency.errors.clear()  # from here: the run's own predictions
     finetune = mode != "inference-only" if finetune is None else finetune
     if finetune:
@@ -246,6 +247,10 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
         # Iterations planned while requests waited for a sequence slot.
         "slot_waits": engine.counters["slot_waits"],
         "finetune_unit": engine.finetune_unit if mode.startswith("coserve") else None,
+        # Padding steps' observed / predicted seconds just before the trace (the prediction
+        # is the latency model measured when the benchmark began): > 1, the machine had
+        # slowed since then.
+        "machine_slowdown": slowdown,
     } | error
 
 
@@ -266,6 +271,9 @@ def pool_rounds(recs: list[dict]) -> dict:
         values = [r[k] for r in recs if isinstance(r.get(k), float)]
         if k not in out and values:
             out[k] = float(np.mean(values))
+    slowdowns = [r["machine_slowdown"] for r in recs if r.get("machine_slowdown")]
+    if slowdowns:
+        out["machine_slowdown"] = max(slowdowns)  # the slowest round's
     out["rounds"] = len(recs)
     out["round_attainment"] = [r["slo_attainment"] for r in recs]
     out["round_ft_tokens_per_s"] = [r["ft_tokens_per_s"] for r in recs]
@@ -363,6 +371,29 @@ def separate_cluster(records: list[dict], rates: list[float], ft_only: float,
 
 def _best(rivals: list[dict]) -> dict | None:
     return max(rivals, key=lambda r: r["ft_tokens_per_s"], default=None)
+
+
+SLOWDOWN_FLAG = 1.15
+"""A run whose probe steps took this many times as long as when the benchmark measured its
+latency model is named in the report: its figures come from a slower machine than the
+others'."""
+
+
+def drift_lines(records: list[dict], flag: float = SLOWDOWN_FLAG) -> list[str]:
+    """The machine's speed over the runs (``machine_slowdown``), naming those slowed past
+    ``flag`` (a pooled record carries its slowest round's)."""
+    probed = [r for r in records if r.get("machine_slowdown")]
+    if not probed:
+        return []
+    values = [r["machine_slowdown"] for r in probed]
+    slowed = [r for r in probed if r["machine_slowdown"] > flag]
+    line = (f"machine speed: before each run, padding steps took {min(values):.2f}-"
+            f"{max(values):.2f}x their time when the latency model was measured; ")
+    if not slowed:
+        return [line + f"no run past {flag:g}x"]
+    return [line + f"past {flag:g}x (figures from a slower machine than the rest): "
+            + ", ".join(f"{mode_label(r['mode'])} @ {r['rate']:g} ({r['machine_slowdown']:.2f}x)"
+                        for r in slowed)]
 
 
 def busy_fraction(record: dict) -> float:
@@ -608,8 +639,8 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
         rates = [round(f * peak, 6) for f in args.fractions]
     else:
         peak, probes = find_peak(model, args, bisections=args.peak_bisections, log=log)
-        regime["peak_probes"] = [{k: p.get(k) for k in ("rate", "seed", "requests",
-                                                         "slo_attainment")} for p in probes]
+        kept = ("rate", "seed", "requests", "slo_attainment", "machine_slowdown")
+        regime["peak_probes"] = [{k: p.get(k) for k in kept} for p in probes]
         if peak <= 0:
             raise RuntimeError("no rate keeps inference-only at 95% attainment")
         log(f"peak rate (inference-only keeps 95% attainment): {peak:.2f} req/s")
@@ -741,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     ft_only = regime["ft_only_tokens_per_s"]
     text = table(shown, ft_only)
     checks = compare(shown, regime["rates"], ft_only, on_gpu, args.tpot_ms / 1e3,
-                     regime.get("ft_whole_tokens_per_s"))
+                     regime.get("ft_whole_tokens_per_s")) + drift_lines(shown)
     print(text)
     print("\n".join(checks))
     print(f"benchmark took {time.monotonic() - started:.0f} s")

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from coserve_jax.batch import Bucket, TokenBatch, build_batch, loss_row_sizes
+from coserve_jax.batch import Bucket, TokenBatch, build_batch, loss_row_sizes, pick_bucket
 from coserve_jax.engine_config import EngineConfig, derive_lengths, derive_trainer_config
 from coserve_jax.errors import AdmissionError, AlreadyExists, InUse, InvalidRequest, NotFound
 from coserve_jax.finetune.buffers import TrainBuffers
@@ -671,6 +671,29 @@ class Engine:
             unit = self.scheduler.choose_finetune_unit(costs)
             log.info("finetune unit: %s (predicted ms per finetuning token: %s)", unit,
                      ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(costs.items())))
+
+    def speed_probe(self, repeats: int = 5) -> float | None:
+        """How slow this machine runs now against when the latency model was measured:
+        the median, over ``repeats`` padding steps of each of two inference buckets (one
+        sequence, and a full batch of decodes), of observed over predicted seconds (1.0: as
+        fast; 1.3: 30% slower). None before ``warmup`` has measured those buckets.
+
+        Call it on a fresh engine, before it serves: the prediction is then the measured or
+        saved one, not yet adapted to what the engine observes. A shared machine's speed
+        drifts over minutes (2026-12-05: one VM's steps took 1.6x as long within the hour),
+        and a benchmark figure from a slowed window says nothing about what it compares;
+        benchmarks record this per run."""
+        seqs = self.config.buckets.max_num_seqs
+        ratios = []
+        for bucket in dict.fromkeys(pick_bucket(self.buckets, n, n, 1, False)
+                                    for n in (1, seqs)):
+            predicted = self.latency.predict(bucket_key(bucket))
+            if not predicted:
+                continue
+            batch = self._timing_batch(bucket)
+            self._run_padding(batch, bucket)  # (compiles it, where no engine has yet)
+            ratios += [self._run_padding(batch, bucket) / predicted for _ in range(repeats)]
+        return float(np.median(ratios)) if ratios else None
 
     @property
     def finetune_unit(self) -> str:

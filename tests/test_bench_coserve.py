@@ -112,6 +112,23 @@ def test_below_half_of_peak_the_ratios_are_reported_not_judged():
     assert seq.endswith("-> reported; coserve keeps 60% of finetune-only")
 
 
+def test_runs_on_a_slowed_machine_are_named():
+    counts = dict(requests=10, refused=0, unfinished=0, steps=5, mixed_steps=0,
+                  whole_samples=0)
+    rounds = [rec("coserve", 4.0, 1.0, 100.0, machine_slowdown=s, **counts) for s in (1.02, 1.4)]
+    pooled = coserve.pool_rounds(rounds)
+    assert pooled["machine_slowdown"] == 1.4  # the slowest round's, not the mean
+    steady = rec("inference-only", 4.0, 1.0, 0.0, machine_slowdown=0.97)
+    split = rec("separate:50%", 4.0, 1.0, 500.0)  # computed, not run: no probe
+    (line,) = coserve.drift_lines([pooled, steady, split])
+    assert "took 0.97-1.40x their time" in line
+    assert line.endswith("past 1.15x (figures from a slower machine than the rest): "
+                         "coserve @ 4 (1.40x)")
+    (line,) = coserve.drift_lines([steady])
+    assert line.endswith("no run past 1.15x")
+    assert coserve.drift_lines([split]) == []
+
+
 def test_latency_model_keeps_how_far_its_predictions_were_off():
     from coserve_jax.latency import LatencyModel
 
