@@ -10,7 +10,7 @@ import pytest
 
 from coserve_jax.batch import Bucket
 from coserve_jax.kv_cache import PageAllocator
-from coserve_jax.latency import LatencyModel, bucket_key, sample_key
+from coserve_jax.latency import LatencyModel, bucket_key
 from coserve_jax.policy import BeforeFirstToken, Policy
 from coserve_jax.sampling import SamplingParams
 from coserve_jax.scheduler import IterationPlan, Request, Scheduler
@@ -223,28 +223,20 @@ def test_slot_headroom_is_the_stretch_that_keeps_the_requests_within_the_slots()
     assert Policy("coserve", slot_headroom=False).slot_headroom(0.010, 4, 16) is None
 
 
-def _decoding_in_2ms_steps(policy: Policy, rids: str, max_tokens: int) -> Scheduler:
-    """A 4-slot coserve scheduler whose every step is predicted at 2 ms, with ``rids``
-    decoding under a loose 100 ms TPOT target (their prompts done)."""
-    s = _scheduler()
-    s.policy = policy
-    for b in s.buckets:
-        s.latency.times[bucket_key(b)] = 0.002
-    for rid in rids:
-        _add(s, rid, 3, max_tokens, ignore_eos=True).slo = SLO(10.0, 0.1)
-    prefill = s.schedule()
-    s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))
-    return s
-
-
 def test_finetuning_stretches_an_iteration_only_as_far_as_the_sequence_slots_allow():
     """Three requests decoding in 2 ms steps under a loose 100 ms TPOT target, 4 sequence
     slots: the plan's time limit is 4/3 of the step, not 0.9 x 100 ms; with
     ``slot_headroom`` off, the target's."""
     plans = {}
     for headroom in (True, False):
-        s = _decoding_in_2ms_steps(
-            Policy("coserve", spend_banked=False, slot_headroom=headroom), "abc", 10)
+        s = _scheduler()
+        s.policy = Policy("coserve", spend_banked=False, slot_headroom=headroom)
+        for b in s.buckets:
+            s.latency.times[bucket_key(b)] = 0.002
+        for rid in "abc":
+            _add(s, rid, 3, 10, ignore_eos=True).slo = SLO(10.0, 0.1)
+        prefill = s.schedule()
+        s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))
         plans[headroom] = s.schedule()
         assert len(plans[headroom].rows) == 3
     assert plans[True].slot_headroom_s == pytest.approx(0.002 * 4 / 3)
@@ -261,8 +253,14 @@ def test_nothing_stretches_an_iteration_that_leaves_prompt_tokens_for_later():
     throughout."""
     limits = {}
     for backlog in (True, False):
-        s = _decoding_in_2ms_steps(
-            Policy("coserve", spend_banked=False, backlog_headroom=backlog), "ab", 20)
+        s = _scheduler()
+        s.policy = Policy("coserve", spend_banked=False, backlog_headroom=backlog)
+        for b in s.buckets:
+            s.latency.times[bucket_key(b)] = 0.002
+        for rid in "ab":
+            _add(s, rid, 3, 20, ignore_eos=True).slo = SLO(10.0, 0.1)
+        prefill = s.schedule()
+        s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))
         _add(s, "long", 24, 4, ignore_eos=True).slo = SLO(10.0, 0.1)
         limits[backlog] = []
         while True:
@@ -273,31 +271,6 @@ def test_nothing_stretches_an_iteration_that_leaves_prompt_tokens_for_later():
                 break
     assert limits[True] == [(True, pytest.approx(1.0)), (False, pytest.approx(4 / 3))]
     assert [x for _, x in limits[False]] == [pytest.approx(4 / 3)] * 2
-
-
-class _SampleWork:
-    """What the whole-sample unit asks of a trainer: a next sample of 32 tokens."""
-
-    def has_sample_work(self) -> bool:
-        return True
-
-    def next_sample_bucket(self) -> int:
-        return 32
-
-
-def test_no_whole_sample_runs_while_prompt_tokens_wait():
-    """The whole-sample unit with credit for a 10 ms sample and a request that could absorb
-    it before its first token (10 s TTFT): it waits while the request's prompt does."""
-    for backlog in (True, False):
-        policy = Policy("coserve", backlog_headroom=backlog)
-        s = _decoding_in_2ms_steps(policy, "", 4)
-        s.trainer = _SampleWork()
-        policy.samples_beside_inference = True
-        s.latency.times[sample_key(32)] = 0.010
-        policy.slack_credit = 1.0
-        _add(s, "new", 12, 4, ignore_eos=True).arrival_time = time.monotonic()
-        assert s.prompt_backlog()
-        assert s._sample_due(0.0) is not backlog
 
 
 def test_prompts_advance_when_no_prefill_chunk_fits():
