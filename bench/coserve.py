@@ -108,10 +108,6 @@ NO_HEADROOM = "coserve+no-slot-headroom"
 """coserve with ``SchedulingConfig.slot_headroom`` off: the TPOT targets alone bound how far
 finetuning stretches the iterations, however full the sequence slots get."""
 
-NO_BACKLOG = "coserve+no-backlog-headroom"
-"""coserve with ``SchedulingConfig.backlog_headroom`` off: finetuning runs beside requests
-(and whole samples bank slack) also while prompt tokens wait for a later iteration."""
-
 
 def engine_config(mode: str, args) -> EngineConfig:
     """The same engine for every mode; only the scheduling policy differs."""
@@ -120,7 +116,6 @@ def engine_config(mode: str, args) -> EngineConfig:
     keep = mode == KEPT_PROJECTIONS or getattr(args, "keep_projections", False)
     unit = {WHOLE_SAMPLE_UNIT: "samples", TOKEN_UNIT: "tokens"}.get(mode, "auto")
     headroom = mode != NO_HEADROOM
-    backlog = mode != NO_BACKLOG
     mode = "coserve" if mode.startswith("coserve") else mode
     # One layer per backward piece: the smallest unit of backward work, so that a piece
     # fits beside a decode step within the TPOT target rather than waiting for a lull.
@@ -133,7 +128,7 @@ def engine_config(mode: str, args) -> EngineConfig:
         min_page_bucket=getattr(args, "min_page_bucket", 8),
         min_seq_bucket=getattr(args, "min_seq_bucket", 4), default_ttft_s=args.ttft_s,
         default_tpot_s=args.tpot_ms / 1000, idle_whole_samples=idle_samples,
-        finetune_unit=unit, slot_headroom=headroom, backlog_headroom=backlog,
+        finetune_unit=unit, slot_headroom=headroom,
         safety=getattr(args, "safety", 0.9),
         latency_model_dir=getattr(args, "latency_dir", None),
         xla_options=getattr(args, "xla_options", None) or "",

@@ -151,8 +151,7 @@ class Engine:
         self.policy = Policy(sched.mode, safety=sched.safety,
                              spend_banked=sched.spend_banked_slack,
                              banked_reserve=sched.banked_reserve,
-                             slot_headroom=sched.slot_headroom,
-                             backlog_headroom=sched.backlog_headroom)
+                             slot_headroom=sched.slot_headroom)
         if self.policy.whole_samples and self.layout.sharded:
             raise ValueError(f"mode {sched.mode} runs whole samples on one device; use "
                              f"coserve or temporal:N on a mesh")

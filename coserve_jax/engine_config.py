@@ -179,15 +179,6 @@ class SchedulingConfig:
     the same arrival rate the requests present with it, until they fill the sequence slots
     and arrivals queue for one (their TTFT then runs on through whole lifetimes of the
     running ones). False: the TPOT targets alone bound the stretch."""
-    backlog_headroom: bool = True
-    """coserve: an iteration that leaves prompt tokens for later ones (a request waits to
-    start, or a prompt's chunk was cut by the token budget or the decodes' time limit) has
-    no finetuning beside its inference and banks no slack for whole samples, and no whole
-    sample runs while such a backlog exists (``Scheduler.prompt_backlog``). The engine is
-    then short of serving throughput, not of latency: a stretch delays those prompts and
-    every arrival queued behind them, and where the decode step is compute-bound (a CPU at
-    its peak load) the time stays lost, since larger batches do not serve faster. False:
-    the TPOT targets and ``slot_headroom`` alone bound the stretch."""
     slo_prefill_chunks: bool = True
     """Size each prefill chunk so that the iteration's predicted time keeps every decoding
     request's mean TPOT within its target (``Policy.iteration_limit`` without the margins

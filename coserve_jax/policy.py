@@ -69,10 +69,9 @@ class Policy:
 
     def __init__(self, mode: str, safety: float = 0.9, max_period: int = 1024,
                  spend_banked: bool = True, banked_reserve: float = 1.0,
-                 slot_headroom: bool = True, backlog_headroom: bool = True):
+                 slot_headroom: bool = True):
         self.mode = mode
         self.use_slot_headroom = slot_headroom
-        self.use_backlog_headroom = backlog_headroom
         self.spend_banked = spend_banked
         self.banked_reserve = banked_reserve
         self.kind, self.period = parse_mode(mode)
@@ -260,25 +259,16 @@ class Policy:
                 limits.append(floor)
         return min(limits, default=None)
 
-    def slot_headroom(self, inference_s: float, present: int, slots: int,
-                      prompt_backlog: bool = False) -> float | None:
+    def slot_headroom(self, inference_s: float, present: int, slots: int) -> float | None:
         """Seconds an iteration whose inference alone takes ``inference_s`` may take with
         finetuning beside it, so that the stretch does not fill the sequence slots (None:
         no bound; built with ``slot_headroom=False``). Stretching the iterations by a
         factor lengthens the requests' lives by as much, and by Little's law the requests
         present at the same arrival rate: ``present`` of them (running and waiting) stay
         within ``slots`` at a factor of at most ``slots / present``. Below that the TPOT
-        targets bind; at full slots nothing finetunes beside the requests.
-
-        ``prompt_backlog``: the iteration leaves prompt tokens for later ones; built with
-        ``backlog_headroom`` (the default), it may then take its inference alone and no more
-        (``SchedulingConfig.backlog_headroom``)."""
-        if inference_s <= 0:
+        targets bind; at full slots nothing finetunes beside the requests."""
+        if not self.use_slot_headroom or present <= 0 or inference_s <= 0:
             return None  # (an unmeasured step predicts 0 s: no bound until it is measured)
-        if prompt_backlog and self.use_backlog_headroom:
-            return inference_s
-        if not self.use_slot_headroom or present <= 0:
-            return None
         return inference_s * slots / present
 
     def cap_credit(self, sample_s: float) -> None:

@@ -330,7 +330,7 @@ class Scheduler:
         if chunks:
             headroom = self.policy.slot_headroom(inference_s,
                                                  len(self.running) + len(self.waiting),
-                                                 self.max_num_seqs, self.prompt_backlog())
+                                                 self.max_num_seqs)
         if limit is not None and headroom is not None:
             limit = min(limit, headroom)
         used = sum(n for _, n in scheduled)
@@ -358,13 +358,6 @@ class Scheduler:
         if rows:
             self._last_step_s = self.predicted_step_seconds(plan)
         return plan
-
-    def prompt_backlog(self) -> bool:
-        """Prompt tokens wait for a later iteration than the one planned last: a request
-        waits to start, or a running one has more than its next decode token to compute
-        (the rest of its prompt, or its recomputation after a preemption). A token in flight
-        is sampled, not waiting."""
-        return bool(self.waiting) or any(r.pending - r.in_flight > 1 for r in self.running)
 
     def slots_full(self) -> bool:
         """Requests wait while ``max_num_seqs`` run. A waiting request's TTFT then runs until
@@ -435,8 +428,6 @@ class Scheduler:
         if (not self.policy.samples_beside_inference or trainer is None
                 or not trainer.has_sample_work()):
             return False
-        if self.policy.use_backlog_headroom and self.prompt_backlog():
-            return False  # (SchedulingConfig.backlog_headroom)
         sample_s = self.latency.predict(sample_key(trainer.next_sample_bucket()))
         self.policy.cap_credit(sample_s)
         now = time.monotonic() + queued_s

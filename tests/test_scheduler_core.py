@@ -245,34 +245,6 @@ def test_finetuning_stretches_an_iteration_only_as_far_as_the_sequence_slots_all
     assert plans[False].time_limit == pytest.approx(0.09, abs=1e-3)
 
 
-def test_nothing_stretches_an_iteration_that_leaves_prompt_tokens_for_later():
-    """Two requests decode in 2 ms steps under a loose 100 ms TPOT target (3 of 4 slots
-    present: the slot headroom allows 4/3 of the step) while a 24-token prompt enters over
-    two 16-token iterations. While its tokens wait, an iteration may take its inference alone;
-    once its prompt is all planned, 4/3 of it again; with ``backlog_headroom`` off, 4/3
-    throughout."""
-    limits = {}
-    for backlog in (True, False):
-        s = _scheduler()
-        s.policy = Policy("coserve", spend_banked=False, backlog_headroom=backlog)
-        for b in s.buckets:
-            s.latency.times[bucket_key(b)] = 0.002
-        for rid in "ab":
-            _add(s, rid, 3, 20, ignore_eos=True).slo = SLO(10.0, 0.1)
-        prefill = s.schedule()
-        s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))
-        _add(s, "long", 24, 4, ignore_eos=True).slo = SLO(10.0, 0.1)
-        limits[backlog] = []
-        while True:
-            plan = s.schedule()
-            s.update(plan, _sample(plan, lambda rid, n: 100 + n))
-            limits[backlog].append((s.prompt_backlog(), plan.time_limit / 0.002))
-            if not s.prompt_backlog():
-                break
-    assert limits[True] == [(True, pytest.approx(1.0)), (False, pytest.approx(4 / 3))]
-    assert [x for _, x in limits[False]] == [pytest.approx(4 / 3)] * 2
-
-
 def test_prompts_advance_when_no_prefill_chunk_fits():
     """When even the smallest step is over the limit, the first prompt still gets what
     fills the decodes' token bucket; the next waits."""
