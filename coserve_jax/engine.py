@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import random
 import time
@@ -672,11 +673,12 @@ class Engine:
             log.info("finetune unit: %s (predicted ms per finetuning token: %s)", unit,
                      ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(costs.items())))
 
-    def speed_probe(self, repeats: int = 5) -> float | None:
+    def speed_probe(self, seconds: float = 0.25, min_repeats: int = 3) -> float | None:
         """How slow this machine runs now against when the latency model was measured:
-        the median, over ``repeats`` padding steps of each of two inference buckets (one
-        sequence, and a full batch of decodes), of observed over predicted seconds (1.0: as
-        fast; 1.3: 30% slower). None before ``warmup`` has measured those buckets.
+        the median, over padding steps of each of two inference buckets (one sequence, and
+        a full batch of decodes; ``min_repeats`` of each, and more until ``seconds`` of
+        each: a few steps of a millisecond vary by 20%), of observed over predicted seconds
+        (1.0: as fast; 1.3: 30% slower). None before ``warmup`` has measured those buckets.
 
         Call it on a fresh engine, before it serves: the prediction is then the measured or
         saved one, not yet adapted to what the engine observes. A shared machine's speed
@@ -692,7 +694,13 @@ class Engine:
                 continue
             batch = self._timing_batch(bucket)
             self._run_padding(batch, bucket)  # (compiles it, where no engine has yet)
-            ratios += [self._run_padding(batch, bucket) / predicted for _ in range(repeats)]
+            spent = 0.0
+            for i in itertools.count():
+                if i >= min_repeats and spent >= seconds:
+                    break
+                took = self._run_padding(batch, bucket)
+                spent += took
+                ratios.append(took / predicted)
         return float(np.median(ratios)) if ratios else None
 
     @property
