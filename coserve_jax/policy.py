@@ -283,8 +283,11 @@ class Policy:
         step after it (``step_s``, or the observed mean of the iterations serving requests
         where that is longer), which must fit in ``safety`` times its TTFT target
         ``arrival_ttft_s``: under load requests arrive every few iterations, so a longer
-        sample would cause TTFT misses, not rare ones. The unit runs such a sample at token
-        level instead while requests run (``token_fallback``), whole when idle."""
+        sample would cause TTFT misses, not rare ones; with nothing to serve, at low load,
+        nearly every arrival lands in an idle iteration. Such a sample runs at token level
+        instead (``token_fallback`` while requests run), in any whole-sample mode of coserve
+        (the whole-sample unit, ``idle_whole_samples``); ``temporal-seq``, FlexLLM's baseline,
+        runs every sample whole."""
         step_s = max(step_s, self._t_inference or 0.0)
         return arrival_ttft_s is not None and sample_s + step_s > self.safety * arrival_ttft_s
 

@@ -295,7 +295,7 @@ class Scheduler:
         if not self.has_requests():
             self.policy.slack_credit = 0.0  # a lull: what the last requests left is theirs
             if (self.idle_samples and trainer is not None and trainer.has_sample_work()
-                    and not trainer.has_inflight()):
+                    and not trainer.has_inflight() and not self._next_sample_too_long()):
                 return IterationPlan(finetune_iteration=True, whole_sample=True)
         elif not self.slots_full() and self._sample_due(queued_s):
             return IterationPlan(finetune_iteration=True, whole_sample=True,
@@ -336,7 +336,12 @@ class Scheduler:
         used = sum(n for _, n in scheduled)
         left = self.max_num_batched_tokens - used
         windows = []
-        fallback_new = self._token_fallback() if scheduled else None
+        if scheduled:
+            fallback_new = self._token_fallback()
+        else:  # idle: a sample too long to run whole starts at token level, alone
+            too_long = (self.idle_samples and trainer is not None
+                        and self._next_sample_too_long())
+            fallback_new = 1 if too_long else None
         slots_full = self.slots_full()
         self.slot_waits += slots_full
         yields_to_queue = slots_full and bool(scheduled)  # (nothing finetunes beside them)
@@ -486,8 +491,10 @@ class Scheduler:
         max_seqs = self.max_num_seqs - len(chunks)
         # With nothing to serve (a request whose last token is in flight cannot be) and
         # idle_whole_samples, the sequences in flight finish and no new one starts at token
-        # level: the next idle iteration runs a whole sample.
-        start_new = not (self.idle_samples and not inference_running and not self.waiting)
+        # level: the next idle iteration runs a whole sample, unless the next sample is
+        # too long to run whole (``fallback_new``).
+        start_new = (fallback_new is not None
+                     or not (self.idle_samples and not inference_running and not self.waiting))
         # The piece this iteration would run: the furthest along that fits beside the
         # inference alone (or simply the furthest along when nothing limits the time).
         room = None if limit is None else limit - inference_s

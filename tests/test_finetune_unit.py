@@ -160,8 +160,8 @@ def test_coserve_by_samples_interleaves_whole_samples_with_requests(tpot_s, arri
     target that a request arriving during any sample would miss makes every sample too long
     to run whole beside requests: they run at token level there (windows beside the
     requests, pieces after them). Either way the requests' greedy outputs are those of the
-    model alone, and idle iterations run samples. The tokens of the step before a sample
-    are handed out before the sample runs."""
+    model alone, and idle iterations run samples (those an arrival could wait for). The
+    tokens of the step before a sample are handed out before the sample runs."""
     model = tiny_model()
     rng = np.random.default_rng(5)
     lengths = [40, 61, 35, 52, 47, 58]
@@ -170,9 +170,11 @@ def test_coserve_by_samples_interleaves_whole_samples_with_requests(tpot_s, arri
     assert engine.finetune_unit == "samples"
     engine.submit_job(_job(lengths))
     run = engine.trainer.jobs["t"]
-    for _ in range(2):  # nothing to serve: whole samples (the second one is timed)
+    for i in range(2):  # nothing to serve: whole samples (the first one is timed)...
         engine.step()
-        assert engine.last_step.whole_samples == 1
+        # ...but once timed, one too long for an arrival also runs at token level when
+        # idle: at low load nearly every arrival lands in an idle iteration.
+        assert engine.last_step.whole_samples == int(i == 0 or arrival_ttft_s > 1)
     assert engine.latency.predict(sample_key(64)) > 0
     prompts = [rng.integers(3, 259, size=int(n)).tolist() for n in (9, 14, 6)]
     ids = [engine.add_request(p, SamplingParams(max_tokens=8, ignore_eos=True),
