@@ -157,7 +157,8 @@ class SchedulingConfig:
     the token-level path, runs one whole training sample instead (its forward and full
     backward in one program, as ``temporal-seq`` does): idle capacity goes to the program
     that finetunes fastest (no recompute, no windows). A request arriving meanwhile waits
-    for it. Single device."""
+    for it, so a sample too long for it to meet ``default_ttft_s`` runs at token level
+    (``Policy.sample_too_long``). Single device."""
     finetune_unit: str = "auto"
     """coserve: the unit of finetuning work while requests run. "tokens": forward windows in
     the inference steps and backward pieces in the time they leave (FlexLLM's token-level
@@ -167,8 +168,8 @@ class SchedulingConfig:
     (``Policy.sample_fits``), one iteration runs it, forward and full backward in one
     program, as a standard trainer does (idle iterations run whole samples too); a sample
     too long for a request arriving meanwhile to meet ``default_ttft_s`` (or a present
-    request's tighter TTFT target) runs at token level while requests run instead
-    (``Policy.sample_too_long``). "auto": the
+    request's tighter TTFT target) runs at token level instead, whether requests run or
+    not (``Policy.sample_too_long``). "auto": the
     one the latency model predicts costs less per finetuning token
     (``Scheduler.finetune_costs``), chosen by ``Engine.warmup``. Whole samples run on one
     device only."""
