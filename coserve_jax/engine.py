@@ -682,9 +682,10 @@ class Engine:
 
         Call it on a fresh engine, before it serves: the prediction is then the measured or
         saved one, not yet adapted to what the engine observes. A shared machine's speed
-        drifts over minutes (2026-12-05: one VM's steps took 1.6x as long within the hour),
-        and a benchmark figure from a slowed window says nothing about what it compares;
-        benchmarks record this per run."""
+        drifts over minutes (2026-12-05: one VM's TPOT p50 under the same load went from 13
+        to 16 ms within the hour, its single-request decode TPOT from 5.7 to 7.6 ms within
+        three hours), and a benchmark figure from a slowed window says nothing about what it
+        compares; benchmarks record this per run."""
         seqs = self.config.buckets.max_num_seqs
         ratios = []
         for bucket in dict.fromkeys(pick_bucket(self.buckets, n, n, 1, False)

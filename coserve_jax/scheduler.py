@@ -338,7 +338,7 @@ class Scheduler:
         windows = []
         if scheduled:
             fallback_new = self._token_fallback()
-        else:  # idle: a sample too long to run whole starts at token level, alone
+        else:  # no inference: a sample too long to run whole starts at token level, alone
             too_long = (self.idle_samples and trainer is not None
                         and self._next_sample_too_long())
             fallback_new = 1 if too_long else None
