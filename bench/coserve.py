@@ -274,6 +274,7 @@ def pool_rounds(recs: list[dict]) -> dict:
     slowdowns = [r["machine_slowdown"] for r in recs if r.get("machine_slowdown")]
     if slowdowns:
         out["machine_slowdown"] = max(slowdowns)  # the slowest round's
+        out["machine_slowdown_min"] = min(slowdowns)  # and the fastest's
     out["rounds"] = len(recs)
     out["round_attainment"] = [r["slo_attainment"] for r in recs]
     out["round_ft_tokens_per_s"] = [r["ft_tokens_per_s"] for r in recs]
@@ -375,25 +376,44 @@ def _best(rivals: list[dict]) -> dict | None:
 
 SLOWDOWN_FLAG = 1.15
 """A run whose probe steps took this many times as long as when the benchmark measured its
-latency model is named in the report: its figures come from a slower machine than the
-others'."""
+latency model, or less than its inverse, is named in the report: its figures come from a
+slower machine than the others', or its latency model from a slower one than its own (which
+prices every unit of work dear, so the scheduler plans less than fits)."""
+
+
+def _fastest(record: dict) -> float:
+    """A record's fastest round's ``machine_slowdown`` (a pooled record keeps both ends)."""
+    return record.get("machine_slowdown_min", record["machine_slowdown"])
 
 
 def drift_lines(records: list[dict], flag: float = SLOWDOWN_FLAG) -> list[str]:
     """The machine's speed over the runs (``machine_slowdown``), naming those slowed past
-    ``flag`` (a pooled record carries its slowest round's)."""
+    ``flag`` and those faster than ``1 / flag`` (a pooled record carries its slowest and
+    fastest rounds')."""
     probed = [r for r in records if r.get("machine_slowdown")]
     if not probed:
         return []
-    values = [r["machine_slowdown"] for r in probed]
+    line = (f"machine speed: before each run, padding steps took "
+            f"{min(map(_fastest, probed)):.2f}-"
+            f"{max(r['machine_slowdown'] for r in probed):.2f}x their time when the latency "
+            f"model was measured; ")
+
+    def named(runs, key):
+        return ", ".join(f"{mode_label(r['mode'])} @ {r['rate']:g} ({key(r):.2f}x)"
+                         for r in runs)
+
     slowed = [r for r in probed if r["machine_slowdown"] > flag]
-    line = (f"machine speed: before each run, padding steps took {min(values):.2f}-"
-            f"{max(values):.2f}x their time when the latency model was measured; ")
-    if not slowed:
-        return [line + f"no run past {flag:g}x"]
-    return [line + f"past {flag:g}x (figures from a slower machine than the rest): "
-            + ", ".join(f"{mode_label(r['mode'])} @ {r['rate']:g} ({r['machine_slowdown']:.2f}x)"
-                        for r in slowed)]
+    sped = [r for r in probed if _fastest(r) < 1 / flag]
+    found = []
+    if slowed:
+        found.append(f"past {flag:g}x (figures from a slower machine than the rest): "
+                     + named(slowed, lambda r: r["machine_slowdown"]))
+    if sped:
+        found.append(f"below {1 / flag:.2f}x (a latency model measured on a slower machine "
+                     f"than the run's: it priced the work dear): " + named(sped, _fastest))
+    if not found:
+        return [line + f"no run past {flag:g}x or below {1 / flag:.2f}x"]
+    return [line + "; ".join(found)]
 
 
 def busy_fraction(record: dict) -> float:

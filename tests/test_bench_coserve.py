@@ -118,6 +118,7 @@ def test_runs_on_a_slowed_machine_are_named():
     rounds = [rec("coserve", 4.0, 1.0, 100.0, machine_slowdown=s, **counts) for s in (1.02, 1.4)]
     pooled = coserve.pool_rounds(rounds)
     assert pooled["machine_slowdown"] == 1.4  # the slowest round's, not the mean
+    assert pooled["machine_slowdown_min"] == 1.02  # and the fastest's
     steady = rec("inference-only", 4.0, 1.0, 0.0, machine_slowdown=0.97)
     split = rec("separate:50%", 4.0, 1.0, 500.0)  # computed, not run: no probe
     (line,) = coserve.drift_lines([pooled, steady, split])
@@ -125,8 +126,15 @@ def test_runs_on_a_slowed_machine_are_named():
     assert line.endswith("past 1.15x (figures from a slower machine than the rest): "
                          "coserve @ 4 (1.40x)")
     (line,) = coserve.drift_lines([steady])
-    assert line.endswith("no run past 1.15x")
+    assert line.endswith("no run past 1.15x or below 0.87x")
     assert coserve.drift_lines([split]) == []
+    # A run faster than its latency model's measurement: that model priced its work dear.
+    fast = coserve.pool_rounds([rec("coserve", 2.0, 1.0, 100.0, machine_slowdown=s, **counts)
+                                for s in (0.55, 1.0)])
+    (line,) = coserve.drift_lines([fast, pooled])
+    assert "took 0.55-1.40x" in line
+    assert line.endswith("(1.40x); below 0.87x (a latency model measured on a slower machine "
+                         "than the run's: it priced the work dear): coserve @ 2 (0.55x)")
 
 
 def test_latency_model_keeps_how_far_its_predictions_were_off():
