@@ -5,12 +5,13 @@ policy then decides the finetuning share of the iteration:
 
 - ``coserve``: the largest finetuning forward budget, plus backward pieces,
   that the latency model says keeps the iteration within the time the running
-  requests can give it (all of it when no inference is running): for each request,
+  requests can give it: for each request,
   ``safety`` times its TPOT target plus the time it has banked by being served
   faster than that so far (TPOT is a mean); the tightest request decides. A burst
   that fills the token budget leaves finetuning nothing, and so do full sequence slots:
   the stretch is also bounded by ``slot_headroom``, since stretched iterations keep more
-  requests present at the same arrival rate.
+  requests present at the same arrival rate. An iteration serving no request takes at most
+  what a request arriving as it starts can wait for (``idle_limit``).
   That is the token-level unit (``SchedulingConfig.finetune_unit``). With the
   whole-sample unit, iterations serving requests carry no finetuning and bank
   what they leave of ``safety`` times the tightest target; when the bank covers
@@ -158,14 +159,14 @@ class Policy:
             return not inference_running
         if self.samples_beside_inference and inference_running and not token_fallback:
             return False  # the slack is banked for whole samples
-        if not inference_running or time_limit is None:
-            return True
+        if time_limit is None:
+            return True  # (with nothing to serve, ``idle_limit`` may still bound it)
         return None
 
     def forward_tokens(self, *, finetune_iteration: bool, inference_running: bool,
                        tokens_left: int, time_limit: float | None, step_seconds,
                        piece_seconds: float, candidates: Iterable[int] | None = None,
-                       token_fallback: bool = False) -> int:
+                       token_fallback: bool = False, piece_ready: bool = False) -> int:
         """Finetuning forward tokens for this iteration.
 
         ``step_seconds(tokens)`` predicts the step with that many finetuning tokens
@@ -176,7 +177,9 @@ class Policy:
         ``candidates`` are the budgets worth pricing (default: powers of two and all
         that is left); the engine passes the ones that exactly fill a token bucket,
         since padding makes any smaller budget in the same bucket cost the same.
-        ``token_fallback``: see ``_unconstrained``.
+        ``token_fallback``: see ``_unconstrained``. With nothing to serve (an ``idle_limit``)
+        and no backward piece ready (``piece_ready``; one ready runs whether it fits or not),
+        the smallest budget runs where none fits: finetuning always makes progress.
         """
         free = self._unconstrained(finetune_iteration, inference_running, time_limit,
                                    token_fallback)
@@ -189,7 +192,10 @@ class Policy:
         options = _candidates(tokens_left) if candidates is None else sorted(
             {0, *(n for n in candidates if 0 < n <= tokens_left)})
         fitting = [n for n in options if step_seconds(n) + piece_seconds <= time_limit]
-        return max(fitting, default=0)
+        tokens = max(fitting, default=0)
+        if not tokens and not inference_running and not piece_ready and len(options) > 1:
+            return options[1]  # with nothing to serve, one unit of finetuning at least
+        return tokens
 
     def backward_seconds(self, *, finetune_iteration: bool, inference_running: bool,
                          tokens_left: int, time_limit: float | None,
@@ -276,20 +282,34 @@ class Policy:
         credit of a lull is not spent in a burst of samples back to back."""
         self.slack_credit = min(self.slack_credit, sample_s)
 
-    def sample_too_long(self, sample_s: float, step_s: float,
-                        arrival_ttft_s: float | None) -> bool:
+    def idle_limit(self, arrival_ttft_s: float | None, step_s: float,
+                   queued_s: float = 0.0) -> float | None:
+        """coserve: seconds an iteration with no request present may take (None: no bound).
+        A request arriving as it is planned waits for the device work queued before it
+        (``queued_s``), for it, and for its own first step (``step_s``, or the observed mean
+        of the iterations serving requests where that is longer), which must fit in
+        ``safety`` times its TTFT target ``arrival_ttft_s``; at low load nearly every
+        arrival lands in such an iteration. A whole sample longer than this runs at
+        token level instead (``sample_too_long``), and token-level finetuning fills no more
+        than this, except that it always runs one backward piece or one forward window
+        (``forward_tokens``, ``Scheduler.backward_seconds``): where no unit fits, finetuning
+        would otherwise stall."""
+        if self.kind != "coserve" or arrival_ttft_s is None:
+            return None
+        return self.safety * arrival_ttft_s - max(step_s, self._t_inference or 0.0) - queued_s
+
+    def sample_too_long(self, sample_s: float, step_s: float, arrival_ttft_s: float | None,
+                        queued_s: float = 0.0) -> bool:
         """coserve's whole-sample unit: whether a whole sample of ``sample_s`` seconds may
-        never run while requests do. A request arriving as it starts waits for it and for the
-        step after it (``step_s``, or the observed mean of the iterations serving requests
-        where that is longer), which must fit in ``safety`` times its TTFT target
-        ``arrival_ttft_s``: under load requests arrive every few iterations, so a longer
-        sample would cause TTFT misses, not rare ones; with nothing to serve, at low load,
-        nearly every arrival lands in an idle iteration. Such a sample runs at token level
-        instead (``token_fallback`` while requests run), in any whole-sample mode of coserve
-        (the whole-sample unit, ``idle_whole_samples``); ``temporal-seq``, FlexLLM's baseline,
-        runs every sample whole."""
-        step_s = max(step_s, self._t_inference or 0.0)
-        return arrival_ttft_s is not None and sample_s + step_s > self.safety * arrival_ttft_s
+        never run while requests do: it is longer than an iteration with nothing to serve
+        may take (``idle_limit``; with ``queued_s``, whether it may run after that much
+        queued work). Under load requests arrive every few iterations, so a
+        longer sample would cause TTFT misses, not rare ones. Such a sample runs at token
+        level instead (``token_fallback`` while requests run), in any whole-sample mode of
+        coserve (the whole-sample unit, ``idle_whole_samples``); ``temporal-seq``, FlexLLM's
+        baseline, runs every sample whole."""
+        limit = self.idle_limit(arrival_ttft_s, step_s, queued_s)
+        return limit is not None and sample_s > limit
 
     def sample_fits(self, sample_s: float, step_s: float, targets, progress,
                     arrival_ttft_s: float | None = None) -> bool:

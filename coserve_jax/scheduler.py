@@ -141,7 +141,8 @@ class IterationPlan:
     whole_sample: bool = False
     """Run one whole training sample instead of a step (``temporal-seq``)."""
     time_limit: float | None = None
-    """Seconds the iteration may take (``Policy.iteration_limit``); None: no request runs."""
+    """Seconds the iteration may take (``Policy.iteration_limit``; serving no request,
+    ``Policy.idle_limit``); None: no bound."""
     tokens_left: int = 0
     """Token budget the iteration left unused."""
     tpot_target: float | None = None
@@ -296,6 +297,8 @@ class Scheduler:
             self.policy.slack_credit = 0.0  # a lull: what the last requests left is theirs
             if (self.idle_samples and trainer is not None and trainer.has_sample_work()
                     and not trainer.has_inflight() and not self._next_sample_too_long()):
+                if self._next_sample_too_long(queued_s):
+                    return IterationPlan()  # the queued work drains first; the sample is next
                 return IterationPlan(finetune_iteration=True, whole_sample=True)
         elif not self.slots_full() and self._sample_due(queued_s):
             return IterationPlan(finetune_iteration=True, whole_sample=True,
@@ -322,17 +325,19 @@ class Scheduler:
             rows.append(ScheduledRow(req, n, samples))
         sampling = {row.request.request_id for row in rows if row.samples}
         now = time.monotonic()  # the clock of first_token_time
-        limit = self.policy.iteration_limit([r.slo.tpot_s for r in self.running],
-                                            [self._progress(r, now + queued_s, sampling)
-                                             for r in self.running])
         inference_s = self._predict(chunks, [])  # the step of this iteration's inference alone
         headroom = None
         if chunks:
+            limit = self.policy.iteration_limit([r.slo.tpot_s for r in self.running],
+                                                [self._progress(r, now + queued_s, sampling)
+                                                 for r in self.running])
             headroom = self.policy.slot_headroom(inference_s,
                                                  len(self.running) + len(self.waiting),
                                                  self.max_num_seqs)
-        if limit is not None and headroom is not None:
-            limit = min(limit, headroom)
+            if limit is not None and headroom is not None:
+                limit = min(limit, headroom)
+        else:  # serving no request: what a request arriving now can wait for
+            limit = self.policy.idle_limit(self._arrival_ttft(), self._last_step_s, queued_s)
         used = sum(n for _, n in scheduled)
         left = self.max_num_batched_tokens - used
         windows = []
@@ -457,14 +462,15 @@ class Scheduler:
         targets += [self.arrival_ttft_s] if self.arrival_ttft_s else []
         return min(targets, default=None)
 
-    def _next_sample_too_long(self) -> bool:
+    def _next_sample_too_long(self, queued_s: float = 0.0) -> bool:
         """The whole-sample unit: the next sample may never run whole beside requests
-        (``Policy.sample_too_long``)."""
+        (``Policy.sample_too_long``), or not after ``queued_s`` of queued device work."""
         trainer = self.trainer
         if not trainer.has_sample_work():
             return False
         sample_s = self.latency.predict(sample_key(trainer.next_sample_bucket()))
-        return self.policy.sample_too_long(sample_s, self._last_step_s, self._arrival_ttft())
+        return self.policy.sample_too_long(sample_s, self._last_step_s, self._arrival_ttft(),
+                                           queued_s)
 
     def _token_fallback(self) -> int | None:
         """The whole-sample unit, in an iteration serving requests: whether its finetuning
@@ -507,13 +513,16 @@ class Scheduler:
             if n not in proposals:
                 proposals[n] = (trainer.propose_windows(n, max_seqs, start_new, fallback_new)
                                 if n else [])
+            if not chunks and not proposals[n]:
+                return 0.0  # no step runs
             return self._predict(chunks, proposals[n])
 
         tokens = self.policy.forward_tokens(
             finetune_iteration=ft_iteration, inference_running=inference_running,
             tokens_left=left, time_limit=limit, piece_seconds=piece_s,
             step_seconds=step_seconds, candidates=[t - used for t in self.token_buckets],
-            token_fallback=fallback_new is not None)
+            token_fallback=fallback_new is not None,
+            piece_ready=trainer.next_piece_shape() is not None)
         if not tokens:
             return []
         return proposals.get(tokens) or trainer.propose_windows(tokens, max_seqs, start_new,
@@ -524,11 +533,18 @@ class Scheduler:
         predicted to take) ``step_seconds``."""
         if plan.slots_full:
             return 0.0
-        return self.policy.backward_seconds(
+        seconds = self.policy.backward_seconds(
             finetune_iteration=plan.finetune_iteration,
             inference_running=bool(plan.rows), tokens_left=plan.tokens_left,
             time_limit=plan.time_limit, step_seconds=step_seconds,
             token_fallback=plan.token_fallback)
+        if not plan.rows and not plan.windows and self.trainer is not None:
+            # Serving no request and running no forward window: one piece runs even where
+            # none fits ``Policy.idle_limit``, or finetuning would stall.
+            shape = self.trainer.next_piece_shape()
+            if shape is not None:
+                seconds = max(seconds, self.latency.predict(piece_key(*shape)))
+        return seconds
 
     def predicted_step_seconds(self, plan: IterationPlan) -> float:
         if plan.bucket is None:

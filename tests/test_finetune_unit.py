@@ -11,6 +11,7 @@ from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, SamplingP
 from coserve_jax.finetune.data import Dataset
 from coserve_jax.latency import LatencyModel, bucket_key, piece_key, sample_key
 from coserve_jax.policy import BeforeFirstToken, Policy
+from coserve_jax.scheduler import IterationPlan
 from coserve_jax.slo import SLO
 
 from support import greedy_reference, random_sequence, tiny_model
@@ -212,6 +213,19 @@ def test_coserve_by_samples_interleaves_whole_samples_with_requests(tpot_s, arri
 def test_finetune_unit_is_checked():
     with pytest.raises(ValueError, match="finetune_unit"):
         EngineConfig.flat(finetune_unit="layers")
+
+
+def test_an_idle_sample_waits_for_the_queued_work_an_arrival_could_not_also_wait_for():
+    """With nothing to serve, a whole sample that an arriving request could wait for alone
+    (2 s against 0.9 * 5 s) but not after the device work queued before it (3 s) leaves the
+    iteration empty: the queue drains, and the next iteration runs it."""
+    engine = Engine(tiny_model(), EngineConfig.flat(**CONFIG, finetune_unit="samples",
+                                                    default_ttft_s=5.0))
+    engine.submit_job(_job([40, 61, 35, 52]))
+    engine.latency.times |= {sample_key(n): 2.0 for n in engine.trainer.seq_buckets}
+    scheduler = engine.scheduler
+    assert scheduler.schedule(queued_s=3.0) == IterationPlan()
+    assert scheduler.schedule(queued_s=0.0).whole_sample
 
 
 def test_only_samples_too_long_to_run_whole_beside_requests_fall_back_to_token_level():

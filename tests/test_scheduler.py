@@ -94,6 +94,54 @@ def test_policy_picks_largest_budget_within_limit():
                                  piece_seconds=1.0) == 60
 
 
+def test_an_iteration_serving_no_request_is_bounded_by_an_arrivals_ttft():
+    policy = Policy("coserve", safety=0.9)
+    # A request arriving now waits for this iteration and its own first step (0.3 s).
+    assert policy.idle_limit(2.0, 0.3) == pytest.approx(1.5)
+    assert policy.idle_limit(None, 0.3) is None
+    assert Policy("temporal:4").idle_limit(2.0, 0.3) is None
+    assert policy.sample_too_long(1.6, 0.3, 2.0) and not policy.sample_too_long(1.4, 0.3, 2.0)
+    # ...and for the device work queued before it.
+    assert policy.idle_limit(2.0, 0.3, queued_s=0.5) == pytest.approx(1.0)
+    assert policy.sample_too_long(1.4, 0.3, 2.0, queued_s=0.5)
+    step = lambda k: 0.001 * k  # noqa: E731  (no inference: no step without tokens)
+    idle = dict(finetune_iteration=False, inference_running=False, tokens_left=64,
+                step_seconds=step, candidates=[16, 32, 64])
+    assert policy.forward_tokens(time_limit=0.040, piece_seconds=0.0, **idle) == 32
+    assert policy.forward_tokens(time_limit=0.040, piece_seconds=0.010, **idle) == 16
+    # Nothing fits: the smallest window runs, unless a piece is ready (it runs instead).
+    assert policy.forward_tokens(time_limit=0.005, piece_seconds=0.0, **idle) == 16
+    assert policy.forward_tokens(time_limit=0.005, piece_seconds=0.0, piece_ready=True,
+                                 **idle) == 0
+
+
+@pytest.mark.parametrize("ttft_s", [0.05, 0.005])
+def test_finetuning_with_nothing_to_serve_fits_an_arrivals_ttft_and_never_stalls(ttft_s):
+    # Synthetic step times: 1 ms per token of the bucket, 4 ms per piece. An arrival may
+    # wait 0.9 * ttft_s: 45 ms (a 32-token step and two pieces fit, a 64-token one does
+    # not), or 4.5 ms (nothing fits: one unit of finetuning per iteration, and the job
+    # still finishes).
+    engine = _engine(mode="coserve", default_ttft_s=ttft_s)
+    engine.submit_job(_job(steps=1))
+    times = _synthetic_times(engine, per_token=0.001, piece=0.004)
+    _steps_with_latency(engine, times)
+    run = engine.trainer.jobs["ft"]
+    for _ in range(200):
+        if run.step:
+            break
+        engine.step()
+        s = engine.last_step
+        assert s.finetune_tokens or s.backward_pieces
+        predicted = ((times[bucket_key(s.bucket)] if s.bucket else 0.0)
+                     + 0.004 * s.backward_pieces)
+        if ttft_s == 0.05:
+            assert predicted <= 0.9 * ttft_s + 1e-9, s
+        else:
+            assert bool(s.finetune_tokens) + s.backward_pieces == 1, s
+            assert s.bucket is None or s.bucket.num_tokens == 16, s  # the smallest
+    assert run.step == 1
+
+
 def test_iteration_limit_is_the_tightest_target():
     policy = Policy("coserve", safety=0.9)
     assert policy.iteration_limit([0.04, 0.1]) == pytest.approx(0.036)
@@ -537,6 +585,33 @@ def test_overlapped_loop_reprices_backward_pieces_online():
     assert pieces > 0
     repriced = [k for k in keys if engine.latency.predict(k) > 1e-5]
     assert repriced, {k: engine.latency.predict(k) for k in keys}
+
+
+def test_iterations_without_a_step_leave_no_backward_pieces_queued():
+    # The overlapped loop queues pieces behind a step and waits for them only at the next
+    # step; an iteration with no step of its own runs them timed, or a run of such
+    # iterations would pile pieces up on the device for the next arrival to wait behind.
+    # A TTFT target no iteration meets: with nothing to serve, each runs one unit of
+    # finetuning, a piece alone whenever one is ready.
+    engine = _engine(mode="coserve", overlap_host=True, default_ttft_s=1e-3)
+    engine.submit_job(_job())
+    _steps_with_latency(engine, _synthetic_times(engine, per_token=0.001, piece=0.004))
+    schedule, queued = engine.scheduler.schedule, []
+
+    def recording(queued_s: float = 0.0):
+        queued.append(queued_s)
+        return schedule(queued_s)
+
+    engine.scheduler.schedule = recording
+    pieces_only = []
+    for i in range(40):
+        engine.step()
+        if engine.last_step.bucket is None and engine.last_step.backward_pieces:
+            pieces_only.append(i)
+    engine.step()
+    assert pieces_only
+    assert all(queued[i + 1] == 0.0 for i in pieces_only), [queued[i + 1] for i in pieces_only]
+    assert any(q > 0 for q in queued)  # (steps still overlap their pieces)
 
 
 def test_finishing_sequences_and_optimizer_steps_never_wait_for_the_device(monkeypatch):
