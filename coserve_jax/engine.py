@@ -464,12 +464,12 @@ class Engine:
             # no step behind them, so a run of such iterations would pile them up on the
             # device, and a request arriving next would wait for all of it (measured on the
             # small tier, 2026-12-05: 2.1-2.3 s of pieces queued after idle iterations).
-            outputs, step_s = [], 0.0
+            step_s = 0.0
             if launched is not None:
                 self._launched = launched
                 outputs, step_s = self._collect_launched()
             else:
-                outputs, _ = self._collect_launched()
+                outputs, _ = self._collect_launched()  # (the overlapped loop's last step)
                 self._drain_pieces()
             pieces = self._run_backward(plan, step_s, timed=True)
         total = time.perf_counter() - t_start

@@ -522,7 +522,7 @@ class Scheduler:
             tokens_left=left, time_limit=limit, piece_seconds=piece_s,
             step_seconds=step_seconds, candidates=[t - used for t in self.token_buckets],
             token_fallback=fallback_new is not None,
-            piece_ready=trainer.next_piece_shape() is not None)
+            piece_ready=not inference_running and trainer.next_piece_shape() is not None)
         if not tokens:
             return []
         return proposals.get(tokens) or trainer.propose_windows(tokens, max_seqs, start_new,
