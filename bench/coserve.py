@@ -125,6 +125,7 @@ def engine_config(mode: str, args) -> EngineConfig:
         train_window=64, backward_layers=1, backward_pieces_per_step=8,
         backward_block=getattr(args, "backward_block", 0),
         keep_projections=keep,
+        min_token_bucket=getattr(args, "min_token_bucket", 16),
         min_page_bucket=getattr(args, "min_page_bucket", 8),
         min_seq_bucket=getattr(args, "min_seq_bucket", 4), default_ttft_s=args.ttft_s,
         default_tpot_s=args.tpot_ms / 1000, idle_whole_samples=idle_samples,
@@ -210,6 +211,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
             if ft_tokens_at_end is None:
                 ft_tokens_at_end = run.tokens_trained if finetune else 0
                 host, iteration = engine.counters["host_s"], engine.counters["iteration_s"]
+                counts = engine.counters.copy()
             if not (engine.running or engine.waiting) or now > duration + args.drain:
                 break
         busy = engine.running or engine.waiting or (finetune and now < duration)
@@ -242,6 +244,14 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
         "host_fraction": host / iteration if iteration else 0.0,
         # Share of the trace's wall time spent in engine iterations (the rest was idle).
         "busy_fraction": iteration / duration,
+        # What the trace's inference would have taken as steps of its own (the latency
+        # model's prediction), as a share of the trace: the time it left to finetuning.
+        "inference_alone_fraction": counts["inference_alone_s"] / duration,
+        "mean_batch": counts["inference_rows"] / max(counts["inference_steps"], 1),
+        # The share of the finetuning tokens trained in whole samples (the rest went
+        # through windows and backward pieces).
+        "sample_token_share": (counts["sample_tokens"] / counts["train_tokens"]
+                               if counts["train_tokens"] else 0.0),
         "steps": engine.counters["steps"], "mixed_steps": engine.counters["mixed_steps"],
         "whole_samples": engine.counters["whole_samples"],
         # Iterations planned while requests waited for a sequence slot.
@@ -438,6 +448,23 @@ def compute_bound(inference_only: dict, ft_only: float, tpot_target_s: float) ->
     return ft_only * max(0.0, 1.0 - busy * inference_only["tpot_p50_s"] / tpot_target_s)
 
 
+def time_split(co: dict, inf: dict, ft_token: float, ft_whole: float | None) -> str:
+    """What a coserve run's finetuning had to work with: the share of the wall time its
+    inference would have taken as steps of their own (the latency model's prediction, at
+    coserve's batches: iterations stretched by finetuning keep each request longer, so more
+    run at once, and a compute-bound step grows with its batch), inference-only's share at
+    its own batches, and the finetuning tokens/s made in the rest of the time (against
+    finetune-only's, whole samples and token-level: the unit sets the rate)."""
+    left = max(1e-9, 1.0 - co["inference_alone_fraction"])
+    whole = f", {ft_whole:.0f} in whole samples" if ft_whole else ""
+    return (f"coserve's inference alone would have taken {co['inference_alone_fraction']:.0%} "
+            f"of the time at a mean batch of {co['mean_batch']:.1f} sequences "
+            f"(inference-only's {inf['inference_alone_fraction']:.0%} at "
+            f"{inf['mean_batch']:.1f}); in the {left:.0%} left its finetuning made "
+            f"{co['ft_tokens_per_s'] / left:.0f} tok/s, {co['sample_token_share']:.0%} of its "
+            f"tokens in whole samples (finetune-only {ft_token:.0f} tok/s token-level{whole})")
+
+
 def compare(records: list[dict], rates: list[float], ft_only: float,
             on_gpu: bool = False, tpot_target_s: float | None = None,
             ft_whole: float | None = None) -> list[str]:
@@ -476,6 +503,8 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
                 f"{inf['tpot_p50_s'] * 1e3:.1f} ms of the {tpot_target_s * 1e3:.1f} ms "
                 f"target); coserve reaches "
                 f"{co['ft_tokens_per_s'] / max(bound, 1e-9):.0%} of it")
+        if "inference_alone_fraction" in co and "inference_alone_fraction" in inf:
+            lines.append(f"{where}: {time_split(co, inf, ft_only, ft_whole)}")
         need = min(0.95, co["slo_attainment"])
         half_up = frac is None or frac >= 0.5
         for prefix, label, factor in (
@@ -739,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
                         "multiple (req/s): skips the search, and the JSON says it was given")
     p.add_argument("--backward-block", type=int, default=0,
                    help="EngineConfig.backward_block (0: whole-sequence backward pieces)")
+    p.add_argument("--min-token-bucket", type=int, default=16,
+                   help="the smallest step token bucket (a decode step of fewer sequences "
+                        "is padded to it; on a CPU the padding rows cost compute)")
     p.add_argument("--keep-projections", action="store_true",
                    help="FinetuneConfig.keep_projections: backward pieces reuse the forward's "
                         "projection outputs instead of recomputing them")
@@ -825,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
                           else "over whole sequences")
                        + (" reusing the forward's projections" if args.keep_projections
                           else "")
-                       + ", ShareGPT lengths "
+                       + f", token buckets from {args.min_token_bucket}, ShareGPT lengths "
                        f"x{args.scale:g}; finetune-only {ft_only:.0f} tok/s"),
             "took": f"{time.monotonic() - started:.0f} s"},
             text + "\n\n" + "\n".join(f"- {c}" for c in checks))

@@ -202,7 +202,9 @@ class Engine:
         self._seed_rng = random.Random()
         self.num_steps = 0
         # Totals since start: steps, inference_tokens, train_tokens, mixed_steps (inference
-        # and finetuning tokens in one batch), backward_pieces.
+        # and finetuning tokens in one batch), backward_pieces; inference_steps (steps serving
+        # requests), inference_rows (their batch rows), inference_alone_s (their inference's
+        # predicted seconds as a step of its own); whole_samples, sample_tokens (their tokens).
         self.counters: collections.Counter[str] = collections.Counter()
         self.last_step: StepInfo | None = None
         self.profiler = Profiler()
@@ -495,7 +497,9 @@ class Engine:
         self.num_steps += 1
         self.counters.update(steps=1, inference_tokens=plan.inference_tokens,
                              train_tokens=plan.finetune_tokens,
-                             mixed_steps=int(bool(plan.rows and plan.windows)))
+                             mixed_steps=int(bool(plan.rows and plan.windows)),
+                             inference_steps=int(bool(plan.rows)), inference_rows=len(plan.rows),
+                             inference_alone_s=plan.inference_s)
         pieces_before, self._pieces_queued = tuple(self._pieces_queued), []
         return _Launched(plan, out, t0, pieces_before)
 
@@ -572,7 +576,8 @@ class Engine:
         total = time.perf_counter() - t_start
         self.policy.observe(total, had_inference=False, had_finetune=True,
                             tpot_target=plan.tpot_target)
-        self.counters.update(train_tokens=tokens, whole_samples=1, iteration_s=total)
+        self.counters.update(train_tokens=tokens, sample_tokens=tokens, whole_samples=1,
+                             iteration_s=total)
         self.last_step = StepInfo(0, tokens, 0, True, None, total, whole_samples=1)
         return []
 

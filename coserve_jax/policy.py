@@ -199,18 +199,23 @@ class Policy:
 
     def backward_seconds(self, *, finetune_iteration: bool, inference_running: bool,
                          tokens_left: int, time_limit: float | None,
-                         step_seconds: float, token_fallback: bool = False) -> float:
+                         step_seconds: float, token_fallback: bool = False,
+                         stall_piece_s: float = 0.0) -> float:
         """Seconds of backward pieces to run after a step that took ``step_seconds``
         (``inf``: as many as are ready); none when inference alone filled the token
         budget (a burst). The engine runs a piece only while its predicted time fits.
-        ``token_fallback``: see ``_unconstrained``."""
+        ``token_fallback``: see ``_unconstrained``. ``stall_piece_s``: the predicted
+        seconds of the next piece where the iteration serves no request and runs no
+        forward window; under a bound (``idle_limit``) that piece runs whether it fits or
+        not, as ``forward_tokens`` runs the smallest window: finetuning always makes
+        progress."""
         free = self._unconstrained(finetune_iteration, inference_running, time_limit,
                                    token_fallback)
         if free is not None:
             return math.inf if free else 0.0
         if tokens_left == 0:
             return 0.0
-        return max(0.0, time_limit - step_seconds)
+        return max(stall_piece_s, time_limit - step_seconds)
 
     def iteration_limit(self, targets, progress=None, margins: bool = True) -> float | None:
         """Seconds this iteration may take (None when no request runs).
@@ -292,8 +297,8 @@ class Policy:
         arrival lands in such an iteration. A whole sample longer than this runs at
         token level instead (``sample_too_long``), and token-level finetuning fills no more
         than this, except that it always runs one backward piece or one forward window
-        (``forward_tokens``, ``Scheduler.backward_seconds``): where no unit fits, finetuning
-        would otherwise stall."""
+        (``forward_tokens``, ``backward_seconds``): where no unit fits, finetuning would
+        otherwise stall."""
         if self.kind != "coserve" or arrival_ttft_s is None:
             return None
         return self.safety * arrival_ttft_s - max(step_s, self._t_inference or 0.0) - queued_s

@@ -157,6 +157,9 @@ class IterationPlan:
     """The most the iteration may take with finetuning beside its inference before the
     stretch would fill the sequence slots (``Policy.slot_headroom``; None: no bound); its
     ``time_limit`` is within it."""
+    inference_s: float = 0.0
+    """Predicted seconds of the step of this iteration's inference alone (0: it serves
+    none): what its finetuning adds to the iteration is the rest."""
 
     @property
     def inference_tokens(self) -> int:
@@ -364,7 +367,8 @@ class Scheduler:
         plan = IterationPlan(tuple(rows), tuple(windows), bucket, batch, ft_iteration,
                              time_limit=limit, tokens_left=left, tpot_target=self.tpot_target(),
                              token_fallback=fallback_new is not None,
-                             slots_full=yields_to_queue, slot_headroom_s=headroom)
+                             slots_full=yields_to_queue, slot_headroom_s=headroom,
+                             inference_s=inference_s if rows else 0.0)
         if rows:
             self._last_step_s = self.predicted_step_seconds(plan)
         return plan
@@ -533,18 +537,15 @@ class Scheduler:
         predicted to take) ``step_seconds``."""
         if plan.slots_full:
             return 0.0
-        seconds = self.policy.backward_seconds(
+        stall_piece_s = 0.0
+        if not plan.rows and not plan.windows and self.trainer is not None:
+            shape = self.trainer.next_piece_shape()
+            stall_piece_s = 0.0 if shape is None else self.latency.predict(piece_key(*shape))
+        return self.policy.backward_seconds(
             finetune_iteration=plan.finetune_iteration,
             inference_running=bool(plan.rows), tokens_left=plan.tokens_left,
             time_limit=plan.time_limit, step_seconds=step_seconds,
-            token_fallback=plan.token_fallback)
-        if not plan.rows and not plan.windows and self.trainer is not None:
-            # Serving no request and running no forward window: one piece runs even where
-            # none fits ``Policy.idle_limit``, or finetuning would stall.
-            shape = self.trainer.next_piece_shape()
-            if shape is not None:
-                seconds = max(seconds, self.latency.predict(piece_key(*shape)))
-        return seconds
+            token_fallback=plan.token_fallback, stall_piece_s=stall_piece_s)
 
     def predicted_step_seconds(self, plan: IterationPlan) -> float:
         if plan.bucket is None:

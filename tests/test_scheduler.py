@@ -113,6 +113,13 @@ def test_an_iteration_serving_no_request_is_bounded_by_an_arrivals_ttft():
     assert policy.forward_tokens(time_limit=0.005, piece_seconds=0.0, **idle) == 16
     assert policy.forward_tokens(time_limit=0.005, piece_seconds=0.0, piece_ready=True,
                                  **idle) == 0
+    # ...and the piece runs whether it fits or not; where one fits, the time left bounds it.
+    no_window = dict(finetune_iteration=False, inference_running=False, tokens_left=64,
+                     step_seconds=0.0)
+    assert policy.backward_seconds(time_limit=0.005, stall_piece_s=0.010,
+                                   **no_window) == pytest.approx(0.010)
+    assert policy.backward_seconds(time_limit=0.040, stall_piece_s=0.010,
+                                   **no_window) == pytest.approx(0.040)
 
 
 @pytest.mark.parametrize("ttft_s", [0.05, 0.005])
