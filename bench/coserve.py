@@ -455,14 +455,17 @@ def time_split(co: dict, inf: dict, ft_token: float, ft_whole: float | None) -> 
     run at once, and a compute-bound step grows with its batch), inference-only's share at
     its own batches, and the finetuning tokens/s made in the rest of the time (against
     finetune-only's, whole samples and token-level: the unit sets the rate)."""
-    left = max(1e-9, 1.0 - co["inference_alone_fraction"])
+    left = 1.0 - co["inference_alone_fraction"]
     whole = f", {ft_whole:.0f} in whole samples" if ft_whole else ""
+    made = (f"in the {left:.0%} left its finetuning made {co['ft_tokens_per_s'] / left:.0f} "
+            f"tok/s" if left >= 0.05 else  # (a rate over a sliver of time says nothing)
+            f"it left {max(left, 0.0):.0%} of the time, within the prediction's error")
     return (f"coserve's inference alone would have taken {co['inference_alone_fraction']:.0%} "
             f"of the time at a mean batch of {co['mean_batch']:.1f} sequences "
             f"(inference-only's {inf['inference_alone_fraction']:.0%} at "
-            f"{inf['mean_batch']:.1f}); in the {left:.0%} left its finetuning made "
-            f"{co['ft_tokens_per_s'] / left:.0f} tok/s, {co['sample_token_share']:.0%} of its "
-            f"tokens in whole samples (finetune-only {ft_token:.0f} tok/s token-level{whole})")
+            f"{inf['mean_batch']:.1f}); {made}, {co['sample_token_share']:.0%} of its "
+            f"finetuning tokens in whole samples (finetune-only {ft_token:.0f} tok/s "
+            f"token-level{whole})")
 
 
 def compare(records: list[dict], rates: list[float], ft_only: float,

@@ -100,8 +100,14 @@ def test_a_coserve_runs_time_is_split_between_its_inference_and_its_finetuning()
     # 40 tok/s over the 40% of the time its inference left
     assert ("inference alone would have taken 60% of the time at a mean batch of 3.2 "
             "sequences (inference-only's 85% at 1.8); in the 40% left its finetuning made "
-            "100 tok/s, 25% of its tokens in whole samples (finetune-only 70 tok/s "
-            "token-level, 110 in whole samples)") in line
+            "100 tok/s, 25% of its finetuning tokens in whole samples (finetune-only 70 "
+            "tok/s token-level, 110 in whole samples)") in line
+    # Inference alone took (nearly) all the time: no rate over what is left.
+    busy = co | {"inference_alone_fraction": 0.99}
+    line = next(x for x in coserve.compare([busy, inf], [4.0], 70.0, ft_whole=110.0)
+                if "inference alone" in x)
+    assert "it left 1% of the time, within the prediction's error" in line
+    assert "made" not in line
 
 
 def test_the_compute_bound_counts_inference_onlys_idle_time():
