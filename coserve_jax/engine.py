@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import random
 import time
@@ -665,9 +664,11 @@ class Engine:
                 continue  # compiled by an earlier engine of this process
             self._compiled.add(bucket_key(bucket))
             batch = self._timing_batch(bucket)
-            times = [self._run_padding(batch, bucket) for _ in range(3 if measure else 1)]
             if measure:
-                self.latency.observe(bucket_key(bucket), float(np.median(times[1:])))
+                times = self._padding_times(batch, bucket, seconds=0.05, min_repeats=3)
+                self.latency.observe(bucket_key(bucket), float(np.median(times)))
+            else:
+                self._run_padding(batch, bucket)  # compiles it
         if measure:
             self._measure_vocab_sort()
             self._measure_loss_head()
@@ -715,15 +716,9 @@ class Engine:
             predicted = self.latency.predict(bucket_key(bucket))
             if not predicted:
                 continue
-            batch = self._timing_batch(bucket)
-            self._run_padding(batch, bucket)  # (compiles it, where no engine has yet)
-            spent = 0.0
-            for i in itertools.count():
-                if i >= min_repeats and spent >= seconds:
-                    break
-                took = self._run_padding(batch, bucket)
-                spent += took
-                ratios.append(took / predicted)
+            times = self._padding_times(self._timing_batch(bucket), bucket, seconds,
+                                        min_repeats)
+            ratios += [took / predicted for took in times]
         return float(np.median(ratios)) if ratios else None
 
     @property
@@ -777,6 +772,18 @@ class Engine:
         diffs = [self._run_padding(batch, bucket) - self._run_padding(plain, bucket)
                  for _ in range(repeats)]
         return max(0.0, float(np.median(diffs)))
+
+    def _padding_times(self, batch, bucket, seconds: float, min_repeats: int) -> list[float]:
+        """Seconds of padding steps of ``bucket`` after one untimed run, which compiles it
+        where no engine has yet: at least ``min_repeats``, and more until ``seconds`` have
+        passed. The first runs after a compile read slow (2026-12-05, tiny tier: the second
+        and third run of a bucket took a median 1.10x, and up to 2x, the time of the
+        fourth to twelfth), so a few-millisecond bucket gets many runs and the median."""
+        self._run_padding(batch, bucket)
+        times: list[float] = []
+        while len(times) < min_repeats or sum(times) < seconds:
+            times.append(self._run_padding(batch, bucket))
+        return times
 
     def _run_padding(self, batch, bucket) -> float:
         t0 = time.perf_counter()

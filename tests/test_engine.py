@@ -169,6 +169,20 @@ def _shared_small_engine() -> Engine:
     return _engines["small"]
 
 
+def test_a_bucket_is_timed_after_an_untimed_run_until_enough_time_has_passed(monkeypatch):
+    # The first runs after a compile read slow: one is left out, and a bucket of a few
+    # milliseconds is timed until ``seconds`` have passed (the median of many), a slow one
+    # ``min_repeats`` times.
+    engine = _shared_small_engine()
+    bucket = engine.buckets[0]
+    for step_s, timed in ((0.01, 5), (1.0, 3)):
+        runs = []
+        monkeypatch.setattr(engine, "_run_padding",
+                            lambda batch, b: runs.append(b) or step_s)  # noqa: B023
+        times = engine._padding_times(None, bucket, seconds=0.045, min_repeats=3)
+        assert times == [step_s] * timed and len(runs) == timed + 1
+
+
 def test_no_recompilation_in_steady_state():
     model = tiny_model()
     engine = Engine(model, SMALL)
