@@ -195,7 +195,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
     prompts = [rng.integers(3, 259, size=int(n)).tolist() for n in prompt_lens]
     refused, out_tokens, metrics = 0, 0, []
     ft_tokens_at_end = None
-    host = iteration = 0.0
+    counts = engine.counters.copy()  # (replaced by the totals at the trace's end)
     start = time.monotonic()
     i = 0
     while True:
@@ -210,7 +210,6 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
         if now >= duration:
             if ft_tokens_at_end is None:
                 ft_tokens_at_end = run.tokens_trained if finetune else 0
-                host, iteration = engine.counters["host_s"], engine.counters["iteration_s"]
                 counts = engine.counters.copy()
             if not (engine.running or engine.waiting) or now > duration + args.drain:
                 break
@@ -241,9 +240,10 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
         "tpot_p50_s": float(np.percentile(tpot, 50)), "tpot_p99_s": float(np.percentile(tpot, 99)),
         "inference_tokens_per_s": out_tokens / duration,
         "ft_tokens_per_s": ft_tokens_at_end / duration,
-        "host_fraction": host / iteration if iteration else 0.0,
+        "host_fraction": (counts["host_s"] / counts["iteration_s"]
+                          if counts["iteration_s"] else 0.0),
         # Share of the trace's wall time spent in engine iterations (the rest was idle).
-        "busy_fraction": iteration / duration,
+        "busy_fraction": counts["iteration_s"] / duration,
         # What the trace's inference would have taken as steps of its own (the latency
         # model's prediction), as a share of the trace: the time it left to finetuning.
         "inference_alone_fraction": counts["inference_alone_s"] / duration,
