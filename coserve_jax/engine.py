@@ -41,6 +41,7 @@ from coserve_jax.latency import (
     model_file,
     piece_key,
     sample_key,
+    sample_part_key,
     vocab_sort_key,
 )
 from coserve_jax.lora.adapter import LoraAdapter
@@ -75,7 +76,8 @@ class StepInfo:
     bucket: Bucket | None
     seconds: float
     whole_samples: int = 0
-    """Samples run whole (forward and full backward in one program: temporal-seq)."""
+    """Samples run whole (forward and full backward in one program: temporal-seq); 0 in an
+    iteration running a part of a sample run in parts."""
 
 
 @dataclasses.dataclass
@@ -203,7 +205,8 @@ class Engine:
         # Totals since start: steps, inference_tokens, train_tokens, mixed_steps (inference
         # and finetuning tokens in one batch), backward_pieces; inference_steps (steps serving
         # requests), inference_rows (their batch rows), inference_alone_s (their inference's
-        # predicted seconds as a step of its own); whole_samples, sample_tokens (their tokens).
+        # predicted seconds as a step of its own); whole_samples, sample_parts (iterations
+        # running a part of a sample run in parts), sample_tokens (the tokens of both).
         self.counters: collections.Counter[str] = collections.Counter()
         self.last_step: StepInfo | None = None
         self.profiler = Profiler()
@@ -563,21 +566,31 @@ class Engine:
                                 t_start: float) -> list[RequestOutput]:
         """One whole sample, forward and backward, as a standard trainer runs it, and no
         inference tokens: a temporal-seq finetuning iteration, an idle coserve one, or one of
-        coserve's whole-sample unit. Its time feeds the latency model and the policy."""
-        bucket = self.trainer.next_sample_bucket()
+        coserve's whole-sample unit; or one part of a sample run in parts (``plan.sample_part``).
+        Its time feeds the latency model and the policy."""
+        trainer = self.trainer
+        if plan.sample_part:
+            bucket, index = trainer.next_sample_part()
+            key = sample_part_key(bucket, index, trainer.sample_parts)
+        else:
+            key = sample_key(trainer.next_sample_bucket())
         self._drain_pieces()  # (or the sample would be timed with them)
-        with jax.profiler.TraceAnnotation("whole_sample"):
+        with jax.profiler.TraceAnnotation("sample_part" if plan.sample_part else "whole_sample"):
             t0 = time.perf_counter()
-            tokens = self.trainer.run_whole_sample()
-            jax.block_until_ready(self.runner.train.grad_a)
-        if tokens:
-            self._observe(sample_key(bucket), time.perf_counter() - t0)
+            if plan.sample_part:
+                tokens, ran = trainer.run_sample_part(), True
+            else:
+                tokens = ran = trainer.run_whole_sample()
+            jax.block_until_ready((self.runner.train.grad_a, self.runner.sample_part_h))
+        if ran:
+            self._observe(key, time.perf_counter() - t0)
         total = time.perf_counter() - t_start
         self.policy.observe(total, had_inference=False, had_finetune=True,
                             tpot_target=plan.tpot_target)
-        self.counters.update(train_tokens=tokens, sample_tokens=tokens, whole_samples=1,
-                             iteration_s=total)
-        self.last_step = StepInfo(0, tokens, 0, True, None, total, whole_samples=1)
+        whole = int(not plan.sample_part)
+        self.counters.update(train_tokens=tokens, sample_tokens=tokens, whole_samples=whole,
+                             sample_parts=1 - whole, iteration_s=total)
+        self.last_step = StepInfo(0, tokens, 0, True, None, total, whole_samples=whole)
         return []
 
     def _drain_pieces(self) -> None:
@@ -658,6 +671,7 @@ class Engine:
                                                 or self.scheduler.idle_samples)
         measure_samples = samples and measure and any(
             sample_key(n) not in self.latency.times for n in self.trainer.seq_buckets)
+        measure_parts = measure  # (of those it lacks)
         measure = measure and not self.latency.times
         for bucket in tqdm(self.buckets, desc="compiling buckets", disable=not progress):
             if not measure and bucket_key(bucket) in self._compiled:
@@ -680,6 +694,9 @@ class Engine:
             for n, seconds in times.items():
                 if measure_samples:
                     self.latency.observe(sample_key(n), seconds)
+        if (samples and not self.policy.whole_samples and self.trainer.sample_parts > 1
+                and self._warmup_sample_parts(progress, measure_parts)):
+            measure_samples = True  # (saved below)
         if self.trainer is not None:
             times = self.trainer.warmup(
                 progress, repeats=3 if measure else 1,
@@ -695,6 +712,31 @@ class Engine:
             unit = self.scheduler.choose_finetune_unit(costs)
             log.info("finetune unit: %s (predicted ms per finetuning token: %s)", unit,
                      ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(costs.items())))
+
+    def _warmup_sample_parts(self, progress: bool, measure: bool) -> bool:
+        """Compiles the parts of the samples that may run in parts (those whose whole
+        program a request arriving at half the default TTFT target could not wait for:
+        ``Policy.sample_too_long``) and, with ``measure``, times those the latency model
+        lacks; returns whether it timed any. An unmeasured part never runs
+        (``Scheduler._sample_unit``): its sample goes at token level."""
+        trainer, count = self.trainer, self.trainer.sample_parts
+        arrival_s = self.scheduler.arrival_ttft_s
+
+        def keys(n: int) -> list[str]:
+            return [sample_part_key(n, i, count) for i in range(count)]
+
+        split = [n for n in trainer.seq_buckets if arrival_s and self.policy.sample_too_long(
+            self.latency.predict(sample_key(n)), 0.0, arrival_s / 2)]
+        measure = measure and any(k not in self.latency.times for n in split for k in keys(n))
+        times = trainer.warmup_sample_parts(
+            progress, repeats=3 if measure else 1,
+            skip=lambda n: n not in split or (not measure and keys(n)[0] in self._compiled))
+        for n, seconds in times.items():
+            self._compiled.update(keys(n))
+            for key, t in zip(keys(n), seconds, strict=True):
+                if measure:
+                    self.latency.observe(key, t)
+        return measure and bool(times)
 
     def speed_probe(self, seconds: float = 0.25, min_repeats: int = 3) -> float | None:
         """How slow this machine runs now against when the latency model was measured:

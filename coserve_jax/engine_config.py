@@ -111,10 +111,19 @@ class FinetuneConfig:
     store then holds (q + 2 kv + 2 hidden + 2 intermediate) / hidden times as much per
     token (about 10x for Llama shapes). False saves each layer's input alone, and a piece
     recomputes the whole layer. Whole-sequence pieces only (``backward_block`` 0)."""
+    sample_segments: int = 2
+    """coserve's whole samples (``SchedulingConfig.finetune_unit`` "samples", idle
+    iterations): a sample whose whole program is too long for a request arriving during
+    it to meet its TTFT target runs in 2K - 1 iterations of its own over K segments of
+    layers instead (``runner_commands.RunSamplePart``: each segment's forward, the top
+    one's forward, loss and backward, each segment's backward; the pullbacks' residuals
+    stay on the device between them, so nothing is recomputed); only if its longest part
+    is too long as well does it run at token level. 1 never splits a sample. At most the
+    model's layers. Single device."""
 
     def __post_init__(self):
         _check(self, 1, "train_window", "backward_layers", "backward_pieces_per_step",
-               "backward_attention_block")
+               "backward_attention_block", "sample_segments")
         _check(self, 0, "max_train_seqs", "backward_block")
         if self.keep_projections and self.backward_block:
             raise ValueError("FinetuneConfig.keep_projections needs whole-sequence backward "
@@ -378,7 +387,8 @@ def derive_trainer_config(engine_config: EngineConfig, max_train_len: int):
     return TrainerConfig(max_seqs=ft.max_train_seqs, max_len=max_train_len,
                          window=ft.train_window, backward_layers=ft.backward_layers,
                          attention_block=ft.backward_attention_block, block=ft.backward_block,
-                         keep_projections=ft.keep_projections)
+                         keep_projections=ft.keep_projections,
+                         sample_segments=ft.sample_segments)
 
 
 def derive_lengths(model_config, engine_config: EngineConfig) -> Lengths:

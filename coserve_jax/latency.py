@@ -66,6 +66,12 @@ def sample_key(seq_len: int) -> str:
     return f"sample-n{seq_len}"
 
 
+def sample_part_key(seq_len: int, index: int, count: int) -> str:
+    """Part ``index`` of a training sample in the sequence bucket of ``seq_len`` tokens run
+    in ``count`` parts (``runner_commands.RunSamplePart``)."""
+    return f"sample-n{seq_len}-part{index}of{count}"
+
+
 class LatencyModel:
     """Predicted seconds for step buckets and backward pieces."""
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +45,10 @@ from coserve_jax.step import (
     StepOutput,
     backward_block_fn,
     backward_piece_fn,
+    sample_backward_fn,
+    sample_forward_fn,
     sample_grads_fn,
+    sample_top_fn,
     step_fn,
     step_kernels,
 )
@@ -152,6 +157,45 @@ def _build_sample_grads(cfg: ModelConfig, attention_block: int, layout, kernels:
     fn = functools.partial(sample_grads_fn, cfg, attention_block=attention_block,
                            kernels=kernels)
     return layout.jit_train(fn, (), with_loss=True, compiler_options=_compiler_options(kernels))
+
+
+class SamplePartPrograms(NamedTuple):
+    """The three programs of a sample run in parts (``runner_commands.RunSamplePart``)."""
+
+    forward: Callable
+    """``(params, slots, h | None, tokens, slot, first_layer, num_layers=) -> (h, pullback)``
+    (``step.sample_forward_fn``): nothing donated, no engine state out."""
+    top: Callable
+    """``(params, slots, train, h, labels, weights, slot, first_layer, num_layers=) ->
+    (train, (loss, dh))`` (``step.sample_top_fn``), ``train`` donated."""
+    backward: Callable
+    """``(params, slots, train, pullback, dh, slot, first_layer) -> (train, dh_in)``
+    (``step.sample_backward_fn``), ``train`` donated."""
+
+
+def build_sample_parts(cfg: ModelConfig, attention_block: int = 256, layout=None,
+                       kernels: Kernels | None = None) -> SamplePartPrograms:
+    """The programs of a sample run in parts; one compilation of each per sample-length
+    bucket and segment size. Single device, as whole samples."""
+    if layout is not None and layout.sharded:
+        raise ValueError("samples run in parts on one device; use finetune_unit='tokens' "
+                         "on a mesh")
+    return _build_sample_parts(cfg, attention_block, _layout(cfg, layout),
+                               _resolved(kernels, None))
+
+
+@functools.cache
+def _build_sample_parts(cfg: ModelConfig, attention_block: int, layout, kernels: Kernels):
+    options = _compiler_options(kernels)
+    forward = jax.jit(functools.partial(sample_forward_fn, cfg, attention_block=attention_block,
+                                        kernels=kernels),
+                      static_argnames=("num_layers",), compiler_options=options)
+    top = layout.jit_train(functools.partial(sample_top_fn, cfg, attention_block=attention_block,
+                                             kernels=kernels),
+                           ("num_layers",), with_loss=True, compiler_options=options)
+    backward = layout.jit_train(functools.partial(sample_backward_fn, cfg), (),
+                                with_loss=True, compiler_options=options)
+    return SamplePartPrograms(forward, top, backward)
 
 
 @functools.cache

@@ -36,7 +36,7 @@ from coserve_jax.finetune.buffers import TrainBuffers
 from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.kv_cache import KVCache
 from coserve_jax.lora.slots import AdapterSlots
-from coserve_jax.step import StepOutput
+from coserve_jax.step import StepOutput, segment_bounds
 from pallas_kernels.dispatch import Kernels
 from sharding.gather import tree_to_host
 
@@ -87,6 +87,11 @@ class Runner:
         self._backward = None
         self._backward_block = None
         self._sample = None
+        self._sample_parts = None
+        self.sample_part_h: jax.Array | None = None
+        """What the last ``RunSamplePart`` hands the next: a segment's output (forward
+        parts) or the gradient at a segment's input (the top and backward parts)."""
+        self._sample_pullbacks: list = []  # of the segments whose backward part is to come
         self._write_slot = programs.build_write_slot(layout)
         # programs.py caches each program on (model config, layout, kernels, attention
         # block), so every runner with these and state of the same shapes shares the
@@ -100,7 +105,8 @@ class Runner:
         c = commands
         self._handlers: dict[type, Callable[[Any], Any]] = {
             c.RunStep: self._run_step, c.RunBackwardPiece: self._run_backward_piece,
-            c.RunWholeSample: self._run_whole_sample, c.WriteSlot: self._write,
+            c.RunWholeSample: self._run_whole_sample, c.RunSamplePart: self._run_sample_part,
+            c.DropSampleParts: self._drop_sample_parts, c.WriteSlot: self._write,
             c.StartJob: self._start_job, c.RestoreJob: self._restore_job,
             c.ApplyUpdate: self._apply_update, c.SaveJob: self._save_job,
             c.DropJob: self._drop_job, c.GatherJob: self._gather_job,
@@ -137,6 +143,12 @@ class Runner:
                                                        self.layout, self.kernels)
         return self._sample
 
+    def _sample_part_programs(self) -> programs.SamplePartPrograms:
+        if self._sample_parts is None:
+            self._sample_parts = programs.build_sample_parts(
+                self.cfg, self._attention_block, self.layout, self.kernels)
+        return self._sample_parts
+
     # ----- handlers -------------------------------------------------------------------------
 
     def _run_step(self, c: commands.RunStep) -> StepOutput:
@@ -158,6 +170,35 @@ class Runner:
             self.params, self.slots, self.train, c.tokens, c.labels, c.weights,
             np.int32(c.slot))
         return loss
+
+    def _run_sample_part(self, c: commands.RunSamplePart) -> jax.Array | None:
+        fns = self._sample_part_programs()
+        segments = (c.count + 1) // 2
+        bounds = segment_bounds(self.cfg.num_layers, segments)
+        slot = np.int32(c.slot)
+        if c.index == 0:
+            self._drop_sample_parts()
+        if c.index < segments - 1:  # a segment's forward, bottom up
+            s = c.index
+            self.sample_part_h, pullback = fns.forward(
+                self.params, self.slots, self.sample_part_h, c.tokens, slot,
+                np.int32(bounds[s]), num_layers=bounds[s + 1] - bounds[s])
+            self._sample_pullbacks.append(pullback)
+            return None
+        if c.index == segments - 1:  # the top segment: forward, loss, backward
+            start = bounds[segments - 1]
+            self.train, (loss, self.sample_part_h) = fns.top(
+                self.params, self.slots, self.train, self.sample_part_h, c.labels, c.weights,
+                slot, np.int32(start), num_layers=self.cfg.num_layers - start)
+            return loss
+        s = c.count - 1 - c.index  # a segment's backward, top down
+        self.train, self.sample_part_h = fns.backward(
+            self.params, self.slots, self.train, self._sample_pullbacks.pop(),
+            self.sample_part_h, slot, np.int32(bounds[s]))
+        return None
+
+    def _drop_sample_parts(self, c: commands.DropSampleParts | None = None) -> None:
+        self.sample_part_h, self._sample_pullbacks = None, []
 
     def _write(self, c: commands.WriteSlot) -> None:
         if c.a is None:

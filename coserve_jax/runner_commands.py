@@ -53,6 +53,31 @@ class RunWholeSample:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunSamplePart:
+    """Runs part ``index`` of one training sample run in ``count`` = 2K - 1 parts over K
+    segments of layers (``step.segment_bounds``): first the forward of each segment but
+    the top one, bottom up; then the top segment's forward, the loss and its backward;
+    then the backward of each segment below, top down. Together they compute what
+    ``RunWholeSample`` does (coserve's whole-sample unit, for a sample too long to run
+    whole beside requests). The runner holds what passes between parts (a segment's
+    output and pullback, the gradient at a segment's input) from part 0 to the last.
+    Returns the loss at the top part (index K - 1), None at the others."""
+
+    tokens: np.ndarray  # [n] int32, padded to a length bucket
+    labels: np.ndarray  # [n] int32
+    weights: np.ndarray  # [n] float32, 0 on padding
+    slot: int
+    index: int
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DropSampleParts:
+    """Frees what the runner holds of a sample run in parts that will not finish (its job
+    was cancelled or failed)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class WriteSlot:
     """Writes adapter weights (padded to the table's rank) into slot ``index``; ``a`` and
     ``b`` None clear it (an unload)."""
@@ -126,6 +151,7 @@ class GatherSlotGrads:
     slot: int
 
 
-COMMANDS = (RunStep, RunBackwardPiece, RunWholeSample, WriteSlot, StartJob, RestoreJob,
-            ApplyUpdate, SaveJob, DropJob, GatherJob, GatherSlotGrads)
+COMMANDS = (RunStep, RunBackwardPiece, RunWholeSample, RunSamplePart, DropSampleParts,
+            WriteSlot, StartJob, RestoreJob, ApplyUpdate, SaveJob, DropJob, GatherJob,
+            GatherSlotGrads)
 """Every command the runner executes (``sharding.distributed`` mirrors each)."""

@@ -15,7 +15,8 @@ One engine iteration has three stages, in the manner of vLLM v1's engine core:
    a whole-sample iteration (``temporal-seq``; an idle ``coserve`` iteration with
    ``idle_whole_samples``; or, with coserve's whole-sample unit, one that the slack the
    running requests left covers: ``Policy.sample_fits``; a sample too long ever to run
-   whole beside requests runs there at token level instead: ``Policy.sample_too_long``).
+   whole beside requests runs in parts, iterations of their own, and at token level only
+   if its longest part is too long as well: ``Scheduler._sample_unit``).
 2. The engine hands the plan's batch to the ``runner.Runner`` (the device), then the
    backward pieces.
 3. ``Scheduler.update`` applies what the step sampled, matched by request id, and
@@ -46,7 +47,7 @@ import numpy as np
 from coserve_jax.batch import Bucket, SeqChunk, TokenBatch, build_batch, pick_bucket
 from coserve_jax.finetune.trainer import InFlight, Trainer
 from coserve_jax.kv_cache import PageAllocator
-from coserve_jax.latency import LatencyModel, piece_key, sample_key
+from coserve_jax.latency import LatencyModel, piece_key, sample_key, sample_part_key
 from coserve_jax.lora.slots import AdapterRegistry
 from coserve_jax.policy import BeforeFirstToken, Policy
 from coserve_jax.sampling import SamplingParams
@@ -140,6 +141,9 @@ class IterationPlan:
     """A temporal-sharing finetuning-only iteration."""
     whole_sample: bool = False
     """Run one whole training sample instead of a step (``temporal-seq``)."""
+    sample_part: bool = False
+    """With ``whole_sample``: run the next part of a sample run in parts instead
+    (``Trainer.run_sample_part``: coserve, a sample too long to run whole)."""
     time_limit: float | None = None
     """Seconds the iteration may take (``Policy.iteration_limit``; serving no request,
     ``Policy.idle_limit``); None: no bound."""
@@ -298,13 +302,17 @@ class Scheduler:
         trainer = self.trainer
         if not self.has_requests():
             self.policy.slack_credit = 0.0  # a lull: what the last requests left is theirs
-            if (self.idle_samples and trainer is not None and trainer.has_sample_work()
-                    and not trainer.has_inflight() and not self._next_sample_too_long()):
-                if self._next_sample_too_long(queued_s):
+            unit = (self._sample_unit() if self.idle_samples and trainer is not None
+                    and not trainer.has_inflight() else None)
+            if unit is not None:
+                seconds, part = unit
+                if self.policy.sample_too_long(seconds, self._last_step_s,
+                                               self._arrival_ttft(), queued_s):
                     return IterationPlan()  # the queued work drains first; the sample is next
-                return IterationPlan(finetune_iteration=True, whole_sample=True)
-        elif not self.slots_full() and self._sample_due(queued_s):
-            return IterationPlan(finetune_iteration=True, whole_sample=True,
+                return IterationPlan(finetune_iteration=True, whole_sample=True,
+                                     sample_part=part)
+        elif not self.slots_full() and (unit := self._sample_due(queued_s)) is not None:
+            return IterationPlan(finetune_iteration=True, whole_sample=True, sample_part=unit[1],
                                  tpot_target=self.tpot_target())
         if trainer is None:
             ft_waiting = False
@@ -433,16 +441,18 @@ class Scheduler:
                               else "tokens")
         return self.finetune_unit
 
-    def _sample_due(self, queued_s: float) -> bool:
-        """The whole-sample unit: whether this iteration runs a whole sample while requests
-        run (``Policy.sample_fits``). Sequences in flight at token level (``_token_fallback``)
-        need not finish first: a whole sample adds its gradients to the same accumulators
-        and touches nothing else of theirs."""
+    def _sample_due(self, queued_s: float) -> tuple[float, bool] | None:
+        """The whole-sample unit: the ``_sample_unit`` this iteration runs while requests run
+        (``Policy.sample_fits``), or None. Sequences in flight at token level
+        (``_token_fallback``) need not finish first: a whole sample adds its gradients to the
+        same accumulators and touches nothing else of theirs."""
         trainer = self.trainer
-        if (not self.policy.samples_beside_inference or trainer is None
-                or not trainer.has_sample_work()):
-            return False
-        sample_s = self.latency.predict(sample_key(trainer.next_sample_bucket()))
+        if not self.policy.samples_beside_inference or trainer is None:
+            return None
+        unit = self._sample_unit()
+        if unit is None:
+            return None
+        sample_s = unit[0]
         self.policy.cap_credit(sample_s)
         now = time.monotonic() + queued_s
         requests = self.running + list(self.waiting)
@@ -455,9 +465,10 @@ class Scheduler:
                 done = dataclasses.replace(
                     done, prefill_iterations=-(-ahead // self.max_num_batched_tokens))
             progress.append(done)
-        return self.policy.sample_fits(sample_s, self._last_step_s,
+        fits = self.policy.sample_fits(sample_s, self._last_step_s,
                                        [r.slo.tpot_s for r in requests], progress,
                                        arrival_ttft_s=self._arrival_ttft())
+        return unit if fits else None
 
     def _arrival_ttft(self) -> float | None:
         """The TTFT target of a request that may arrive now: the default one, or the
@@ -466,15 +477,39 @@ class Scheduler:
         targets += [self.arrival_ttft_s] if self.arrival_ttft_s else []
         return min(targets, default=None)
 
-    def _next_sample_too_long(self, queued_s: float = 0.0) -> bool:
-        """The whole-sample unit: the next sample may never run whole beside requests
-        (``Policy.sample_too_long``), or not after ``queued_s`` of queued device work."""
+    def _sample_unit(self) -> tuple[float, bool] | None:
+        """coserve's next iteration of whole-sample work: (its predicted seconds, whether
+        it runs a part of a sample in parts). That is the next part of the sample in parts
+        under way; else the next sample whole; else, when a request arriving during it
+        could not wait for it (``Policy.sample_too_long``), its first part, if it could
+        wait for the longest of them and all are measured. None: no sample, or the next is
+        too long either way (it runs at token level: ``_next_sample_too_long``)."""
         trainer = self.trainer
-        if not trainer.has_sample_work():
-            return False
-        sample_s = self.latency.predict(sample_key(trainer.next_sample_bucket()))
-        return self.policy.sample_too_long(sample_s, self._last_step_s, self._arrival_ttft(),
-                                           queued_s)
+        nxt = trainer.next_sample_part()
+        if nxt is None:
+            return None
+        bucket, index = nxt
+        count = trainer.sample_parts
+        if trainer.sample_in_parts():
+            return self.latency.predict(sample_part_key(bucket, index, count)), True
+        whole = self.latency.predict(sample_key(bucket))
+        step_s, arrival_ttft_s = self._last_step_s, self._arrival_ttft()
+        if not self.policy.sample_too_long(whole, step_s, arrival_ttft_s):
+            return whole, False
+        if count > 1:
+            parts = [self.latency.predict(sample_part_key(bucket, i, count))
+                     for i in range(count)]
+            # (A part never measured, ``Engine.warmup`` having judged it needless, would
+            # compile as it runs.)
+            if all(parts) and not self.policy.sample_too_long(max(parts), step_s,
+                                                              arrival_ttft_s):
+                return parts[0], True
+        return None
+
+    def _next_sample_too_long(self) -> bool:
+        """The whole-sample unit: the next sample may never run beside requests, whole or in
+        parts (``_sample_unit``)."""
+        return self.trainer.has_sample_work() and self._sample_unit() is None
 
     def _token_fallback(self) -> int | None:
         """The whole-sample unit, in an iteration serving requests: whether its finetuning

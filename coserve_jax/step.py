@@ -428,3 +428,100 @@ def sample_grads_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainB
     train = train.replace(grad_a={m: accumulate(train.grad_a[m], grads[m][0]) for m in grads},
                           grad_b={m: accumulate(train.grad_b[m], grads[m][1]) for m in grads})
     return train, value
+
+
+def segment_bounds(num_layers: int, segments: int) -> list[int]:
+    """The first layer of each of ``segments`` contiguous segments of the model's layers
+    (sizes differing by at most one), then ``num_layers``."""
+    if not 1 <= segments <= num_layers:
+        raise ValueError(f"a sample splits into 1 to {num_layers} segments of layers; "
+                         f"got {segments}")
+    return [round(i * num_layers / segments) for i in range(segments + 1)]
+
+
+def _add_layer_grads(acc: jax.Array, grad: jax.Array, start, slot) -> jax.Array:
+    """``acc [L, N, ...] += grad [num_layers, ...]`` at layers ``start ..`` of slot ``slot``."""
+    at = (start, slot) + (0,) * (acc.ndim - 2)
+    cur = jax.lax.dynamic_slice(acc, at, (grad.shape[0], 1, *acc.shape[2:]))
+    return jax.lax.dynamic_update_slice(acc, cur + grad[:, None].astype(acc.dtype), at)
+
+
+def _sample_segment(cfg: ModelConfig, params, slots: AdapterSlots, adapter_slot: jax.Array,
+                    first_layer: jax.Array, num_layers: int, seq_len: int,
+                    attention_block: int, kernels: Kernels):
+    """``(forward(own, h) -> h_out, own)``: layers ``first_layer .. + num_layers`` of the
+    model over one sample of ``seq_len`` rows, as a function of the slot's adapter weights
+    of those layers (``own``) and the segment's input."""
+
+    def layer_slice(w):
+        return jax.lax.dynamic_slice_in_dim(w, first_layer, num_layers, axis=0)
+
+    layers = jax.tree.map(layer_slice, params.layers)
+    own = {m: (layer_slice(jnp.take(slots.a[m], adapter_slot, axis=1)),
+               layer_slice(jnp.take(slots.b[m], adapter_slot, axis=1))) for m in slots.a}
+    lora = _one_slot_lora(kernels, slots.scale[adapter_slot])
+    attention = kernels.attention_fn(fallback=llama.blocked_attention(attention_block))
+
+    def forward(own_weights, h):
+        out, _ = llama.run_layers(cfg, layers, h[None], jnp.arange(seq_len)[None], attention,
+                                  adapters=own_weights, lora=lora, first_layer=first_layer)
+        return out[0]
+
+    return forward, own
+
+
+def sample_forward_fn(cfg: ModelConfig, params, slots: AdapterSlots, h: jax.Array | None,
+                      tokens: jax.Array, adapter_slot: jax.Array, first_layer: jax.Array, *,
+                      num_layers: int, attention_block: int = 256,
+                      kernels: Kernels = REFERENCE_KERNELS):
+    """The first parts of a whole sample run in parts (``SamplePart``): the forward of one
+    segment of layers, from the embedded ``tokens [n]`` (``h`` None: the first segment) or
+    from the segment below's output ``h [n, D]``. Returns the segment's output and its
+    ``jax.vjp`` pullback, whose residuals (every activation the segment's backward needs)
+    stay on the device until ``sample_backward_fn`` spends them: nothing is recomputed,
+    so the parts together cost what the whole sample costs."""
+    forward, own = _sample_segment(cfg, params, slots, adapter_slot, first_layer, num_layers,
+                                   tokens.shape[0], attention_block, kernels)
+    if h is None:  # the embedding is frozen: no gradient at the first segment's input
+        embedded = params.embed[tokens]
+        return jax.vjp(lambda own_weights: forward(own_weights, embedded), own)
+    return jax.vjp(forward, own, h)
+
+
+def sample_top_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,
+                  h: jax.Array, labels: jax.Array, weights: jax.Array, adapter_slot: jax.Array,
+                  first_layer: jax.Array, *, num_layers: int, attention_block: int = 256,
+                  kernels: Kernels = REFERENCE_KERNELS):
+    """The middle part of a whole sample run in parts: the top segment's forward from
+    ``h [n, D]``, the loss, and the backward down to the segment's input. Adds the
+    segment's LoRA gradients to the slot's accumulators; returns ``(train, (loss, dh))``,
+    ``dh [n, D]`` the gradient at the segment's input."""
+    forward, own = _sample_segment(cfg, params, slots, adapter_slot, first_layer, num_layers,
+                                   h.shape[0], attention_block, kernels)
+
+    def loss(own_weights, h):
+        total, _ = _head_loss(cfg, params, forward(own_weights, h), labels, weights)
+        return total
+
+    value, (d_own, dh) = jax.value_and_grad(loss, argnums=(0, 1))(own, h)
+    return _add_sample_grads(train, d_own, adapter_slot, first_layer), (value, dh)
+
+
+def sample_backward_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainBuffers,
+                       pullback, dh: jax.Array, adapter_slot: jax.Array,
+                       first_layer: jax.Array):
+    """The last parts of a whole sample run in parts: one segment's backward, through the
+    ``pullback`` its forward part returned, from the gradient ``dh [n, D]`` at its output.
+    Adds its LoRA gradients to the slot's accumulators; returns ``(train, dh_in)``, the
+    gradient at the segment's input (None for the first segment)."""
+    pulled = pullback(dh)
+    d_own, dh_in = pulled if len(pulled) == 2 else (pulled[0], None)
+    return _add_sample_grads(train, d_own, adapter_slot, first_layer), dh_in
+
+
+def _add_sample_grads(train: TrainBuffers, d_own: dict, slot, first_layer) -> TrainBuffers:
+    return train.replace(
+        grad_a={m: _add_layer_grads(train.grad_a[m], d_own[m][0], first_layer, slot)
+                for m in train.grad_a},
+        grad_b={m: _add_layer_grads(train.grad_b[m], d_own[m][1], first_layer, slot)
+                for m in train.grad_b})

@@ -40,10 +40,12 @@ import numpy as np
 from coserve_jax.runner_commands import (
     ApplyUpdate,
     DropJob,
+    DropSampleParts,
     GatherJob,
     GatherSlotGrads,
     RestoreJob,
     RunBackwardPiece,
+    RunSamplePart,
     RunStep,
     RunWholeSample,
     SaveJob,
@@ -226,8 +228,9 @@ class Channel:
 # ----- leader and followers ------------------------------------------------------------------
 
 
-MIRRORED = (RunStep, RunBackwardPiece, RunWholeSample, WriteSlot, StartJob, RestoreJob,
-            ApplyUpdate, SaveJob, DropJob, GatherJob, GatherSlotGrads)
+MIRRORED = (RunStep, RunBackwardPiece, RunWholeSample, RunSamplePart, DropSampleParts,
+            WriteSlot, StartJob, RestoreJob, ApplyUpdate, SaveJob, DropJob, GatherJob,
+            GatherSlotGrads)
 """The runner commands the followers apply (all of ``runner_commands.COMMANDS``: a test
 fails if one is missing, and the leader refuses to send one that is not here)."""
 

@@ -13,6 +13,7 @@ import numpy as np
 import coserve_jax
 from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, SamplingParams
 from coserve_jax.finetune.data import Dataset, TrainSequence, labels_and_weights
+from coserve_jax.latency import sample_key, sample_part_key
 from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.model import Model, adapter_weights, single_adapter_lora
 from coserve_jax.models import llama
@@ -92,15 +93,24 @@ def random_sequence(rng, n: int) -> TrainSequence:
 
 def engine_grads(model, seq, window: int, backward_layers: int, serve: bool, block: int = 256,
                  kernels: str = "auto", mode: str = "coserve", backward_block: int = 0,
-                 keep_projections: bool = False):
+                 keep_projections: bool = False, sample_segments: int | None = None):
     """Runs one sequence through the engine's windows and pieces (or, in a temporal-seq
-    ``mode``, whole); returns its LoRA grads."""
+    ``mode``, whole; with ``sample_segments``, in parts over that many segments of layers:
+    coserve's whole-sample unit, whole samples priced too long to run beside requests);
+    returns its LoRA grads."""
+    parts = {} if sample_segments is None else dict(
+        finetune_unit="samples", sample_segments=sample_segments, default_ttft_s=5.0)
     engine = Engine(model, EngineConfig.flat(
         page_size=4, num_pages=96, max_num_seqs=4, max_num_batched_tokens=16,
         min_token_bucket=8, min_seq_bucket=2, max_model_len=128, max_train_seqs=1,
         max_train_len=64, train_window=window, backward_layers=backward_layers,
         max_lora_rank=8, backward_attention_block=block, kernels=kernels, mode=mode,
-        backward_block=backward_block, keep_projections=keep_projections))
+        backward_block=backward_block, keep_projections=keep_projections, **parts))
+    if sample_segments is not None:
+        count = engine.trainer.sample_parts
+        engine.latency.times |= {sample_key(n): 10.0 for n in engine.trainer.seq_buckets}
+        engine.latency.times |= {sample_part_key(n, i, count): 0.01
+                                 for n in engine.trainer.seq_buckets for i in range(count)}
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_TARGETS)
     # Two sequences per step and max_steps=1: the first sequence's gradients stay in
     # the accumulator (no optimizer step) for us to read.

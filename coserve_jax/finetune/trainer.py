@@ -38,9 +38,11 @@ from coserve_jax.runner import Runner
 from coserve_jax.runner_commands import (
     ApplyUpdate,
     DropJob,
+    DropSampleParts,
     GatherJob,
     RestoreJob,
     RunBackwardPiece,
+    RunSamplePart,
     RunWholeSample,
     SaveJob,
     StartJob,
@@ -76,6 +78,8 @@ class TrainerConfig:
     keep_projections: bool = False
     """Save every projection's output in the forward for the backward pieces
     (``FinetuneConfig.keep_projections``)."""
+    sample_segments: int = 2
+    """Segments of layers of a sample run in parts (``FinetuneConfig.sample_segments``)."""
 
 
 @dataclasses.dataclass
@@ -98,6 +102,20 @@ class InFlight:
     @property
     def length(self) -> int:
         return len(self.seq.tokens)
+
+
+@dataclasses.dataclass
+class WholeSample:
+    """A training sample run whole, or in parts (``Trainer.run_sample_part``), padded to its
+    length bucket."""
+
+    run: JobRun
+    length: int
+    tokens: np.ndarray  # [bucket] int32
+    labels: np.ndarray  # [bucket] int32
+    weights: np.ndarray  # [bucket] float32, 0 on padding
+    next_part: int = 0
+    loss: jax.Array | None = None  # the sample's weighted loss, from its top part
 
 
 LossParts = list[tuple[jax.Array, int | None]]
@@ -292,6 +310,7 @@ class Trainer:
         scalars are not yet written (``write_scalars``)."""
         self._free_act = list(range(config.max_seqs - 1, -1, -1))
         self._kv_ids = 0
+        self._in_parts: WholeSample | None = None  # a sample run in parts, under way
 
     # ----- jobs -----------------------------------------------------------------------------
 
@@ -578,8 +597,10 @@ class Trainer:
         return any(r.state == "running" and r.inflight for r in self.jobs.values())
 
     def has_sample_work(self) -> bool:
-        """Some running job has a sample of its current optimizer step left to run whole."""
-        return any(r.state == "running" and r.unstarted_in_step for r in self.jobs.values())
+        """Some running job has a sample of its current optimizer step left to run whole, or
+        a sample run in parts is under way."""
+        return self._in_parts is not None or any(
+            r.state == "running" and r.unstarted_in_step for r in self.jobs.values())
 
     def warmup_samples(self, progress: bool = True, repeats: int = 1,
                        skip: Callable[[int], bool] = lambda n: False) -> dict[int, float]:
@@ -598,6 +619,32 @@ class Trainer:
                                                           np.zeros(n, np.float32), 0))
 
             times[n] = _median_seconds(run, repeats)
+        return times
+
+    def warmup_sample_parts(self, progress: bool = True, repeats: int = 1,
+                            skip: Callable[[int], bool] = lambda n: False
+                            ) -> dict[int, list[float]]:
+        """Compiles the programs of a sample run in parts for every length bucket (but those
+        the caller says to ``skip``) and times them; returns ``{length bucket: [median
+        seconds of each part after the first round]}`` (zero weights: no change)."""
+        from tqdm.auto import tqdm
+
+        times = {}
+        for n in tqdm(self.seq_buckets, desc="compiling sample parts", disable=not progress):
+            if skip(n):
+                continue
+            zeros = np.zeros(n, np.int32)
+            rounds = []
+            for _ in range(max(repeats, 1)):
+                seconds = []
+                for index in range(self.sample_parts):
+                    t0 = time.perf_counter()
+                    self.runner.execute(RunSamplePart(zeros, zeros, np.zeros(n, np.float32), 0,
+                                                      index, self.sample_parts))
+                    jax.block_until_ready((self.runner.train.grad_a, self.runner.sample_part_h))
+                    seconds.append(time.perf_counter() - t0)
+                rounds.append(seconds)
+            times[n] = np.median(np.asarray(rounds[1:] or rounds), axis=0).tolist()
         return times
 
     def _next_sample_run(self) -> JobRun | None:
@@ -621,19 +668,67 @@ class Trainer:
         """Runs the next sample of the job furthest behind its share, whole: its forward over
         all tokens and its backward through every layer in one program, as a standard
         trainer does (``temporal-seq``). Returns its tokens, 0 if no job has one ready."""
+        sample = self._start_sample()
+        if sample is None:
+            return 0
+        loss = self.runner.execute(RunWholeSample(sample.tokens, sample.labels,
+                                                  sample.weights, sample.run.slot))
+        self._book_sequence(sample.run, [(loss, None)], sample.length)
+        return sample.length
+
+    @property
+    def sample_parts(self) -> int:
+        """Parts of a sample run in parts: 2K - 1 over K segments (1: whole samples only)."""
+        return 2 * min(self.config.sample_segments, self.cfg.num_layers) - 1
+
+    def next_sample_part(self) -> tuple[int, int] | None:
+        """(length bucket, part index) of the part ``run_sample_part`` would run next: of the
+        sample in parts under way, else the first of the next sample (None: no sample)."""
+        if self._in_parts is not None:
+            return len(self._in_parts.tokens), self._in_parts.next_part
+        bucket = self.next_sample_bucket()
+        return None if bucket is None else (bucket, 0)
+
+    def sample_in_parts(self) -> bool:
+        """A sample run in parts is under way (its next part runs before any other sample)."""
+        return self._in_parts is not None
+
+    def run_sample_part(self) -> int:
+        """Runs the next part of the sample in parts under way, or the first part of the
+        next sample (the one ``run_whole_sample`` would run): the same gradients as
+        the whole sample, in ``sample_parts`` programs (``runner_commands.RunSamplePart``).
+        Returns the sample's tokens after its last part, else 0."""
+        if self._in_parts is None:
+            if self.sample_parts < 2:
+                raise ValueError("sample_segments is 1: samples run whole only")
+            self._in_parts = self._start_sample()
+            if self._in_parts is None:
+                return 0
+        sample, count = self._in_parts, self.sample_parts
+        loss = self.runner.execute(RunSamplePart(sample.tokens, sample.labels, sample.weights,
+                                                 sample.run.slot, sample.next_part, count))
+        if loss is not None:
+            sample.loss = loss
+        sample.next_part += 1
+        if sample.next_part < count:
+            return 0
+        self._in_parts = None
+        self._book_sequence(sample.run, [(sample.loss, None)], sample.length)
+        return sample.length
+
+    def _start_sample(self) -> WholeSample | None:
+        """Starts the next sample of the job furthest behind its share, padded to its bucket."""
         run = self._next_sample_run()
         if run is None:
-            return 0
+            return None
         seq = run.next_sequence()
         labels, weights = labels_and_weights(seq)
         length = len(seq.tokens)
         pad = self._seq_bucket(length) - length
-        loss = self.runner.execute(RunWholeSample(
-            np.pad(np.asarray(seq.tokens, np.int32), (0, pad)),
-            np.pad(labels, (0, pad)).astype(np.int32), np.pad(weights, (0, pad)), run.slot))
         run.tokens_scheduled += length
-        self._book_sequence(run, [(loss, None)], length)
-        return length
+        return WholeSample(run, length, np.pad(np.asarray(seq.tokens, np.int32), (0, pad)),
+                           np.pad(labels, (0, pad)).astype(np.int32),
+                           np.pad(weights, (0, pad)))
 
     def _optimizer_step(self, run: JobRun) -> None:
         n = run.seqs_in_step
@@ -693,6 +788,10 @@ class Trainer:
                            {m: p["b"] for m, p in host.items()})
 
     def _drop_inflight(self, run: JobRun) -> None:
+        if self._in_parts is not None and self._in_parts.run is run:
+            self.runner.execute(DropSampleParts())
+            self._in_parts = None
+            run.seqs_started -= 1
         for f in run.inflight:
             self.allocator.free(f.kv_id)
             self._free_act.append(f.act_slot)

@@ -1,0 +1,110 @@
+"""coserve's samples run in parts (``FinetuneConfig.sample_segments``): a sample whose whole
+program is too long for a request arriving during it runs as 2K - 1 programs over K
+segments of layers, in iterations of their own between the requests' steps, with the
+gradients of the whole sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_finetune_unit import CONFIG, _job
+
+from coserve_jax import Engine, EngineConfig, SamplingParams
+from coserve_jax.latency import sample_key, sample_part_key
+from coserve_jax.lora.config import ALL_TARGETS
+from coserve_jax.slo import SLO
+from coserve_jax.step import segment_bounds
+
+from support import engine_grads, random_sequence, relative_error, tiny_model, whole_sequence_grads
+
+
+def test_segments_cover_the_layers_in_near_equal_runs():
+    assert segment_bounds(4, 1) == [0, 4]
+    assert segment_bounds(4, 2) == [0, 2, 4]
+    assert segment_bounds(30, 4) == [0, 8, 15, 22, 30]
+    for layers, segments in [(4, 3), (30, 7), (5, 5)]:
+        bounds = segment_bounds(layers, segments)
+        sizes = np.diff(bounds)
+        assert bounds[0] == 0 and bounds[-1] == layers and sizes.min() >= 1
+        assert sizes.max() - sizes.min() <= 1
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="1 to 4 segments"):
+            segment_bounds(4, bad)
+
+
+@pytest.mark.parametrize("segments,length,serve", [(2, 23, False), (3, 41, True)])
+def test_a_sample_run_in_parts_accumulates_the_whole_sequence_jax_grad(segments, length,
+                                                                      serve):
+    """The parts of one sample (3 segments over the tiny model's 4 layers: sizes 1, 2, 1)
+    add up to the gradient of the whole sequence, with nothing run at token level."""
+    model = tiny_model()
+    seq = random_sequence(np.random.default_rng(length), length)
+    adapter, got, engine = engine_grads(model, seq, window=8, backward_layers=1, serve=serve,
+                                        sample_segments=segments)
+    counters = engine.counters
+    assert counters["sample_parts"] == 2 * segments - 1
+    assert counters["whole_samples"] == 0 and counters["backward_pieces"] == 0
+    assert engine.runner.sample_part_h is None  # (the first segment has no input gradient)
+    want = whole_sequence_grads(model, adapter, seq)
+    for m in ALL_TARGETS:
+        assert np.abs(want[m][0]).max() > 0 and np.abs(want[m][1]).max() > 0
+        assert relative_error(got[m][0], np.asarray(want[m][0])) <= 1e-5, (m, "A")
+        assert relative_error(got[m][1], np.asarray(want[m][1])) <= 1e-5, (m, "B")
+
+
+@pytest.mark.parametrize("part_s", [0.01, 10.0])
+def test_a_sample_too_long_to_run_whole_runs_in_parts_between_the_requests_steps(part_s):
+    """Samples of the 64 bucket are priced at 10 s whole against a 5 s default TTFT. With
+    parts of 10 ms they run in parts (3 iterations each), between the requests' steps;
+    shorter samples still run whole; nothing goes at token level. With parts of 10 s the
+    longest part is too long as well, and those samples run at token level."""
+    model = tiny_model()
+    engine = Engine(model, EngineConfig.flat(**CONFIG, finetune_unit="samples",
+                                             default_ttft_s=5.0))
+    engine.submit_job(_job([10, 12, 40, 20, 9, 14, 50, 11, 13, 15], steps=5))
+    trainer, run = engine.trainer, engine.trainer.jobs["t"]
+    for _ in range(2):  # compile the sample program
+        engine.step()
+    engine.latency.times |= {sample_key(16): 0.01, sample_key(32): 0.01, sample_key(64): 10.0}
+    engine.latency.times |= {sample_part_key(64, i, 3): part_s for i in range(3)}
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 259, size=n).tolist() for n in (9, 14, 6)]
+    ids = [engine.add_request(p, SamplingParams(max_tokens=24, ignore_eos=True),
+                              slo=SLO(ttft_s=60.0, tpot_s=60.0), admission=False)
+           for p in prompts]
+    done, kinds, token_level = {}, [], False
+    while len(done) < len(ids):
+        before = engine.counters.copy()
+        outputs = engine.step()
+        done |= {o.request_id: o.output_token_ids for o in outputs if o.finished}
+        ran = engine.counters - before
+        kinds.append("part" if ran["sample_parts"] else
+                     "whole" if ran["whole_samples"] else "step" if ran["steps"] else "")
+        token_level |= bool(run.inflight)
+        assert trainer.sample_in_parts() == (engine.counters["sample_parts"] % 3 > 0)
+    assert all(len(done[i]) == 24 for i in ids)
+    assert "whole" in kinds
+    if part_s < 1:
+        assert not token_level and kinds.count("part") >= 3
+        first, last = kinds.index("part"), len(kinds) - 1 - kinds[::-1].index("part")
+        assert "step" in kinds[first:last]  # the requests step between a sample's parts
+    else:
+        assert token_level and "part" not in kinds
+
+
+def test_a_cancelled_job_frees_its_sample_in_parts():
+    model = tiny_model()
+    engine = Engine(model, EngineConfig.flat(**CONFIG, finetune_unit="samples",
+                                             default_ttft_s=5.0))
+    engine.submit_job(_job([40, 50], steps=5))
+    engine.latency.times |= {sample_key(64): 10.0}
+    engine.latency.times |= {sample_part_key(64, i, 3): 0.01 for i in range(3)}
+    trainer, run = engine.trainer, engine.trainer.jobs["t"]
+    engine.step()
+    assert trainer.sample_in_parts() and engine.runner.sample_part_h is not None
+    assert run.seqs_started == 1
+    engine.cancel_job("t")
+    assert not trainer.sample_in_parts() and not trainer.has_sample_work()
+    assert engine.runner.sample_part_h is None and run.seqs_started == 0
+    engine.step()  # nothing left to run
+    assert engine.counters["sample_parts"] == 1
