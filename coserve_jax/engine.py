@@ -166,6 +166,7 @@ class Engine:
             raise ValueError("finetune_unit='samples' runs whole samples on one device beside "
                              "coserve inference; use 'tokens' (or 'auto') here")
         self._choose_unit = sched.finetune_unit == "auto" and samples_ok
+        self._default_tpot_s = sched.default_tpot_s
         # Keyed by what sets step times: hardware, model and the engine's shapes (the
         # shape-related parts of the config, never scheduling or telemetry), the resolved
         # kernels (not the requested "auto") and the step program's version.
@@ -714,19 +715,23 @@ class Engine:
                      ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(costs.items())))
 
     def _warmup_sample_parts(self, progress: bool, measure: bool) -> bool:
-        """Compiles the parts of the samples that may run in parts (those whose whole
-        program a request arriving at half the default TTFT target could not wait for:
-        ``Policy.sample_too_long``) and, with ``measure``, times those the latency model
-        lacks; returns whether it timed any. An unmeasured part never runs
-        (``Scheduler._sample_unit``): its sample goes at token level."""
+        """Compiles the parts of the samples that may run in parts (``Scheduler._sample_unit``:
+        those whose whole program is longer than half the default TPOT target, or than a
+        request arriving at half the default TTFT target could wait for) and, with
+        ``measure``, times those the latency model lacks; returns whether it timed any. An
+        unmeasured part never runs: its sample goes whole, or at token level."""
         trainer, count = self.trainer, self.trainer.sample_parts
-        arrival_s = self.scheduler.arrival_ttft_s
+        arrival_s, tpot_s = self.scheduler.arrival_ttft_s, self._default_tpot_s
 
         def keys(n: int) -> list[str]:
             return [sample_part_key(n, i, count) for i in range(count)]
 
-        split = [n for n in trainer.seq_buckets if arrival_s and self.policy.sample_too_long(
-            self.latency.predict(sample_key(n)), 0.0, arrival_s / 2)]
+        def may_split(whole: float) -> bool:
+            return whole > tpot_s / 2 or (bool(arrival_s) and self.policy.sample_too_long(
+                whole, 0.0, arrival_s / 2))
+
+        split = [n for n in trainer.seq_buckets
+                 if may_split(self.latency.predict(sample_key(n)))]
         measure = measure and any(k not in self.latency.times for n in split for k in keys(n))
         times = trainer.warmup_sample_parts(
             progress, repeats=3 if measure else 1,

@@ -111,15 +111,16 @@ class FinetuneConfig:
     store then holds (q + 2 kv + 2 hidden + 2 intermediate) / hidden times as much per
     token (about 10x for Llama shapes). False saves each layer's input alone, and a piece
     recomputes the whole layer. Whole-sequence pieces only (``backward_block`` 0)."""
-    sample_segments: int = 2
+    sample_segments: int = 4
     """coserve's whole samples (``SchedulingConfig.finetune_unit`` "samples", idle
-    iterations): a sample whose whole program is too long for a request arriving during
-    it to meet its TTFT target runs in 2K - 1 iterations of its own over K segments of
-    layers instead (``runner_commands.RunSamplePart``: each segment's forward, the top
-    one's forward, loss and backward, each segment's backward; the pullbacks' residuals
-    stay on the device between them, so nothing is recomputed); only if its longest part
-    is too long as well does it run at token level. 1 never splits a sample. At most the
-    model's layers. Single device."""
+    iterations): a sample whose whole program would delay the running requests' next
+    token by more than their tightest TPOT target, or is too long for a request arriving
+    during it to meet its TTFT target, runs in 2K - 1 iterations of its own over K
+    segments of layers instead (``runner_commands.RunSamplePart``: each segment's forward,
+    the top one's forward, loss and backward, each segment's backward; the pullbacks'
+    residuals stay on the device between them, so nothing is recomputed); a sample too
+    long to run whole beside requests whose longest part is too long as well runs at
+    token level. 1 never splits a sample. At most the model's layers. Single device."""
 
     def __post_init__(self):
         _check(self, 1, "train_window", "backward_layers", "backward_pieces_per_step",

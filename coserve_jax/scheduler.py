@@ -306,9 +306,12 @@ class Scheduler:
                     and not trainer.has_inflight() else None)
             if unit is not None:
                 seconds, part = unit
-                if self.policy.sample_too_long(seconds, self._last_step_s,
-                                               self._arrival_ttft(), queued_s):
+                step_s, arrival_ttft_s = self._last_step_s, self._arrival_ttft()
+                if (self.policy.sample_too_long(seconds, step_s, arrival_ttft_s, queued_s)
+                        and not self.policy.sample_too_long(seconds, step_s, arrival_ttft_s)):
                     return IterationPlan()  # the queued work drains first; the sample is next
+                # (Too long even then: the part of a sample under way whose price has grown
+                # since it started. It runs: the sample holds its residuals until it ends.)
                 return IterationPlan(finetune_iteration=True, whole_sample=True,
                                      sample_part=part)
         elif not self.slots_full() and (unit := self._sample_due(queued_s)) is not None:
@@ -465,9 +468,12 @@ class Scheduler:
                 done = dataclasses.replace(
                     done, prefill_iterations=-(-ahead // self.max_num_batched_tokens))
             progress.append(done)
+        # The part of a sample under way is held to the present requests' deadlines only:
+        # were its price to grow past what an arrival can wait for, it would never run.
+        arrival_ttft_s = None if trainer.sample_in_parts() else self._arrival_ttft()
         fits = self.policy.sample_fits(sample_s, self._last_step_s,
                                        [r.slo.tpot_s for r in requests], progress,
-                                       arrival_ttft_s=self._arrival_ttft())
+                                       arrival_ttft_s=arrival_ttft_s)
         return unit if fits else None
 
     def _arrival_ttft(self) -> float | None:
@@ -480,10 +486,13 @@ class Scheduler:
     def _sample_unit(self) -> tuple[float, bool] | None:
         """coserve's next iteration of whole-sample work: (its predicted seconds, whether
         it runs a part of a sample in parts). That is the next part of the sample in parts
-        under way; else the next sample whole; else, when a request arriving during it
-        could not wait for it (``Policy.sample_too_long``), its first part, if it could
-        wait for the longest of them and all are measured. None: no sample, or the next is
-        too long either way (it runs at token level: ``_next_sample_too_long``)."""
+        under way; else the next sample, in parts where the whole would delay the present
+        requests' next token by more than their tightest TPOT target (smaller units fit the
+        slack they bank, and their deadlines, more often: measured on the small tier) or a
+        request arriving during it could not wait for it (``Policy.sample_too_long``), and
+        its parts are measured and the longest is not too long as well; else whole. None:
+        no sample, or the next is too long to run beside requests either way (it runs at
+        token level: ``_next_sample_too_long``)."""
         trainer = self.trainer
         nxt = trainer.next_sample_part()
         if nxt is None:
@@ -494,17 +503,17 @@ class Scheduler:
             return self.latency.predict(sample_part_key(bucket, index, count)), True
         whole = self.latency.predict(sample_key(bucket))
         step_s, arrival_ttft_s = self._last_step_s, self._arrival_ttft()
-        if not self.policy.sample_too_long(whole, step_s, arrival_ttft_s):
-            return whole, False
-        if count > 1:
-            parts = [self.latency.predict(sample_part_key(bucket, i, count))
-                     for i in range(count)]
+        too_long = self.policy.sample_too_long(whole, step_s, arrival_ttft_s)
+        tpot_s = min((r.slo.tpot_s for r in (*self.running, *self.waiting)), default=None)
+        if count > 1 and (too_long or (tpot_s is not None and whole > tpot_s)):
             # (A part never measured, ``Engine.warmup`` having judged it needless, would
             # compile as it runs.)
+            parts = [self.latency.predict(sample_part_key(bucket, i, count))
+                     for i in range(count)]
             if all(parts) and not self.policy.sample_too_long(max(parts), step_s,
                                                               arrival_ttft_s):
                 return parts[0], True
-        return None
+        return None if too_long else (whole, False)
 
     def _next_sample_too_long(self) -> bool:
         """The whole-sample unit: the next sample may never run beside requests, whole or in

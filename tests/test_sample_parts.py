@@ -55,7 +55,7 @@ def test_a_sample_run_in_parts_accumulates_the_whole_sequence_jax_grad(segments,
 @pytest.mark.parametrize("part_s", [0.01, 10.0])
 def test_a_sample_too_long_to_run_whole_runs_in_parts_between_the_requests_steps(part_s):
     """Samples of the 64 bucket are priced at 10 s whole against a 5 s default TTFT. With
-    parts of 10 ms they run in parts (3 iterations each), between the requests' steps;
+    parts of 10 ms they run in parts (7 iterations each), between the requests' steps;
     shorter samples still run whole; nothing goes at token level. With parts of 10 s the
     longest part is too long as well, and those samples run at token level."""
     model = tiny_model()
@@ -65,8 +65,10 @@ def test_a_sample_too_long_to_run_whole_runs_in_parts_between_the_requests_steps
     trainer, run = engine.trainer, engine.trainer.jobs["t"]
     for _ in range(2):  # compile the sample program
         engine.step()
+    trainer.warmup_sample_parts(progress=False, skip=lambda n: n != 64)  # and the parts'
     engine.latency.times |= {sample_key(16): 0.01, sample_key(32): 0.01, sample_key(64): 10.0}
-    engine.latency.times |= {sample_part_key(64, i, 3): part_s for i in range(3)}
+    count = trainer.sample_parts
+    engine.latency.times |= {sample_part_key(64, i, count): part_s for i in range(count)}
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 259, size=n).tolist() for n in (9, 14, 6)]
     ids = [engine.add_request(p, SamplingParams(max_tokens=24, ignore_eos=True),
@@ -81,11 +83,11 @@ def test_a_sample_too_long_to_run_whole_runs_in_parts_between_the_requests_steps
         kinds.append("part" if ran["sample_parts"] else
                      "whole" if ran["whole_samples"] else "step" if ran["steps"] else "")
         token_level |= bool(run.inflight)
-        assert trainer.sample_in_parts() == (engine.counters["sample_parts"] % 3 > 0)
+        assert trainer.sample_in_parts() == (engine.counters["sample_parts"] % count > 0)
     assert all(len(done[i]) == 24 for i in ids)
     assert "whole" in kinds
     if part_s < 1:
-        assert not token_level and kinds.count("part") >= 3
+        assert not token_level and kinds.count("part") >= count
         first, last = kinds.index("part"), len(kinds) - 1 - kinds[::-1].index("part")
         assert "step" in kinds[first:last]  # the requests step between a sample's parts
     else:
@@ -98,7 +100,7 @@ def test_a_cancelled_job_frees_its_sample_in_parts():
                                              default_ttft_s=5.0))
     engine.submit_job(_job([40, 50], steps=5))
     engine.latency.times |= {sample_key(64): 10.0}
-    engine.latency.times |= {sample_part_key(64, i, 3): 0.01 for i in range(3)}
+    engine.latency.times |= {sample_part_key(64, i, 7): 0.01 for i in range(7)}
     trainer, run = engine.trainer, engine.trainer.jobs["t"]
     engine.step()
     assert trainer.sample_in_parts() and engine.runner.sample_part_h is not None
@@ -108,3 +110,20 @@ def test_a_cancelled_job_frees_its_sample_in_parts():
     assert engine.runner.sample_part_h is None and run.seqs_started == 0
     engine.step()  # nothing left to run
     assert engine.counters["sample_parts"] == 1
+
+
+@pytest.mark.parametrize("tpot_s,part", [(0.5, True), (60.0, False), (None, False)])
+def test_a_sample_longer_than_the_requests_tpot_target_runs_in_parts(tpot_s, part):
+    """A 1 s sample (short enough for an arrival's 5 s TTFT) runs in parts while a request
+    with a 0.5 s TPOT target runs, whole beside one with a 60 s target, and whole when no
+    request runs (``tpot_s`` None)."""
+    engine = Engine(tiny_model(), EngineConfig.flat(**CONFIG, finetune_unit="samples",
+                                                    default_ttft_s=5.0))
+    engine.submit_job(_job([40, 50], steps=5))
+    count = engine.trainer.sample_parts
+    engine.latency.times |= {sample_key(64): 1.0}
+    engine.latency.times |= {sample_part_key(64, i, count): 0.2 for i in range(count)}
+    if tpot_s is not None:
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True),
+                           slo=SLO(ttft_s=60.0, tpot_s=tpot_s), admission=False)
+    assert engine.scheduler._sample_unit() == ((0.2, True) if part else (1.0, False))

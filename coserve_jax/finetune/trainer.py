@@ -78,7 +78,7 @@ class TrainerConfig:
     keep_projections: bool = False
     """Save every projection's output in the forward for the backward pieces
     (``FinetuneConfig.keep_projections``)."""
-    sample_segments: int = 2
+    sample_segments: int = 4
     """Segments of layers of a sample run in parts (``FinetuneConfig.sample_segments``)."""
 
 
