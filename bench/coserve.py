@@ -248,12 +248,14 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
         # model's prediction), as a share of the trace: the time it left to finetuning.
         "inference_alone_fraction": counts["inference_alone_s"] / duration,
         "mean_batch": counts["inference_rows"] / max(counts["inference_steps"], 1),
-        # The share of the finetuning tokens trained in whole samples (the rest went
-        # through windows and backward pieces).
+        # The share of the finetuning tokens trained in whole samples, run whole or in
+        # parts (the rest went through windows and backward pieces).
         "sample_token_share": (counts["sample_tokens"] / counts["train_tokens"]
                                if counts["train_tokens"] else 0.0),
         "steps": engine.counters["steps"], "mixed_steps": engine.counters["mixed_steps"],
         "whole_samples": engine.counters["whole_samples"],
+        # Iterations running a part of a sample run in parts (FinetuneConfig.sample_segments).
+        "sample_parts": engine.counters["sample_parts"],
         # Iterations planned while requests waited for a sequence slot.
         "slot_waits": engine.counters["slot_waits"],
         "finetune_unit": engine.finetune_unit if mode.startswith("coserve") else None,
@@ -271,7 +273,7 @@ def pool_rounds(recs: list[dict]) -> dict:
     if len(recs) == 1:
         return dict(recs[0], rounds=1)
     counts = ("requests", "refused", "unfinished", "steps", "mixed_steps", "whole_samples",
-              "slot_waits")
+              "sample_parts", "slot_waits")
     out = {"mode": recs[0]["mode"], "rate": recs[0]["rate"],
            "finetune_unit": recs[0].get("finetune_unit")}
     out |= {k: sum(r.get(k, 0) for r in recs) for k in counts}
@@ -464,8 +466,8 @@ def time_split(co: dict, inf: dict, ft_token: float, ft_whole: float | None) -> 
             f"of the time at a mean batch of {co['mean_batch']:.1f} sequences "
             f"(inference-only's {inf['inference_alone_fraction']:.0%} at "
             f"{inf['mean_batch']:.1f}); {made}, {co['sample_token_share']:.0%} of its "
-            f"finetuning tokens in whole samples (finetune-only {ft_token:.0f} tok/s "
-            f"token-level{whole})")
+            f"finetuning tokens in whole samples ({co.get('sample_parts', 0)} iterations "
+            f"ran parts of samples; finetune-only {ft_token:.0f} tok/s token-level{whole})")
 
 
 def compare(records: list[dict], rates: list[float], ft_only: float,

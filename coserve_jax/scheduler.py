@@ -53,6 +53,10 @@ from coserve_jax.policy import BeforeFirstToken, Policy
 from coserve_jax.sampling import SamplingParams
 from coserve_jax.slo import SLO, AdmissionError, RequestMetrics
 
+PARTS_OVERHEAD = 1.1
+"""A sample that fits its requests' slack whole runs in parts for their TPOT target only if
+its parts cost at most this many times the whole sample (``Scheduler._sample_unit``)."""
+
 
 @dataclasses.dataclass
 class Request:
@@ -487,10 +491,12 @@ class Scheduler:
         """coserve's next iteration of whole-sample work: (its predicted seconds, whether
         it runs a part of a sample in parts). That is the next part of the sample in parts
         under way; else the next sample, in parts where the whole would delay the present
-        requests' next token by more than their tightest TPOT target (smaller units fit the
-        slack they bank, and their deadlines, more often: measured on the small tier) or a
-        request arriving during it could not wait for it (``Policy.sample_too_long``), and
-        its parts are measured and the longest is not too long as well; else whole. None:
+        requests' next token by more than their tightest TPOT target and its parts cost at
+        most ``PARTS_OVERHEAD`` times the whole (smaller units fit the slack the requests
+        bank, and their deadlines, more often: measured on the small tier), or where a
+        request arriving during it could not wait for it (``Policy.sample_too_long``), as
+        long as its parts are measured and the longest is not too long as well; else whole.
+        None:
         no sample, or the next is too long to run beside requests either way (it runs at
         token level: ``_next_sample_too_long``)."""
         trainer = self.trainer
@@ -510,8 +516,12 @@ class Scheduler:
             # compile as it runs.)
             parts = [self.latency.predict(sample_part_key(bucket, i, count))
                      for i in range(count)]
-            if all(parts) and not self.policy.sample_too_long(max(parts), step_s,
-                                                              arrival_ttft_s):
+            # A short sample's parts cost more than it does whole (each part's program
+            # reads its segment's weights again: 1.5x at 32 tokens on the small tier, 0.97x
+            # at 256): split for the TPOT target only where that costs little.
+            cheap = sum(parts) <= PARTS_OVERHEAD * whole
+            if (all(parts) and (too_long or cheap)
+                    and not self.policy.sample_too_long(max(parts), step_s, arrival_ttft_s)):
                 return parts[0], True
         return None if too_long else (whole, False)
 

@@ -122,8 +122,24 @@ def test_a_sample_longer_than_the_requests_tpot_target_runs_in_parts(tpot_s, par
     engine.submit_job(_job([40, 50], steps=5))
     count = engine.trainer.sample_parts
     engine.latency.times |= {sample_key(64): 1.0}
-    engine.latency.times |= {sample_part_key(64, i, count): 0.2 for i in range(count)}
+    engine.latency.times |= {sample_part_key(64, i, count): 0.1 for i in range(count)}
     if tpot_s is not None:
         engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True),
                            slo=SLO(ttft_s=60.0, tpot_s=tpot_s), admission=False)
-    assert engine.scheduler._sample_unit() == ((0.2, True) if part else (1.0, False))
+    assert engine.scheduler._sample_unit() == ((0.1, True) if part else (1.0, False))
+
+
+def test_a_sample_whose_parts_cost_much_more_than_it_does_runs_whole_beside_requests():
+    """For the TPOT target a sample splits only where its parts cost little more than the
+    whole (``PARTS_OVERHEAD``); a sample too long for an arrival splits whatever they cost."""
+    engine = Engine(tiny_model(), EngineConfig.flat(**CONFIG, finetune_unit="samples",
+                                                    default_ttft_s=5.0))
+    engine.submit_job(_job([40, 50], steps=5))
+    count = engine.trainer.sample_parts
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True),
+                       slo=SLO(ttft_s=60.0, tpot_s=0.5), admission=False)
+    engine.latency.times |= {sample_part_key(64, i, count): 0.5 for i in range(count)}
+    engine.latency.times |= {sample_key(64): 1.0}  # parts 3.5x the whole
+    assert engine.scheduler._sample_unit() == (1.0, False)
+    engine.latency.times |= {sample_key(64): 10.0}  # too long for an arrival's 5 s TTFT
+    assert engine.scheduler._sample_unit() == (0.5, True)
