@@ -120,7 +120,8 @@ class FinetuneConfig:
     the top one's forward, loss and backward, each segment's backward; the pullbacks'
     residuals stay on the device between them, so nothing is recomputed); a sample too
     long to run whole beside requests whose longest part is too long as well runs at
-    token level. 1 never splits a sample. At most the model's layers. Single device."""
+    token level. 1 never splits a sample; more than the model's layers means one layer a
+    segment. Single device."""
 
     def __post_init__(self):
         _check(self, 1, "train_window", "backward_layers", "backward_pieces_per_step",

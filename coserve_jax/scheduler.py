@@ -147,7 +147,7 @@ class IterationPlan:
     """Run one whole training sample instead of a step (``temporal-seq``)."""
     sample_part: bool = False
     """With ``whole_sample``: run the next part of a sample run in parts instead
-    (``Trainer.run_sample_part``: coserve, a sample too long to run whole)."""
+    (``Trainer.run_sample_part``; coserve: ``Scheduler._sample_unit`` says when)."""
     time_limit: float | None = None
     """Seconds the iteration may take (``Policy.iteration_limit``; serving no request,
     ``Policy.idle_limit``); None: no bound."""
@@ -496,9 +496,8 @@ class Scheduler:
         bank, and their deadlines, more often: measured on the small tier), or where a
         request arriving during it could not wait for it (``Policy.sample_too_long``), as
         long as its parts are measured and the longest is not too long as well; else whole.
-        None:
-        no sample, or the next is too long to run beside requests either way (it runs at
-        token level: ``_next_sample_too_long``)."""
+        None: no sample, or the next is too long to run beside requests either way (it runs
+        at token level: ``_next_sample_too_long``)."""
         trainer = self.trainer
         nxt = trainer.next_sample_part()
         if nxt is None:
