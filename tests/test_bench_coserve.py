@@ -93,15 +93,16 @@ def test_a_miss_comes_with_what_bounds_it():
 
 def test_a_coserve_runs_time_is_split_between_its_inference_and_its_finetuning():
     co = rec("coserve", 4.0, 0.99, 40.0, inference_alone_fraction=0.6, mean_batch=3.2,
-             sample_token_share=0.25)
+             sample_token_share=0.25, sample_parts=12)
     inf = rec("inference-only", 4.0, 1.0, 0.0, inference_alone_fraction=0.85, mean_batch=1.8)
     line = next(x for x in coserve.compare([co, inf], [4.0], 70.0, ft_whole=110.0)
                 if "inference alone" in x)
     # 40 tok/s over the 40% of the time its inference left
     assert ("inference alone would have taken 60% of the time at a mean batch of 3.2 "
             "sequences (inference-only's 85% at 1.8); in the 40% left its finetuning made "
-            "100 tok/s, 25% of its finetuning tokens in whole samples (finetune-only 70 "
-            "tok/s token-level, 110 in whole samples)") in line
+            "100 tok/s, 25% of its finetuning tokens in whole samples (12 iterations ran "
+            "parts of samples; finetune-only 70 tok/s token-level, 110 in whole samples)"
+            ) in line
     # Inference alone took (nearly) all the time: no rate over what is left.
     busy = co | {"inference_alone_fraction": 0.99}
     line = next(x for x in coserve.compare([busy, inf], [4.0], 70.0, ft_whole=110.0)
