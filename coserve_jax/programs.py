@@ -145,11 +145,9 @@ def build_sample_grads(cfg: ModelConfig, attention_block: int = 256, layout=None
     """``sample(params, slots, train, tokens, labels, weights, slot) -> (train, loss)``
     (``step.sample_grads_fn``), with ``train`` donated; one compilation per sample-length
     bucket. Single device only: the baseline it serves is measured on one device."""
-    if layout is not None and layout.sharded:
-        raise ValueError("whole-sample finetuning (temporal-seq modes) runs on one device; "
-                         "use coserve or temporal:N on a mesh")
-    return _build_sample_grads(cfg, attention_block, _layout(cfg, layout),
-                               _resolved(kernels, None))
+    layout = _one_device(cfg, layout, "whole-sample finetuning (temporal-seq modes) runs "
+                         "on one device; use coserve or temporal:N on a mesh")
+    return _build_sample_grads(cfg, attention_block, layout, _resolved(kernels, None))
 
 
 @functools.cache
@@ -177,11 +175,16 @@ def build_sample_parts(cfg: ModelConfig, attention_block: int = 256, layout=None
                        kernels: Kernels | None = None) -> SamplePartPrograms:
     """The programs of a sample run in parts; one compilation of each per sample-length
     bucket and segment size. Single device, as whole samples."""
+    layout = _one_device(cfg, layout, "samples run in parts on one device; use "
+                         "finetune_unit='tokens' on a mesh")
+    return _build_sample_parts(cfg, attention_block, layout, _resolved(kernels, None))
+
+
+def _one_device(cfg: ModelConfig, layout, refusal: str):
+    """``layout`` (None: ``Layout.single``), or ``ValueError(refusal)`` when it is sharded."""
     if layout is not None and layout.sharded:
-        raise ValueError("samples run in parts on one device; use finetune_unit='tokens' "
-                         "on a mesh")
-    return _build_sample_parts(cfg, attention_block, _layout(cfg, layout),
-                               _resolved(kernels, None))
+        raise ValueError(refusal)
+    return _layout(cfg, layout)
 
 
 @functools.cache

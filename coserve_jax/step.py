@@ -246,13 +246,7 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     never sums across data shards, the optimizer step does, once.
     """
     start, slot = piece.layer_start, piece.adapter_slot
-
-    def layer_slice(w):
-        return jax.lax.dynamic_slice_in_dim(w, start, num_layers, axis=0)
-
-    layers = jax.tree.map(layer_slice, params.layers)
-    own = {m: (layer_slice(jnp.take(slots.a[m], slot, axis=1)),
-               layer_slice(jnp.take(slots.b[m], slot, axis=1))) for m in slots.a}
+    layers, own = _slot_layers(params, slots, slot, start, num_layers)
     scale = slots.scale[slot]
     valid = (jnp.arange(seq_len) < piece.length)[:, None]
     d = cfg.hidden_size
@@ -303,14 +297,12 @@ def backward_piece_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     d_own, dh = pullback(g.astype(h0.dtype))
 
     def accumulate(acc, grad):  # acc [L, N, ...], grad [num_layers, ...]
-        if groups > 1:  # acc [G, L, N, ...], grad [num_layers, G, ...]
-            at = (0, start, slot) + (0,) * (acc.ndim - 3)
-            size = (groups, num_layers, 1, *acc.shape[3:])
-            grad = jnp.moveaxis(grad, 1, 0)[:, :, None]
-        else:
-            at = (start, slot) + (0,) * (acc.ndim - 2)
-            size = (num_layers, 1, *acc.shape[2:])
-            grad = grad[:, None]
+        if groups == 1:
+            return _add_layer_grads(acc, grad, start, slot)
+        # acc [G, L, N, ...], grad [num_layers, G, ...]
+        at = (0, start, slot) + (0,) * (acc.ndim - 3)
+        size = (groups, num_layers, 1, *acc.shape[3:])
+        grad = jnp.moveaxis(grad, 1, 0)[:, :, None]
         cur = jax.lax.dynamic_slice(acc, at, size)
         return jax.lax.dynamic_update_slice(acc, cur + grad.astype(acc.dtype), at)
 
@@ -382,10 +374,8 @@ def backward_block_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: Trai
     boundary = jnp.where(last, below, boundary)
     below = jnp.where(last, 0.0, below)
 
-    def accumulate(acc, grad):  # acc [L, N, ...], grad [...]
-        at = (layer, slot) + (0,) * (acc.ndim - 2)
-        cur = jax.lax.dynamic_slice(acc, at, (1, 1, *acc.shape[2:]))
-        return jax.lax.dynamic_update_slice(acc, cur + grad.astype(acc.dtype)[None, None], at)
+    def accumulate(acc, grad):  # acc [L, N, ...], grad [...] of one layer
+        return _add_layer_grads(acc, grad[None], layer, slot)
 
     return train.replace(
         grads_h=jax.lax.dynamic_update_slice(train.grads_h, boundary, (piece.act_row, 0)),
@@ -439,6 +429,18 @@ def segment_bounds(num_layers: int, segments: int) -> list[int]:
     return [round(i * num_layers / segments) for i in range(segments + 1)]
 
 
+def _slot_layers(params, slots: AdapterSlots, slot, start, num_layers: int):
+    """``(layers, own)``: the frozen weights of layers ``start .. + num_layers`` and slot
+    ``slot``'s adapter weights ``{module: (a, b)}`` of the same layers."""
+
+    def layer_slice(w):
+        return jax.lax.dynamic_slice_in_dim(w, start, num_layers, axis=0)
+
+    own = {m: (layer_slice(jnp.take(slots.a[m], slot, axis=1)),
+               layer_slice(jnp.take(slots.b[m], slot, axis=1))) for m in slots.a}
+    return jax.tree.map(layer_slice, params.layers), own
+
+
 def _add_layer_grads(acc: jax.Array, grad: jax.Array, start, slot) -> jax.Array:
     """``acc [L, N, ...] += grad [num_layers, ...]`` at layers ``start ..`` of slot ``slot``."""
     at = (start, slot) + (0,) * (acc.ndim - 2)
@@ -452,13 +454,7 @@ def _sample_segment(cfg: ModelConfig, params, slots: AdapterSlots, adapter_slot:
     """``(forward(own, h) -> h_out, own)``: layers ``first_layer .. + num_layers`` of the
     model over one sample of ``seq_len`` rows, as a function of the slot's adapter weights
     of those layers (``own``) and the segment's input."""
-
-    def layer_slice(w):
-        return jax.lax.dynamic_slice_in_dim(w, first_layer, num_layers, axis=0)
-
-    layers = jax.tree.map(layer_slice, params.layers)
-    own = {m: (layer_slice(jnp.take(slots.a[m], adapter_slot, axis=1)),
-               layer_slice(jnp.take(slots.b[m], adapter_slot, axis=1))) for m in slots.a}
+    layers, own = _slot_layers(params, slots, adapter_slot, first_layer, num_layers)
     lora = _one_slot_lora(kernels, slots.scale[adapter_slot])
     attention = kernels.attention_fn(fallback=llama.blocked_attention(attention_block))
 
