@@ -120,8 +120,10 @@ class FinetuneConfig:
     the top one's forward, loss and backward, each segment's backward; the pullbacks'
     residuals stay on the device between them, so nothing is recomputed); a sample too
     long to run whole beside requests whose longest part is too long as well runs at
-    token level. 1 never splits a sample; more than the model's layers means one layer a
-    segment. Single device."""
+    token level. The segments are sized by cost (``step.segment_bounds``): the top one,
+    whose part also runs the LM head, holds fewer layers than the others, or none. 1
+    never splits a sample; more than the model's layers means as many segments as layers.
+    Single device."""
 
     def __post_init__(self):
         _check(self, 1, "train_window", "backward_layers", "backward_pieces_per_step",

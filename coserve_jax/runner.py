@@ -36,7 +36,7 @@ from coserve_jax.finetune.buffers import TrainBuffers
 from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.kv_cache import KVCache
 from coserve_jax.lora.slots import AdapterSlots
-from coserve_jax.step import StepOutput, segment_bounds
+from coserve_jax.step import StepOutput, head_cost_layers, segment_bounds
 from pallas_kernels.dispatch import Kernels
 from sharding.gather import tree_to_host
 
@@ -174,7 +174,7 @@ class Runner:
     def _run_sample_part(self, c: commands.RunSamplePart) -> jax.Array | None:
         fns = self._sample_part_programs()
         segments = (c.count + 1) // 2
-        bounds = segment_bounds(self.cfg.num_layers, segments)
+        bounds = segment_bounds(self.cfg.num_layers, segments, head_cost_layers(self.cfg))
         slot = np.int32(c.slot)
         if c.index == 0:
             self._drop_sample_parts()

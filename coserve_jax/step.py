@@ -39,13 +39,14 @@ from pallas_kernels.ragged_paged_attention import write_kv_pages
 
 log = logging.getLogger(__name__)
 
-STEP_PROGRAM_VERSION = 5
+STEP_PROGRAM_VERSION = 6
 """Bumped when the step's program changes what a bucket costs (saved latency models are
 keyed on it). 2: many-sequence batches attend by token on the reference path. 3: the step
 also returns the sampled tokens' logprobs and the top ``MAX_LOGPROBS`` (a top-k over the
 vocabulary per sequence). 4: the KV cache is one array with K and V combined on the head
 axis (one scatter per layer). 5: a training step's loss head runs over its rows with a
-loss only (``_training_loss``), priced apart (``latency.loss_head_key``)."""
+loss only (``_training_loss``), priced apart (``latency.loss_head_key``). 6: a sample
+in parts splits its layers by cost (``segment_bounds``), not into equal segments."""
 
 REFERENCE_KERNELS = Kernels(impl="reference")
 """The jnp references: what direct callers of the step functions use by default."""
@@ -420,13 +421,43 @@ def sample_grads_fn(cfg: ModelConfig, params, slots: AdapterSlots, train: TrainB
     return train, value
 
 
-def segment_bounds(num_layers: int, segments: int) -> list[int]:
-    """The first layer of each of ``segments`` contiguous segments of the model's layers
-    (sizes differing by at most one), then ``num_layers``."""
+def segment_bounds(num_layers: int, segments: int, head_layers: float = 0.0) -> list[int]:
+    """The first layer of each of ``segments`` contiguous segments of the model's layers,
+    then ``num_layers``: the split of a sample run in parts (``sample_forward_fn``).
+
+    Sized so that the heaviest part is as light as it can be: a program's length is what
+    an iteration running it must fit. A lower segment's parts each run one pass over its
+    layers (its forward, later its backward: about one layer forward's FLOPs a layer each,
+    the base weights being frozen); the top segment's one part runs both passes over its
+    layers plus the LM head and the loss, forward and backward, which cost ``head_layers``
+    layer forwards (``head_cost_layers``). So the top segment holds about half as many
+    layers as the others, fewer where the head is heavy, none where the head alone weighs
+    as much as a lower part (a small model with a large vocabulary: on the small tier,
+    equal segments made the top part 3.5-4x the others). The lower segments differ in size
+    by at most one."""
     if not 1 <= segments <= num_layers:
         raise ValueError(f"a sample splits into 1 to {num_layers} segments of layers; "
                          f"got {segments}")
-    return [round(i * num_layers / segments) for i in range(segments + 1)]
+    if segments == 1:
+        return [0, num_layers]
+    lower = segments - 1
+
+    def heaviest(top: int) -> float:
+        return max(2 * top + head_layers, -(-(num_layers - top) // lower))
+
+    # (Of equals, the largest top segment: the nearest to equal segments.)
+    top = min(range(num_layers - lower + 1), key=lambda t: (heaviest(t), -t))
+    rest = num_layers - top
+    return [round(i * rest / lower) for i in range(segments)] + [num_layers]
+
+
+def head_cost_layers(cfg: ModelConfig) -> float:
+    """The LM head's forward and backward over a token in layer forwards (FLOPs): its two
+    ``hidden x vocab`` products (logits, and the gradient at its input) against one layer's
+    projections (attention and SwiGLU MLP), for ``segment_bounds``."""
+    d = cfg.hidden_size
+    layer = d * (2 * cfg.q_size + 2 * cfg.kv_size) + 3 * d * cfg.intermediate_size
+    return 2 * d * cfg.vocab_size / layer
 
 
 def _slot_layers(params, slots: AdapterSlots, slot, start, num_layers: int):

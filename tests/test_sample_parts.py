@@ -5,6 +5,8 @@ gradients of the whole sample."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from test_finetune_unit import CONFIG, _job
@@ -13,30 +15,61 @@ from coserve_jax import Engine, EngineConfig, SamplingParams
 from coserve_jax.latency import sample_key, sample_part_key
 from coserve_jax.lora.config import ALL_TARGETS
 from coserve_jax.slo import SLO
-from coserve_jax.step import segment_bounds
+from coserve_jax.step import head_cost_layers, segment_bounds
 
 from support import engine_grads, random_sequence, relative_error, tiny_model, whole_sequence_grads
 
 
-def test_segments_cover_the_layers_in_near_equal_runs():
+def _heaviest_part(bounds: list[int], head_layers: float) -> float:
+    """The costliest of a sample's parts under ``bounds``, in layer forwards: a lower
+    segment's forward or backward (one pass over its layers), or the top part (both passes
+    over its layers, and the head)."""
+    sizes = np.diff(bounds)
+    return max([*sizes[:-1], 2 * sizes[-1] + head_layers])
+
+
+def test_segments_make_the_heaviest_part_as_light_as_any_split_does():
+    """Against every split of the layers into contiguous segments (all of them, enumerated):
+    no split has a lighter heaviest part, the lower segments are never empty and differ by
+    at most one layer."""
     assert segment_bounds(4, 1) == [0, 4]
-    assert segment_bounds(4, 2) == [0, 2, 4]
-    assert segment_bounds(30, 4) == [0, 8, 15, 22, 30]
-    for layers, segments in [(4, 3), (30, 7), (5, 5)]:
-        bounds = segment_bounds(layers, segments)
-        sizes = np.diff(bounds)
-        assert bounds[0] == 0 and bounds[-1] == layers and sizes.min() >= 1
-        assert sizes.max() - sizes.min() <= 1
+    # Equal segments made the small tier's top part (the head alone is 16 layer forwards:
+    # hidden 576, vocab 49152) 3.5-4x the others; by cost it holds no layer at all.
+    assert segment_bounds(30, 4, head_layers=16.0) == [0, 10, 20, 30, 30]
+    assert segment_bounds(32, 4, head_layers=4.8) == [0, 10, 20, 30, 32]  # Llama-3.1-8B
+    for layers in range(1, 9):
+        for segments in range(1, layers + 1):
+            for head in (0.0, 0.2, 1.5, 5.0):
+                bounds = segment_bounds(layers, segments, head)
+                lower = np.diff(bounds)[:-1]
+                assert bounds[0] == 0 and bounds[-1] == layers and len(bounds) == segments + 1
+                if segments > 1:
+                    assert lower.min() >= 1 and lower.max() - lower.min() <= 1
+                best = min(_heaviest_part([0, *cuts, layers], head)
+                           for cuts in itertools.combinations(range(1, layers + 1),
+                                                              segments - 1))
+                assert _heaviest_part(bounds, head) == best, (layers, segments, head, bounds)
     for bad in (0, 5):
         with pytest.raises(ValueError, match="1 to 4 segments"):
             segment_bounds(4, bad)
 
 
+def test_the_head_weighs_in_layer_forwards():
+    """The small tier's head (hidden 576, vocab 49152) costs 16 of its layers' forwards;
+    the tiny tier's (vocab 320) a fifth of one."""
+    from coserve_jax.config import ModelConfig
+    from coserve_jax.tiny_model import SMALL_HF_CONFIG, TINY_HF_CONFIG
+    small = head_cost_layers(ModelConfig.from_hf_dict(SMALL_HF_CONFIG))
+    tiny = head_cost_layers(ModelConfig.from_hf_dict(TINY_HF_CONFIG))
+    assert small == pytest.approx(16.0) and tiny == pytest.approx(0.208, abs=1e-3)
+
+
 @pytest.mark.parametrize("segments,length,serve", [(2, 23, False), (3, 41, True)])
 def test_a_sample_run_in_parts_accumulates_the_whole_sequence_jax_grad(segments, length,
                                                                       serve):
-    """The parts of one sample (3 segments over the tiny model's 4 layers: sizes 1, 2, 1)
-    add up to the gradient of the whole sequence, with nothing run at token level."""
+    """The parts of one sample add up to the gradient of the whole sequence, with nothing
+    run at token level. Over the tiny model's 4 layers, 2 segments are sizes 3 and 1; 3
+    segments are 2, 2 and an empty top one, whose part runs the head and the loss alone."""
     model = tiny_model()
     seq = random_sequence(np.random.default_rng(length), length)
     adapter, got, engine = engine_grads(model, seq, window=8, backward_layers=1, serve=serve,
