@@ -460,6 +460,7 @@ class Scheduler:
         if unit is None:
             return None
         sample_s = unit[0]
+        self.policy.cap_credit(sample_s)
         now = time.monotonic() + queued_s
         requests = self.running + list(self.waiting)
         progress, ahead = [], 0
@@ -477,12 +478,6 @@ class Scheduler:
         fits = self.policy.sample_fits(sample_s, self._last_step_s,
                                        [r.slo.tpot_s for r in requests], progress,
                                        arrival_ttft_s=arrival_ttft_s)
-        if not fits:
-            # Capped while the sample waits, not before it runs: the iteration whose slack
-            # made the credit cover the sample banked some beyond its price, which the next
-            # one keeps (on the tiny tier, whose parts cost about two iterations' slack,
-            # capping first dropped a sixth of the credit).
-            self.policy.cap_credit(sample_s)
         return unit if fits else None
 
     def _arrival_ttft(self) -> float | None:
