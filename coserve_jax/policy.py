@@ -323,7 +323,7 @@ class Policy:
 
         The slack credit must cover it (the iterations so far left that much beside their
         requests: on average the samples take no more than the slack; ``cap_credit`` keeps
-        it at one sample while the sample waits). And every
+        it at one sample). And every
         request must be able to absorb the delay: ``progress`` as ``iteration_limit`` takes
         it, of the running and waiting requests. One decoding (``(tokens after the first,
         seconds since the first, tokens to come)``) keeps its mean TPOT within ``safety``
