@@ -285,9 +285,8 @@ class Policy:
 
     def slot_headroom(self, inference_s: float, present: int, slots: int) -> float | None:
         """Seconds an iteration whose inference alone takes ``inference_s`` may take with
-        finetuning beside it, or with the whole samples run before the next one (the credit
-        it banks), so that the stretch does not fill the sequence slots (None: no bound;
-        built with ``slot_headroom=False``). Stretching the time between a
+        finetuning beside it, so that the stretch does not fill the sequence slots (None:
+        no bound; built with ``slot_headroom=False``). Stretching the time between a
         request's tokens by a factor lengthens the requests' lives by as much, and by
         Little's law the requests present at the same arrival rate: ``present`` of them
         (running and waiting), counted under the present gap between serving iterations
