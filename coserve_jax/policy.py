@@ -284,9 +284,7 @@ class Policy:
 
     def cap_credit(self, sample_s: float) -> None:
         """Keeps the slack credit at most one sample of ``sample_s`` seconds, so that the
-        credit of a lull is not spent in a burst of samples back to back. The scheduler
-        caps it while a sample waits (``sample_fits`` refused it), not when one runs; and
-        while requests are present it runs no sample unit right after another."""
+        credit of a lull is not spent in a burst of samples back to back."""
         self.slack_credit = min(self.slack_credit, sample_s)
 
     def idle_limit(self, arrival_ttft_s: float | None, step_s: float,
