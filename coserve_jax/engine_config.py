@@ -187,12 +187,13 @@ class SchedulingConfig:
     (``Scheduler.finetune_costs``), chosen by ``Engine.warmup``. Whole samples run on one
     device only."""
     slot_headroom: bool = True
-    """coserve: finetuning beside requests never stretches an iteration past its inference
-    alone times ``max_num_seqs`` over the requests present, running and waiting
-    (``Policy.slot_headroom``). A stretch lengthens every request's life by as much, and at
-    the same arrival rate the requests present with it, until they fill the sequence slots
-    and arrivals queue for one (their TTFT then runs on through whole lifetimes of the
-    running ones). False: the TPOT targets alone bound the stretch."""
+    """coserve: finetuning never stretches the time between two iterations serving requests
+    past the present such time (or the inference alone, if longer) times ``max_num_seqs``
+    over the requests present, running and waiting (``Policy.slot_headroom``). A stretch
+    lengthens every request's life by as much, and at the same arrival rate the requests
+    present with it, until they fill the sequence slots and arrivals queue for one (their
+    TTFT then runs on through whole lifetimes of the running ones). False: the TPOT targets
+    alone bound the stretch."""
     slo_prefill_chunks: bool = True
     """Size each prefill chunk so that the iteration's predicted time keeps every decoding
     request's mean TPOT within its target (``Policy.iteration_limit`` without the margins

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Iterable
 
 MODES_HELP = ("coserve, inference-only, finetune-only, temporal-seq:N, temporal-seq:dynamic "
@@ -89,6 +90,10 @@ class Policy:
         self.slack_credit = 0.0
         """Seconds of slack the iterations serving requests left under ``safety`` times the
         tightest TPOT target, not yet spent on whole samples (the whole-sample unit)."""
+        # Wall seconds from one iteration serving requests to the next, finetuning between
+        # them included (an EMA; None until two have run back to back): ``slot_headroom``.
+        self._serving_gap: float | None = None
+        self._last_serving_end: float | None = None
 
     @property
     def serves_inference(self) -> bool:
@@ -130,6 +135,14 @@ class Policy:
         caps what it banks as it caps what finetunes beside it)."""
         def ema(old, new):
             return new if old is None else 0.8 * old + 0.2 * new
+
+        if tpot_target is None:
+            self._last_serving_end = None  # a lull: the next gap starts afresh
+        elif had_inference:
+            now = time.perf_counter()
+            if self._last_serving_end is not None:
+                self._serving_gap = ema(self._serving_gap, now - self._last_serving_end)
+            self._last_serving_end = now
 
         if self.kind == "coserve" and self.samples_beside_inference and tpot_target is not None:
             if had_inference:
@@ -272,19 +285,26 @@ class Policy:
 
     def slot_headroom(self, inference_s: float, present: int, slots: int) -> float | None:
         """Seconds an iteration whose inference alone takes ``inference_s`` may take with
-        finetuning beside it, so that the stretch does not fill the sequence slots (None:
-        no bound; built with ``slot_headroom=False``). Stretching the iterations by a
-        factor lengthens the requests' lives by as much, and by Little's law the requests
-        present at the same arrival rate: ``present`` of them (running and waiting) stay
-        within ``slots`` at a factor of at most ``slots / present``. Below that the TPOT
-        targets bind; at full slots nothing finetunes beside the requests."""
+        finetuning beside it, or with the whole samples run before the next one (the credit
+        it banks), so that the stretch does not fill the sequence slots (None: no bound;
+        built with ``slot_headroom=False``). Stretching the time between a
+        request's tokens by a factor lengthens the requests' lives by as much, and by
+        Little's law the requests present at the same arrival rate: ``present`` of them
+        (running and waiting), counted under the present gap between serving iterations
+        (finetuning between them included), stay within ``slots`` at a gap of at most
+        that gap times ``slots / present``. (Priced from ``inference_s`` alone, as if the
+        present count were unstretched, the stretch settled where the requests present
+        were the geometric mean of the slots and their unstretched count.) Below that the
+        TPOT targets bind; at full slots nothing finetunes beside the requests."""
         if not self.use_slot_headroom or present <= 0 or inference_s <= 0:
             return None  # (an unmeasured step predicts 0 s: no bound until it is measured)
-        return inference_s * slots / present
+        return max(inference_s, self._serving_gap or 0.0) * slots / present
 
     def cap_credit(self, sample_s: float) -> None:
         """Keeps the slack credit at most one sample of ``sample_s`` seconds, so that the
-        credit of a lull is not spent in a burst of samples back to back."""
+        credit of a lull is not spent in a burst of samples back to back. The scheduler
+        caps it while a sample waits (``sample_fits`` refused it), not when one runs; and
+        while requests are present it runs no sample unit right after another."""
         self.slack_credit = min(self.slack_credit, sample_s)
 
     def idle_limit(self, arrival_ttft_s: float | None, step_s: float,

@@ -227,6 +227,8 @@ class Scheduler:
         """TTFT target of the requests that set none: one may arrive during a whole sample
         (``Policy.sample_fits``)."""
         self._last_step_s = 0.0  # predicted step seconds of the last plan that served requests
+        # The last plan ran a sample unit while requests were present (``_sample_due``).
+        self._sample_ran_last = False
         self.token_buckets = sorted({b.num_tokens for b in buckets})
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -304,6 +306,7 @@ class Scheduler:
         has not finished (the overlapped loop's previous iteration); this iteration's
         tokens land after it, which the requests' time budgets account for."""
         trainer = self.trainer
+        follows_sample, self._sample_ran_last = self._sample_ran_last, False
         if not self.has_requests():
             self.policy.slack_credit = 0.0  # a lull: what the last requests left is theirs
             unit = (self._sample_unit() if self.idle_samples and trainer is not None
@@ -318,7 +321,11 @@ class Scheduler:
                 # since it started. It runs: the sample holds its residuals until it ends.)
                 return IterationPlan(finetune_iteration=True, whole_sample=True,
                                      sample_part=part)
-        elif not self.slots_full() and (unit := self._sample_due(queued_s)) is not None:
+        elif (not follows_sample and not self.slots_full()
+              and (unit := self._sample_due(queued_s)) is not None):
+            # While requests are present no sample unit follows another: the requests step
+            # between them (the credit may cover several units; they are spread, not burst).
+            self._sample_ran_last = True
             return IterationPlan(finetune_iteration=True, whole_sample=True, sample_part=unit[1],
                                  tpot_target=self.tpot_target())
         if trainer is None:
@@ -460,7 +467,6 @@ class Scheduler:
         if unit is None:
             return None
         sample_s = unit[0]
-        self.policy.cap_credit(sample_s)
         now = time.monotonic() + queued_s
         requests = self.running + list(self.waiting)
         progress, ahead = [], 0
@@ -478,6 +484,12 @@ class Scheduler:
         fits = self.policy.sample_fits(sample_s, self._last_step_s,
                                        [r.slo.tpot_s for r in requests], progress,
                                        arrival_ttft_s=arrival_ttft_s)
+        if not fits:
+            # Capped while the sample waits, not before it runs: the iteration whose slack
+            # made the credit cover the sample banked some beyond its price, which stays
+            # (capping first dropped about a sixth of the credit on the tiny tier, whose
+            # parts cost about two iterations' slack).
+            self.policy.cap_credit(sample_s)
         return unit if fits else None
 
     def _arrival_ttft(self) -> float | None:

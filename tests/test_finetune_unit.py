@@ -228,6 +228,51 @@ def test_an_idle_sample_waits_for_the_queued_work_an_arrival_could_not_also_wait
     assert scheduler.schedule(queued_s=0.0).whole_sample
 
 
+def _engine_serving_one_request(prompt: list[int], sample_s: float) -> Engine:
+    """An engine of the whole-sample unit with a job whose samples are priced ``sample_s``,
+    and one request added with loose targets (60 s)."""
+    engine = Engine(tiny_model(), EngineConfig.flat(**CONFIG, finetune_unit="samples",
+                                                    default_ttft_s=60.0))
+    engine.submit_job(_job([40, 61, 35, 52]))
+    engine.latency.times |= {sample_key(n): sample_s for n in engine.trainer.seq_buckets}
+    engine.add_request(prompt, SamplingParams(max_tokens=8, ignore_eos=True),
+                       slo=SLO(ttft_s=60.0, tpot_s=60.0), admission=False)
+    return engine
+
+
+def test_the_credit_is_capped_while_a_sample_waits_and_kept_beyond_one_that_runs():
+    """The slack credit holds at most one sample while the sample waits for the requests
+    to absorb it; when it runs, what the credit held beyond its price stays banked (the
+    iteration that crossed the price earned it) rather than being dropped at the cap."""
+    prompt = list(range(3, 12))
+    engine = _engine_serving_one_request(prompt, 0.010)
+    engine.policy.slack_credit = 0.015
+    assert engine.scheduler.schedule().whole_sample
+    assert engine.policy.slack_credit == pytest.approx(0.015)  # not capped: the sample runs
+    # Once its first token is out, the request has banked nothing against its TPOT target
+    # (and keeps one target in reserve): the sample waits, and the credit is capped at it.
+    engine = _engine_serving_one_request(prompt, 0.010)
+    engine.step()  # its prompt, which samples its first token (no credit yet: no sample)
+    assert engine.last_step.inference_tokens == len(prompt)
+    assert engine.policy.slack_credit > 0.010
+    assert not engine.scheduler.schedule().whole_sample
+    assert engine.policy.slack_credit == pytest.approx(0.010)
+
+
+def test_no_sample_unit_follows_another_while_requests_are_present():
+    """A credit that covers several samples is spread over the requests' steps, not spent
+    in a burst: while requests are present, a serving iteration runs between two sample
+    units (the credit is kept beyond the price of the one that runs, above)."""
+    engine = _engine_serving_one_request(list(range(3, 12)), 0.010)
+    engine.policy.slack_credit = 0.050
+    # No target held back: the request, its first token in flight after the second plan,
+    # can absorb a sample at the third (with the default reserve it has banked too little).
+    engine.policy.banked_reserve = 0.0
+    plans = [engine.scheduler.schedule() for _ in range(3)]
+    assert [p.whole_sample for p in plans] == [True, False, True]
+    assert plans[1].rows  # the request's prompt runs between the two samples
+
+
 def test_only_samples_too_long_to_run_whole_beside_requests_fall_back_to_token_level():
     """With the whole-sample unit, a sample whose whole program a request arriving meanwhile
     could not wait for (here: priced at 10 s against a 5 s default TTFT) runs at token level

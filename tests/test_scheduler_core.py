@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from coserve_jax import policy as policy_module
 from coserve_jax.batch import Bucket
 from coserve_jax.kv_cache import PageAllocator
 from coserve_jax.latency import LatencyModel, bucket_key
@@ -221,6 +222,26 @@ def test_slot_headroom_is_the_stretch_that_keeps_the_requests_within_the_slots()
     assert policy.slot_headroom(0.010, present=16, slots=16) == pytest.approx(0.010)
     assert policy.slot_headroom(0.0, present=4, slots=16) is None  # not measured yet
     assert Policy("coserve", slot_headroom=False).slot_headroom(0.010, 4, 16) is None
+
+
+def test_slot_headroom_stretches_the_gap_between_serving_iterations(monkeypatch):
+    """The requests present are counted under the present gap between the iterations
+    serving them, a whole sample between two of them included, so the headroom scales
+    that gap, not the inference alone (which would settle the stretch where the requests
+    present are the geometric mean of the slots and their unstretched count). A lull
+    starts the gap afresh."""
+    clock = iter([1.000, 1.030, 2.000])
+    monkeypatch.setattr(policy_module.time, "perf_counter", lambda: next(clock))
+    policy = Policy("coserve")
+    serving = dict(had_inference=True, had_finetune=False, tpot_target=0.05)
+    policy.observe(0.010, **serving)  # ends at 1.000
+    policy.observe(0.015, had_inference=False, had_finetune=True, tpot_target=0.05)
+    policy.observe(0.010, **serving)  # ends at 1.030: a 30 ms gap, the sample's included
+    assert policy.slot_headroom(0.010, present=8, slots=16) == pytest.approx(0.060)
+    assert policy.slot_headroom(0.040, present=8, slots=16) == pytest.approx(0.080)
+    policy.observe(0.005, had_inference=False, had_finetune=False, tpot_target=None)
+    policy.observe(0.010, **serving)  # ends at 2.000, after a lull: not a gap
+    assert policy.slot_headroom(0.010, present=8, slots=16) == pytest.approx(0.060)
 
 
 def test_finetuning_stretches_an_iteration_only_as_far_as_the_sequence_slots_allow():
