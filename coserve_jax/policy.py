@@ -295,10 +295,14 @@ class Policy:
         that gap times ``slots / present``. (Priced from ``inference_s`` alone, as if the
         present count were unstretched, the stretch settled where the requests present
         were the geometric mean of the slots and their unstretched count.) Below that the
-        TPOT targets bind; at full slots nothing finetunes beside the requests."""
+        TPOT targets bind. The stretch aims at ``safety`` times the slots, not at all of
+        them: the count present is a mean, and near full slots a burst of arrivals fills
+        them (at the small tier's peak, 2026-12-06, slots full for seconds with 6-10
+        requests waiting, each of them missing its TTFT); near the slots nothing finetunes
+        beside the requests."""
         if not self.use_slot_headroom or present <= 0 or inference_s <= 0:
             return None  # (an unmeasured step predicts 0 s: no bound until it is measured)
-        return max(inference_s, self._serving_gap or 0.0) * slots / present
+        return max(inference_s, self._serving_gap or 0.0) * self.safety * slots / present
 
     def cap_credit(self, sample_s: float) -> None:
         """Keeps the slack credit at most one sample of ``sample_s`` seconds, so that the
