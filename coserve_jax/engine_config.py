@@ -188,10 +188,10 @@ class SchedulingConfig:
     device only."""
     slot_headroom: bool = True
     """coserve: finetuning never stretches the time between two iterations serving requests
-    past the present such time (or the inference alone, if longer) times ``safety`` times
-    ``max_num_seqs`` over the requests present, running and waiting
-    (``Policy.slot_headroom``; ``safety``: the count present is a mean, and a burst of
-    arrivals fills slots aimed at in full). A stretch
+    past the present such time (or the inference alone, if longer) times the occupancy it
+    aims at over the requests present, running and waiting (``Policy.slot_headroom``): the
+    mean count that stays within ``max_num_seqs`` with probability ``safety`` under Poisson
+    arrivals (``policy.occupancy_aim``: 11.6 of 16 slots, 236 of 256). A stretch
     lengthens every request's life by as much, and at the same arrival rate the requests
     present with it, until they fill the sequence slots and arrivals queue for one (their
     TTFT then runs on through whole lifetimes of the running ones). False: the TPOT targets

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Iterable
 
@@ -295,14 +296,16 @@ class Policy:
         that gap times ``slots / present``. (Priced from ``inference_s`` alone, as if the
         present count were unstretched, the stretch settled where the requests present
         were the geometric mean of the slots and their unstretched count.) Below that the
-        TPOT targets bind. The stretch aims at ``safety`` times the slots, not at all of
-        them: the count present is a mean, and near full slots a burst of arrivals fills
-        them (at the small tier's peak, 2026-12-06, slots full for seconds with 6-10
-        requests waiting, each of them missing its TTFT); near the slots nothing finetunes
-        beside the requests."""
+        TPOT targets bind. The stretch aims at ``occupancy_aim`` of the slots, not at all of
+        them: the count present is a mean, and at a mean near the slots bursts of arrivals
+        fill them (at the small tier's peak, 2026-12-06: 14 of 16 on average, the slots full
+        with 6-10 requests waiting in 145 of 411 serving steps, and each request that
+        arrived then missed its TTFT); at the aim or past it nothing finetunes beside the
+        requests."""
         if not self.use_slot_headroom or present <= 0 or inference_s <= 0:
             return None  # (an unmeasured step predicts 0 s: no bound until it is measured)
-        return max(inference_s, self._serving_gap or 0.0) * self.safety * slots / present
+        aim = occupancy_aim(slots, self.safety)
+        return max(inference_s, self._serving_gap or 0.0) * aim / present
 
     def cap_credit(self, sample_s: float) -> None:
         """Keeps the slack credit at most one sample of ``sample_s`` seconds, so that the
@@ -392,6 +395,21 @@ class BeforeFirstToken:
     prefill_iterations: int
     """Iterations it still needs after this one to finish its prompt (0: this iteration
     samples its first token)."""
+
+
+def occupancy_aim(slots: int, safety: float) -> float:
+    """The mean number of requests present that keeps them within ``slots`` with
+    probability ``safety``. Under Poisson arrivals, with a slot for every request present
+    (an M/G/inf queue while the slots last), the number present is Poisson-distributed:
+    mean m, deviation sqrt(m); its normal approximation m + z sqrt(m) = ``slots``, z the
+    ``safety`` quantile of the standard normal, gives m (11.6 of 16 slots at 0.9, 236 of
+    256: large slot counts fluctuate relatively less). No margin at a ``safety`` of 1 (or a
+    half or less: the median needs none)."""
+    if safety >= 1.0 or safety <= 0.5:
+        return float(slots)
+    z = statistics.NormalDist().inv_cdf(safety)
+    root = (-z + math.sqrt(z * z + 4 * slots)) / 2
+    return root * root
 
 
 def _candidates(tokens_left: int) -> list[int]:

@@ -12,7 +12,7 @@ from coserve_jax import policy as policy_module
 from coserve_jax.batch import Bucket
 from coserve_jax.kv_cache import PageAllocator
 from coserve_jax.latency import LatencyModel, bucket_key
-from coserve_jax.policy import BeforeFirstToken, Policy
+from coserve_jax.policy import BeforeFirstToken, Policy, occupancy_aim
 from coserve_jax.sampling import SamplingParams
 from coserve_jax.scheduler import IterationPlan, Request, Scheduler
 from coserve_jax.slo import SLO
@@ -215,12 +215,14 @@ def test_prefill_chunks_are_sized_to_what_the_decoding_requests_allow():
 
 def test_slot_headroom_is_the_stretch_that_keeps_the_requests_within_the_slots():
     """Stretching every iteration by a factor keeps that factor more requests present at the
-    same arrival rate (Little's law): 4 of 16 slots allow four times the inference alone,
-    less the ``safety`` margin (0.9 of the slots are the aim), full slots nothing beside it
-    (a headroom below the inference alone)."""
+    same arrival rate (Little's law). The stretch aims at the mean count that stays within
+    the slots with probability ``safety`` (Poisson-distributed, 11.63 of 16 at 0.9): 4
+    present allow 11.63 / 4 times the inference alone; at the aim, nothing beside it."""
     policy = Policy("coserve")
-    assert policy.slot_headroom(0.010, present=4, slots=16) == pytest.approx(0.036)
-    assert policy.slot_headroom(0.010, present=16, slots=16) == pytest.approx(0.009)
+    aim = occupancy_aim(16, 0.9)
+    assert aim == pytest.approx(11.63, abs=0.01)
+    assert policy.slot_headroom(0.010, present=4, slots=16) == pytest.approx(0.010 * aim / 4)
+    assert policy.slot_headroom(0.010, present=16, slots=16) < 0.010
     assert Policy("coserve", safety=1.0).slot_headroom(0.010, 4, 16) == pytest.approx(0.040)
     assert policy.slot_headroom(0.0, present=4, slots=16) is None  # not measured yet
     assert Policy("coserve", slot_headroom=False).slot_headroom(0.010, 4, 16) is None
@@ -239,16 +241,18 @@ def test_slot_headroom_stretches_the_gap_between_serving_iterations(monkeypatch)
     policy.observe(0.010, **serving)  # ends at 1.000
     policy.observe(0.015, had_inference=False, had_finetune=True, tpot_target=0.05)
     policy.observe(0.010, **serving)  # ends at 1.030: a 30 ms gap, the sample's included
-    assert policy.slot_headroom(0.010, present=8, slots=16) == pytest.approx(0.9 * 0.060)
-    assert policy.slot_headroom(0.040, present=8, slots=16) == pytest.approx(0.9 * 0.080)
+    aim = occupancy_aim(16, policy.safety)
+    assert policy.slot_headroom(0.010, present=8, slots=16) == pytest.approx(0.030 * aim / 8)
+    assert policy.slot_headroom(0.040, present=8, slots=16) == pytest.approx(0.040 * aim / 8)
     policy.observe(0.005, had_inference=False, had_finetune=False, tpot_target=None)
     policy.observe(0.010, **serving)  # ends at 2.000, after a lull: not a gap
-    assert policy.slot_headroom(0.010, present=8, slots=16) == pytest.approx(0.9 * 0.060)
+    assert policy.slot_headroom(0.010, present=8, slots=16) == pytest.approx(0.030 * aim / 8)
 
 
 def test_finetuning_stretches_an_iteration_only_as_far_as_the_sequence_slots_allow():
     """Three requests decoding in 2 ms steps under a loose 100 ms TPOT target, 4 sequence
-    slots: the plan's time limit is 0.9 x 4/3 of the step, not 0.9 x 100 ms; with
+    slots: the plan's time limit is the step times the occupancy aimed at (2.13 of 4 slots)
+    over the 3 present, below the step (nothing finetunes beside them), not 0.9 x 100 ms; with
     ``slot_headroom`` off, the target's."""
     plans = {}
     for headroom in (True, False):
@@ -262,8 +266,8 @@ def test_finetuning_stretches_an_iteration_only_as_far_as_the_sequence_slots_all
         s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))
         plans[headroom] = s.schedule()
         assert len(plans[headroom].rows) == 3
-    assert plans[True].slot_headroom_s == pytest.approx(0.9 * 0.002 * 4 / 3)
-    assert plans[True].time_limit == pytest.approx(0.9 * 0.002 * 4 / 3)
+    assert plans[True].slot_headroom_s == pytest.approx(0.002 * occupancy_aim(4, 0.9) / 3)
+    assert plans[True].time_limit == pytest.approx(0.002 * occupancy_aim(4, 0.9) / 3)
     assert plans[False].slot_headroom_s is None
     assert plans[False].time_limit == pytest.approx(0.09, abs=1e-3)
 
