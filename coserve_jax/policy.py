@@ -288,20 +288,20 @@ class Policy:
         """Seconds an iteration whose inference alone takes ``inference_s`` may take with
         finetuning beside it, or with the whole samples run before the next one (the credit
         it banks), so that the stretch does not fill the sequence slots (None: no bound;
-        built with ``slot_headroom=False``). Stretching the time between a
-        request's tokens by a factor lengthens the requests' lives by as much, and by
-        Little's law the requests present at the same arrival rate: ``present`` of them
-        (running and waiting), counted under the present gap between serving iterations
-        (finetuning between them included), stay within ``slots`` at a gap of at most
-        that gap times ``slots / present``. (Priced from ``inference_s`` alone, as if the
+        built with ``slot_headroom=False``). Stretching the time between a request's tokens
+        by a factor lengthens the requests' lives by as much, and by Little's law the
+        requests present at the same arrival rate. ``present`` of them (running and
+        waiting) are counted under the present gap between serving iterations (finetuning
+        between them included), so the gap may grow by ``aim / present``, ``aim`` being
+        ``occupancy_aim(slots, safety)``. (Priced from ``inference_s`` alone, as if the
         present count were unstretched, the stretch settled where the requests present
-        were the geometric mean of the slots and their unstretched count.) Below that the
-        TPOT targets bind. The stretch aims at ``occupancy_aim`` of the slots, not at all of
-        them: the count present is a mean, and at a mean near the slots bursts of arrivals
-        fill them (at the small tier's peak, 2026-12-06: 14 of 16 on average, the slots full
-        with 6-10 requests waiting in 145 of 411 serving steps, and each request that
-        arrived then missed its TTFT); at the aim or past it nothing finetunes beside the
-        requests."""
+        were the geometric mean of the aim and their unstretched count.) Below that the
+        TPOT targets bind; at the aim or past it nothing finetunes beside the requests.
+
+        The aim is below the slots because the count present is a mean, and at a mean near
+        the slots bunched arrivals fill them (at the small tier's peak, 2026-12-06, aimed
+        at all 16: 14 present on average, the slots full with 6-10 requests waiting in 145
+        of 411 serving steps, and every request arriving then missed its TTFT)."""
         if not self.use_slot_headroom or present <= 0 or inference_s <= 0:
             return None  # (an unmeasured step predicts 0 s: no bound until it is measured)
         aim = occupancy_aim(slots, self.safety)
