@@ -42,6 +42,7 @@ policy then decides the finetuning share of the iteration:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import time
@@ -397,6 +398,7 @@ class BeforeFirstToken:
     samples its first token)."""
 
 
+@functools.cache  # (the same slots and safety at every serving iteration of an engine)
 def occupancy_aim(slots: int, safety: float) -> float:
     """The mean number of requests present that keeps them within ``slots`` with
     probability ``safety``. Under Poisson arrivals, with a slot for every request present
