@@ -250,13 +250,14 @@ def test_slot_headroom_stretches_the_gap_between_serving_iterations(monkeypatch)
 
 
 def test_finetuning_stretches_an_iteration_only_as_far_as_the_sequence_slots_allow():
-    """Three requests decoding in 2 ms steps under a loose 100 ms TPOT target, 4 sequence
-    slots: the plan's time limit is the step times the occupancy aimed at (2.13 of 4 slots)
-    over the 3 present, below the step (nothing finetunes beside them), not 0.9 x 100 ms; with
-    ``slot_headroom`` off, the target's."""
+    """Three requests decoding in 2 ms steps under a loose 100 ms TPOT target: the plan's
+    time limit is the step times the occupancy aimed at over the 3 present. With 16
+    sequence slots (aim 11.6) that stretches the iteration to 7.8 ms, still far below
+    0.9 x 100 ms; with 4 (aim 2.13) it is below the step, so nothing finetunes beside them.
+    With ``slot_headroom`` off, the target's."""
     plans = {}
-    for headroom in (True, False):
-        s = _scheduler()
+    for slots, headroom in ((16, True), (4, True), (4, False)):
+        s = _scheduler(max_num_seqs=slots)
         s.policy = Policy("coserve", spend_banked=False, slot_headroom=headroom)
         for b in s.buckets:
             s.latency.times[bucket_key(b)] = 0.002
@@ -264,12 +265,15 @@ def test_finetuning_stretches_an_iteration_only_as_far_as_the_sequence_slots_all
             _add(s, rid, 3, 10, ignore_eos=True).slo = SLO(10.0, 0.1)
         prefill = s.schedule()
         s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))
-        plans[headroom] = s.schedule()
-        assert len(plans[headroom].rows) == 3
-    assert plans[True].slot_headroom_s == pytest.approx(0.002 * occupancy_aim(4, 0.9) / 3)
-    assert plans[True].time_limit == pytest.approx(0.002 * occupancy_aim(4, 0.9) / 3)
-    assert plans[False].slot_headroom_s is None
-    assert plans[False].time_limit == pytest.approx(0.09, abs=1e-3)
+        plans[slots, headroom] = s.schedule()
+        assert len(plans[slots, headroom].rows) == 3
+    for slots in (16, 4):
+        stretched = 0.002 * occupancy_aim(slots, 0.9) / 3
+        assert plans[slots, True].slot_headroom_s == pytest.approx(stretched)
+        assert plans[slots, True].time_limit == pytest.approx(stretched)
+    assert plans[16, True].time_limit > 3 * 0.002 > 0.002 > plans[4, True].time_limit
+    assert plans[4, False].slot_headroom_s is None
+    assert plans[4, False].time_limit == pytest.approx(0.09, abs=1e-3)
 
 
 def test_prompts_advance_when_no_prefill_chunk_fits():
