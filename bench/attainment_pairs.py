@@ -45,8 +45,16 @@ def run_pairs(model, rate: float, args, run=run_one, log=print) -> list[dict]:
             rec = run(model, mode, rate, args, seed=seed)
             recs.append(rec)
             log(f"  trace {seed} {mode:>15}: {coserve._missed(rec)}, finetuning "
-                f"{rec['ft_tokens_per_s']:.0f} tok/s")
+                f"{rec['ft_tokens_per_s']:.0f} tok/s{_speed(rec)}")
     return recs
+
+
+def _speed(rec: dict) -> str:
+    """The machine's speed before a run (``machine_slowdown``: padding steps' time over the
+    latency model's), where the run measured it: a pair whose runs saw different speeds
+    compares the machine as much as the modes."""
+    slowdown = rec.get("machine_slowdown")
+    return "" if slowdown is None else f", padding steps {slowdown:.2f}x their predicted time"
 
 
 def paired_summary(recs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
@@ -85,7 +93,20 @@ def describe(rate: float, s: dict) -> str:
             f"inference-only {coserve._missed(i)}; coserve better on {s['better']}, the same "
             f"on {s['same']}, worse on {s['worse']}; pooled difference "
             f"{s['difference'] * 100:+.1f} points (90% bootstrap interval {lo * 100:+.1f} to "
-            f"{hi * 100:+.1f}); coserve finetuned {c['ft_tokens_per_s']:.0f} tok/s")
+            f"{hi * 100:+.1f}); coserve finetuned {c['ft_tokens_per_s']:.0f} tok/s"
+            + _speed_range(c, i))
+
+
+def _speed_range(*pooled: dict) -> str:
+    """The machine's speed over the pooled runs (``pool_rounds`` keeps the slowest and the
+    fastest round's ``machine_slowdown``)."""
+    slow = [r["machine_slowdown"] for r in pooled if r.get("machine_slowdown")]
+    fast = [r.get("machine_slowdown_min", r["machine_slowdown"]) for r in pooled
+            if r.get("machine_slowdown")]
+    if not slow:
+        return ""
+    return (f"; before each run padding steps took {min(fast):.2f}-{max(slow):.2f}x the time "
+            f"the latency model predicted")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,13 +14,15 @@ sys.path.insert(0, BENCH)
 pairs = pytest.importorskip("attainment_pairs")
 
 
-def fake_run(attainment):
-    """A ``run_one`` whose attainment is ``attainment[mode][seed]``, 20 requests a run."""
+def fake_run(attainment, slowdown=None):
+    """A ``run_one`` whose attainment is ``attainment[mode][seed]``, 20 requests a run
+    (``slowdown[mode][seed]``: its ``machine_slowdown``, where given)."""
     calls = []
 
     def run(model, mode, rate, args, seed):
         calls.append((seed, mode))
-        return {"mode": mode, "rate": rate, "seed": seed, "requests": 20, "refused": 0,
+        speed = {} if slowdown is None else {"machine_slowdown": slowdown[mode][seed]}
+        return speed | {"mode": mode, "rate": rate, "seed": seed, "requests": 20, "refused": 0,
                 "unfinished": 0, "slo_attainment": attainment[mode][seed],
                 "ft_tokens_per_s": 0.0 if mode == "inference-only" else 100.0,
                 "steps": 1, "mixed_steps": 0, "whole_samples": 0}
@@ -52,3 +54,21 @@ def test_the_summary_counts_traces_each_way_and_bounds_the_difference():
     assert lo <= s["difference"] <= hi
     assert lo >= -0.1 - 1e-9 and hi <= 0.05 + 1e-9  # within the widest per-trace differences
     assert "worse on 2" in pairs.describe(6.0, s)
+
+
+def test_the_machines_speed_is_printed_with_each_run_and_its_range_with_the_summary():
+    """A pair whose runs found the machine at different speeds compares the machine too:
+    each run's line and the summary say how fast it was."""
+    run, _ = fake_run({m: [1.0, 0.9] for m in pairs.MODES},
+                      slowdown={"inference-only": [1.0, 0.9], "coserve": [1.3, 0.6]})
+    lines = []
+    recs = pairs.run_pairs(None, 6.0, argparse.Namespace(traces=2, seed=0), run=run,
+                           log=lines.append)
+    assert lines[1].endswith("padding steps 1.30x their predicted time")  # trace 0, coserve
+    text = pairs.describe(6.0, pairs.paired_summary(recs))
+    assert text.endswith("padding steps took 0.60-1.30x the time the latency model predicted")
+    run, _ = fake_run({m: [1.0] for m in pairs.MODES})  # runs that did not measure it
+    recs = pairs.run_pairs(None, 6.0, argparse.Namespace(traces=1, seed=0), run=run,
+                           log=lines.append)
+    assert lines[-1].endswith("tok/s")
+    assert pairs.describe(6.0, pairs.paired_summary(recs)).endswith("tok/s")
