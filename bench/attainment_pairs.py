@@ -100,12 +100,12 @@ def describe(rate: float, s: dict) -> str:
 def _speed_range(*pooled: dict) -> str:
     """The machine's speed over the pooled runs (``pool_rounds`` keeps the slowest and the
     fastest round's ``machine_slowdown``)."""
-    slow = [r["machine_slowdown"] for r in pooled if r.get("machine_slowdown")]
-    fast = [r.get("machine_slowdown_min", r["machine_slowdown"]) for r in pooled
-            if r.get("machine_slowdown")]
-    if not slow:
+    measured = [r for r in pooled if r.get("machine_slowdown")]
+    if not measured:
         return ""
-    return (f"; before each run padding steps took {min(fast):.2f}-{max(slow):.2f}x the time "
+    fastest = min(map(coserve._fastest, measured))
+    slowest = max(r["machine_slowdown"] for r in measured)
+    return (f"; before each run padding steps took {fastest:.2f}-{slowest:.2f}x the time "
             f"the latency model predicted")
 
 

@@ -22,10 +22,10 @@ def fake_run(attainment, slowdown=None):
     def run(model, mode, rate, args, seed):
         calls.append((seed, mode))
         speed = {} if slowdown is None else {"machine_slowdown": slowdown[mode][seed]}
-        return speed | {"mode": mode, "rate": rate, "seed": seed, "requests": 20, "refused": 0,
-                "unfinished": 0, "slo_attainment": attainment[mode][seed],
-                "ft_tokens_per_s": 0.0 if mode == "inference-only" else 100.0,
-                "steps": 1, "mixed_steps": 0, "whole_samples": 0}
+        return speed | {"mode": mode, "rate": rate, "seed": seed, "requests": 20,
+                        "refused": 0, "unfinished": 0, "slo_attainment": attainment[mode][seed],
+                        "ft_tokens_per_s": 0.0 if mode == "inference-only" else 100.0,
+                        "steps": 1, "mixed_steps": 0, "whole_samples": 0}
 
     return run, calls
 
