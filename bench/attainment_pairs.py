@@ -94,19 +94,9 @@ def describe(rate: float, s: dict) -> str:
             f"on {s['same']}, worse on {s['worse']}; pooled difference "
             f"{s['difference'] * 100:+.1f} points (90% bootstrap interval {lo * 100:+.1f} to "
             f"{hi * 100:+.1f}); coserve finetuned {c['ft_tokens_per_s']:.0f} tok/s"
-            + _speed_range(c, i))
-
-
-def _speed_range(*pooled: dict) -> str:
-    """The machine's speed over the pooled runs (``pool_rounds`` keeps the slowest and the
-    fastest round's ``machine_slowdown``)."""
-    measured = [r for r in pooled if r.get("machine_slowdown")]
-    if not measured:
-        return ""
-    fastest = min(map(coserve._fastest, measured))
-    slowest = max(r["machine_slowdown"] for r in measured)
-    return (f"; before each run padding steps took {fastest:.2f}-{slowest:.2f}x the time "
-            f"the latency model predicted")
+            # The machine's speed over the runs (each pooled record keeps its slowest and
+            # fastest run's), as bench/coserve.py reports it.
+            + "".join(f"; {line}" for line in coserve.drift_lines([c, i])))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,7 +66,11 @@ def test_the_machines_speed_is_printed_with_each_run_and_its_range_with_the_summ
                            log=lines.append)
     assert lines[1].endswith("padding steps 1.30x their predicted time")  # trace 0, coserve
     text = pairs.describe(6.0, pairs.paired_summary(recs))
-    assert text.endswith("padding steps took 0.60-1.30x the time the latency model predicted")
+    assert text.endswith("; machine speed: before each run, padding steps took 0.60-1.30x "
+                         "their time when the latency model was measured; past 1.15x "
+                         "(figures from a slower machine than the rest): coserve @ 6 (1.30x); "
+                         "below 0.87x (a latency model measured on a slower machine than the "
+                         "run's: it priced the work dear): coserve @ 6 (0.60x)")
     run, _ = fake_run({m: [1.0] for m in pairs.MODES})  # runs that did not measure it
     recs = pairs.run_pairs(None, 6.0, argparse.Namespace(traces=1, seed=0), run=run,
                            log=lines.append)
