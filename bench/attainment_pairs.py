@@ -7,8 +7,11 @@ points either way, and a miss there says little about the scheduler. Here every 
 pair (the same arrivals, lengths and prompts under both modes, run back to back, the order
 alternating from trace to trace so that a drifting machine favours neither), and the answer
 is the paired difference: how many traces each mode did better on, the pooled attainment of
-each, and a bootstrap interval of the pooled difference over traces. The summary goes to
-BENCHMARKS.md.
+each, and a bootstrap interval of the pooled difference over traces. A trace whose runs met
+the machine at speeds more than ``--matched-speed`` apart (padding steps probed before and
+after each run) is run again, up to ``--retries`` times; the summary counts those, and ends
+with the TPOT target's multiple of the decode TPOT measured before and after the runs. It
+goes to BENCHMARKS.md.
 
     python bench/attainment_pairs.py --find-peak --traces 8          # tiny tier, TPOT 3x
     python bench/attainment_pairs.py --rates 6 --tpot-ms 14.3 --traces 12
@@ -35,18 +38,45 @@ from benchlib import library_revision, machine_line, record
 MODES = ("inference-only", "coserve")
 
 
-def run_pairs(model, rate: float, args, run=run_one, log=print) -> list[dict]:
-    """Both modes on each of ``args.traces`` traces (seeds ``args.seed`` on), the first mode
-    first on even traces and last on odd ones. Returns one record per run."""
+def run_pairs(model, rate: float, args, run=run_one, log=print,
+              modes: tuple[str, ...] = MODES) -> list[dict]:
+    """Every mode on each of ``args.traces`` traces (seeds ``args.seed`` on), the order
+    rotating from trace to trace (two modes: the first first on even traces, last on odd
+    ones). With ``args.matched_speed`` > 0, a trace whose runs found the machine at speeds
+    further apart than that share (``speed_spread``, probed before and after each run) is
+    run again, up to ``args.retries`` times, and the last try is kept either way, marked
+    ``matched``. Returns one record per kept run."""
     recs = []
+    matched_speed = getattr(args, "matched_speed", 0.0)
     for i in range(args.traces):
         seed = args.seed + i
-        for mode in MODES if i % 2 == 0 else MODES[::-1]:
-            rec = run(model, mode, rate, args, seed=seed)
-            recs.append(rec)
-            log(f"  trace {seed} {mode:>15}: {coserve._missed(rec)}, finetuning "
-                f"{rec['ft_tokens_per_s']:.0f} tok/s{_speed(rec)}")
+        order = modes[i % len(modes):] + modes[:i % len(modes)]
+        for attempt in range(1 + (getattr(args, "retries", 0) if matched_speed else 0)):
+            runs = []
+            for mode in order:
+                rec = run(model, mode, rate, args, seed=seed)
+                runs.append(rec)
+                log(f"  trace {seed} {mode:>15}: {coserve._missed(rec)}, finetuning "
+                    f"{rec['ft_tokens_per_s']:.0f} tok/s{_speed(rec)}")
+            spread = speed_spread(runs)
+            matched = not matched_speed or spread is None or spread <= 1 + matched_speed
+            for rec in runs:
+                rec["matched"], rec["tries"] = matched, attempt + 1
+            if matched:
+                break
+            log(f"  trace {seed}: the machine's speed moved {spread:.2f}x across its runs"
+                " (past --matched-speed)" + (", run again" if attempt < args.retries else
+                                              ", kept unmatched"))
+        recs.extend(runs)
     return recs
+
+
+def speed_spread(runs: list[dict]) -> float | None:
+    """The fastest over the slowest machine speed probed before and after ``runs``
+    (``machine_slowdown``, ``machine_slowdown_after``); None where none was probed."""
+    probes = [r[k] for r in runs for k in ("machine_slowdown", "machine_slowdown_after")
+              if r.get(k)]
+    return max(probes) / min(probes) if probes else None
 
 
 def _speed(rec: dict) -> str:
@@ -54,7 +84,11 @@ def _speed(rec: dict) -> str:
     latency model's), where the run measured it: a pair whose runs saw different speeds
     compares the machine as much as the modes."""
     slowdown = rec.get("machine_slowdown")
-    return "" if slowdown is None else f", padding steps {slowdown:.2f}x their predicted time"
+    if slowdown is None:
+        return ""
+    after = rec.get("machine_slowdown_after")
+    return (f", padding steps {slowdown:.2f}x their predicted time"
+            + ("" if after is None else f" before it, {after:.2f}x after"))
 
 
 def paired_summary(recs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
@@ -77,6 +111,8 @@ def paired_summary(recs: list[dict], resamples: int = 2000, seed: int = 0) -> di
     diffs = [c["slo_attainment"] - i["slo_attainment"] for c, i in pairs]
     return {
         "traces": len(pairs),
+        "unmatched": sum(not c.get("matched", True) for c, _ in pairs),
+        "tries": sum(c.get("tries", 1) for c, _ in pairs),
         "coserve": pool_rounds([c for c, _ in pairs]),
         "inference-only": pool_rounds([i for _, i in pairs]),
         "better": sum(d > 1e-9 for d in diffs), "same": sum(abs(d) <= 1e-9 for d in diffs),
@@ -94,6 +130,9 @@ def describe(rate: float, s: dict) -> str:
             f"on {s['same']}, worse on {s['worse']}; pooled difference "
             f"{s['difference'] * 100:+.1f} points (90% bootstrap interval {lo * 100:+.1f} to "
             f"{hi * 100:+.1f}); coserve finetuned {c['ft_tokens_per_s']:.0f} tok/s"
+            + (f"; {s['tries'] - s['traces']} traces run again for a machine whose speed "
+               f"moved across their runs, {s['unmatched']} kept unmatched"
+               if s.get("tries", s["traces"]) > s["traces"] or s.get("unmatched") else "")
             # The machine's speed over the runs (each pooled record keeps its slowest and
             # fastest run's), as bench/coserve.py reports it.
             + "".join(f"; {line}" for line in coserve.drift_lines([c, i])))
@@ -117,15 +156,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gamma-cv", type=float, default=2.0)
     p.add_argument("--scale", type=float, default=0.25, help="ShareGPT length scale")
     p.add_argument("--seed", type=int, default=0, help="seed of the first trace")
+    p.add_argument("--matched-speed", type=float, default=0.3,
+                   help="run a trace again when the machine's speed, probed before and after "
+                        "each of its runs, moved by more than this share (0: never)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="tries beyond the first for a trace run on a moving machine")
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args(argv)
+    args.probe_after = args.matched_speed > 0
     if bool(args.rates) == args.find_peak:
         p.error("give --rates or --find-peak (one of them)")
     model = tier_model(args.tier, None)
     args.latency_dir = tempfile.mkdtemp(prefix="coserve-pairs-latency-")
     if args.tpot_ms is None:
-        tpot = calibrate_tpot_target(model, args)
-        print(f"decode TPOT {tpot * 1e3:.2f} ms -> TPOT target {args.tpot_ms:.2f} ms")
+        before = calibrate_tpot_target(model, args)
+        print(f"decode TPOT {before * 1e3:.2f} ms -> TPOT target {args.tpot_ms:.2f} ms")
+    else:  # a target given in ms: what multiple it is on this machine now
+        before = coserve.decode_tpot_now(model, args)
     fit_to_model(args)
     rates = args.rates
     if args.find_peak:
@@ -137,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     for rate in rates:
         lines.append(describe(rate, paired_summary(run_pairs(model, rate, args))))
         print(lines[-1])
+    lines.append(coserve.multiple_line(args.tpot_ms / 1e3, before,
+                                       coserve.decode_tpot_now(model, args)))
+    print(lines[-1])
     if not args.no_record:
 
         record(f"Attainment in pairs, coserve and inference-only ({args.tier} tier)", {
@@ -147,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                        f"{args.seed + args.traces - 1}, {args.duration:g} s of trace or "
                        f"{args.min_requests} requests' worth, ShareGPT lengths "
                        f"x{args.scale:g}" + (" (rate: the peak found)" if args.find_peak
-                                              else ""))},
+                                              else "")
+                       + (f"; a trace run again (up to {args.retries} times) where the "
+                          f"machine's speed moved by more than {args.matched_speed:.0%} "
+                          f"across its runs" if args.matched_speed > 0 else ""))},
             "\n".join(f"- {line}" for line in lines))
     return 0
 

@@ -178,6 +178,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
     ``seed`` (default ``args.seed``) draws the trace: arrivals, lengths and prompts."""
     engine = Engine(model, engine_config(mode, args))
     engine.warmup(progress=False)
+    measured = dict(engine.latency.times)  # (adapted online from here on)
     slowdown = engine.speed_probe()  # against the benchmark's one latency measurement
     engine.latency.errors.clear()  # from here: the run's own predictions
     finetune = mode != "inference-only" if finetune is None else finetune
@@ -224,6 +225,11 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
                 metrics.append(out.metrics)
     unfinished = len(engine.running) + len(engine.waiting)
     n = len(metrics) + refused + unfinished
+    slowdown_after = None
+    if getattr(args, "probe_after", False):  # against the same measurement as before
+        adapted, engine.latency.times = engine.latency.times, measured
+        slowdown_after = engine.speed_probe()
+        engine.latency.times = adapted
     attained = sum(m.slo_attained for m in metrics)
     ttft = np.array([m.ttft_s for m in metrics]) if metrics else np.zeros(1)
     tpot = np.array([m.tpot_s for m in metrics]) if metrics else np.zeros(1)
@@ -263,6 +269,8 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
         # is the latency model measured when the benchmark began): > 1, the machine had
         # slowed since then.
         "machine_slowdown": slowdown,
+        # The same after the trace (``args.probe_after``; None: not probed).
+        "machine_slowdown_after": slowdown_after,
     } | error
 
 
@@ -321,6 +329,31 @@ def calibrate_tpot_target(model, args) -> float:
     tpot = decode_tpot(model, args)
     args.tpot_ms = args.tpot_multiple * tpot * 1e3
     return tpot
+
+
+def decode_tpot_now(model, args) -> float:
+    """Inference-only's decode TPOT measured now (``decode_tpot``, with no SLO), leaving
+    ``args.tpot_ms`` as it was."""
+    target_ms, args.tpot_ms = args.tpot_ms, 1e6
+    try:
+        return decode_tpot(model, args)
+    finally:
+        args.tpot_ms = target_ms
+
+
+def multiple_line(target_s: float, before_s: float | None, after_s: float) -> str:
+    """What the TPOT target meant: its multiple of inference-only's decode TPOT measured
+    before the runs (``before_s``; None: not measured) and after them (``after_s``). A shared
+    machine's speed moves within an hour, so one target in ms is one regime at one hour and
+    another the next: on the tiny tier, 2026-12-06, the decode TPOT was 3.1 ms at 09:14 UTC
+    and 3.7-7.7 ms between 10:50 and 11:35, which made the 9.4 ms target of a 3x run
+    anything from 1.2x to 2.5x."""
+    before = ("" if before_s is None else
+              f"{target_s / before_s:.2f}x inference-only's decode TPOT before the runs "
+              f"({before_s * 1e3:.2f} ms) and ")
+    return (f"regime: the TPOT target {target_s * 1e3:.1f} ms was {before}"
+            f"{target_s / after_s:.2f}x the decode TPOT measured after them "
+            f"({after_s * 1e3:.2f} ms)")
 
 
 def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
@@ -830,6 +863,10 @@ def main(argv: list[str] | None = None) -> int:
     text = table(shown, ft_only)
     checks = compare(shown, regime["rates"], ft_only, on_gpu, args.tpot_ms / 1e3,
                      regime.get("ft_whole_tokens_per_s")) + drift_lines(shown)
+    before = regime.get("decode_tpot_ms")
+    after = decode_tpot_now(model, args)
+    regime["decode_tpot_after_ms"] = after * 1e3
+    checks.append(multiple_line(args.tpot_ms / 1e3, before and before / 1e3, after))
     print(text)
     print("\n".join(checks))
     print(f"benchmark took {time.monotonic() - started:.0f} s")

@@ -76,3 +76,36 @@ def test_the_machines_speed_is_printed_with_each_run_and_its_range_with_the_summ
                            log=lines.append)
     assert lines[-1].endswith("tok/s")
     assert pairs.describe(6.0, pairs.paired_summary(recs)).endswith("tok/s")
+
+
+def test_a_trace_run_on_a_moving_machine_is_run_again():
+    """With ``matched_speed``, a trace whose runs found the machine's speed (before and after
+    each) more than that share apart runs again, up to ``retries`` times; the last try is
+    kept, marked unmatched where it still moved, and the summary counts both."""
+    speeds = iter([(1.0, 1.5), (1.0, 1.0),   # trace 0: moved 1.5x, run again
+                   (1.0, 1.1), (1.05, 1.0),  # then within 20%: kept
+                   (1.0, 1.0), (1.3, 1.0),   # trace 1: moved three times, kept unmatched
+                   (1.0, 1.0), (1.3, 1.0),
+                   (1.0, 1.0), (1.3, 1.0)])
+    calls = []
+
+    def run(model, mode, rate, args, seed):
+        calls.append((seed, mode))
+        before, after = next(speeds)
+        return {"mode": mode, "rate": rate, "seed": seed, "requests": 20, "refused": 0,
+                "unfinished": 0, "slo_attainment": 1.0, "ft_tokens_per_s": 0.0, "steps": 1,
+                "mixed_steps": 0, "whole_samples": 0, "machine_slowdown": before,
+                "machine_slowdown_after": after}
+
+    lines = []
+    args = argparse.Namespace(traces=2, seed=0, matched_speed=0.2, retries=2)
+    recs = pairs.run_pairs(None, 6.0, args, run=run, log=lines.append)
+    assert [seed for seed, _ in calls] == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    assert [(r["seed"], r["matched"], r["tries"]) for r in recs] == [
+        (0, True, 2), (0, True, 2), (1, False, 3), (1, False, 3)]
+    assert "trace 0: the machine's speed moved 1.50x across its runs" in lines[2]
+    assert lines[-1].endswith("kept unmatched")
+    assert lines[0].endswith("1.00x their predicted time before it, 1.50x after")
+    assert ("; 3 traces run again for a machine whose speed moved across their runs, 1 kept "
+            "unmatched;") in pairs.describe(6.0, pairs.paired_summary(recs))
+    assert pairs.speed_spread([{"machine_slowdown": None}]) is None

@@ -308,3 +308,27 @@ def test_the_8b_tier_path_builds_its_model_and_eight_step_programs():
     buckets = Engine(model, coserve.engine_config("coserve", args)).buckets
     assert len(buckets) == 8
     assert {(b.num_seqs, b.num_pages) for b in buckets} == {(16, 32)}
+
+
+def test_the_regime_line_gives_the_targets_multiple_before_and_after_the_runs():
+    """A shared machine's speed moves, so a target in ms is a multiple of the decode TPOT
+    only at the moment it was measured: the report gives it at both ends of the runs."""
+    assert coserve.multiple_line(0.0094, 0.0031, 0.0047) == (
+        "regime: the TPOT target 9.4 ms was 3.03x inference-only's decode TPOT before the "
+        "runs (3.10 ms) and 2.00x the decode TPOT measured after them (4.70 ms)")
+    assert coserve.multiple_line(0.0094, None, 0.0047) == (
+        "regime: the TPOT target 9.4 ms was 2.00x the decode TPOT measured after them "
+        "(4.70 ms)")
+
+
+def test_measuring_the_decode_tpot_leaves_the_target_as_it_was(monkeypatch):
+    seen = []
+
+    def measure(model, args):
+        seen.append(args.tpot_ms)
+        return 0.005
+
+    monkeypatch.setattr(coserve, "decode_tpot", measure)
+    args = argparse.Namespace(tpot_ms=9.4)
+    assert coserve.decode_tpot_now(None, args) == 0.005
+    assert seen == [1e6] and args.tpot_ms == 9.4  # measured with no SLO, then restored
