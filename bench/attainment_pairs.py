@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"{args.min_requests} requests' worth, ShareGPT lengths "
                        f"x{args.scale:g}" + (" (rate: the peak found)" if args.find_peak
                                               else "")
-                       + (f"; a trace run again (up to {args.retries} times) where the "
+                       + (f"; a trace run again (at most {args.retries} more "
+                          f"{'time' if args.retries == 1 else 'times'}) where the "
                           f"machine's speed moved by more than {args.matched_speed:.0%} "
                           f"across its runs" if args.matched_speed > 0 else ""))},
             "\n".join(f"- {line}" for line in lines))

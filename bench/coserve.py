@@ -346,7 +346,7 @@ def multiple_line(target_s: float, before_s: float | None, after_s: float) -> st
     before the runs (``before_s``; None: not measured) and after them (``after_s``). A shared
     machine's speed moves within an hour, so one target in ms is one regime at one hour and
     another the next: on the tiny tier, 2026-12-06, the decode TPOT was 3.1 ms at 09:14 UTC
-    and 3.7-7.7 ms between 10:50 and 11:35, which made the 9.4 ms target of a 3x run
+    and 3.7-7.7 ms between 11:00 and 11:35, which made the 9.4 ms target of a 3x run
     anything from 1.2x to 2.5x."""
     before = ("" if before_s is None else
               f"{target_s / before_s:.2f}x inference-only's decode TPOT before the runs "

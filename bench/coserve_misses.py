@@ -1,15 +1,15 @@
 """Why co-serving's requests miss their SLO: one coserve run (and inference-only on the same
 trace), and for every request that missed, what ran in its decode window.
 
-For each missed request it prints whether TTFT or TPOT missed, the whole samples that ran
-while it waited for its first token, its TPOT against the target, the whole samples that
-ran between its first and last token (count, seconds, and observed / predicted), and the
-TPOT it would have had without them. A miss whose samples were predicted well but that
-would have met the target without them says the admission check (``Policy.sample_fits``)
-let through what the requests could not absorb; one whose samples overran says the
-prediction did; one that misses without samples says the iterations themselves (prefill,
-bursts) did, and inference-only on the same trace shows whether it misses the same
-requests. The summary goes to BENCHMARKS.md.
+For each missed request it prints whether TTFT or TPOT missed, the whole samples (or parts
+of samples run in parts: "samples" below counts both) that ran while it waited for its first
+token, its TPOT against the target, the samples that ran between its first and last token
+(count, seconds, and observed / predicted), and the TPOT it would have had without them. A
+miss whose samples were predicted well but that would have met the target without them says
+the admission check (``Policy.sample_fits``) let through what the requests could not absorb;
+one whose samples overran says the prediction did; one that misses without samples says the
+iterations themselves (prefill, bursts) did, and inference-only on the same trace shows
+whether it misses the same requests. The summary goes to BENCHMARKS.md.
 
     python bench/coserve_misses.py --rates 8 --seed 1             # tiny tier, TPOT 3x
     python bench/coserve_misses.py --tier small --scale 0.1 --rates 2.5 --tpot-ms 290
@@ -26,7 +26,7 @@ import numpy as np
 from coserve import calibrate_tpot_target, fit_to_model, run_one, tier_model
 
 from coserve_jax import engine as engine_module
-from coserve_jax.latency import sample_key
+from coserve_jax.latency import sample_key, sample_part_key
 
 from benchlib import library_revision, machine_line, record
 
@@ -47,11 +47,21 @@ class TracedEngine(engine_module.Engine):
         return outputs
 
     def _whole_sample_iteration(self, plan, t_start):
-        predicted = self.latency.predict(sample_key(self.trainer.next_sample_bucket()))
+        predicted = self.latency.predict(self.unit_key(plan))
         start = time.monotonic()
         outputs = super()._whole_sample_iteration(plan, t_start)
         self.samples.append((start, time.monotonic(), predicted))
         return outputs
+
+
+    def unit_key(self, plan) -> str:
+        """The latency model's key of the sample unit ``plan`` runs: the next part of a
+        sample run in parts, or a whole sample (before 2026-12-06 a part was compared with
+        its whole sample's price, which made every part look 3-7x cheaper than predicted)."""
+        if plan.sample_part:
+            bucket, index = self.trainer.next_sample_part()
+            return sample_part_key(bucket, index, self.trainer.sample_parts)
+        return sample_key(self.trainer.next_sample_bucket())
 
 
 def misses(engine: TracedEngine) -> list[dict]:
@@ -75,11 +85,18 @@ def misses(engine: TracedEngine) -> list[dict]:
             "tokens": n, "samples": len(inside), "sample_s": spent,
             "ttft_samples": len(waited),
             "ttft_sample_s": float((waited[:, 1] - waited[:, 0]).sum()),
-            "sample_over": float(((inside[:, 1] - inside[:, 0]) / inside[:, 2]).mean())
-            if len(inside) else float("nan"),
+            "sample_over": _over(inside),
             "tpot_without_ms": ((last - first - spent) / (n - 1) * 1e3) if n > 1 else 0.0,
         })
     return rows
+
+
+def _over(samples: np.ndarray) -> float:
+    """Mean observed / predicted seconds of ``samples`` rows (start, end, predicted), over
+    those with a prediction (an unmeasured unit predicts 0 s); nan for none."""
+    priced = samples[samples[:, 2] > 0]
+    return float(((priced[:, 1] - priced[:, 0]) / priced[:, 2]).mean()) if len(priced) else (
+        float("nan"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,19 +134,21 @@ def main(argv: list[str] | None = None) -> int:
             engine = TracedEngine.last
             rows = misses(engine)
             s = np.array(engine.samples).reshape(-1, 3)
-            over = (s[:, 1] - s[:, 0]) / s[:, 2] if len(s) else np.zeros(1)
+            priced = s[s[:, 2] > 0]
+            over = (priced[:, 1] - priced[:, 0]) / priced[:, 2] if len(priced) else np.zeros(1)
             caused = [r for r in rows if r["samples"] and not r["ttft_missed"]
                       and r["tpot_without_ms"] <= args.tpot_ms]
             waited = [r for r in rows if r["ttft_missed"] and r["ttft_samples"]]
             summary.append(
                 f"{mode} @ {rate:g} req/s: attainment {rec['slo_attainment']:.1%} of "
                 f"{rec['requests']} requests, finetuning {rec['ft_tokens_per_s']:.0f} tok/s "
-                f"(unit {rec['finetune_unit']}), {len(s)} whole samples (observed / predicted "
+                f"(unit {rec['finetune_unit']}), {len(s)} sample units, whole or parts "
+                f"(observed / predicted "
                 f"p50 {np.median(over):.2f}, p90 {np.percentile(over, 90):.2f}); TTFT p99 "
                 f"{rec['ttft_p99_s']:.2f} s, TPOT p99 {rec['tpot_p99_s'] * 1e3:.1f} ms; "
                 f"{len(rows)} missed: {len(caused)} would have met the TPOT target without "
-                f"the whole samples in their decode window, {len(waited)} missed TTFT with "
-                f"whole samples run while they waited")
+                f"the sample units in their decode window, {len(waited)} missed TTFT with "
+                f"sample units run while they waited")
             print("\n" + summary[-1])
             for r in sorted(rows, key=lambda r: r["tpot_ms"]):
                 print(f"  {r['id']:>6}: {'TTFT' if r['ttft_missed'] else 'TPOT'} miss, "
