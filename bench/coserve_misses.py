@@ -53,7 +53,6 @@ class TracedEngine(engine_module.Engine):
         self.samples.append((start, time.monotonic(), predicted))
         return outputs
 
-
     def unit_key(self, plan) -> str:
         """The latency model's key of the sample unit ``plan`` runs: the next part of a
         sample run in parts, or a whole sample (before 2026-12-06 a part was compared with
