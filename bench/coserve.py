@@ -181,6 +181,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
     measured = dict(engine.latency.times)  # (adapted online from here on)
     slowdown = engine.speed_probe()  # against the benchmark's one latency measurement
     engine.latency.errors.clear()  # from here: the run's own predictions
+    during = keep_against_measured(engine.latency, measured)
     finetune = mode != "inference-only" if finetune is None else finetune
     if finetune:
         engine.submit_job(finetune_job(model, max_len=engine.trainer.config.max_len))
@@ -271,7 +272,36 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
         "machine_slowdown": slowdown,
         # The same after the trace (``args.probe_after``; None: not probed).
         "machine_slowdown_after": slowdown_after,
+        # During it: the share of the steps and pieces observed at more than SLOW_STEP times
+        # their measured time (None: none observed).
+        "slow_step_share": (float(np.mean(np.array(during) > SLOW_STEP)) if during
+                            else None),
     } | error
+
+
+SLOW_STEP = 1.5
+"""An observed step or piece past this many times its measured time ran in a slow phase of
+the machine (``slow_step_share``): the noise of a step of a few milliseconds stays within it
+(``Engine.speed_probe``: 20%), a co-tenant's phase does not (2-3x on this project's 2-core VM,
+2026-12-06)."""
+
+
+def keep_against_measured(latency, measured: dict[str, float]) -> list[float]:
+    """Makes ``latency`` also keep, for every observation of a shape in ``measured`` (the table
+    as measured, before serving adapts it), its seconds over the measured ones, and returns
+    that list as it fills: the machine's speed during a run, which ``machine_slowdown`` gives
+    only before it. (Each shape's prediction follows its observations, so the latency model's
+    own errors do not show a phase that lasts.)"""
+    ratios: list[float] = []
+    observe = latency.observe
+
+    def observe_and_keep(key: str, seconds: float) -> None:
+        if measured.get(key):
+            ratios.append(seconds / measured[key])
+        observe(key, seconds)
+
+    latency.observe = observe_and_keep
+    return ratios
 
 
 def pool_rounds(recs: list[dict]) -> dict:

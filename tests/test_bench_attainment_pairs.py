@@ -109,3 +109,9 @@ def test_a_trace_run_on_a_moving_machine_is_run_again():
     assert ("; 3 traces run again for a machine whose speed moved across their runs, 1 kept "
             "unmatched;") in pairs.describe(6.0, pairs.paired_summary(recs))
     assert pairs.speed_spread([{"machine_slowdown": None}]) is None
+
+
+def test_a_runs_line_gives_its_share_of_steps_in_a_slow_phase():
+    rec = {"machine_slowdown": 1.0, "machine_slowdown_after": 1.1, "slow_step_share": 0.25}
+    assert pairs._speed(rec) == (", padding steps 1.00x their predicted time before it, 1.10x "
+                                 "after; 25% of its steps past 1.5x their measured time")

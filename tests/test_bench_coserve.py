@@ -332,3 +332,19 @@ def test_measuring_the_decode_tpot_leaves_the_target_as_it_was(monkeypatch):
     args = argparse.Namespace(tpot_ms=9.4)
     assert coserve.decode_tpot_now(None, args) == 0.005
     assert seen == [1e6] and args.tpot_ms == 9.4  # measured with no SLO, then restored
+
+
+def test_a_runs_observations_are_kept_against_the_measured_table():
+    """The latency model's own errors follow a lasting slow phase (each prediction is an
+    average of what it observed); against the table as measured, the phase shows."""
+    from coserve_jax.latency import LatencyModel
+
+    latency = LatencyModel({"step": 0.010, "piece": 0.020})
+    during = coserve.keep_against_measured(latency, dict(latency.times))
+    for seconds in (0.010, 0.030, 0.030, 0.030):
+        latency.observe("step", seconds)
+    latency.observe("piece", 0.020)
+    latency.observe("unmeasured", 0.5)  # no measured time: not kept
+    assert during == pytest.approx([1.0, 3.0, 3.0, 3.0, 1.0])
+    assert latency.times["step"] > 0.010  # the model itself still adapts
+    assert latency.errors[-2] < 3.0  # and its errors shrink as it does
