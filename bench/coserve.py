@@ -355,8 +355,7 @@ def decode_tpot(model, args, requests: int = 4, prompt_len: int = 32,
 def calibrate_tpot_target(model, args) -> float:
     """Sets ``args.tpot_ms`` to ``args.tpot_multiple`` times inference-only's decode TPOT
     (``decode_tpot``, measured with no SLO) and returns that TPOT in seconds."""
-    args.tpot_ms = 1e6  # no SLO while calibrating
-    tpot = decode_tpot(model, args)
+    tpot = decode_tpot_now(model, args)
     args.tpot_ms = args.tpot_multiple * tpot * 1e3
     return tpot
 

@@ -78,24 +78,24 @@ def misses(engine: TracedEngine) -> list[dict]:
         waited = samples[(samples[:, 1] > m.arrival_time)
                          & (samples[:, 0] < (first if first is not None else last))]
         n = m.num_output_tokens
+        over = _over(inside)
         rows.append({
             "id": rid, "ttft_s": m.ttft_s, "tpot_ms": m.tpot_s * 1e3,
             "ttft_missed": m.ttft_s is None or m.ttft_s > m.slo.ttft_s,
             "tokens": n, "samples": len(inside), "sample_s": spent,
             "ttft_samples": len(waited),
             "ttft_sample_s": float((waited[:, 1] - waited[:, 0]).sum()),
-            "sample_over": _over(inside),
+            "sample_over": float(over.mean()) if len(over) else float("nan"),
             "tpot_without_ms": ((last - first - spent) / (n - 1) * 1e3) if n > 1 else 0.0,
         })
     return rows
 
 
-def _over(samples: np.ndarray) -> float:
-    """Mean observed / predicted seconds of ``samples`` rows (start, end, predicted), over
-    those with a prediction (an unmeasured unit predicts 0 s); nan for none."""
+def _over(samples: np.ndarray) -> np.ndarray:
+    """Observed / predicted seconds of the ``samples`` rows (start, end, predicted) that have
+    a prediction (an unmeasured unit predicts 0 s)."""
     priced = samples[samples[:, 2] > 0]
-    return float(((priced[:, 1] - priced[:, 0]) / priced[:, 2]).mean()) if len(priced) else (
-        float("nan"))
+    return (priced[:, 1] - priced[:, 0]) / priced[:, 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             engine = TracedEngine.last
             rows = misses(engine)
             s = np.array(engine.samples).reshape(-1, 3)
-            priced = s[s[:, 2] > 0]
-            over = (priced[:, 1] - priced[:, 0]) / priced[:, 2] if len(priced) else np.zeros(1)
+            over = _over(s)
+            over = over if len(over) else np.zeros(1)
             caused = [r for r in rows if r["samples"] and not r["ttft_missed"]
                       and r["tpot_without_ms"] <= args.tpot_ms]
             waited = [r for r in rows if r["ttft_missed"] and r["ttft_samples"]]
