@@ -15,6 +15,11 @@ goes to BENCHMARKS.md.
 
     python bench/attainment_pairs.py --find-peak --traces 8          # tiny tier, TPOT 3x
     python bench/attainment_pairs.py --rates 6 --tpot-ms 14.3 --traces 12
+    python bench/attainment_pairs.py --rates 3 --traces 6 --against-smallest-bucket
+
+``--against-smallest-bucket`` runs both modes twice on every trace, the second time with each
+step in the smallest bucket that holds it (``SchedulingConfig.cheapest_bucket`` off), and
+compares each engine's pair apart.
 """
 
 from __future__ import annotations
@@ -125,6 +130,13 @@ def paired_summary(recs: list[dict], resamples: int = 2000, seed: int = 0) -> di
     }
 
 
+def variant_records(recs: list[dict], suffix: str, modes: tuple[str, ...] = MODES) -> list[dict]:
+    """The records of ``modes`` run with a mode ``suffix`` ("" for none), under their
+    plain mode names (what ``paired_summary`` compares)."""
+    return [dict(r, mode=r["mode"].removesuffix(suffix) if suffix else r["mode"])
+            for r in recs if r["mode"] in {m + suffix for m in modes}]
+
+
 def describe(rate: float, s: dict) -> str:
     c, i = s["coserve"], s["inference-only"]
     lo, hi = s["interval"]
@@ -164,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                         "each of its runs, moved by more than this share (0: never)")
     p.add_argument("--retries", type=int, default=1,
                    help="tries beyond the first for a trace run on a moving machine")
+    p.add_argument("--against-smallest-bucket", action="store_true",
+                   help="also run both modes with each step in the smallest bucket that holds "
+                        "it (the engine before 2026-12-06) on the same traces, and compare "
+                        "each pair")
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args(argv)
     args.probe_after = args.matched_speed > 0
@@ -183,10 +199,18 @@ def main(argv: list[str] | None = None) -> int:
         peak, _ = find_peak(model, args)
         print(f"peak rate: {peak:.2f} req/s")
         rates = [peak]
+    variants = {"": "cheapest bucket: "}
+    if args.against_smallest_bucket:
+        variants[coserve.SMALLEST_BUCKET] = "smallest bucket: "
+    else:
+        variants[""] = ""
+    modes = tuple(m + suffix for suffix in variants for m in MODES)
     lines = []
     for rate in rates:
-        lines.append(describe(rate, paired_summary(run_pairs(model, rate, args))))
-        print(lines[-1])
+        recs = run_pairs(model, rate, args, modes=modes)
+        for suffix, label in variants.items():
+            lines.append(label + describe(rate, paired_summary(variant_records(recs, suffix))))
+            print(lines[-1])
     lines.append(coserve.multiple_line(args.tpot_ms / 1e3, before,
                                        coserve.decode_tpot_now(model, args)))
     print(lines[-1])

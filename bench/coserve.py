@@ -109,9 +109,16 @@ NO_HEADROOM = "coserve+no-slot-headroom"
 finetuning stretches the iterations, however full the sequence slots get."""
 
 
+SMALLEST_BUCKET = "+smallest-bucket"
+"""A suffix to any mode: the engine with ``SchedulingConfig.cheapest_bucket`` off, each step
+in the smallest bucket that holds it (as before 2026-12-06)."""
+
+
 def engine_config(mode: str, args) -> EngineConfig:
     """The same engine for every mode; only the scheduling policy differs."""
     max_model_len = getattr(args, "max_model_len", 512)
+    smallest = mode.endswith(SMALLEST_BUCKET)
+    mode = mode.removesuffix(SMALLEST_BUCKET)
     idle_samples = mode == IDLE_SAMPLES
     keep = mode == KEPT_PROJECTIONS or getattr(args, "keep_projections", False)
     unit = {WHOLE_SAMPLE_UNIT: "samples", TOKEN_UNIT: "tokens"}.get(mode, "auto")
@@ -129,7 +136,7 @@ def engine_config(mode: str, args) -> EngineConfig:
         min_page_bucket=getattr(args, "min_page_bucket", 8),
         min_seq_bucket=getattr(args, "min_seq_bucket", 4), default_ttft_s=args.ttft_s,
         default_tpot_s=args.tpot_ms / 1000, idle_whole_samples=idle_samples,
-        finetune_unit=unit, slot_headroom=headroom,
+        finetune_unit=unit, slot_headroom=headroom, cheapest_bucket=not smallest,
         safety=getattr(args, "safety", 0.9),
         latency_model_dir=getattr(args, "latency_dir", None),
         xla_options=getattr(args, "xla_options", None) or "",

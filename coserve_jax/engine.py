@@ -185,6 +185,7 @@ class Engine:
             latency=latency, policy=self.policy, eos_token_ids=mc.eos_token_ids,
             registry=self.registry, trainer=self.trainer, idle_whole_samples=idle_samples,
             slo_prefill_chunks=sched.slo_prefill_chunks, arrival_ttft_s=sched.default_ttft_s,
+            cheapest_bucket=sched.cheapest_bucket,
             finetune_unit="samples" if sched.finetune_unit == "samples" and samples_ok
             else "tokens")
         # A dynamic temporal period is set from each iteration's own time: synchronous.

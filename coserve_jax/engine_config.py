@@ -196,6 +196,12 @@ class SchedulingConfig:
     present with it, until they fill the sequence slots and arrivals queue for one (their
     TTFT then runs on through whole lifetimes of the running ones). False: the TPOT targets
     alone bound the stretch."""
+    cheapest_bucket: bool = True
+    """A step runs in the bucket that the latency model prices lowest of those that hold it,
+    rather than in the smallest (``Scheduler.bucket_for``): a compiler may make a larger
+    bucket's program the faster one (on the 2-core CPU, 16 rows of decode ran in 0.66x the
+    time of 8, at 32 pages wide). Where padding only adds work, the smallest is the
+    cheapest and nothing changes. False: the smallest, always."""
     slo_prefill_chunks: bool = True
     """Size each prefill chunk so that the iteration's predicted time keeps every decoding
     request's mean TPOT within its target (``Policy.iteration_limit`` without the margins

@@ -115,3 +115,20 @@ def test_a_runs_line_gives_its_share_of_steps_in_a_slow_phase():
     rec = {"machine_slowdown": 1.0, "machine_slowdown_after": 1.1, "slow_step_share": 0.25}
     assert pairs._speed(rec) == (", padding steps 1.00x their predicted time before it, 1.10x "
                                  "after; 25% of its steps past 1.5x their measured time")
+
+
+def test_pairs_against_the_smallest_bucket_compare_each_engine_on_its_own():
+    """With ``--against-smallest-bucket`` four modes share each trace; each engine's pair is
+    summarised apart, under the plain mode names."""
+    smallest = pairs.coserve.SMALLEST_BUCKET
+    modes = pairs.MODES + tuple(m + smallest for m in pairs.MODES)
+    attainment = {"inference-only": [1.0] * 2, "coserve": [1.0] * 2,
+                  "inference-only" + smallest: [1.0] * 2, "coserve" + smallest: [0.5, 1.0]}
+    run, calls = fake_run(attainment)
+    recs = pairs.run_pairs(None, 3.0, argparse.Namespace(traces=2, seed=0), run=run,
+                           log=lambda _: None, modes=modes)
+    assert [m for s, m in calls if s == 1] == list(modes[1:] + modes[:1])  # rotated
+    cheapest = pairs.paired_summary(pairs.variant_records(recs, ""))
+    old = pairs.paired_summary(pairs.variant_records(recs, smallest))
+    assert (cheapest["worse"], cheapest["coserve"]["slo_attainment"]) == (0, 1.0)
+    assert (old["worse"], old["coserve"]["slo_attainment"]) == (1, 0.75)

@@ -276,6 +276,41 @@ def test_finetuning_stretches_an_iteration_only_as_far_as_the_sequence_slots_all
     assert plans[4, False].time_limit == pytest.approx(0.09, abs=1e-3)
 
 
+def _priced(s: Scheduler, seconds_of) -> Scheduler:
+    """Sets every bucket's measured time to ``seconds_of(bucket)``."""
+    for b in s.buckets:
+        s.latency.times[bucket_key(b)] = seconds_of(b)
+    return s
+
+
+def test_a_step_runs_in_the_cheapest_bucket_that_holds_it():
+    """Where the latency model prices the 4-row buckets below the 2-row ones (a compiler can
+    make the larger program the faster), ``cheapest_bucket`` runs two requests' decodes in a
+    4-row bucket and prices the step at its time; without it, or with prices that rise with
+    the bucket, or with the smallest bucket unmeasured, the smallest holding bucket runs."""
+    def plan_of(cheapest: bool, seconds_of) -> IterationPlan:
+        s = _priced(_scheduler(), seconds_of)
+        s.cheapest_bucket = cheapest
+        for rid in "ab":
+            _add(s, rid, 3, 10, ignore_eos=True)
+        prefill = s.schedule()
+        s.update(prefill, _sample(prefill, lambda rid, n: 100 + n))
+        return s, s.schedule()
+
+    inverted = lambda b: 0.005 if b.num_seqs == 2 else 0.003  # noqa: E731
+    s, plan = plan_of(True, inverted)
+    assert plan.bucket == Bucket(8, 4, 4)
+    assert s.predicted_step_seconds(plan) == pytest.approx(0.003)
+    assert s._predict_shape(2, 2, 1, False) == pytest.approx(0.003)
+    assert plan_of(False, inverted)[1].bucket == Bucket(8, 2, 4)
+    rising = lambda b: 0.001 * b.num_seqs + 0.0001 * b.num_tokens  # noqa: E731
+    assert plan_of(True, rising)[1].bucket == Bucket(8, 2, 4)
+    s = _priced(_scheduler(), inverted)
+    s.cheapest_bucket = True
+    del s.latency.times[bucket_key(Bucket(8, 2, 4))]
+    assert s.bucket_for(2, 2, 1, False) == Bucket(8, 2, 4)  # unmeasured: nothing to compare
+
+
 def test_prompts_advance_when_no_prefill_chunk_fits():
     """When even the smallest step is over the limit, the first prompt still gets what
     fills the decodes' token bucket; the next waits."""
