@@ -93,10 +93,12 @@ def _speed(rec: dict) -> str:
         return ""
     after = rec.get("machine_slowdown_after")
     slow = rec.get("slow_step_share")
+    steal = rec.get("steal_share")
     return (f", padding steps {slowdown:.2f}x their predicted time"
             + ("" if after is None else f" before it, {after:.2f}x after")
             + ("" if slow is None else f"; {slow:.0%} of its steps past "
-               f"{coserve.SLOW_STEP:g}x their measured time"))
+               f"{coserve.SLOW_STEP:g}x their measured time")
+            + ("" if steal is None else f"; host CPU time stolen {steal:.1%}"))
 
 
 def paired_summary(recs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:

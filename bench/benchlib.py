@@ -51,6 +51,28 @@ def machine_line() -> str:
             f"jax {jax.__version__} on {jax.devices()[0].platform}")
 
 
+def cpu_steal() -> tuple[int, int] | None:
+    """The host's CPU time so far, all of it and the part stolen by the hypervisor for other
+    guests (``/proc/stat``, in clock ticks); None where the file is not there (not Linux).
+    Two readings give the steal share of a span: a virtual machine whose co-tenants take its
+    cores runs slow for reasons no benchmark of its own can see."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields[1:]]
+    return sum(ticks[:8]), ticks[7] if len(ticks) > 7 else 0
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the host's CPU time stolen between two ``cpu_steal`` readings (None
+    without both, or with no time between them)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])
+
+
 # ----- measuring on a device (imports jax lazily: a caller may only orchestrate) --------------
 
 

@@ -68,7 +68,7 @@ from coserve_jax.workload import (  # noqa: E402
     sharegpt_lengths,
 )
 
-from benchlib import library_revision, machine_line, record  # noqa: E402
+from benchlib import cpu_steal, library_revision, machine_line, record, steal_share  # noqa: E402
 
 SEPARATE_FRACTIONS = (0.25, 0.5, 0.75)
 ABLATION = "token-level ablation"
@@ -205,6 +205,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
     refused, out_tokens, metrics = 0, 0, []
     ft_tokens_at_end = None
     counts = engine.counters.copy()  # (replaced by the totals at the trace's end)
+    stolen_before = cpu_steal()
     start = time.monotonic()
     i = 0
     while True:
@@ -231,6 +232,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
                 out_tokens += len(out.new_token_ids)
             if out.finished:
                 metrics.append(out.metrics)
+    stolen = steal_share(stolen_before, cpu_steal())
     unfinished = len(engine.running) + len(engine.waiting)
     n = len(metrics) + refused + unfinished
     slowdown_after = None
@@ -283,6 +285,9 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
         # their measured time (None: none observed).
         "slow_step_share": (float(np.mean(np.array(during) > SLOW_STEP)) if during
                             else None),
+        # The share of the host's CPU time its hypervisor gave other guests during the trace
+        # (None: not known here). Under 1% on a quiet VM.
+        "steal_share": stolen,
     } | error
 
 

@@ -115,6 +115,20 @@ def test_a_runs_line_gives_its_share_of_steps_in_a_slow_phase():
     rec = {"machine_slowdown": 1.0, "machine_slowdown_after": 1.1, "slow_step_share": 0.25}
     assert pairs._speed(rec) == (", padding steps 1.00x their predicted time before it, 1.10x "
                                  "after; 25% of its steps past 1.5x their measured time")
+    assert pairs._speed(rec | {"steal_share": 0.031}).endswith(
+        "measured time; host CPU time stolen 3.1%")
+
+
+def test_the_steal_share_is_the_stolen_part_of_the_cpu_time_between_two_readings():
+    from benchlib import cpu_steal, steal_share
+
+    assert steal_share((1000, 10), (2000, 60)) == pytest.approx(0.05)
+    assert steal_share(None, (2000, 60)) is None
+    assert steal_share((1000, 10), (1000, 10)) is None
+    reading = cpu_steal()
+    if reading is not None:  # (Linux)
+        total, stolen = reading
+        assert 0 <= stolen <= total
 
 
 def test_pairs_against_the_smallest_bucket_compare_each_engine_on_its_own():
