@@ -228,6 +228,8 @@ class Scheduler:
         """A step runs in the bucket holding it that the latency model prices lowest, not
         in the smallest (``SchedulingConfig``, ``bucket_for``)."""
         self._bucket_keys = {b: bucket_key(b) for b in buckets}
+        self._cheapest: dict[tuple[Bucket, bool, int], Bucket] | None = None
+        """``bucket_for``'s answers during one ``schedule`` call (None outside one)."""
         # Every bucket's larger buckets: those that hold whatever it holds.
         self._larger = {b: [h for h in buckets if h != b and h.train == b.train
                             and h.num_tokens >= b.num_tokens and h.num_seqs >= b.num_seqs
@@ -314,6 +316,15 @@ class Scheduler:
         ``queued_s``: predicted seconds of device work dispatched before this plan that
         has not finished (the overlapped loop's previous iteration); this iteration's
         tokens land after it, which the requests' time budgets account for."""
+        # Planning prices many shapes, and the latency model holds still while it does, so
+        # each shape's cheapest bucket is looked up once a plan (``bucket_for``).
+        self._cheapest = {}
+        try:
+            return self._plan(queued_s)
+        finally:
+            self._cheapest = None
+
+    def _plan(self, queued_s: float) -> IterationPlan:
         trainer = self.trainer
         follows_sample, self._sample_ran_last = self._sample_ran_last, False
         if not self.has_requests():
@@ -665,13 +676,17 @@ class Scheduler:
         smallest = pick_bucket(self.buckets, num_tokens, num_seqs, widest, train)
         if not self.cheapest_bucket:
             return smallest
+        key = (smallest, sorts_vocab, loss_rows)
+        if self._cheapest is not None and key in self._cheapest:
+            return self._cheapest[key]
         best, best_s = smallest, self._bucket_seconds(smallest, sorts_vocab, loss_rows)
-        if best_s <= 0:
-            return smallest
-        for bucket in self._larger[smallest]:
-            seconds = self._bucket_seconds(bucket, sorts_vocab, loss_rows)
-            if 0 < seconds < best_s:
-                best, best_s = bucket, seconds
+        if best_s > 0:
+            for bucket in self._larger[smallest]:
+                seconds = self._bucket_seconds(bucket, sorts_vocab, loss_rows)
+                if 0 < seconds < best_s:
+                    best, best_s = bucket, seconds
+        if self._cheapest is not None:
+            self._cheapest[key] = best
         return best
 
     def _bucket_seconds(self, bucket: Bucket, sorts_vocab: bool, loss_rows: int) -> float:

@@ -305,6 +305,10 @@ def test_a_step_runs_in_the_cheapest_bucket_that_holds_it():
     assert plan_of(False, inverted)[1].bucket == Bucket(8, 2, 4)
     rising = lambda b: 0.001 * b.num_seqs + 0.0001 * b.num_tokens  # noqa: E731
     assert plan_of(True, rising)[1].bucket == Bucket(8, 2, 4)
+    s, plan = plan_of(True, inverted)
+    _priced(s, rising)  # the latency model moved between two plans: the next one follows
+    s.update(plan, _sample(plan, lambda rid, n: 100 + n))
+    assert s.schedule().bucket == Bucket(8, 2, 4)
     s = _priced(_scheduler(), inverted)
     s.cheapest_bucket = True
     del s.latency.times[bucket_key(Bucket(8, 2, 4))]
