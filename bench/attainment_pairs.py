@@ -201,11 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         peak, _ = find_peak(model, args)
         print(f"peak rate: {peak:.2f} req/s")
         rates = [peak]
-    variants = {"": "cheapest bucket: "}
-    if args.against_smallest_bucket:
-        variants[coserve.SMALLEST_BUCKET] = "smallest bucket: "
-    else:
-        variants[""] = ""
+    # Mode suffix -> the label of its pair's line.
+    variants = ({"": "cheapest bucket: ", coserve.SMALLEST_BUCKET: "smallest bucket: "}
+                if args.against_smallest_bucket else {"": ""})
     modes = tuple(m + suffix for suffix in variants for m in MODES)
     lines = []
     for rate in rates:
