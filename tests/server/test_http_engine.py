@@ -106,14 +106,18 @@ def test_a_file_becomes_a_job_whose_adapter_serves_while_it_trains(served):
                                          extra_body={**extra, "max_steps": 4})
     steps_seen = set()
 
-    def finished():
+    def collect():
         for e in client.fine_tuning.jobs.list_events(job.id, limit=100):
             if e.type == "metrics":
                 steps_seen.add(e.data["step"])
                 assert np.isfinite(e.data["train_loss"])
+
+    def finished():
+        collect()
         return client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
 
     wait_for(finished, timeout=300, interval=0.2, what="the job")
+    collect()  # (the last step may end between a listing and the status that follows it)
     assert steps_seen == set(range(1, 5))
     # After training the adapter gives what the engine alone gives with the job's weights.
     adapter = job.fine_tuned_model
