@@ -135,7 +135,7 @@ def paired_summary(recs: list[dict], resamples: int = 2000, seed: int = 0) -> di
 def variant_records(recs: list[dict], suffix: str, modes: tuple[str, ...] = MODES) -> list[dict]:
     """The records of ``modes`` run with a mode ``suffix`` ("" for none), under their
     plain mode names (what ``paired_summary`` compares)."""
-    return [dict(r, mode=r["mode"].removesuffix(suffix) if suffix else r["mode"])
+    return [dict(r, mode=r["mode"].removesuffix(suffix))
             for r in recs if r["mode"] in {m + suffix for m in modes}]
 
 

@@ -52,8 +52,7 @@ def measure(engine: cj.Engine, buckets: list[Bucket], repeats: int) -> dict[Buck
 def cheapest_holding(bucket: Bucket, seconds: dict[Bucket, float]) -> Bucket:
     """Of the timed buckets that hold whatever ``bucket`` holds, the fastest (the smallest
     of equal times)."""
-    holding = [b for b in seconds if b.num_seqs >= bucket.num_seqs
-               and b.num_pages >= bucket.num_pages]
+    holding = [b for b in seconds if b.holds(bucket)]
     return min(holding, key=lambda b: (seconds[b], b.num_seqs, b.num_pages))
 
 

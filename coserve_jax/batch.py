@@ -66,6 +66,11 @@ class Bucket:
     train: bool = False
     """Whether the batch carries finetuning tokens (loss and activation saving compiled in)."""
 
+    def holds(self, other: Bucket) -> bool:
+        """Whether any batch ``other`` holds fits this bucket too (the same kind of step)."""
+        return (self.train == other.train and self.num_tokens >= other.num_tokens
+                and self.num_seqs >= other.num_seqs and self.num_pages >= other.num_pages)
+
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     """``lo, 2lo, 4lo, ...`` up to and including ``hi`` (``hi`` itself always included)."""

@@ -130,6 +130,12 @@ class ScheduledRow:
     request's next one (False mid-prefill: the sample is dropped)."""
 
 
+def windows_loss_rows(windows) -> int:
+    """Rows carrying a finetuning loss among a plan's ``(in flight, chunk)`` windows: what
+    the step's loss head runs over (``latency.loss_head_key``)."""
+    return sum(int(np.count_nonzero(c.loss_weights)) for _, c in windows)
+
+
 @dataclasses.dataclass(frozen=True)
 class IterationPlan:
     """Everything one iteration runs, decided before anything runs."""
@@ -191,7 +197,7 @@ class IterationPlan:
     def loss_rows(self) -> int:
         """Rows carrying a finetuning loss: what the step's loss head runs over
         (``latency.loss_head_key``)."""
-        return sum(int(np.count_nonzero(c.loss_weights)) for _, c in self.windows)
+        return windows_loss_rows(self.windows)
 
 
 class Scheduler:
@@ -231,9 +237,7 @@ class Scheduler:
         self._cheapest: dict[tuple[Bucket, bool, int], Bucket] | None = None
         """``bucket_for``'s answers during one ``schedule`` call (None outside one)."""
         # Every bucket's larger buckets: those that hold whatever it holds.
-        self._larger = {b: [h for h in buckets if h != b and h.train == b.train
-                            and h.num_tokens >= b.num_tokens and h.num_seqs >= b.num_seqs
-                            and h.num_pages >= b.num_pages] for b in buckets}
+        self._larger = {b: [h for h in buckets if h != b and h.holds(b)] for b in buckets}
         self.arrival_ttft_s = arrival_ttft_s
         """TTFT target of the requests that set none: one may arrive during a whole sample
         (``Policy.sample_fits``)."""
@@ -406,8 +410,7 @@ class Scheduler:
             num_tokens = sum(len(c.token_ids) for c in chunks)
             bucket = self.bucket_for(num_tokens, len(chunks), widest, bool(windows),
                                      any(c.temperature > 0 for c in chunks),
-                                     sum(int(np.count_nonzero(c.loss_weights))
-                                         for _, c in windows))
+                                     windows_loss_rows(windows))
             batch = build_batch(chunks, bucket, self.page_size)
         plan = IterationPlan(tuple(rows), tuple(windows), bucket, batch, ft_iteration,
                              time_limit=limit, tokens_left=left, tpot_target=self.tpot_target(),
@@ -690,13 +693,11 @@ class Scheduler:
         return best
 
     def _bucket_seconds(self, bucket: Bucket, sorts_vocab: bool, loss_rows: int) -> float:
-        """``LatencyModel.step_seconds`` of ``bucket`` with its key computed once; 0 when the
-        bucket itself is unmeasured."""
-        seconds = self.latency.predict(self._bucket_keys[bucket])
-        if not seconds:
+        """``LatencyModel.step_seconds`` of ``bucket``; 0 when the bucket itself is
+        unmeasured (its key computed once: ``bucket_for`` asks for many buckets)."""
+        if not self.latency.predict(self._bucket_keys[bucket]):
             return 0.0
-        return (seconds + self.latency.sort_seconds(bucket, sorts_vocab)
-                + self.latency.loss_seconds(bucket, loss_rows))
+        return self.latency.step_seconds(bucket, sorts_vocab, loss_rows)
 
     def _progress(self, req: Request, now: float, sampling: set[str]):
         """What ``Policy.iteration_limit`` needs of a running request (clock: monotonic;
