@@ -20,11 +20,21 @@ goes to BENCHMARKS.md.
 ``--against-smallest-bucket`` runs both modes twice on every trace, the second time with each
 step in the smallest bucket that holds it (``SchedulingConfig.cheapest_bucket`` off), and
 compares each engine's pair apart.
+
+``--rivals`` adds other modes to every trace (FlexLLM's ``temporal-seq`` baselines, the
+token-level ablation) and compares coserve's finetuning with each one's the same way: on the
+same traces, in rotating order, the pooled tokens/s of each with a bootstrap interval of
+their ratio over traces, beside each one's attainment. ``bench/coserve.py`` compares them on
+two traces, where one trace's luck can move a rival's attainment across the 95% line.
+
+    python bench/attainment_pairs.py --rates 10 --traces 6 --rivals temporal-seq:dynamic \
+        temporal:dynamic
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 
 import coserve
@@ -37,6 +47,8 @@ from coserve import (
     run_one,
     tier_model,
 )
+
+from coserve_jax.policy import parse_mode
 
 from benchlib import library_revision, machine_line, record
 
@@ -132,6 +144,51 @@ def paired_summary(recs: list[dict], resamples: int = 2000, seed: int = 0) -> di
     }
 
 
+def finetune_summary(recs: list[dict], rival: str, resamples: int = 2000,
+                     seed: int = 0) -> dict:
+    """coserve's finetuning against ``rival``'s on the same traces: each one's pooled record
+    (attainment over all requests; ``ft_tokens_per_s`` over all traces' seconds), the ratio
+    of their finetuning tokens with a 90% bootstrap interval over traces (resampling whole
+    traces), and the traces on which coserve finetuned more, and on which it did so at an
+    attainment at least the rival's."""
+    by = {(r["seed"], r["mode"]): r for r in recs}
+    seeds = sorted({r["seed"] for r in recs})
+    pairs = [(by[s, "coserve"], by[s, rival]) for s in seeds]
+    tokens = np.array([[r["ft_tokens_per_s"] * r["duration_s"] for r in pair]
+                       for pair in pairs])
+    seconds = np.array([[r["duration_s"] for r in pair] for pair in pairs])
+
+    def ratio(rows) -> float:
+        made = tokens[rows].sum(axis=0)
+        return float(made[0] / made[1]) if made[1] > 0 else math.inf
+
+    rng = np.random.default_rng(seed)
+    draws = [ratio(rng.integers(0, len(pairs), len(pairs))) for _ in range(resamples)]
+    more = [c["ft_tokens_per_s"] > r["ft_tokens_per_s"] for c, r in pairs]
+    pooled = [pool_rounds([pair[k] for pair in pairs]) for k in (0, 1)]
+    for k, rec in enumerate(pooled):  # tokens over seconds, not a mean of rates
+        rec["ft_tokens_per_s"] = float(tokens[:, k].sum() / seconds[:, k].sum())
+    return {
+        "rival": rival, "traces": len(pairs), "coserve": pooled[0], rival: pooled[1],
+        "ratio": ratio(np.arange(len(pairs))),
+        "interval": (float(np.percentile(draws, 5)), float(np.percentile(draws, 95))),
+        "more": sum(more),
+        "more_at_attainment": sum(m and c["slo_attainment"] >= r["slo_attainment"]
+                                  for m, (c, r) in zip(more, pairs, strict=True)),
+    }
+
+
+def describe_finetuning(rate: float, s: dict) -> str:
+    c, r = s["coserve"], s[s["rival"]]
+    lo, hi = s["interval"]
+    return (f"{rate:g} req/s, {s['traces']} traces, coserve against {s['rival']}: attainment "
+            f"{c['slo_attainment']:.1%} against {r['slo_attainment']:.1%}; finetuning "
+            f"{c['ft_tokens_per_s']:.0f} against {r['ft_tokens_per_s']:.0f} tok/s, "
+            f"{s['ratio']:.2f}x (90% bootstrap interval {lo:.2f}-{hi:.2f}x); coserve "
+            f"finetuned more on {s['more']} traces, {s['more_at_attainment']} of them at an "
+            f"attainment at least the rival's")
+
+
 def variant_records(recs: list[dict], suffix: str, modes: tuple[str, ...] = MODES) -> list[dict]:
     """The records of ``modes`` run with a mode ``suffix`` ("" for none), under their
     plain mode names (what ``paired_summary`` compares)."""
@@ -182,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run both modes with each step in the smallest bucket that holds "
                         "it (the engine before 2026-12-06) on the same traces, and compare "
                         "each pair")
+    p.add_argument("--rivals", nargs="+", default=[], metavar="MODE",
+                   help="modes also run on every trace, whose finetuning coserve's is "
+                        "compared with (e.g. temporal-seq:dynamic temporal:dynamic)")
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args(argv)
     args.probe_after = args.matched_speed > 0
@@ -204,19 +264,32 @@ def main(argv: list[str] | None = None) -> int:
     # Mode suffix -> the label of its pair's line.
     variants = ({"": "cheapest bucket: ", coserve.SMALLEST_BUCKET: "smallest bucket: "}
                 if args.against_smallest_bucket else {"": ""})
-    modes = tuple(m + suffix for suffix in variants for m in MODES)
+    if args.rivals and args.against_smallest_bucket:
+        p.error("--rivals and --against-smallest-bucket do not go together")
+    for rival in args.rivals:
+        try:  # a clear error before any run
+            parse_mode(rival.removesuffix(coserve.SMALLEST_BUCKET))
+        except ValueError as e:
+            p.error(f"--rivals: {e}")
+        if rival in MODES:
+            p.error(f"--rivals: {rival} runs on every trace already")
+    modes = tuple(m + suffix for suffix in variants for m in MODES) + tuple(args.rivals)
     lines = []
     for rate in rates:
         recs = run_pairs(model, rate, args, modes=modes)
         for suffix, label in variants.items():
             lines.append(label + describe(rate, paired_summary(variant_records(recs, suffix))))
             print(lines[-1])
+        for rival in args.rivals:
+            lines.append(describe_finetuning(rate, finetune_summary(recs, rival)))
+            print(lines[-1])
     lines.append(coserve.multiple_line(args.tpot_ms / 1e3, before,
                                        coserve.decode_tpot_now(model, args)))
     print(lines[-1])
     if not args.no_record:
 
-        record(f"Attainment in pairs, coserve and inference-only ({args.tier} tier)", {
+        rivals = "".join(f", {rival}" for rival in args.rivals)
+        record(f"Attainment in pairs, coserve and inference-only{rivals} ({args.tier} tier)", {
             "machine": machine_line(),
             "commit": library_revision(),
             "regime": (f"TPOT target {args.tpot_ms:.1f} ms, TTFT {args.ttft_s:g} s; "

@@ -146,3 +146,41 @@ def test_pairs_against_the_smallest_bucket_compare_each_engine_on_its_own():
     old = pairs.paired_summary(pairs.variant_records(recs, smallest))
     assert (cheapest["worse"], cheapest["coserve"]["slo_attainment"]) == (0, 1.0)
     assert (old["worse"], old["coserve"]["slo_attainment"]) == (1, 0.75)
+
+
+def test_rivals_run_on_every_trace_and_coserves_finetuning_is_compared_with_each():
+    """``--rivals``: a rival mode shares every trace; the summary pools each mode's tokens over
+    its seconds and bounds the ratio over traces."""
+    rival = "temporal-seq:dynamic"
+    modes = (*pairs.MODES, rival)
+    base, calls = fake_run({"inference-only": [1.0] * 3, "coserve": [1.0, 1.0, 0.9],
+                            rival: [0.9, 1.0, 0.95]})
+    finetuning = {("coserve", 0): 300.0, ("coserve", 1): 100.0, ("coserve", 2): 200.0,
+                  (rival, 0): 100.0, (rival, 1): 200.0, (rival, 2): 100.0}
+
+    def run(model, mode, rate, args, seed):
+        rec = base(model, mode, rate, args, seed)
+        return rec | {"duration_s": 6.0 + seed,
+                      "ft_tokens_per_s": finetuning.get((mode, seed), 0.0)}
+
+    recs = pairs.run_pairs(None, 5.0, argparse.Namespace(traces=3, seed=0), run=run,
+                           log=lambda _: None, modes=modes)
+    assert sorted(calls) == sorted((s, m) for s in range(3) for m in modes)
+    s = pairs.finetune_summary(recs, rival)
+    made = {"coserve": 300 * 6 + 100 * 7 + 200 * 8, rival: 100 * 6 + 200 * 7 + 100 * 8}
+    assert s["ratio"] == pytest.approx(made["coserve"] / made[rival])
+    assert s["coserve"]["ft_tokens_per_s"] == pytest.approx(made["coserve"] / 21)
+    assert s[rival]["slo_attainment"] == pytest.approx(2.85 / 3)
+    lo, hi = s["interval"]
+    assert 0.5 - 1e-9 <= lo <= s["ratio"] <= hi <= 3.0 + 1e-9  # within the per-trace ratios
+    # More on traces 0 and 2; on trace 2 at a lower attainment than the rival's.
+    assert (s["more"], s["more_at_attainment"]) == (2, 1)
+    assert f"{s['ratio']:.2f}x" in pairs.describe_finetuning(5.0, s)
+    # The inference-only pair is summarised as before, the rival left out of it.
+    assert pairs.paired_summary(recs)["traces"] == 3
+
+
+def test_a_rival_that_is_no_mode_is_refused_before_any_run(capsys):
+    with pytest.raises(SystemExit):
+        pairs.main(["--rates", "5", "--rivals", "temporal-seq:often"])
+    assert "temporal-seq:often" in capsys.readouterr().err
