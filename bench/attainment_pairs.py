@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     print(lines[-1])
     if not args.no_record:
 
-        rivals = "".join(f", {rival}" for rival in args.rivals)
-        record(f"Attainment in pairs, coserve and inference-only{rivals} ({args.tier} tier)", {
+        rivals = f"; finetuning against {', '.join(args.rivals)}" if args.rivals else ""
+        record(f"Attainment in pairs, coserve and inference-only ({args.tier} tier){rivals}", {
             "machine": machine_line(),
             "commit": library_revision(),
             "regime": (f"TPOT target {args.tpot_ms:.1f} ms, TTFT {args.ttft_s:g} s; "
