@@ -247,6 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     args.probe_after = args.matched_speed > 0
     if bool(args.rates) == args.find_peak:
         p.error("give --rates or --find-peak (one of them)")
+    if args.rivals and args.against_smallest_bucket:
+        p.error("--rivals and --against-smallest-bucket do not go together")
+    for rival in args.rivals:
+        try:  # a clear error before any run
+            parse_mode(rival.removesuffix(coserve.SMALLEST_BUCKET))
+        except ValueError as e:
+            p.error(f"--rivals: {e}")
+        if rival in MODES:
+            p.error(f"--rivals: {rival} runs on every trace already")
     model = tier_model(args.tier, None)
     args.latency_dir = tempfile.mkdtemp(prefix="coserve-pairs-latency-")
     if args.tpot_ms is None:
@@ -264,15 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     # Mode suffix -> the label of its pair's line.
     variants = ({"": "cheapest bucket: ", coserve.SMALLEST_BUCKET: "smallest bucket: "}
                 if args.against_smallest_bucket else {"": ""})
-    if args.rivals and args.against_smallest_bucket:
-        p.error("--rivals and --against-smallest-bucket do not go together")
-    for rival in args.rivals:
-        try:  # a clear error before any run
-            parse_mode(rival.removesuffix(coserve.SMALLEST_BUCKET))
-        except ValueError as e:
-            p.error(f"--rivals: {e}")
-        if rival in MODES:
-            p.error(f"--rivals: {rival} runs on every trace already")
     modes = tuple(m + suffix for suffix in variants for m in MODES) + tuple(args.rivals)
     lines = []
     for rate in rates:

@@ -153,7 +153,8 @@ class Engine:
         self.policy = Policy(sched.mode, safety=sched.safety,
                              spend_banked=sched.spend_banked_slack,
                              banked_reserve=sched.banked_reserve,
-                             slot_headroom=sched.slot_headroom)
+                             slot_headroom=sched.slot_headroom,
+                             credit_cap=sched.sample_credit_cap)
         if self.policy.whole_samples and self.layout.sharded:
             raise ValueError(f"mode {sched.mode} runs whole samples on one device; use "
                              f"coserve or temporal:N on a mesh")

@@ -196,6 +196,12 @@ class SchedulingConfig:
     present with it, until they fill the sequence slots and arrivals queue for one (their
     TTFT then runs on through whole lifetimes of the running ones). False: the TPOT targets
     alone bound the stretch."""
+    sample_credit_cap: float = 1.0
+    """coserve's whole-sample unit: the slack credit kept while a sample waits for the
+    requests to be able to absorb it, in samples (``Policy.cap_credit``). 1 keeps one
+    sample's worth and drops the rest: the slack of the iterations spent waiting never
+    reaches finetuning. More lets later iterations spend it, one sample unit every other
+    iteration at most, each still held to every request's deadline (``Policy.sample_fits``)."""
     cheapest_bucket: bool = True
     """A step runs in the bucket that the latency model prices lowest of those that hold it,
     rather than in the smallest (``Scheduler.bucket_for``): a compiler may make a larger
@@ -225,6 +231,9 @@ class SchedulingConfig:
         SLO(self.default_ttft_s, self.default_tpot_s)
         if not 0 < self.safety <= 1:
             raise ValueError(f"SchedulingConfig.safety must be in (0, 1]; got {self.safety}")
+        if not self.sample_credit_cap >= 1:
+            raise ValueError(f"SchedulingConfig.sample_credit_cap must be >= 1 (samples); got "
+                             f"{self.sample_credit_cap}")
         if not self.banked_reserve >= 0:
             raise ValueError(f"SchedulingConfig.banked_reserve must be >= 0; got "
                              f"{self.banked_reserve}")

@@ -73,8 +73,10 @@ class Policy:
 
     def __init__(self, mode: str, safety: float = 0.9, max_period: int = 1024,
                  spend_banked: bool = True, banked_reserve: float = 1.0,
-                 slot_headroom: bool = True):
+                 slot_headroom: bool = True, credit_cap: float = 1.0):
         self.mode = mode
+        self.credit_cap = credit_cap
+        """Samples' worth of slack credit kept while a sample waits (``cap_credit``)."""
         self.use_slot_headroom = slot_headroom
         self.spend_banked = spend_banked
         self.banked_reserve = banked_reserve
@@ -309,11 +311,15 @@ class Policy:
         return max(inference_s, self._serving_gap or 0.0) * aim / present
 
     def cap_credit(self, sample_s: float) -> None:
-        """Keeps the slack credit at most one sample of ``sample_s`` seconds, so that the
-        credit of a lull is not spent in a burst of samples back to back. The scheduler
-        caps it while a sample waits (``sample_fits`` refused it), not when one runs; and
-        while requests are present it runs no sample unit right after another."""
-        self.slack_credit = min(self.slack_credit, sample_s)
+        """Keeps the slack credit at most ``credit_cap`` samples of ``sample_s`` seconds, so
+        that the credit of a lull is not spent in a burst of samples. The scheduler caps it
+        while a sample waits (``sample_fits`` refused it), not when one runs; and while
+        requests are present it runs no sample unit right after another, so a credit of
+        several samples is spent one sample every other iteration at most. What a cap drops
+        is slack the requests left and finetuning never gets back: a cap above one lets the
+        iterations after a wait (a request near its deadline, which could absorb no sample)
+        catch up on it."""
+        self.slack_credit = min(self.slack_credit, self.credit_cap * sample_s)
 
     def idle_limit(self, arrival_ttft_s: float | None, step_s: float,
                    queued_s: float = 0.0) -> float | None:

@@ -31,7 +31,8 @@ OLD_FLAT_NAMES = (  # and the names at the end: added since
     "max_waiting", "admission_control", "latency_model_dir", "run_dir", "log_every", "kernels",
     "overlap_host", "idle_whole_samples", "safety", "banked_reserve", "slot_headroom",
     "slo_prefill_chunks", "keep_projections", "finetune_unit", "dense_lora", "skip_unused_lora",
-    "unroll_layers", "xla_options", "sample_segments", "cheapest_bucket")
+    "unroll_layers", "xla_options", "sample_segments", "cheapest_bucket",
+    "sample_credit_cap")
 SMALL = EngineConfig.flat(page_size=4, num_pages=64, max_num_seqs=4, max_num_batched_tokens=16,
                           min_token_bucket=8, min_seq_bucket=2, max_model_len=128,
                           max_lora_rank=8, max_train_seqs=1, max_train_len=64)

@@ -55,6 +55,23 @@ def test_a_sample_waits_for_the_slack_credit_and_never_hoards_more_than_one():
     assert policy.slack_credit == pytest.approx(-0.001)
 
 
+def test_a_credit_cap_of_several_samples_keeps_the_slack_of_a_wait():
+    """``credit_cap``: what the iterations bank while a sample waits (a request could not
+    absorb it) is kept up to that many samples, for the iterations after the wait."""
+    policy = _samples_policy(credit_cap=3.0)
+    for _ in range(20):  # 20 x 4 ms banked while the sample waits
+        policy.observe(0.005, had_inference=True, had_finetune=False, tpot_target=0.010)
+        policy.cap_credit(0.018)
+    assert policy.slack_credit == pytest.approx(3 * 0.018)
+    for _ in range(3):  # three samples run on it (each in 17 ms), requests between them
+        assert policy.sample_fits(0.018, 0.005, [], [])
+        policy.observe(0.017, had_inference=False, had_finetune=True, tpot_target=0.010)
+    assert policy.slack_credit == pytest.approx(0.003)
+    assert not policy.sample_fits(0.018, 0.005, [], [])
+    with pytest.raises(ValueError, match="sample_credit_cap"):
+        EngineConfig.flat(sample_credit_cap=0.5)
+
+
 def test_the_slot_headroom_caps_what_an_iteration_banks():
     """An iteration banks for whole samples only what it could have run beside its requests:
     ``safety`` times the target, or less where the sequence slots allow less."""
