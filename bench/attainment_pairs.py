@@ -117,9 +117,7 @@ def paired_summary(recs: list[dict], resamples: int = 2000, seed: int = 0) -> di
     """The pairs' comparison: pooled attainment of each mode, traces on which coserve did
     better / the same / worse, and the pooled difference (coserve minus inference-only) with
     a 90% bootstrap interval over traces (resampling whole pairs)."""
-    by = {(r["seed"], r["mode"]): r for r in recs}
-    seeds = sorted({r["seed"] for r in recs})
-    pairs = [(by[s, "coserve"], by[s, "inference-only"]) for s in seeds]
+    pairs = trace_pairs(recs, "coserve", "inference-only")
     served = np.array([[c["requests"], i["requests"]] for c, i in pairs], float)
     met = np.array([[c["slo_attainment"] * c["requests"], i["slo_attainment"] * i["requests"]]
                     for c, i in pairs])
@@ -128,8 +126,6 @@ def paired_summary(recs: list[dict], resamples: int = 2000, seed: int = 0) -> di
         pooled = met[rows].sum(axis=0) / served[rows].sum(axis=0)
         return float(pooled[0] - pooled[1])
 
-    rng = np.random.default_rng(seed)
-    draws = [difference(rng.integers(0, len(pairs), len(pairs))) for _ in range(resamples)]
     diffs = [c["slo_attainment"] - i["slo_attainment"] for c, i in pairs]
     return {
         "traces": len(pairs),
@@ -140,8 +136,22 @@ def paired_summary(recs: list[dict], resamples: int = 2000, seed: int = 0) -> di
         "better": sum(d > 1e-9 for d in diffs), "same": sum(abs(d) <= 1e-9 for d in diffs),
         "worse": sum(d < -1e-9 for d in diffs),
         "difference": difference(np.arange(len(pairs))),
-        "interval": (float(np.percentile(draws, 5)), float(np.percentile(draws, 95))),
+        "interval": bootstrap_interval(difference, len(pairs), resamples, seed),
     }
+
+
+def trace_pairs(recs: list[dict], first: str, second: str) -> list[tuple[dict, dict]]:
+    """The records of modes ``first`` and ``second`` on each trace, by trace seed."""
+    by = {(r["seed"], r["mode"]): r for r in recs}
+    return [(by[s, first], by[s, second]) for s in sorted({r["seed"] for r in recs})]
+
+
+def bootstrap_interval(statistic, count: int, resamples: int, seed: int) -> tuple[float, float]:
+    """The 90% bootstrap interval of ``statistic(rows)`` over ``count`` traces, resampling
+    whole traces (``rows``: their indices, drawn with replacement)."""
+    rng = np.random.default_rng(seed)
+    draws = [statistic(rng.integers(0, count, count)) for _ in range(resamples)]
+    return float(np.percentile(draws, 5)), float(np.percentile(draws, 95))
 
 
 def finetune_summary(recs: list[dict], rival: str, resamples: int = 2000,
@@ -151,9 +161,7 @@ def finetune_summary(recs: list[dict], rival: str, resamples: int = 2000,
     of their finetuning tokens with a 90% bootstrap interval over traces (resampling whole
     traces), and the traces on which coserve finetuned more, and on which it did so at an
     attainment at least the rival's."""
-    by = {(r["seed"], r["mode"]): r for r in recs}
-    seeds = sorted({r["seed"] for r in recs})
-    pairs = [(by[s, "coserve"], by[s, rival]) for s in seeds]
+    pairs = trace_pairs(recs, "coserve", rival)
     tokens = np.array([[r["ft_tokens_per_s"] * r["duration_s"] for r in pair]
                        for pair in pairs])
     seconds = np.array([[r["duration_s"] for r in pair] for pair in pairs])
@@ -162,8 +170,6 @@ def finetune_summary(recs: list[dict], rival: str, resamples: int = 2000,
         made = tokens[rows].sum(axis=0)
         return float(made[0] / made[1]) if made[1] > 0 else math.inf
 
-    rng = np.random.default_rng(seed)
-    draws = [ratio(rng.integers(0, len(pairs), len(pairs))) for _ in range(resamples)]
     more = [c["ft_tokens_per_s"] > r["ft_tokens_per_s"] for c, r in pairs]
     pooled = [pool_rounds([pair[k] for pair in pairs]) for k in (0, 1)]
     for k, rec in enumerate(pooled):  # tokens over seconds, not a mean of rates
@@ -171,7 +177,7 @@ def finetune_summary(recs: list[dict], rival: str, resamples: int = 2000,
     return {
         "rival": rival, "traces": len(pairs), "coserve": pooled[0], rival: pooled[1],
         "ratio": ratio(np.arange(len(pairs))),
-        "interval": (float(np.percentile(draws, 5)), float(np.percentile(draws, 95))),
+        "interval": bootstrap_interval(ratio, len(pairs), resamples, seed),
         "more": sum(more),
         "more_at_attainment": sum(m and c["slo_attainment"] >= r["slo_attainment"]
                                   for m, (c, r) in zip(more, pairs, strict=True)),

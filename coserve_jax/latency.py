@@ -23,6 +23,7 @@ carries.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ import tempfile
 from coserve_jax.batch import Bucket, loss_head_rows
 
 
+@functools.cache  # (a plan prices many buckets, each many times an engine's life)
 def bucket_key(b: Bucket) -> str:
     return f"t{b.num_tokens}-s{b.num_seqs}-w{b.num_pages}-{'train' if b.train else 'infer'}"
 

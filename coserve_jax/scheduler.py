@@ -233,7 +233,6 @@ class Scheduler:
         self.cheapest_bucket = cheapest_bucket
         """A step runs in the bucket holding it that the latency model prices lowest, not
         in the smallest (``SchedulingConfig``, ``bucket_for``)."""
-        self._bucket_keys = {b: bucket_key(b) for b in buckets}
         self._cheapest: dict[tuple[Bucket, bool, int], Bucket] | None = None
         """``bucket_for``'s answers during one ``schedule`` call (None outside one)."""
         # Every bucket's larger buckets: those that hold whatever it holds.
@@ -694,8 +693,8 @@ class Scheduler:
 
     def _bucket_seconds(self, bucket: Bucket, sorts_vocab: bool, loss_rows: int) -> float:
         """``LatencyModel.step_seconds`` of ``bucket``; 0 when the bucket itself is
-        unmeasured (its key computed once: ``bucket_for`` asks for many buckets)."""
-        if not self.latency.predict(self._bucket_keys[bucket]):
+        unmeasured."""
+        if not self.latency.predict(bucket_key(bucket)):
             return 0.0
         return self.latency.step_seconds(bucket, sorts_vocab, loss_rows)
 
