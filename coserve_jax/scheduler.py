@@ -707,11 +707,14 @@ class Scheduler:
         # next iteration on such a request is decoding (with nothing banked), not in prefill.
         landed = req.in_flight - (req.request_id in sampling)
         if req.first_token_time is not None or (landed and req.params.max_tokens > 1):
-            # A request behind its target makes its lack up over the tokens it has to
-            # come: up to ``max_tokens``, but no more than it produced so far, since it
-            # may stop early.
+            # The tokens it has to come (a request behind its target makes its lack up over
+            # them; one ahead may absorb a whole sample over them): up to ``max_tokens``, all
+            # of them where nothing but ``max_tokens`` ends it, else no more than it produced
+            # so far, since it may stop early.
             produced = len(req.output) - 1 + landed
-            to_come = min(req.params.max_tokens - produced - 1, produced + 1)
+            to_come = req.params.max_tokens - produced - 1
+            if not req.params.runs_to_max_tokens:
+                to_come = min(to_come, produced + 1)
             first = now if req.first_token_time is None else req.first_token_time
             return produced, now - first, to_come
         # Prefill left after this iteration's chunk, at a full token budget per iteration.

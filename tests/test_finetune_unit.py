@@ -247,12 +247,14 @@ def test_an_idle_sample_waits_for_the_queued_work_an_arrival_could_not_also_wait
 
 def _engine_serving_one_request(prompt: list[int], sample_s: float) -> Engine:
     """An engine of the whole-sample unit with a job whose samples are priced ``sample_s``,
-    and one request added with loose targets (60 s)."""
+    and one request added with loose targets (60 s). The request may stop at EOS, so the
+    scheduler counts on no more tokens to come than it has produced (a request that only
+    ``max_tokens`` ends could absorb a sample over all it has left)."""
     engine = Engine(tiny_model(), EngineConfig.flat(**CONFIG, finetune_unit="samples",
                                                     default_ttft_s=60.0))
     engine.submit_job(_job([40, 61, 35, 52]))
     engine.latency.times |= {sample_key(n): sample_s for n in engine.trainer.seq_buckets}
-    engine.add_request(prompt, SamplingParams(max_tokens=8, ignore_eos=True),
+    engine.add_request(prompt, SamplingParams(max_tokens=8),
                        slo=SLO(ttft_s=60.0, tpot_s=60.0), admission=False)
     return engine
 

@@ -153,7 +153,7 @@ def test_a_first_token_in_flight_starts_the_tpot_clock():
     banked, not as a prompt with its TTFT slack to lend (a whole sample's check would
     otherwise let the sample land between its first two tokens)."""
     s = _scheduler()
-    req = _add(s, "a", 3, 10, ignore_eos=True)
+    req = _add(s, "a", 3, 10)  # (it may stop at EOS: one token counted on to come)
     s.schedule()  # samples the first token; not read back yet
     now = time.monotonic() + 0.02
     assert s._progress(req, now, set()) == (0, 0.0, 1)
@@ -169,6 +169,12 @@ def test_a_first_token_in_flight_starts_the_tpot_clock():
     policy.samples_beside_inference = True
     policy.slack_credit = 1.0
     assert not policy.sample_fits(0.01, 0.001, [1.0], [s._progress(req, now, set())])
+    # One that only ``max_tokens`` ends absorbs the sample over its nine tokens to come.
+    s = _scheduler()
+    known = _add(s, "d", 3, 10, ignore_eos=True)
+    s.schedule()
+    assert s._progress(known, now, set()) == (0, 0.0, 9)
+    assert policy.sample_fits(0.01, 0.001, [1.0], [s._progress(known, now, set())])
 
 
 def _decoding_beside(prefills: dict[str, float], t16_s: float, t8_s: float = 0.001,
@@ -324,13 +330,21 @@ def test_prompts_advance_when_no_prefill_chunk_fits():
     assert [r.request_id for r in s.waiting] == ["second"]
 
 
-def test_a_request_behind_spreads_its_lack_over_the_tokens_it_may_still_produce():
-    """The tokens to come that ``Policy.iteration_limit`` spreads a lack over: up to
-    ``max_tokens``, and no more than the request produced so far (it may stop early)."""
-    for max_tokens, to_come in ((10, 3), (4, 1)):
+@pytest.mark.parametrize("params, expected", [
+    ({}, ((10, 3), (4, 1))),  # it may stop at EOS
+    ({"ignore_eos": True, "stop_token_ids": (7,)}, ((10, 3), (4, 1))),  # or at a stop token
+    ({"ignore_eos": True}, ((10, 7), (4, 1))),  # only max_tokens ends it
+])
+def test_a_request_behind_spreads_its_lack_over_the_tokens_it_may_still_produce(
+        params, expected):
+    """The tokens to come that ``Policy.iteration_limit`` spreads a lack over (and that
+    ``Policy.sample_fits`` lets a request absorb a sample over): up to ``max_tokens``; where
+    a sampled token may end the request, no more than it produced so far (it may stop
+    early); where only ``max_tokens`` ends it, exactly those left."""
+    for max_tokens, to_come in expected:
         s = _scheduler()
-        req = _add(s, "a", 3, max_tokens, ignore_eos=True)
-        for _ in range(3):  # the first token and two more
+        req = _add(s, "a", 3, max_tokens, **params)
+        for _ in range(3):  # the first token and two more (100 + n is no stop token)
             plan = s.schedule()
             s.update(plan, _sample(plan, lambda rid, n: 100 + n))
         tokens, _seconds, left = s._progress(req, time.monotonic(), set())
