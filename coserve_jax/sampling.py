@@ -37,14 +37,6 @@ class SamplingParams:
     """With a number n in [0, MAX_LOGPROBS], each output token comes with its logprob and
     the n most likely tokens' logprobs (of the model's raw distribution); None: neither."""
 
-    @property
-    def runs_to_max_tokens(self) -> bool:
-        """Only ``max_tokens`` (or an abort) ends the generation: nothing it samples stops it
-        (``ignore_eos`` and no ``stop_token_ids``, as benchmark clients send requests). The
-        scheduler then knows how many tokens it has to come; it does not foresee an abort
-        (a client gone, or a stop string the HTTP server found in the text)."""
-        return self.ignore_eos and not self.stop_token_ids
-
     def __post_init__(self):
         _check_int("max_tokens", self.max_tokens, lo=1)
         _check_float("temperature", self.temperature)

@@ -709,11 +709,13 @@ class Scheduler:
         if req.first_token_time is not None or (landed and req.params.max_tokens > 1):
             # The tokens it has to come (a request behind its target makes its lack up over
             # them; one ahead may absorb a whole sample over them): up to ``max_tokens``, all
-            # of them where nothing but ``max_tokens`` ends it, else no more than it produced
-            # so far, since it may stop early.
+            # of them where no token it samples can end it (``ignore_eos`` and no stop ids,
+            # as benchmark clients send requests), else no more than it produced so far,
+            # since it may stop early. An abort (a client gone, a stop string the HTTP
+            # server found in the text) is not foreseen.
             produced = len(req.output) - 1 + landed
             to_come = req.params.max_tokens - produced - 1
-            if not req.params.runs_to_max_tokens:
+            if self._stop_tokens(req):
                 to_come = min(to_come, produced + 1)
             first = now if req.first_token_time is None else req.first_token_time
             return produced, now - first, to_come
@@ -900,15 +902,20 @@ class Scheduler:
             outputs.append(out)
         return outputs
 
+    def _stop_tokens(self, req: Request) -> set[int]:
+        """The sampled tokens that end ``req``: its stop token ids, and the model's EOS
+        tokens unless it ignores them (none: only ``max_tokens`` ends it)."""
+        stop = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            stop.update(self.eos_token_ids)
+        return stop
+
     def _append(self, req: Request, token: int,
                 logprobs: tuple[float, list[tuple[int, float]]] | None) -> RequestOutput:
         req.output.append(token)
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        stop = set(req.params.stop_token_ids)
-        if not req.params.ignore_eos:
-            stop.update(self.eos_token_ids)
-        if token in stop:
+        if token in self._stop_tokens(req):
             req.finish_reason = "stop"
         elif len(req.output) >= req.params.max_tokens:
             req.finish_reason = "length"
