@@ -9,7 +9,8 @@ alternating from trace to trace so that a drifting machine favours neither), and
 is the paired difference: how many traces each mode did better on, the pooled attainment of
 each, and a bootstrap interval of the pooled difference over traces. A trace whose runs met
 the machine at speeds more than ``--matched-speed`` apart (padding steps probed before and
-after each run) is run again, up to ``--retries`` times; the summary counts those, and ends
+after each run), or one of whose runs lost more than ``--max-steal`` of the host's CPU time to
+other guests, is run again, up to ``--retries`` times; the summary counts those, and ends
 with the TPOT target's multiple of the decode TPOT measured before and after the runs. It
 goes to BENCHMARKS.md.
 
@@ -60,11 +61,14 @@ def run_pairs(model, rate: float, args, run=run_one, log=print,
     """Every mode on each of ``args.traces`` traces (seeds ``args.seed`` on), the order
     rotating from trace to trace (two modes: the first first on even traces, last on odd
     ones). With ``args.matched_speed`` > 0, a trace whose runs found the machine at speeds
-    further apart than that share (``speed_spread``, probed before and after each run) is
-    run again, up to ``args.retries`` times, and the last try is kept either way, marked
-    ``matched``. Returns one record per kept run."""
+    further apart than that share (``speed_spread``, probed before and after each run), or
+    one of whose runs lost more than ``args.max_steal`` of the host's CPU time to other
+    guests (``coserve.MAX_STEAL`` where not given), is run again, up to ``args.retries``
+    times, and the last try is kept either way, marked ``matched``. Returns one record per
+    kept run."""
     recs = []
     matched_speed = getattr(args, "matched_speed", 0.0)
+    max_steal = getattr(args, "max_steal", coserve.MAX_STEAL)
     for i in range(args.traces):
         seed = args.seed + i
         order = modes[i % len(modes):] + modes[:i % len(modes)]
@@ -76,14 +80,21 @@ def run_pairs(model, rate: float, args, run=run_one, log=print,
                 log(f"  trace {seed} {mode:>15}: {coserve._missed(rec)}, finetuning "
                     f"{rec['ft_tokens_per_s']:.0f} tok/s{_speed(rec)}")
             spread = speed_spread(runs)
-            matched = not matched_speed or spread is None or spread <= 1 + matched_speed
+            stolen = max((r["steal_share"] for r in runs if r.get("steal_share") is not None),
+                         default=0.0)
+            moved = bool(matched_speed) and spread is not None and spread > 1 + matched_speed
+            robbed = bool(matched_speed) and stolen > max_steal
+            matched = not (moved or robbed)
             for rec in runs:
                 rec["matched"], rec["tries"] = matched, attempt + 1
             if matched:
                 break
-            log(f"  trace {seed}: the machine's speed moved {spread:.2f}x across its runs"
-                " (past --matched-speed)" + (", run again" if attempt < args.retries else
-                                              ", kept unmatched"))
+            why = ([f"the machine's speed moved {spread:.2f}x across its runs (past "
+                    "--matched-speed)"] if moved else []) + (
+                [f"a run lost {stolen:.1%} of the host's CPU time (past --max-steal)"]
+                if robbed else [])
+            log(f"  trace {seed}: " + " and ".join(why)
+                + (", run again" if attempt < args.retries else ", kept unmatched"))
         recs.extend(runs)
     return recs
 
@@ -211,7 +222,8 @@ def describe(rate: float, s: dict) -> str:
             f"{s['difference'] * 100:+.1f} points (90% bootstrap interval {lo * 100:+.1f} to "
             f"{hi * 100:+.1f}); coserve finetuned {c['ft_tokens_per_s']:.0f} tok/s"
             + (f"; {s['tries'] - s['traces']} traces run again for a machine whose speed "
-               f"moved across their runs, {s['unmatched']} kept unmatched"
+               f"moved across their runs or whose CPU time other guests took, "
+               f"{s['unmatched']} kept unmatched"
                if s.get("tries", s["traces"]) > s["traces"] or s.get("unmatched") else "")
             # The machine's speed over the runs (each pooled record keeps its slowest and
             # fastest run's), as bench/coserve.py reports it.
@@ -239,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matched-speed", type=float, default=0.3,
                    help="run a trace again when the machine's speed, probed before and after "
                         "each of its runs, moved by more than this share (0: never)")
+    p.add_argument("--max-steal", type=float, default=coserve.MAX_STEAL,
+                   help="run a trace again when one of its runs lost more than this share "
+                        "of the host's CPU time to other guests (with --matched-speed > 0)")
     p.add_argument("--retries", type=int, default=1,
-                   help="tries beyond the first for a trace run on a moving machine")
+                   help="tries beyond the first for a trace run on a moving or robbed "
+                        "machine (and for a peak probe robbed of its CPU time)")
     p.add_argument("--against-smallest-bucket", action="store_true",
                    help="also run both modes with each step in the smallest bucket that holds "
                         "it (the engine before 2026-12-06) on the same traces, and compare "
@@ -251,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args(argv)
     args.probe_after = args.matched_speed > 0
+    args.steal_retries = args.retries  # (the peak probes' ``coserve.run_calm``)
     if bool(args.rates) == args.find_peak:
         p.error("give --rates or --find-peak (one of them)")
     if args.rivals and args.against_smallest_bucket:

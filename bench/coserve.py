@@ -30,7 +30,11 @@ own trace (seed ``--seed`` + i, the same for every mode in the round), so that a
 figure rests on several samples of the workload rather than one trace run twice, and a
 trace lasts long enough to hold ``--min-requests`` requests on average at its rate (at a
 few requests per second a 6-second trace holds a dozen, and one late request moves the
-attainment by several points). The latency model is measured afresh at the start. Each
+attainment by several points). A run during which the host's hypervisor gave other guests
+more than ``--max-steal`` of its CPU time runs again, up to ``--steal-retries`` times, as does
+a peak probe (``run_calm``), and the report counts them; a peak probe that fails runs as
+many traces again and is judged on all of them (``find_peak``). The latency model is
+measured afresh at the start. Each
 run appends nothing until the end, where the table and the target checks go to
 BENCHMARKS.md (``--no-record`` skips it) and ``--json`` gets one record per mode and rate.
 
@@ -291,6 +295,34 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
     } | error
 
 
+MAX_STEAL = 0.05
+"""A run during which the hypervisor gave other guests more than this share of the host's CPU
+time is run again (``run_calm``). On this project's 2-core VM (2026-12-06, 442 runs
+of ``bench/attainment_pairs.py``) the runs with under 1% stolen kept a median attainment of
+100%, those with 5-8% 98.4%, those with 12% or more 59.4%: a co-tenant's phase, which no
+mode can do anything about, decided them."""
+
+
+def run_calm(model, mode: str, rate: float, args, seed: int | None = None,
+             log=print) -> dict:
+    """``run_one``, run again up to ``args.steal_retries`` times (default none) while the
+    host's CPU time stolen during the run exceeds ``args.max_steal`` (``MAX_STEAL``); the
+    last try is kept either way, with ``tries`` and ``calm`` (False: kept although stolen
+    from) in its record."""
+    retries = getattr(args, "steal_retries", 0)
+    limit = getattr(args, "max_steal", MAX_STEAL)
+    for attempt in range(1 + retries):
+        rec = run_one(model, mode, rate, args, seed=seed)
+        steal = rec.get("steal_share")
+        calm = steal is None or steal <= limit
+        if calm:
+            break
+        log(f"  {mode_label(mode)} @ {rate:g} req/s (seed {seed}): host CPU time stolen "
+            f"{steal:.1%}" + (", run again" if attempt < retries else ", kept"))
+    rec["tries"], rec["calm"] = attempt + 1, calm
+    return rec
+
+
 SLOW_STEP = 1.5
 """An observed step or piece past this many times its measured time ran in a slow phase of
 the machine (``slow_step_share``): the noise of a step of a few milliseconds stays within it
@@ -337,6 +369,8 @@ def pool_rounds(recs: list[dict]) -> dict:
     if slowdowns:
         out["machine_slowdown"] = max(slowdowns)  # the slowest round's
         out["machine_slowdown_min"] = min(slowdowns)  # and the fastest's
+    out["reruns"] = sum(r.get("tries", 1) - 1 for r in recs)  # ``run_calm``'s
+    out["uncalm"] = sum(not r.get("calm", True) for r in recs)  # kept although stolen from
     out["rounds"] = len(recs)
     out["round_attainment"] = [r["slo_attainment"] for r in recs]
     out["round_ft_tokens_per_s"] = [r["ft_tokens_per_s"] for r in recs]
@@ -404,18 +438,30 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
     every round's trace (seeds ``args.seed`` to ``args.seed + args.rounds - 1``) and its
     attainment is theirs pooled, as every figure at that rate is judged later: a peak found
     on one trace can be far past what inference-only keeps on the next (on the tiny tier,
-    2026-12-03: 1 of 30 requests late on one trace, 10 of 43 on the next). Returns the
-    rate and every probe's record."""
+    2026-12-03: 1 of 30 requests late on one trace, 10 of 43 on the next). A probe that
+    fails runs as many traces again (the seeds after the rounds') and is judged on all of
+    them pooled: a failure ends the doubling or halves the bracket, so one resting on a few
+    late requests moves the peak by half or more (on the tiny tier, 2026-12-06: 5 of 56
+    late at 4 req/s gave a peak of 3.5 req/s, where the run an hour before, on other
+    traces, held 95% up to 14). Returns the rate and every probe's record."""
     probes = []
     rounds = args.rounds
 
+    def traces(rate: float, first: int) -> list[dict]:
+        return [run_calm(model, "inference-only", rate, args, seed=args.seed + first + i,
+                         log=log) for i in range(rounds)]
+
     def ok(rate: float) -> bool:
-        recs = [run_one(model, "inference-only", rate, args, seed=args.seed + i)
-                for i in range(rounds)]
-        probes.extend(recs)
+        recs = traces(rate, 0)
         pooled = pool_rounds(recs)
-        log(f"  peak probe {rate:7.2f} req/s: inference-only attainment "
-            f"{_missed(pooled)}" + ("" if rounds == 1 else f" over {rounds} traces"))
+        line = (f"  peak probe {rate:7.2f} req/s: inference-only attainment "
+                f"{_missed(pooled)}" + ("" if rounds == 1 else f" over {rounds} traces"))
+        if pooled["slo_attainment"] < attainment:
+            recs += traces(rate, rounds)
+            pooled = pool_rounds(recs)
+            line += f"; with {rounds} more, {_missed(pooled)}"
+        probes.extend(recs)
+        log(line)
         return pooled["slo_attainment"] >= attainment
 
     lo, hi = 0.0, start
@@ -500,6 +546,17 @@ def drift_lines(records: list[dict], flag: float = SLOWDOWN_FLAG) -> list[str]:
     if not found:
         return [line + f"no run past {flag:g}x or below {1 / flag:.2f}x"]
     return [line + "; ".join(found)]
+
+
+def steal_line(runs: list[dict], limit: float = MAX_STEAL) -> str:
+    """How many of ``runs`` (records, pooled or not, and peak probes) ran again for the CPU
+    time the host lost to other guests (``run_calm``), and which were kept although more
+    than ``limit`` of it was stolen."""
+    again = sum(r["reruns"] if "reruns" in r else (r.get("tries") or 1) - 1 for r in runs)
+    kept = [f"{mode_label(r['mode']) if 'mode' in r else 'peak probe'} @ {r['rate']:g}"
+            for r in runs if r.get("uncalm") or r.get("calm") is False]
+    return (f"host CPU time stolen: {again} run(s) run again past {limit:.0%} stolen"
+            + ("" if not kept else "; kept although stolen from: " + ", ".join(kept)))
 
 
 def busy_fraction(record: dict) -> float:
@@ -767,20 +824,21 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
         rates = [round(f * peak, 6) for f in args.fractions]
     else:
         peak, probes = find_peak(model, args, bisections=args.peak_bisections, log=log)
-        kept = ("rate", "seed", "requests", "slo_attainment", "machine_slowdown")
+        kept = ("rate", "seed", "requests", "slo_attainment", "machine_slowdown",
+                "steal_share", "tries", "calm")
         regime["peak_probes"] = [{k: p.get(k) for k in kept} for p in probes]
         if peak <= 0:
             raise RuntimeError("no rate keeps inference-only at 95% attainment")
         log(f"peak rate (inference-only keeps 95% attainment): {peak:.2f} req/s")
         rates = [round(f * peak, 6) for f in args.fractions]
     regime["peak_rate"] = peak
-    records = [run_one(model, "finetune-only", 0.0, args)]
+    records = [run_calm(model, "finetune-only", 0.0, args, log=log)]
     records[0]["rate_fraction"] = 0.0
     ft_only = records[0]["ft_tokens_per_s"]
     regime["ft_only_tokens_per_s"] = ft_only
     log(f"finetune-only: {ft_only:.0f} finetuning tokens/s")
     # With nothing to serve every temporal-seq iteration is a whole sample.
-    whole = run_one(model, "temporal-seq:64", 0.0, args)
+    whole = run_calm(model, "temporal-seq:64", 0.0, args, log=log)
     records.append(whole | {"mode": WHOLE_SAMPLES, "rate_fraction": 0.0})
     regime["ft_whole_tokens_per_s"] = whole["ft_tokens_per_s"]
     log(f"{WHOLE_SAMPLES}: {whole['ft_tokens_per_s']:.0f} finetuning tokens/s")
@@ -798,7 +856,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
         # and inference-only at the peak is what the attainment check holds coserve to.
         seed = args.seed + i
         for mode, rate in runs if i % 2 == 0 else runs[::-1]:
-            rec = run_one(model, mode, rate, args, seed=seed)
+            rec = run_calm(model, mode, rate, args, seed=seed, log=log)
             rounds[mode, rate].append(rec)
             save_partial(args, regime, records + [r for rs in rounds.values() for r in rs])
             log(f"{mode_label(mode):>40} @ {rate:6.2f} req/s (round {i + 1}): attainment "
@@ -814,6 +872,8 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     if args.separate:
         shown += separate_cluster(records, rates, max(ft_only, whole["ft_tokens_per_s"]), peak)
     regime["rates"] = rates
+    regime["steal"] = steal_line(records + regime.get("peak_probes", []),
+                                 getattr(args, "max_steal", MAX_STEAL))
     return shown, regime
 
 
@@ -872,6 +932,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int,
                    help="interleaved rounds of every run, pooled (default 2 with --quick, "
                         "3 otherwise): the machine's drift weighs on every mode alike")
+    p.add_argument("--steal-retries", type=int, default=2,
+                   help="times a run is run again while the host's hypervisor gives other "
+                        "guests more than --max-steal of its CPU time during it (the last "
+                        "try is kept, and the report names it)")
+    p.add_argument("--max-steal", type=float, default=MAX_STEAL,
+                   help="share of the host's CPU time stolen that spoils a run")
     p.add_argument("--model", help="model directory (overrides --tier)")
     p.add_argument("--json", help="write the records here as a JSON list")
     p.add_argument("--plot", help="PNG path (default bench/out/coserve-<tier>.png)")
@@ -904,6 +970,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(shown, ft_only)
     checks = compare(shown, regime["rates"], ft_only, on_gpu, args.tpot_ms / 1e3,
                      regime.get("ft_whole_tokens_per_s")) + drift_lines(shown)
+    if args.steal_retries:
+        checks.append(regime["steal"])
     before = regime.get("decode_tpot_ms")
     after = decode_tpot_now(model, args)
     regime["decode_tpot_after_ms"] = after * 1e3

@@ -106,9 +106,33 @@ def test_a_trace_run_on_a_moving_machine_is_run_again():
     assert "trace 0: the machine's speed moved 1.50x across its runs" in lines[2]
     assert lines[-1].endswith("kept unmatched")
     assert lines[0].endswith("1.00x their predicted time before it, 1.50x after")
-    assert ("; 3 traces run again for a machine whose speed moved across their runs, 1 kept "
-            "unmatched;") in pairs.describe(6.0, pairs.paired_summary(recs))
+    assert ("; 3 traces run again for a machine whose speed moved across their runs or whose "
+            "CPU time other guests took, 1 kept unmatched;"
+            ) in pairs.describe(6.0, pairs.paired_summary(recs))
     assert pairs.speed_spread([{"machine_slowdown": None}]) is None
+
+
+def test_a_trace_one_of_whose_runs_lost_cpu_time_to_other_guests_is_run_again():
+    """A run that lost more than ``max_steal`` of the host's CPU time (its hypervisor gave it
+    to other guests) spoils its trace's pair as a moving machine does."""
+    steals = iter([0.01, 0.20,    # trace 0: coserve's run robbed, run again
+                   0.00, 0.04])   # within 5%: kept
+    calls = []
+
+    def run(model, mode, rate, args, seed):
+        calls.append(seed)
+        return {"mode": mode, "rate": rate, "seed": seed, "requests": 20, "refused": 0,
+                "unfinished": 0, "slo_attainment": 1.0, "ft_tokens_per_s": 0.0, "steps": 1,
+                "mixed_steps": 0, "whole_samples": 0, "machine_slowdown": 1.0,
+                "machine_slowdown_after": 1.0, "steal_share": next(steals)}
+
+    lines = []
+    args = argparse.Namespace(traces=1, seed=0, matched_speed=0.2, retries=2, max_steal=0.05)
+    recs = pairs.run_pairs(None, 6.0, args, run=run, log=lines.append)
+    assert calls == [0, 0, 0, 0]
+    assert [(r["matched"], r["tries"]) for r in recs] == [(True, 2), (True, 2)]
+    assert lines[2] == ("  trace 0: a run lost 20.0% of the host's CPU time (past --max-steal)"
+                        ", run again")
 
 
 def test_a_runs_line_gives_its_share_of_steps_in_a_slow_phase():

@@ -193,12 +193,14 @@ def test_a_ratio_is_reported_even_when_no_rival_keeps_the_attainment():
     assert ablation.endswith("coserve finetunes 1.50x as much at its higher attainment")
 
 
-def test_a_peak_probe_pools_every_rounds_trace(monkeypatch):
-    # Inference-only's attainment by rate and trace seed: at 4 req/s one trace misses a little
-    # (pooled 95%: holds); at 8 both miss; the bisection finds 6 holds and 7 does not (one
-    # trace alone would have passed it).
-    runs = {2.0: [1.0, 1.0], 4.0: [0.9, 1.0], 8.0: [0.5, 0.6], 6.0: [1.0, 0.95],
-            7.0: [1.0, 0.8]}
+def test_a_peak_probe_pools_every_rounds_trace_and_a_failing_one_runs_as_many_more(
+        monkeypatch):
+    # Inference-only's attainment by rate, in the order of the trace seeds it runs: at 4 req/s
+    # the two rounds' traces miss a little (pooled 92.5%), two more traces hold and all four
+    # pooled keep 95%: 4 holds. At 8 all four miss; the bisection finds that 6 holds on the
+    # rounds' traces alone (pooled 97.5%) and 7 does not, with two more traces either.
+    runs = {2.0: [1.0, 1.0], 4.0: [0.9, 0.95, 1.0, 1.0], 8.0: [0.5, 0.6, 0.6, 0.6],
+            6.0: [1.0, 0.95], 7.0: [1.0, 0.8, 0.9, 0.9]}
     seen = []
 
     def run_one(model, mode, rate, args, seed):
@@ -209,10 +211,41 @@ def test_a_peak_probe_pools_every_rounds_trace(monkeypatch):
 
     monkeypatch.setattr(coserve, "run_one", run_one)
     args = argparse.Namespace(seed=3, rounds=2)
-    peak, probes = coserve.find_peak(None, args, bisections=2, log=lambda _: None)
+    lines = []
+    peak, probes = coserve.find_peak(None, args, bisections=2, log=lines.append)
     assert peak == 6.0
-    assert seen == [(r, s) for r in (2.0, 4.0, 8.0, 6.0, 7.0) for s in (3, 4)]
+    seeds = {2.0: (3, 4), 4.0: (3, 4, 5, 6), 8.0: (3, 4, 5, 6), 6.0: (3, 4), 7.0: (3, 4, 5, 6)}
+    assert seen == [(r, s) for r in (2.0, 4.0, 8.0, 6.0, 7.0) for s in seeds[r]]
+    assert not any(runs.values())  # every scripted trace ran
     assert [p["seed"] for p in probes] == [s for _, s in seen]
+    assert "92.5%" in lines[1] and "with 2 more, 96.2%" in lines[1]
+
+
+def test_a_run_robbed_of_cpu_time_runs_again_and_the_report_names_one_kept(monkeypatch):
+    # Stolen shares of the host's CPU time, run by run: coserve's first run is robbed and its
+    # second is not; inference-only is robbed on all three tries and kept anyway.
+    steals = {"coserve": [0.2, 0.01], "inference-only": [0.3, 0.1, 0.06]}
+
+    def run_one(model, mode, rate, args, seed):
+        return rec(mode, rate, 1.0, 0.0, seed=seed, requests=20, steal_share=steals[mode].pop(0))
+
+    monkeypatch.setattr(coserve, "run_one", run_one)
+    args = argparse.Namespace(steal_retries=2, max_steal=0.05)
+    lines = []
+    co = coserve.run_calm(None, "coserve", 4.0, args, seed=1, log=lines.append)
+    inf = coserve.run_calm(None, "inference-only", 4.0, args, seed=1, log=lines.append)
+    assert (co["tries"], co["calm"], co["steal_share"]) == (2, True, 0.01)
+    assert (inf["tries"], inf["calm"]) == (3, False)
+    assert lines[0] == "  coserve @ 4 req/s (seed 1): host CPU time stolen 20.0%, run again"
+    assert lines[-1].endswith("stolen 6.0%, kept")
+    pooled = coserve.pool_rounds([co, inf | {"mode": "coserve"}])
+    assert (pooled["reruns"], pooled["uncalm"]) == (3, 1)
+    assert coserve.steal_line([pooled, {"rate": 2.0, "tries": 2, "calm": False}], 0.05) == (
+        "host CPU time stolen: 4 run(s) run again past 5% stolen; kept although stolen from: "
+        "coserve @ 4, peak probe @ 2")
+    steals["coserve"].append(0.5)  # no retries unless asked for, whatever was stolen
+    once = coserve.run_calm(None, "coserve", 4.0, argparse.Namespace(), log=lines.append)
+    assert (once["tries"], once["calm"]) == (1, False)
 
 
 def test_a_trace_holds_the_minimum_number_of_requests_at_low_rates():
