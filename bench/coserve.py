@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -439,8 +440,9 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
     attainment is theirs pooled, as every figure at that rate is judged later: a peak found
     on one trace can be far past what inference-only keeps on the next (on the tiny tier,
     2026-12-03: 1 of 30 requests late on one trace, 10 of 43 on the next). A probe that
-    fails runs as many traces again (the seeds after the rounds') and is judged on all of
-    them pooled: a failure ends the doubling or halves the bracket, so one resting on a few
+    fails, by few enough requests that chance could have made it (``could_be_chance``), runs
+    as many traces again (the seeds after the rounds') and is judged on all of them pooled:
+    a failure ends the doubling or halves the bracket, so one resting on a few
     late requests moves the peak by half or more (on the tiny tier, 2026-12-06: 5 of 56
     late at 4 req/s gave a peak of 3.5 req/s, where the run an hour before, on other
     traces, held 95% up to 14). Returns the rate and every probe's record."""
@@ -456,7 +458,7 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
         pooled = pool_rounds(recs)
         line = (f"  peak probe {rate:7.2f} req/s: inference-only attainment "
                 f"{_missed(pooled)}" + ("" if rounds == 1 else f" over {rounds} traces"))
-        if pooled["slo_attainment"] < attainment:
+        if pooled["slo_attainment"] < attainment and could_be_chance(pooled, attainment):
             recs += traces(rate, rounds)
             pooled = pool_rounds(recs)
             line += f"; with {rounds} more, {_missed(pooled)}"
@@ -479,6 +481,19 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo, probes
+
+
+def could_be_chance(record: dict, attainment: float, level: float = 0.01) -> bool:
+    """Whether a run that kept less than ``attainment`` might have missed as many requests by
+    chance at that attainment: as many or more misses among its requests have a binomial
+    probability of at least ``level`` where each misses with ``1 - attainment`` (5 of 56 at
+    95%: 0.15; 10 of 64: 0.001; 276 of 400: nothing). Misses bunch in bursts, so the chance
+    is larger than that, never smaller: a failure past it is the load's."""
+    n = record.get("requests") or 0
+    missed = round((1 - record["slo_attainment"]) * n)
+    p = 1 - attainment
+    tail = sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(missed, n + 1))
+    return tail >= level
 
 
 def separate_cluster(records: list[dict], rates: list[float], ft_only: float,

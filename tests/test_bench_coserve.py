@@ -195,11 +195,12 @@ def test_a_ratio_is_reported_even_when_no_rival_keeps_the_attainment():
 
 def test_a_peak_probe_pools_every_rounds_trace_and_a_failing_one_runs_as_many_more(
         monkeypatch):
-    # Inference-only's attainment by rate, in the order of the trace seeds it runs: at 4 req/s
-    # the two rounds' traces miss a little (pooled 92.5%), two more traces hold and all four
-    # pooled keep 95%: 4 holds. At 8 all four miss; the bisection finds that 6 holds on the
-    # rounds' traces alone (pooled 97.5%) and 7 does not, with two more traces either.
-    runs = {2.0: [1.0, 1.0], 4.0: [0.9, 0.95, 1.0, 1.0], 8.0: [0.5, 0.6, 0.6, 0.6],
+    # Inference-only's attainment by rate, in the order of the trace seeds it runs (20
+    # requests a trace): at 4 req/s the two rounds' traces miss a little (3 of 40: chance
+    # could do that at 95%), two more traces hold and all four pooled keep 95%: 4 holds. At 8
+    # they miss 18 of 40, past chance: no more traces. The bisection finds that 6 holds on
+    # the rounds' traces alone and 7 does not, with two more traces either.
+    runs = {2.0: [1.0, 1.0], 4.0: [0.9, 0.95, 1.0, 1.0], 8.0: [0.5, 0.6],
             6.0: [1.0, 0.95], 7.0: [1.0, 0.8, 0.9, 0.9]}
     seen = []
 
@@ -214,11 +215,18 @@ def test_a_peak_probe_pools_every_rounds_trace_and_a_failing_one_runs_as_many_mo
     lines = []
     peak, probes = coserve.find_peak(None, args, bisections=2, log=lines.append)
     assert peak == 6.0
-    seeds = {2.0: (3, 4), 4.0: (3, 4, 5, 6), 8.0: (3, 4, 5, 6), 6.0: (3, 4), 7.0: (3, 4, 5, 6)}
+    seeds = {2.0: (3, 4), 4.0: (3, 4, 5, 6), 8.0: (3, 4), 6.0: (3, 4), 7.0: (3, 4, 5, 6)}
     assert seen == [(r, s) for r in (2.0, 4.0, 8.0, 6.0, 7.0) for s in seeds[r]]
     assert not any(runs.values())  # every scripted trace ran
     assert [p["seed"] for p in probes] == [s for _, s in seen]
     assert "92.5%" in lines[1] and "with 2 more, 96.2%" in lines[1]
+
+
+@pytest.mark.parametrize("missed, requests, chance", [
+    (5, 56, True), (2, 40, True), (10, 64, False), (276, 400, False), (0, 0, True)])
+def test_a_failure_chance_could_have_made_is_told_from_the_loads(missed, requests, chance):
+    run = {"requests": requests, "slo_attainment": 1 - missed / requests if requests else 1.0}
+    assert coserve.could_be_chance(run, 0.95) is chance
 
 
 def test_a_run_robbed_of_cpu_time_runs_again_and_the_report_names_one_kept(monkeypatch):
