@@ -89,6 +89,12 @@ def test_a_miss_comes_with_what_bounds_it():
     assert "1.20x" in seq and "MISSED (>= 2.0x)" in seq
     # 867 / 500 and 1300 / 500
     assert "the compute bound allows 1.73x, the whole machine finetuning 2.60x" in seq
+    # Where the run measured its inference's time as steps of their own (55%): 1300 x 0.45
+    recs[0]["inference_alone_fraction"] = 0.55
+    seq = next(x for x in coserve.compare(recs, [4.0], 1000.0, tpot_target_s=0.009,
+                                          ft_whole=1300.0) if "temporal-seq" in x)
+    assert ("the compute bound allows 1.73x, the time coserve's inference left at its "
+            "batches 1.17x, the whole machine finetuning 2.60x") in seq
 
 
 def test_a_coserve_runs_time_is_split_between_its_inference_and_its_finetuning():
