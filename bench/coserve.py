@@ -491,9 +491,17 @@ def could_be_chance(record: dict, attainment: float, level: float = 0.01) -> boo
     is larger than that, never smaller: a failure past it is the load's."""
     n = record.get("requests") or 0
     missed = round((1 - record["slo_attainment"]) * n)
+    if missed == 0:
+        return True
     p = 1 - attainment
-    tail = sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(missed, n + 1))
-    return tail >= level
+    if p <= 0:
+        return False
+
+    def log_term(k: int) -> float:  # (in logs: thousands of requests overflow a float)
+        return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                + k * math.log(p) + (n - k) * math.log1p(-p))
+
+    return sum(math.exp(log_term(k)) for k in range(missed, n + 1)) >= level
 
 
 def separate_cluster(records: list[dict], rates: list[float], ft_only: float,

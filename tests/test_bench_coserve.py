@@ -229,7 +229,8 @@ def test_a_peak_probe_pools_every_rounds_trace_and_a_failing_one_runs_as_many_mo
 
 
 @pytest.mark.parametrize("missed, requests, chance", [
-    (5, 56, True), (2, 40, True), (10, 64, False), (276, 400, False), (0, 0, True)])
+    (5, 56, True), (2, 40, True), (10, 64, False), (276, 400, False), (0, 0, True),
+    (230, 4000, True), (300, 4000, False)])
 def test_a_failure_chance_could_have_made_is_told_from_the_loads(missed, requests, chance):
     run = {"requests": requests, "slo_attainment": 1 - missed / requests if requests else 1.0}
     assert coserve.could_be_chance(run, 0.95) is chance
