@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain", type=float, default=5.0)
     p.add_argument("--arrivals", choices=("poisson", "gamma"), default="poisson")
     p.add_argument("--gamma-cv", type=float, default=2.0)
-    p.add_argument("--scale", type=float, default=0.25, help="ShareGPT length scale")
+    p.add_argument("--scale", type=float,
+                   help="ShareGPT length scale (default 0.25; 0.1 on the small tier)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first trace")
     p.add_argument("--matched-speed", type=float, default=0.3,
                    help="run a trace again when the machine's speed, probed before and after "
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                         "compared with (e.g. temporal-seq:dynamic temporal:dynamic)")
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args(argv)
+    args.scale = coserve.length_scale(args)
     args.probe_after = args.matched_speed > 0
     args.steal_retries = args.retries  # (the peak probes' ``coserve.run_calm``)
     if bool(args.rates) == args.find_peak:

@@ -786,6 +786,23 @@ DEVICE_TIERS = {"llama3-8b": "bfloat16", "tiny-8b-like": "float32"}
 before a GPU one."""
 
 
+LENGTH_SCALES = {"small": 0.1}
+"""The ShareGPT length scale of a tier where it is not the default 0.25 (``--scale``): the
+small tier's decode step is about 25 times the tiny tier's, and at 0.25 its requests (mean
+output about 85 tokens) live about 20 s at a 3x TPOT target, which makes the peak below 1
+req/s and a ``--quick`` run's traces minutes long (2026-12-07: the decode TPOT and the peak
+search's first two probes took 15 minutes). At 0.1 (mean output 34 tokens) a request lives
+6-9 s at the small tier's targets so far (170-285 ms), as every small-tier figure in
+BENCHMARKS.md has it."""
+
+
+def length_scale(args) -> float:
+    """``args.scale``, or the tier's default (``LENGTH_SCALES``) where none was given."""
+    if getattr(args, "scale", None) is not None:
+        return args.scale
+    return LENGTH_SCALES.get(getattr(args, "tier", "tiny"), 0.25)
+
+
 def fit_buckets_to_tier(args) -> None:
     """A ``DEVICE_TIERS`` engine compiles one sequence-count and one page-width bucket: 8
     step programs, not 72 (at 8B shapes on an H200, 2026-12-04, compiling all 72 did not
@@ -957,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="KernelConfig.unroll_layers (default: by backend)")
     p.add_argument("--safety", type=float, default=0.9,
                    help="share of a target an iteration is planned to fill (SchedulingConfig)")
-    p.add_argument("--scale", type=float, default=0.25, help="ShareGPT length scale")
+    p.add_argument("--scale", type=float,
+                   help="ShareGPT length scale (default 0.25; 0.1 on the small tier)")
     p.add_argument("--seed", type=int, default=0,
                    help="trace seed of the first round (round i runs seed + i)")
     p.add_argument("--min-requests", type=int,
@@ -978,6 +996,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="PNG path (default bench/out/coserve-<tier>.png)")
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args(argv)
+    args.scale = length_scale(args)
     args.fractions = args.fractions or ([0.25, 0.5, 1.0] if args.quick
                                         else [0.25, 0.5, 0.75, 1.0])
     args.modes = args.modes or list(QUICK_MODES if args.quick else FULL_MODES)

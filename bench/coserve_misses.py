@@ -110,13 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain", type=float, default=5.0)
     p.add_argument("--arrivals", choices=("poisson", "gamma"), default="poisson")
     p.add_argument("--gamma-cv", type=float, default=2.0)
-    p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--scale", type=float,
+                   help="ShareGPT length scale (default 0.25; 0.1 on the small tier)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", nargs="+", default=["inference-only", "coserve"])
     p.add_argument("--backward-block", type=int, default=0,
                    help="EngineConfig.backward_block (0: whole-sequence backward pieces)")
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args(argv)
+    args.scale = coserve.length_scale(args)
     args.duration_given = args.duration is not None
     args.duration = args.duration or 6.0
     model = tier_model(args.tier, None)

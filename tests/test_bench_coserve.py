@@ -396,3 +396,10 @@ def test_a_runs_observations_are_kept_against_the_measured_table():
     assert during == pytest.approx([1.0, 3.0, 3.0, 3.0, 1.0])
     assert latency.times["step"] > 0.010  # the model itself still adapts
     assert latency.errors[-2] < 3.0  # and its errors shrink as it does
+
+
+def test_the_small_tier_runs_shorter_requests_unless_told_otherwise():
+    assert coserve.length_scale(argparse.Namespace(tier="small", scale=None)) == 0.1
+    assert coserve.length_scale(argparse.Namespace(tier="tiny", scale=None)) == 0.25
+    assert coserve.length_scale(argparse.Namespace(tier="llama3-8b", scale=None)) == 0.25
+    assert coserve.length_scale(argparse.Namespace(tier="small", scale=0.3)) == 0.3
