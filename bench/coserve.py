@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
 import time
 
 import numpy as np
+from scipy.stats import binom
 
 # The repository root, for a machine where the project is not installed (a lent GPU).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -491,17 +491,8 @@ def could_be_chance(record: dict, attainment: float, level: float = 0.01) -> boo
     is larger than that, never smaller: a failure past it is the load's."""
     n = record.get("requests") or 0
     missed = round((1 - record["slo_attainment"]) * n)
-    if missed == 0:
-        return True
-    p = 1 - attainment
-    if p <= 0:
-        return False
-
-    def log_term(k: int) -> float:  # (in logs: thousands of requests overflow a float)
-        return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-                + k * math.log(p) + (n - k) * math.log1p(-p))
-
-    return sum(math.exp(log_term(k)) for k in range(missed, n + 1)) >= level
+    # P(X >= missed) for X ~ Binomial(n, 1 - attainment): the survival function past missed - 1.
+    return bool(binom.sf(missed - 1, n, 1 - attainment) >= level)
 
 
 def separate_cluster(records: list[dict], rates: list[float], ft_only: float,
@@ -659,6 +650,11 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
             lines.append(f"{where}: inference-only {_missed(inf)}, coserve {_missed(co)} -> "
                          f"{'OK' if ok else 'MISSED'} (>= 95%)")
         bound = compute_bound(inf, ceiling, tpot_target_s) if tpot_target_s else None
+        # The same measured where the bound assumes: the stretched iterations' batches are
+        # larger, and on a compute-bound machine cost more than inference-only's (see
+        # time_split). None where the run did not measure its inference's time.
+        left = (ceiling * max(0.0, 1.0 - co["inference_alone_fraction"])
+                if "inference_alone_fraction" in co else None)
         if bound is not None:
             lines.append(
                 f"{where}: compute bound {bound:.0f} tok/s ({bound / max(ceiling, 1e-9):.0%} "
@@ -697,11 +693,7 @@ def compare(records: list[dict], rates: list[float], ft_only: float,
                 # machine finetuning at its fastest.
                 rival = max(best["ft_tokens_per_s"], 1e-9)
                 verdict += f"; the compute bound allows {bound / rival:.2f}x"
-                if "inference_alone_fraction" in co:
-                    # Measured where the bound assumes: the stretched iterations' batches
-                    # are larger, and on a compute-bound machine cost more than
-                    # inference-only's (see time_split).
-                    left = ceiling * max(0.0, 1.0 - co["inference_alone_fraction"])
+                if left is not None:
                     verdict += (f", the time coserve's inference left at its batches "
                                 f"{left / rival:.2f}x")
                 verdict += f", the whole machine finetuning {ceiling / rival:.2f}x"
