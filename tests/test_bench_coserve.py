@@ -305,6 +305,51 @@ def test_each_round_runs_every_mode_on_its_own_trace(monkeypatch):
     assert [p["seed"] for p in regime["peak_probes"]] == [5, 6]
 
 
+def test_longer_periods_run_where_no_shorter_one_keeps_coserves_attainment(monkeypatch):
+    """FlexLLM's baseline is the best ``temporal-seq`` period that keeps coserve's attainment:
+    where the run's ``:64`` and ``:dynamic`` keep none, ``:128``, ``:256``, ``:512`` run in
+    turn on the rounds' traces until one does; where one kept it, nothing more runs."""
+    counts = dict(requests=20, refused=0, unfinished=0, steps=5, mixed_steps=0,
+                  whole_samples=0)
+    kept = {"temporal-seq:64": 0.8, "temporal-seq:dynamic": 0.85, "temporal-seq:128": 0.9,
+            "temporal-seq:256": 0.96, "temporal-seq:512": 1.0}
+    finetuning = {"temporal-seq:64": 800.0, "temporal-seq:dynamic": 900.0,
+                  "temporal-seq:128": 400.0, "temporal-seq:256": 200.0,
+                  "temporal-seq:512": 100.0, "coserve": 600.0, "inference-only": 0.0}
+    calls = []
+
+    def run_one(model, mode, rate, args, seed=None):
+        calls.append((mode, rate, seed))
+        attainment = 0.97 if rate == 2.0 and mode == "temporal-seq:64" else kept.get(mode, 1.0)
+        return rec(mode, rate, attainment, finetuning.get(mode, 100.0), seed=seed, **counts)
+
+    monkeypatch.setattr(coserve, "run_one", run_one)
+    args = argparse.Namespace(tpot_ms=10.0, ttft_s=2.0, drain=1.0, duration=6.0, scale=0.25,
+                              max_model_len=512, duration_given=True, rates=[2.0, 4.0],
+                              fractions=None, modes=["inference-only", "coserve",
+                                                     "temporal-seq:64", "temporal-seq:dynamic"],
+                              rounds=2, seed=5, peak_bisections=0, peak=None, json=None,
+                              separate=False, xla_options="", unroll_layers=None)
+    shown, regime = coserve.run_regime(None, args, log=lambda _: None)
+    longer = sorted(c for c in calls if c[0] in ("temporal-seq:128", "temporal-seq:256",
+                                                  "temporal-seq:512"))
+    assert longer == [("temporal-seq:128", 4.0, 5), ("temporal-seq:128", 4.0, 6),
+                      ("temporal-seq:256", 4.0, 5), ("temporal-seq:256", 4.0, 6)]
+    assert regime["longer_periods"] == ["temporal-seq:128 @ 4", "temporal-seq:256 @ 4"]
+    lines = coserve.compare(shown, regime["rates"], 1000.0)
+    at_4 = next(line for line in lines if line.startswith("rate 4") and "temporal-seq" in line)
+    assert "3.00x best temporal-seq" in at_4 and "temporal-seq:256 at 96%" in at_4
+    # Where coserve itself kept less, a period keeping that much is enough.
+    kept["coserve"] = 0.9
+    calls.clear()
+    _shown, regime = coserve.run_regime(None, args, log=lambda _: None)
+    assert regime["longer_periods"] == ["temporal-seq:128 @ 4"]
+    # --no-longer-periods: the modes asked for, and no more.
+    args.longer_periods = False
+    _shown, regime = coserve.run_regime(None, args, log=lambda _: None)
+    assert regime["longer_periods"] == []
+
+
 def test_a_given_peak_skips_the_search(monkeypatch, tmp_path):
     """``--peak``: the rates are fractions of the given peak, no probe runs, and the JSON
     written after each run (``save_partial``) says so, marked incomplete."""
