@@ -946,6 +946,10 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
     rounds: dict[tuple[str, float], list[dict]] = {run: [] for run in runs}
     traces = args.rounds * sum(trace_seconds(rate, args) for _mode, rate in runs)
     log(f"{len(runs)} runs x {args.rounds} rounds: {traces / 60:.0f} minutes of traces")
+
+    def save() -> None:  # every run finished so far, after each run
+        save_partial(args, regime, records + [r for rs in rounds.values() for r in rs])
+
     for i in range(args.rounds):
         # Interleaved rounds, every other one in reverse order: a machine whose speed
         # drifts over minutes weighs on every mode alike. Every mode of a round runs the
@@ -955,12 +959,11 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
         for mode, rate in runs if i % 2 == 0 else runs[::-1]:
             rec = run_calm(model, mode, rate, args, seed=seed, log=log)
             rounds[mode, rate].append(rec)
-            save_partial(args, regime, records + [r for rs in rounds.values() for r in rs])
+            save()
             log(f"{mode_label(mode):>40} @ {rate:6.2f} req/s (round {i + 1}): attainment "
                 f"{rec['slo_attainment']:.1%}, finetuning {rec['ft_tokens_per_s']:.0f} tok/s")
-    regime["longer_periods"] = longer_periods(
-        model, args, rounds, rates, log=log, after_run=lambda: save_partial(
-            args, regime, records + [r for rs in rounds.values() for r in rs]))
+    regime["longer_periods"] = longer_periods(model, args, rounds, rates, log=log,
+                                              after_run=save)
     for (_mode, rate), recs in rounds.items():
         rec = pool_rounds(recs)
         if peak:
