@@ -64,6 +64,7 @@ class EngineLoop:
     # ----- the asyncio side -----------------------------------------------------------------
 
     def start(self) -> None:
+        self._update_kv()  # a scrape before the first command sees the real cache size
         self._thread.start()
 
     async def call(self, fn: Callable[[ServingEngine], Any]) -> Any:
