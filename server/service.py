@@ -300,13 +300,14 @@ class CoserveService(pb_grpc.CoserveServicer):
                 else "cancelled"
             raise
         finally:
+            # Counted before the pages go back: whoever sees them freed sees the stream closed.
+            self.close_stream(rid, state)
+            self.metrics.requests.labels(outcome).inc()
             if state != "done":
                 def drop(engine: ServingEngine) -> None:
                     self.bridge.unregister(rid)
                     engine.abort(rid)
                 self.bridge.post(drop)
-            self.close_stream(rid, state)
-            self.metrics.requests.labels(outcome).inc()
 
     def _decode(self, tokens: list[int], fallback: str) -> str:
         try:

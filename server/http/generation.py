@@ -277,14 +277,14 @@ class Generation:
         """Aborts unfinished choices and gives their stream slots back (once)."""
         choices, self._choices = self._choices, []
         for choice in choices:
-            if choice.state != "done":
-                if abort:
-                    self._abort(choice)
-                self.service.close_stream(choice.rid, choice.state)
-            else:
-                self.service.close_stream(choice.rid, "closed")
+            self.service.close_stream(choice.rid,
+                                      "closed" if choice.state == "done" else choice.state)
         if choices:
             self.service.metrics.requests.labels(self._outcome).inc()
+        # Counted before the pages go back: whoever sees them freed sees the streams closed.
+        for choice in choices:
+            if choice.state != "done" and abort:
+                self._abort(choice)
 
     def _count(self, error: Exception) -> None:
         self.service.metrics.requests.labels(_outcome(error)).inc()

@@ -150,9 +150,11 @@ def _cancel_and_deadline(metrics: str, client: Client) -> None:
     wait_for(lambda: scrape(metrics)["coserve_kv_pages_used"] == 0, 5, what="pages freed")
     code, _ = code_of(lambda: client.generate([5] * 40, max_tokens=200, timeout=0.3))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_for(lambda: scrape(metrics)["coserve_kv_pages_used"] == 0, 5, what="pages freed")
-    time.sleep(0.2)
-    m = scrape(metrics)
+    # The client's timer fires first; the server counts the stream once its own deadline
+    # ends it, and gives its pages back after that.
+    m = wait_for(lambda: (m := scrape(metrics)).get(
+        'coserve_requests_total{outcome="deadline_exceeded"}') == 1
+        and m["coserve_kv_pages_used"] == 0 and m, 5, what="the stream counted, pages freed")
     assert m['coserve_requests_total{outcome="cancelled"}'] == 1
     assert m['coserve_requests_total{outcome="deadline_exceeded"}'] == 1
     assert m["coserve_open_streams"] == 0 and m["coserve_running_requests"] == 0
