@@ -336,9 +336,18 @@ def test_longer_periods_run_where_no_shorter_one_keeps_coserves_attainment(monke
     assert longer == [("temporal-seq:128", 4.0, 5), ("temporal-seq:128", 4.0, 6),
                       ("temporal-seq:256", 4.0, 5), ("temporal-seq:256", 4.0, 6)]
     assert regime["longer_periods"] == ["temporal-seq:128 @ 4", "temporal-seq:256 @ 4"]
+    # Beside each added run, coserve again on its trace: once in the rounds, once per period.
+    assert sorted(c for c in calls if c[:2] == ("coserve", 4.0)) == [("coserve", 4.0, 5)] * 3 \
+        + [("coserve", 4.0, 6)] * 3
+    assert calls.index(("temporal-seq:256", 4.0, 5)) + 1 == \
+        calls.index(("coserve", 4.0, 5), calls.index(("temporal-seq:256", 4.0, 5)))
+    beside = next(r for r in shown if r["mode"] == "coserve beside temporal-seq:256")
+    assert beside["round_seeds"] == [5, 6] and beside["rate"] == 4.0
     lines = coserve.compare(shown, regime["rates"], 1000.0)
-    at_4 = next(line for line in lines if line.startswith("rate 4") and "temporal-seq" in line)
-    assert "3.00x best temporal-seq" in at_4 and "temporal-seq:256 at 96%" in at_4
+    at_4 = [line for line in lines if line.startswith("rate 4") and "temporal-seq" in line]
+    assert "coserve run again beside temporal-seq:256" in at_4[0] and "= 3.00x it" in at_4[0]
+    assert "3.00x best temporal-seq" in at_4[1] and "temporal-seq:256 at 96%" in at_4[1]
+    assert "beside" in coserve.table(shown, 1000.0)
     # Where coserve itself kept less, a period keeping that much is enough.
     kept["coserve"] = 0.9
     calls.clear()
