@@ -15,6 +15,7 @@ with the TPOT target's multiple of the decode TPOT measured before and after the
 goes to BENCHMARKS.md.
 
     python bench/attainment_pairs.py --find-peak --traces 8          # tiny tier, TPOT 3x
+    python bench/attainment_pairs.py --find-peak --fractions 0.5 1 --tpot-multiple 2
     python bench/attainment_pairs.py --rates 6 --tpot-ms 14.3 --traces 12
     python bench/attainment_pairs.py --rates 3 --traces 6 --against-smallest-bucket
 
@@ -23,9 +24,10 @@ step in the smallest bucket that holds it (``SchedulingConfig.cheapest_bucket`` 
 compares each engine's pair apart.
 
 ``--rivals`` adds other modes to every trace (FlexLLM's ``temporal-seq`` baselines, the
-token-level ablation) and compares coserve's finetuning with each one's the same way: on the
-same traces, in rotating order, the pooled tokens/s of each with a bootstrap interval of
-their ratio over traces, beside each one's attainment. ``bench/coserve.py`` compares them on
+token-level ablation, coserve with one setting changed: ``coserve.COSERVE_VARIANTS``) and
+compares coserve's finetuning with each one's the same way: on the same traces, in rotating
+order, the pooled tokens/s of each with a bootstrap interval of their ratio over traces,
+beside each one's attainment. ``bench/coserve.py`` compares them on
 two traces, where one trace's luck can move a rival's attainment across the 95% line.
 
     python bench/attainment_pairs.py --rates 10 --traces 6 --rivals temporal-seq:dynamic \
@@ -230,11 +232,33 @@ def describe(rate: float, s: dict) -> str:
             + "".join(f"; {line}" for line in coserve.drift_lines([c, i])))
 
 
+def rival_error(rival: str) -> str | None:
+    """Why ``rival`` is no mode to run beside the pair (None: it is one): a scheduling mode
+    (with ``coserve.SMALLEST_BUCKET`` or not) or a coserve variant."""
+    if rival in coserve.COSERVE_VARIANTS:
+        return None
+    try:
+        parse_mode(rival.removesuffix(coserve.SMALLEST_BUCKET))
+    except ValueError as e:
+        return f"{e}, or one of {', '.join(coserve.COSERVE_VARIANTS)}"
+    return None
+
+
+def found_peak_line(fractions: list[float], peak: float) -> str:
+    """The regime's note of rates set from the peak the run found."""
+    if fractions == [1.0]:
+        return f" (rate: the peak found, {peak:g} req/s)"
+    return (f" (rates: {', '.join(f'{f:g}' for f in fractions)} of the peak found, "
+            f"{peak:g} req/s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rates", type=float, nargs="+", help="arrival rates (req/s)")
     p.add_argument("--find-peak", action="store_true",
                    help="run at the peak rate as bench/coserve.py --quick finds it")
+    p.add_argument("--fractions", type=float, nargs="+", default=[1.0],
+                   help="with --find-peak: run at these fractions of the peak found")
     p.add_argument("--traces", type=int, default=8, help="traces (pairs) per rate")
     p.add_argument("--tier", choices=("tiny", "small"), default="tiny")
     p.add_argument("--tpot-multiple", type=float, default=3.0)
@@ -272,13 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     args.steal_retries = args.retries  # (the peak probes' ``coserve.run_calm``)
     if bool(args.rates) == args.find_peak:
         p.error("give --rates or --find-peak (one of them)")
+    if args.fractions != [1.0] and not args.find_peak:
+        p.error("--fractions goes with --find-peak")
+    if any(not 0 < f <= 4 for f in args.fractions):
+        p.error("--fractions: each must be in (0, 4]")
     if args.rivals and args.against_smallest_bucket:
         p.error("--rivals and --against-smallest-bucket do not go together")
     for rival in args.rivals:
-        try:  # a clear error before any run
-            parse_mode(rival.removesuffix(coserve.SMALLEST_BUCKET))
-        except ValueError as e:
-            p.error(f"--rivals: {e}")
+        if (error := rival_error(rival)) is not None:  # a clear error before any run
+            p.error(f"--rivals: {error}")
         if rival in MODES:
             p.error(f"--rivals: {rival} runs on every trace already")
     model = tier_model(args.tier, None)
@@ -294,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 2
         peak, _ = find_peak(model, args)
         print(f"peak rate: {peak:.2f} req/s")
-        rates = [peak]
+        rates = [round(f * peak, 6) for f in args.fractions]
     # Mode suffix -> the label of its pair's line.
     variants = ({"": "cheapest bucket: ", coserve.SMALLEST_BUCKET: "smallest bucket: "}
                 if args.against_smallest_bucket else {"": ""})
@@ -321,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"{args.arrivals} arrivals, trace seeds {args.seed}-"
                        f"{args.seed + args.traces - 1}, {args.duration:g} s of trace or "
                        f"{args.min_requests} requests' worth, ShareGPT lengths "
-                       f"x{args.scale:g}" + (" (rate: the peak found)" if args.find_peak
-                                              else "")
+                       f"x{args.scale:g}" + (found_peak_line(args.fractions, peak)
+                                              if args.find_peak else "")
                        + (f"; a trace run again (at most {args.retries} more "
                           f"{'time' if args.retries == 1 else 'times'}) where the "
                           f"machine's speed moved by more than {args.matched_speed:.0%} "

@@ -127,6 +127,10 @@ NO_HEADROOM = "coserve+no-slot-headroom"
 finetuning stretches the iterations, however full the sequence slots get."""
 
 
+COSERVE_VARIANTS = (IDLE_SAMPLES, WHOLE_SAMPLE_UNIT, TOKEN_UNIT, KEPT_PROJECTIONS, NO_HEADROOM)
+"""The modes above: coserve with one setting changed, for A/Bs on the same traces."""
+
+
 SMALLEST_BUCKET = "+smallest-bucket"
 """A suffix to any mode: the engine with ``SchedulingConfig.cheapest_bucket`` off, each step
 in the smallest bucket that holds it (as before 2026-12-06)."""

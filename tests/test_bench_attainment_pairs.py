@@ -208,3 +208,25 @@ def test_a_rival_that_is_no_mode_is_refused_before_any_run(capsys):
     with pytest.raises(SystemExit):
         pairs.main(["--rates", "5", "--rivals", "temporal-seq:often"])
     assert "temporal-seq:often" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--rates", "5", "--fractions", "0.5"], "--fractions goes with --find-peak"),
+    (["--find-peak", "--fractions", "0"], "--fractions: each must be in (0, 4]"),
+])
+def test_fractions_of_the_peak_are_checked_before_any_run(capsys, argv, error):
+    with pytest.raises(SystemExit):
+        pairs.main(argv)
+    assert error in capsys.readouterr().err
+
+
+def test_the_regime_names_the_fractions_of_the_peak_found():
+    assert pairs.found_peak_line([1.0], 8.0) == " (rate: the peak found, 8 req/s)"
+    assert (pairs.found_peak_line([0.5, 1.0], 8.0)
+            == " (rates: 0.5, 1 of the peak found, 8 req/s)")
+
+
+def test_a_rival_may_be_a_mode_or_a_coserve_variant():
+    assert pairs.rival_error("temporal-seq:64") is None
+    assert pairs.rival_error("coserve+no-slot-headroom") is None
+    assert "coserve+no-slot-headroom" in pairs.rival_error("coserve+no-such-thing")
