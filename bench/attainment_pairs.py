@@ -234,11 +234,12 @@ def describe(rate: float, s: dict) -> str:
 
 def rival_error(rival: str) -> str | None:
     """Why ``rival`` is no mode to run beside the pair (None: it is one): a scheduling mode
-    (with ``coserve.SMALLEST_BUCKET`` or not) or a coserve variant."""
-    if rival in coserve.COSERVE_VARIANTS:
+    or a coserve variant, either with ``coserve.SMALLEST_BUCKET`` or not."""
+    mode = rival.removesuffix(coserve.SMALLEST_BUCKET)
+    if mode in coserve.COSERVE_VARIANTS:
         return None
     try:
-        parse_mode(rival.removesuffix(coserve.SMALLEST_BUCKET))
+        parse_mode(mode)
     except ValueError as e:
         return f"{e}, or one of {', '.join(coserve.COSERVE_VARIANTS)}"
     return None

@@ -229,4 +229,5 @@ def test_the_regime_names_the_fractions_of_the_peak_found():
 def test_a_rival_may_be_a_mode_or_a_coserve_variant():
     assert pairs.rival_error("temporal-seq:64") is None
     assert pairs.rival_error("coserve+no-slot-headroom") is None
+    assert pairs.rival_error("coserve+no-slot-headroom+smallest-bucket") is None
     assert "coserve+no-slot-headroom" in pairs.rival_error("coserve+no-such-thing")
