@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 2
         peak, _ = find_peak(model, args)
         print(f"peak rate: {peak:.2f} req/s")
-        rates = [round(f * peak, 6) for f in args.fractions]
+        rates = coserve.fraction_rates(peak, args.fractions)
     # Mode suffix -> the label of its pair's line.
     variants = ({"": "cheapest bucket: ", coserve.SMALLEST_BUCKET: "smallest bucket: "}
                 if args.against_smallest_bucket else {"": ""})

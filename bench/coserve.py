@@ -500,6 +500,11 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
     return lo, probes
 
 
+def fraction_rates(peak: float, fractions) -> list[float]:
+    """The arrival rates at ``fractions`` of ``peak`` (rounded: they name the runs)."""
+    return [round(f * peak, 6) for f in fractions]
+
+
 def could_be_chance(record: dict, attainment: float, level: float = 0.01) -> bool:
     """Whether a run that kept less than ``attainment`` might have missed as many requests by
     chance at that attainment: as many or more misses among its requests have a binomial
@@ -941,7 +946,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
         peak = args.peak
         regime["peak_given"] = True
         log(f"peak rate given (no search): {peak:.2f} req/s")
-        rates = [round(f * peak, 6) for f in args.fractions]
+        rates = fraction_rates(peak, args.fractions)
     else:
         peak, probes = find_peak(model, args, bisections=args.peak_bisections, log=log)
         kept = ("rate", "seed", "requests", "slo_attainment", "machine_slowdown",
@@ -950,7 +955,7 @@ def run_regime(model, args, log=print) -> tuple[list[dict], dict]:
         if peak <= 0:
             raise RuntimeError("no rate keeps inference-only at 95% attainment")
         log(f"peak rate (inference-only keeps 95% attainment): {peak:.2f} req/s")
-        rates = [round(f * peak, 6) for f in args.fractions]
+        rates = fraction_rates(peak, args.fractions)
     regime["peak_rate"] = peak
     records = [run_calm(model, "finetune-only", 0.0, args, log=log)]
     records[0]["rate_fraction"] = 0.0
