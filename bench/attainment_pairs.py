@@ -51,8 +51,6 @@ from coserve import (
     tier_model,
 )
 
-from coserve_jax.policy import parse_mode
-
 from benchlib import library_revision, machine_line, record
 
 MODES = ("inference-only", "coserve")
@@ -232,19 +230,6 @@ def describe(rate: float, s: dict) -> str:
             + "".join(f"; {line}" for line in coserve.drift_lines([c, i])))
 
 
-def rival_error(rival: str) -> str | None:
-    """Why ``rival`` is no mode to run beside the pair (None: it is one): a scheduling mode
-    or a coserve variant, either with ``coserve.SMALLEST_BUCKET`` or not."""
-    mode = rival.removesuffix(coserve.SMALLEST_BUCKET)
-    if mode in coserve.COSERVE_VARIANTS:
-        return None
-    try:
-        parse_mode(mode)
-    except ValueError as e:
-        return f"{e}, or one of {', '.join(coserve.COSERVE_VARIANTS)}"
-    return None
-
-
 def found_peak_line(fractions: list[float], peak: float) -> str:
     """The regime's note of rates set from the peak the run found."""
     if fractions == [1.0]:
@@ -304,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rivals and args.against_smallest_bucket:
         p.error("--rivals and --against-smallest-bucket do not go together")
     for rival in args.rivals:
-        if (error := rival_error(rival)) is not None:  # a clear error before any run
+        if (error := coserve.mode_error(rival)) is not None:  # a clear error before any run
             p.error(f"--rivals: {error}")
         if rival in MODES:
             p.error(f"--rivals: {rival} runs on every trace already")

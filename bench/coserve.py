@@ -68,6 +68,7 @@ if ROOT not in sys.path:
 import coserve_jax as cj  # noqa: E402
 from coserve_jax import Engine, EngineConfig, FinetuneJob, LoraConfig, OptimizerConfig  # noqa: E402
 from coserve_jax.finetune.data import DataConfig, from_records  # noqa: E402
+from coserve_jax.policy import parse_mode  # noqa: E402
 from coserve_jax.slo import SLO, AdmissionError  # noqa: E402
 from coserve_jax.workload import (  # noqa: E402
     SHAREGPT_MEAN_OUTPUT,
@@ -145,7 +146,9 @@ def engine_config(mode: str, args) -> EngineConfig:
     keep = mode == KEPT_PROJECTIONS or getattr(args, "keep_projections", False)
     unit = {WHOLE_SAMPLE_UNIT: "samples", TOKEN_UNIT: "tokens"}.get(mode, "auto")
     headroom = mode != NO_HEADROOM
-    mode = "coserve" if mode.startswith("coserve") else mode
+    # Only the variants named above are coserve: any other name goes to the engine's own
+    # check of its mode, which refuses it (``mode_error`` says so before any run).
+    mode = "coserve" if mode in COSERVE_VARIANTS else mode
     # One layer per backward piece: the smallest unit of backward work, so that a piece
     # fits beside a decode step within the TPOT target rather than waiting for a lull.
     return EngineConfig.flat(
@@ -163,6 +166,19 @@ def engine_config(mode: str, args) -> EngineConfig:
         latency_model_dir=getattr(args, "latency_dir", None),
         xla_options=getattr(args, "xla_options", None) or "",
         unroll_layers=getattr(args, "unroll_layers", None))
+
+
+def mode_error(mode: str) -> str | None:
+    """Why ``mode`` is no mode to run (None: it is one): a scheduling mode of the engine or
+    a coserve variant (``COSERVE_VARIANTS``), either with ``SMALLEST_BUCKET`` or not."""
+    base = mode.removesuffix(SMALLEST_BUCKET)
+    if base in COSERVE_VARIANTS:
+        return None
+    try:
+        parse_mode(base)
+    except ValueError as e:
+        return f"{e}, or one of {', '.join(COSERVE_VARIANTS)}"
+    return None
 
 
 def finetune_job(model, seed: int = 0, max_len: int = 256) -> FinetuneJob:
@@ -1079,6 +1095,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="PNG path (default bench/out/coserve-<tier>.png)")
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args(argv)
+    for mode in args.modes or ():
+        if (error := mode_error(mode)) is not None:  # a clear error before any run
+            p.error(f"--modes: {error}")
     args.scale = length_scale(args)
     args.fractions = args.fractions or ([0.25, 0.5, 1.0] if args.quick
                                         else [0.25, 0.5, 0.75, 1.0])

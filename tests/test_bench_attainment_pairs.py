@@ -224,10 +224,3 @@ def test_the_regime_names_the_fractions_of_the_peak_found():
     assert pairs.found_peak_line([1.0], 8.0) == " (rate: the peak found, 8 req/s)"
     assert (pairs.found_peak_line([0.5, 1.0], 8.0)
             == " (rates: 0.5, 1 of the peak found, 8 req/s)")
-
-
-def test_a_rival_may_be_a_mode_or_a_coserve_variant():
-    assert pairs.rival_error("temporal-seq:64") is None
-    assert pairs.rival_error("coserve+no-slot-headroom") is None
-    assert pairs.rival_error("coserve+no-slot-headroom+smallest-bucket") is None
-    assert "coserve+no-slot-headroom" in pairs.rival_error("coserve+no-such-thing")

@@ -386,6 +386,24 @@ def test_a_given_peak_skips_the_search(monkeypatch, tmp_path):
                                           "coserve"}
 
 
+def test_a_mode_is_an_engine_mode_or_a_coserve_variant():
+    assert coserve.mode_error("temporal-seq:64") is None
+    assert coserve.mode_error("coserve+no-slot-headroom") is None
+    assert coserve.mode_error("coserve+no-slot-headroom+smallest-bucket") is None
+    assert "coserve+no-slot-headroom" in coserve.mode_error("coserve+no-such-thing")
+    # The engine itself refuses such a name, rather than running plain coserve under it.
+    args = argparse.Namespace(ttft_s=2.0, tpot_ms=10.0)
+    with pytest.raises(ValueError, match="coserve\\+no-such-thing"):
+        coserve.engine_config("coserve+no-such-thing", args)
+    assert coserve.engine_config("coserve+no-slot-headroom", args).scheduling.mode == "coserve"
+
+
+def test_a_mistyped_mode_is_refused_before_any_run(capsys):
+    with pytest.raises(SystemExit):
+        coserve.main(["--quick", "--modes", "inference-only", "coserve+idle-sample"])
+    assert "--modes: " in capsys.readouterr().err
+
+
 def test_the_attainment_check_counts_the_requests_that_missed():
     recs = [rec("coserve", 3.0, 0.875, 600.0, rate_fraction=0.5, requests=40),
             rec("inference-only", 3.0, 0.975, 0.0, requests=40)]
