@@ -137,6 +137,14 @@ SMALLEST_BUCKET = "+smallest-bucket"
 in the smallest bucket that holds it (as before 2026-12-06)."""
 
 
+def engine_mode(mode: str) -> str:
+    """The engine's scheduling mode of a benchmark mode: ``SMALLEST_BUCKET`` dropped, and the
+    variants in ``COSERVE_VARIANTS`` coserve. Any other name passes through unchanged, to the
+    engine's own check of its mode, which refuses a name it does not know."""
+    mode = mode.removesuffix(SMALLEST_BUCKET)
+    return "coserve" if mode in COSERVE_VARIANTS else mode
+
+
 def engine_config(mode: str, args) -> EngineConfig:
     """The same engine for every mode; only the scheduling policy differs."""
     max_model_len = getattr(args, "max_model_len", 512)
@@ -146,15 +154,13 @@ def engine_config(mode: str, args) -> EngineConfig:
     keep = mode == KEPT_PROJECTIONS or getattr(args, "keep_projections", False)
     unit = {WHOLE_SAMPLE_UNIT: "samples", TOKEN_UNIT: "tokens"}.get(mode, "auto")
     headroom = mode != NO_HEADROOM
-    # Only the variants named above are coserve: any other name goes to the engine's own
-    # check of its mode, which refuses it (``mode_error`` says so before any run).
-    mode = "coserve" if mode in COSERVE_VARIANTS else mode
     # One layer per backward piece: the smallest unit of backward work, so that a piece
     # fits beside a decode step within the TPOT target rather than waiting for a lull.
     return EngineConfig.flat(
-        mode=mode, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=max_model_len,
-        num_pages=512, max_train_seqs=8, max_train_len=min(256, max_model_len),
-        train_window=64, backward_layers=1, backward_pieces_per_step=8,
+        mode=engine_mode(mode), max_num_seqs=16, max_num_batched_tokens=128,
+        max_model_len=max_model_len, num_pages=512, max_train_seqs=8,
+        max_train_len=min(256, max_model_len), train_window=64, backward_layers=1,
+        backward_pieces_per_step=8,
         backward_block=getattr(args, "backward_block", 0),
         keep_projections=keep,
         min_token_bucket=getattr(args, "min_token_bucket", 16),
@@ -169,13 +175,10 @@ def engine_config(mode: str, args) -> EngineConfig:
 
 
 def mode_error(mode: str) -> str | None:
-    """Why ``mode`` is no mode to run (None: it is one): a scheduling mode of the engine or
-    a coserve variant (``COSERVE_VARIANTS``), either with ``SMALLEST_BUCKET`` or not."""
-    base = mode.removesuffix(SMALLEST_BUCKET)
-    if base in COSERVE_VARIANTS:
-        return None
+    """Why ``mode`` is no mode to run (None: it is one): the engine's check of
+    ``engine_mode(mode)``, made before any run."""
     try:
-        parse_mode(base)
+        parse_mode(engine_mode(mode))
     except ValueError as e:
         return f"{e}, or one of {', '.join(COSERVE_VARIANTS)}"
     return None
