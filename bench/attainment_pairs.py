@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 
 import coserve
 import numpy as np
@@ -51,7 +50,7 @@ from coserve import (
     tier_model,
 )
 
-from benchlib import library_revision, machine_line, record
+from benchlib import library_revision, machine_line, record, scratch_dir
 
 MODES = ("inference-only", "coserve")
 
@@ -294,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if rival in MODES:
             p.error(f"--rivals: {rival} runs on every trace already")
     model = tier_model(args.tier, None)
-    args.latency_dir = tempfile.mkdtemp(prefix="coserve-pairs-latency-")
+    args.latency_dir = scratch_dir("coserve-pairs-latency-")
     if args.tpot_ms is None:
         before = calibrate_tpot_target(model, args)
         print(f"decode TPOT {before * 1e3:.2f} ms -> TPOT target {args.tpot_ms:.2f} ms")

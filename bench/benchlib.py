@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(REPO_ROOT, "BENCHMARKS.md")
@@ -23,6 +26,15 @@ def record(title: str, info: dict[str, str], body: str) -> None:
     with open(BENCHMARKS_MD, "a") as f:
         f.write("\n".join(lines))
     print(f"appended to {BENCHMARKS_MD}")
+
+
+def scratch_dir(prefix: str) -> str:
+    """A fresh temporary directory for what a benchmark keeps only while it runs (its
+    latency model, a profiler trace), removed when the process exits, so runs leave
+    nothing behind in the system's temporary directory."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def library_revision() -> str:

@@ -54,7 +54,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -77,7 +76,7 @@ from coserve_jax.workload import (  # noqa: E402
     sharegpt_lengths,
 )
 
-from benchlib import cpu_steal, library_revision, machine_line, record, steal_share  # noqa: E402
+from benchlib import cpu_steal, library_revision, machine_line, record, scratch_dir, steal_share  # noqa: E402
 
 SEPARATE_FRACTIONS = (0.25, 0.5, 0.75)
 ABLATION = "token-level ablation"
@@ -1123,7 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     # The latency model is measured afresh for this run (every engine of it shares that
     # measurement): one saved by an earlier run was taken on a machine as fast as it was then.
-    args.latency_dir = tempfile.mkdtemp(prefix="coserve-bench-latency-")
+    args.latency_dir = scratch_dir("coserve-bench-latency-")
     shown, regime = run_regime(model, args)
     ft_only = regime["ft_only_tokens_per_s"]
     text = table(shown, ft_only)

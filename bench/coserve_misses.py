@@ -18,7 +18,6 @@ whether it misses the same requests. The summary goes to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import coserve
@@ -28,7 +27,7 @@ from coserve import calibrate_tpot_target, fit_to_model, run_one, tier_model
 from coserve_jax import engine as engine_module
 from coserve_jax.latency import sample_key, sample_part_key
 
-from benchlib import library_revision, machine_line, record
+from benchlib import library_revision, machine_line, record, scratch_dir
 
 
 class TracedEngine(engine_module.Engine):
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         tpot = calibrate_tpot_target(model, args)
         print(f"decode TPOT {tpot * 1e3:.2f} ms -> target {args.tpot_ms:.2f} ms")
     fit_to_model(args)
-    args.latency_dir = tempfile.mkdtemp(prefix="coserve-misses-latency-")
+    args.latency_dir = scratch_dir("coserve-misses-latency-")
     coserve.Engine = TracedEngine  # run_one builds its engine through this name
     summary = []
     for rate in args.rates:

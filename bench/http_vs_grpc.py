@@ -24,13 +24,12 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
 
-from benchlib import REPO_ROOT, library_revision, record
+from benchlib import REPO_ROOT, library_revision, record, scratch_dir
 
 PROMPTS = ["The quick brown fox", "Co-serving means", "In a paged KV cache, every sequence",
            "Hello", "LoRA adapters are small", "One jitted step serves prefill and decode"]
@@ -39,7 +38,7 @@ PROMPTS = ["The quick brown fox", "Co-serving means", "In a paged KV cache, ever
 def start_server(mock: bool, config_path: str) -> tuple[subprocess.Popen, str, str]:
     args = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--http-port",
             "0", "--max-streams", "1024", "--max-queue", "1024", "--state-dir",
-            tempfile.mkdtemp(prefix="coserve-bench-")]
+            scratch_dir("coserve-bench-")]
     args += ["--mock-engine", json.dumps({"step_delay": 0.0, "max_num_seqs": 64,
                                           "max_model_len": 512})] if mock \
         else ["--config", config_path, "--no-warmup"]  # the warm-up rounds compile what is used
@@ -120,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # A shared machine's other work shows up as outlier rounds: medians, and the load.
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+    config_path = os.path.join(scratch_dir("coserve-bench-engine-"), "engine.json")
+    with open(config_path, "w") as f:
         json.dump(DEMO_ENGINE, f)
-    proc, grpc_address, http_url = start_server(args.mock, f.name)
+    proc, grpc_address, http_url = start_server(args.mock, config_path)
     try:
         http = openai.OpenAI(base_url=http_url, api_key="none", max_retries=0, timeout=600)
         model = http.models.list().data[0].id

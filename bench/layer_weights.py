@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -102,6 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from coserve_jax.models import llama
 
+    from benchlib import scratch_dir
+
     cfg = et.tiny_8b_like_config(2) if args.tiny else et.llama3_8b_config(32)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     layers = et.random_params(cfg, dtype).layers
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         call()
         median_s = et.median_time(call, args.repeats)
-        prof = step_profile.profile_steps(call, 5, tempfile.mkdtemp(prefix="layer-weights-"))
+        prof = step_profile.profile_steps(call, 5, scratch_dir("layer-weights-"))
         row = {"variant": name, "compiler_options": options, "layers": cfg.num_layers,
                "batch": args.batch, "dtype": jnp.dtype(dtype).name,
                "platform": jax.devices()[0].platform, "weight_bytes": weight_bytes,

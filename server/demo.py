@@ -18,6 +18,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         client.close()
         code = server.drain()
+        shutil.rmtree(state, ignore_errors=True)  # the server's job records and adapters
         print(f"server stopped (exit code {code}); total {time.perf_counter() - t_start:.0f}s")
     if args.json:
         summary["total_s"] = time.perf_counter() - t_start

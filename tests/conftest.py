@@ -13,7 +13,9 @@ passed in one process (878 s on the 2-core VM, about what the four processes too
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -21,8 +23,11 @@ from suite_flags import with_suite_flags
 
 # Generated artefacts (the embedded model, measured latency models) go to a fresh
 # directory per test session, so no test depends on what an earlier run left in
-# ~/.cache.
-os.environ.setdefault("COSERVE_HOME", tempfile.mkdtemp(prefix="coserve-home-"))
+# ~/.cache; it is removed when the session's process exits (the subprocesses tests start
+# have exited by then). A COSERVE_HOME set by the caller is the caller's, and stays.
+if "COSERVE_HOME" not in os.environ:
+    os.environ["COSERVE_HOME"] = tempfile.mkdtemp(prefix="coserve-home-")
+    atexit.register(shutil.rmtree, os.environ["COSERVE_HOME"], ignore_errors=True)
 
 # Compile options for the suite's processes (suite_flags.py says why and what they cost).
 os.environ["XLA_FLAGS"] = with_suite_flags(os.environ.get("XLA_FLAGS", ""))

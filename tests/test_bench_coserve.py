@@ -476,3 +476,17 @@ def test_the_small_tier_runs_shorter_requests_unless_told_otherwise():
     assert coserve.length_scale(argparse.Namespace(tier="tiny", scale=None)) == 0.25
     assert coserve.length_scale(argparse.Namespace(tier="llama3-8b", scale=None)) == 0.25
     assert coserve.length_scale(argparse.Namespace(tier="small", scale=0.3)) == 0.3
+
+
+def test_a_benchmarks_scratch_directory_is_gone_when_it_exits(tmp_path):
+    """What a run keeps only while it runs (its latency model, a profile) is removed at
+    exit: a run leaves nothing behind in the temporary directory."""
+    import subprocess
+
+    code = "import benchlib; print(benchlib.scratch_dir('coserve-bench-latency-'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=BENCH, capture_output=True,
+                         text=True, env=os.environ | {"TMPDIR": str(tmp_path)}, check=True)
+    made = out.stdout.strip()
+    assert os.path.dirname(made) == str(tmp_path)
+    assert os.path.basename(made).startswith("coserve-bench-latency-")
+    assert not os.path.exists(made) and os.listdir(tmp_path) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,9 +14,12 @@ from server_support import ROOT
 
 def test_quick_demo_summary_is_sane(tmp_path):
     out = tmp_path / "summary.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     proc = subprocess.run([sys.executable, "-m", "server.demo", "--quick", "--json",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=users_environment())  # as `make demo` runs, not as the suite
+                          env=users_environment()  # as `make demo` runs, not as the suite
+                          | {"TMPDIR": str(scratch)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "=== summary ===" in proc.stdout and "server stopped (exit code 0)" in proc.stdout
     s = json.loads(out.read_text())
@@ -33,3 +37,5 @@ def test_quick_demo_summary_is_sane(tmp_path):
     assert s["accuracy_after"]["chars"] >= s["accuracy_before"]["chars"]
     # The printed curl line reached the demo's HTTP API.
     assert s["http"]["curl"] in proc.stdout and s["http"]["completion_tokens"] == 16
+    # The server's state (job records, the adapter) went with the demo.
+    assert not [p for p in os.listdir(scratch) if p.startswith("coserve-demo-")]
