@@ -30,8 +30,9 @@ def record(title: str, info: dict[str, str], body: str) -> None:
 
 def scratch_dir(prefix: str) -> str:
     """A fresh temporary directory for what a benchmark keeps only while it runs (its
-    latency model, a profiler trace), removed when the process exits, so runs leave
-    nothing behind in the system's temporary directory."""
+    latency model, a profiler trace), removed when the process exits (at its end, on an
+    error or on Ctrl-C; one killed by a signal leaves it), so runs leave nothing behind
+    in the system's temporary directory."""
     path = tempfile.mkdtemp(prefix=prefix)
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
