@@ -18,7 +18,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -143,11 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     held_out_n = args.held_out or preset["held_out"]
 
     import coserve_jax
-    from coserve_jax.finetune.data import synthetic_task
-    from coserve_jax.lora.config import ALL_TARGETS
-    from server.app import ServerConfig, ServerThread
-    from server.client import Client, finetune_request
-    from server.commands import describe_job
     from server.engine_api import real_backend
 
     t_start = time.perf_counter()
@@ -160,7 +154,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engine ready in {compile_s:.1f}s ({len(backend.engine.buckets)} batch buckets; "
           f"finetuning beside requests by {backend.engine.finetune_unit})")
 
-    state = tempfile.mkdtemp(prefix="coserve-demo-")
+    # The server's job records and adapters live here and go however the run ends,
+    # a server that fails to start included.
+    with tempfile.TemporaryDirectory(prefix="coserve-demo-") as state:
+        exit_code, summary = _serve(backend, state, args, streams, rate, steps, held_out_n,
+                                    compile_s, t_start)
+    if args.json:
+        summary["total_s"] = time.perf_counter() - t_start
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return exit_code
+
+
+def _serve(backend, state: str, args: argparse.Namespace, streams: int, rate: float,
+           steps: int, held_out_n: int, compile_s: float, t_start: float) -> tuple[int, dict]:
+    """Run the workload and the job on a server over ``backend``; its state goes in ``state``."""
+    from coserve_jax.finetune.data import synthetic_task
+    from coserve_jax.lora.config import ALL_TARGETS
+    from server.app import ServerConfig, ServerThread
+    from server.client import Client, finetune_request
+    from server.commands import describe_job
+
     config = ServerConfig(port=0, metrics_port=0, http_port=0,
                           state_dir=os.path.join(state, "state"),
                           adapter_root=os.path.join(state, "adapters"))
@@ -168,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server: {server.address} (gRPC), {server.http_url} (OpenAI-compatible HTTP), "
           f"metrics: {server.metrics_url}")
     client = Client(server.address)
-    exit_code = 1
     try:
         http = _http_check(server)
         records = synthetic_task("uppercase", 1024, seed=args.seed, min_len=3, max_len=5)
@@ -199,13 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         client.close()
         code = server.drain()
-        shutil.rmtree(state, ignore_errors=True)  # the server's job records and adapters
         print(f"server stopped (exit code {code}); total {time.perf_counter() - t_start:.0f}s")
-    if args.json:
-        summary["total_s"] = time.perf_counter() - t_start
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return exit_code
+    return exit_code, summary
 
 
 def _http_check(server) -> dict:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from suite_flags import users_environment
 
 from server_support import ROOT
@@ -39,3 +40,31 @@ def test_quick_demo_summary_is_sane(tmp_path):
     assert s["http"]["curl"] in proc.stdout and s["http"]["completion_tokens"] == 16
     # The server's state (job records, the adapter) went with the demo.
     assert not [p for p in os.listdir(scratch) if p.startswith("coserve-demo-")]
+
+
+def test_a_server_that_fails_to_start_leaves_no_demo_state(tmp_path, monkeypatch):
+    """The demo's state directory goes on the error path too, not only after a drain."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import server.app
+    import server.engine_api
+    from server import demo
+
+    engine = SimpleNamespace(buckets=[8], finetune_unit="sample")
+    monkeypatch.setattr(server.engine_api, "real_backend",
+                        lambda *args, **kwargs: SimpleNamespace(engine=engine))
+
+    class FailingServer:
+        def __init__(self, backend, config):
+            self.state_dir = config.state_dir
+
+        def start(self):
+            assert os.path.isdir(os.path.dirname(self.state_dir))  # made before the start
+            raise OSError("address already in use")
+
+    monkeypatch.setattr(server.app, "ServerThread", FailingServer)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(OSError, match="address already in use"):
+        demo.main(["--quick", "--model", str(tmp_path / "unused"), "--no-warmup"])
+    assert os.listdir(tmp_path) == []
