@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The server's job records and adapters live here and go however the run ends,
     # a server that fails to start included.
-    with tempfile.TemporaryDirectory(prefix="coserve-demo-") as state:
+    with tempfile.TemporaryDirectory(prefix="coserve-demo-", ignore_cleanup_errors=True) as state:
         exit_code, summary = _serve(backend, state, args, streams, rate, steps, held_out_n,
                                     compile_s, t_start)
     if args.json:
