@@ -135,11 +135,11 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    streams = preset["streams"] if args.streams is None else args.streams
-    rate = args.rate or preset["rate"]
-    steps = args.steps or preset["steps"]
-    held_out_n = args.held_out or preset["held_out"]
+    preset = QUICK if args.quick else FULL  # what the options leave unset
+    args.streams = preset["streams"] if args.streams is None else args.streams
+    args.rate = args.rate or preset["rate"]
+    args.steps = args.steps or preset["steps"]
+    args.held_out = args.held_out or preset["held_out"]
 
     import coserve_jax
     from server.engine_api import real_backend
@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     # The server's job records and adapters live here and go however the run ends,
     # a server that fails to start included.
     with tempfile.TemporaryDirectory(prefix="coserve-demo-", ignore_cleanup_errors=True) as state:
-        exit_code, summary = _serve(backend, state, args, streams, rate, steps, held_out_n,
-                                    compile_s, t_start)
+        exit_code, summary = _serve(backend, state, args, compile_s, t_start)
     if args.json:
         summary["total_s"] = time.perf_counter() - t_start
         with open(args.json, "w") as f:
@@ -166,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code
 
 
-def _serve(backend, state: str, args: argparse.Namespace, streams: int, rate: float,
-           steps: int, held_out_n: int, compile_s: float, t_start: float) -> tuple[int, dict]:
+def _serve(backend, state: str, args: argparse.Namespace, compile_s: float,
+           t_start: float) -> tuple[int, dict]:
     """Run the workload and the job on a server over ``backend``; its state goes in ``state``."""
     from coserve_jax.finetune.data import synthetic_task
     from coserve_jax.lora.config import ALL_TARGETS
@@ -185,19 +184,20 @@ def _serve(backend, state: str, args: argparse.Namespace, streams: int, rate: fl
     try:
         http = _http_check(server)
         records = synthetic_task("uppercase", 1024, seed=args.seed, min_len=3, max_len=5)
-        held_out = synthetic_task("uppercase", held_out_n, seed=99, min_len=3, max_len=5)
+        held_out = synthetic_task("uppercase", args.held_out, seed=99, min_len=3, max_len=5)
         # The job's adapter starts with B = 0, i.e. exactly the base model.
         before = _accuracy(client, held_out, adapter="")
         job = client.submit_finetune(finetune_request(
             "upper", records=records, r=16, lora_alpha=32, target_modules=ALL_TARGETS,
-            learning_rate=1e-3, sequences_per_step=4, max_steps=steps, max_seq_len=64,
+            learning_rate=1e-3, sequences_per_step=4, max_steps=args.steps, max_seq_len=64,
             seed=args.seed))
-        print(f"finetuning job 'upper': {job.num_samples} samples, {steps} steps, "
-              f"LoRA r=16 on all 7 projections; {streams} streams at {rate:g}/s alongside")
+        print(f"finetuning job 'upper': {job.num_samples} samples, {args.steps} steps, "
+              f"LoRA r=16 on all 7 projections; {args.streams} streams at {args.rate:g}/s "
+              "alongside")
         t_work = time.perf_counter()
-        workload = Workload(client, streams, rate, args.ttft_slo, args.tpot_slo,
+        workload = Workload(client, args.streams, args.rate, args.ttft_slo, args.tpot_slo,
                             args.seed).start()
-        job = _follow(client, workload, steps)
+        job = _follow(client, workload, args.steps)
         workload.join()
         work_s = time.perf_counter() - t_work
         after = _accuracy(client, held_out, adapter="upper")
