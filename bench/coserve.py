@@ -35,10 +35,10 @@ few requests per second a 6-second trace holds a dozen, and one late request mov
 attainment by several points). A run during which the host's hypervisor gave other guests
 more than ``--max-steal`` of its CPU time runs again, up to ``--steal-retries`` times, as does
 a peak probe (``run_calm``), and the report counts them; a peak probe that fails runs as
-many traces again and is judged on all of them (``find_peak``). The latency model is
-measured afresh at the start. Each
-run appends nothing until the end, where the table and the target checks go to
-BENCHMARKS.md (``--no-record`` skips it) and ``--json`` gets one record per mode and rate.
+many traces again and is judged on all of them, and the peak found is confirmed on new
+traces (``find_peak``). The latency model is measured afresh at the start. Each run
+appends nothing until the end, where the table and the target checks go to BENCHMARKS.md
+(``--no-record`` skips it) and ``--json`` gets one record per mode and rate.
 
     python bench/coserve.py --quick --json out.json       # about 10-12 minutes on 2 CPU cores
     python bench/coserve.py --tier small --quick           # SmolLM2-135M shapes
@@ -470,36 +470,51 @@ def multiple_line(target_s: float, before_s: float | None, after_s: float) -> st
 def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
               bisections: int = 2, log=print) -> tuple[float, list[dict]]:
     """The highest arrival rate at which inference-only keeps ``attainment``: doubling from
-    ``start`` until it fails, then ``bisections`` halvings of the bracket. A probe runs
-    every round's trace (seeds ``args.seed`` to ``args.seed + args.rounds - 1``) and its
-    attainment is theirs pooled, as every figure at that rate is judged later: a peak found
-    on one trace can be far past what inference-only keeps on the next (on the tiny tier,
-    2026-12-03: 1 of 30 requests late on one trace, 10 of 43 on the next). A probe that
-    fails, by few enough requests that chance could have made it (``could_be_chance``), runs
-    as many traces again (the seeds after the rounds') and is judged on all of them pooled:
-    a failure ends the doubling or halves the bracket, so one resting on a few
-    late requests moves the peak by half or more (on the tiny tier, 2026-12-06: 5 of 56
-    late at 4 req/s gave a peak of 3.5 req/s, where the run an hour before, on other
-    traces, held 95% up to 14). Returns the rate and every probe's record."""
+    ``start`` until it fails, then ``bisections`` halvings of the bracket, then the rate found
+    judged again on traces it has not run (``confirm``). A probe runs ``args.rounds`` traces
+    (the first from seed ``args.seed``, the next seeds after those the rate has run) and its
+    attainment is that of every trace the rate has run, pooled, as every figure at that rate
+    is judged later: a peak found on one trace can be far past what inference-only keeps on
+    the next (on the tiny tier, 2026-12-03: 1 of 30 requests late on one trace, 10 of 43 on
+    the next). A probe that fails, by few enough requests that chance could have made it
+    (``could_be_chance``), runs as many traces again and is judged on all of them pooled: a
+    failure ends the doubling or halves the bracket, so one resting on a few late requests
+    moves the peak by half or more (on the tiny tier, 2026-12-06: 5 of 56 late at 4 req/s gave
+    a peak of 3.5 req/s, where the run an hour before, on other traces, held 95% up to 14).
+
+    ``confirm``: the bisection holds a rate on the traces of one probe, and its highest held
+    rate is the one likeliest to sit on the cliff where the engine is saturated, a rate that
+    one trace's quiet stretch lets through (on the small tier at 4x, 2026-12-07: 2.5 req/s
+    held on one probe trace, 100.0%, and inference-only then kept 78.6%, 28.1% and 98.0% on
+    three traces). A rate that fails the confirmation gives way to the next lower rate held,
+    which is confirmed in turn. Returns the rate and every probe's record."""
     probes = []
     rounds = args.rounds
+    ran: dict[float, list[dict]] = {}  # rate -> every trace run at it
+    held: list[float] = []  # the rates judged to keep ``attainment``
 
-    def traces(rate: float, first: int) -> list[dict]:
-        return [run_calm(model, "inference-only", rate, args, seed=args.seed + first + i,
-                         log=log) for i in range(rounds)]
+    def traces(rate: float) -> None:
+        done = ran.setdefault(rate, [])
+        new = [run_calm(model, "inference-only", rate, args, seed=args.seed + len(done) + i,
+                        log=log) for i in range(rounds)]
+        done += new
+        probes.extend(new)
 
-    def ok(rate: float) -> bool:
-        recs = traces(rate, 0)
-        pooled = pool_rounds(recs)
-        line = (f"  peak probe {rate:7.2f} req/s: inference-only attainment "
-                f"{_missed(pooled)}" + ("" if rounds == 1 else f" over {rounds} traces"))
+    def ok(rate: float, what: str = "") -> bool:
+        traces(rate)
+        pooled = pool_rounds(ran[rate])
+        line = (f"  peak probe {rate:7.2f} req/s{what}: inference-only attainment "
+                f"{_missed(pooled)}" + ("" if len(ran[rate]) == 1
+                                        else f" over {len(ran[rate])} traces"))
         if pooled["slo_attainment"] < attainment and could_be_chance(pooled, attainment):
-            recs += traces(rate, rounds)
-            pooled = pool_rounds(recs)
+            traces(rate)
+            pooled = pool_rounds(ran[rate])
             line += f"; with {rounds} more, {_missed(pooled)}"
-        probes.extend(recs)
         log(line)
-        return pooled["slo_attainment"] >= attainment
+        if pooled["slo_attainment"] >= attainment:
+            held.append(rate)
+            return True
+        return False
 
     lo, hi = 0.0, start
     while ok(hi):
@@ -515,6 +530,11 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
     for _ in range(bisections):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    while not ok(lo, " (confirming, new traces)"):
+        held = [r for r in held if r < lo]
+        if not held:  # (every rate held below it failed its confirmation too)
+            return 0.0, probes
+        lo = max(held)
     return lo, probes
 
 

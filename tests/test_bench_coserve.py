@@ -199,33 +199,62 @@ def test_a_ratio_is_reported_even_when_no_rival_keeps_the_attainment():
     assert ablation.endswith("coserve finetunes 1.50x as much at its higher attainment")
 
 
-def test_a_peak_probe_pools_every_rounds_trace_and_a_failing_one_runs_as_many_more(
-        monkeypatch):
-    # Inference-only's attainment by rate, in the order of the trace seeds it runs (20
-    # requests a trace): at 4 req/s the two rounds' traces miss a little (3 of 40: chance
-    # could do that at 95%), two more traces hold and all four pooled keep 95%: 4 holds. At 8
-    # they miss 18 of 40, past chance: no more traces. The bisection finds that 6 holds on
-    # the rounds' traces alone and 7 does not, with two more traces either.
-    runs = {2.0: [1.0, 1.0], 4.0: [0.9, 0.95, 1.0, 1.0], 8.0: [0.5, 0.6],
-            6.0: [1.0, 0.95], 7.0: [1.0, 0.8, 0.9, 0.9]}
-    seen = []
-
+def scripted_inference_only(runs: dict[float, list[float]], seen: list):
+    """A ``run_one`` that gives inference-only's attainment by rate, in the order of the
+    trace seeds it runs (20 requests a trace), and records each (rate, seed) it ran."""
     def run_one(model, mode, rate, args, seed):
         assert mode == "inference-only"
         seen.append((rate, seed))
         return rec(mode, rate, runs[rate].pop(0), 0.0, seed=seed, requests=20, refused=0,
                    unfinished=0, steps=1, mixed_steps=0, whole_samples=0)
+    return run_one
 
-    monkeypatch.setattr(coserve, "run_one", run_one)
+
+def test_a_peak_probe_pools_every_rounds_trace_and_a_failing_one_runs_as_many_more(
+        monkeypatch):
+    # At 4 req/s the two rounds' traces miss a little (3 of 40: chance could do that at 95%),
+    # two more traces hold and all four pooled keep 95%: 4 holds. At 8 they miss 18 of 40,
+    # past chance: no more traces. The bisection finds that 6 holds on the rounds' traces
+    # alone and 7 does not, with two more traces either; 6 holds again on two new traces.
+    runs = {2.0: [1.0, 1.0], 4.0: [0.9, 0.95, 1.0, 1.0], 8.0: [0.5, 0.6],
+            6.0: [1.0, 0.95, 1.0, 1.0], 7.0: [1.0, 0.8, 0.9, 0.9]}
+    seen = []
+    monkeypatch.setattr(coserve, "run_one", scripted_inference_only(runs, seen))
     args = argparse.Namespace(seed=3, rounds=2)
     lines = []
     peak, probes = coserve.find_peak(None, args, bisections=2, log=lines.append)
     assert peak == 6.0
     seeds = {2.0: (3, 4), 4.0: (3, 4, 5, 6), 8.0: (3, 4), 6.0: (3, 4), 7.0: (3, 4, 5, 6)}
-    assert seen == [(r, s) for r in (2.0, 4.0, 8.0, 6.0, 7.0) for s in seeds[r]]
+    assert seen == [(r, s) for r in (2.0, 4.0, 8.0, 6.0, 7.0) for s in seeds[r]] + [
+        (6.0, 5), (6.0, 6)]
     assert not any(runs.values())  # every scripted trace ran
     assert [p["seed"] for p in probes] == [s for _, s in seen]
     assert "92.5%" in lines[1] and "with 2 more, 96.2%" in lines[1]
+    assert "6.00 req/s (confirming, new traces)" in lines[-1]
+    assert "98.8% (1 of 80 missed) over 4 traces" in lines[-1]
+
+
+def test_a_peak_that_fails_on_new_traces_gives_way_to_the_next_lower_rate_held(monkeypatch):
+    # One trace a probe. 3.5 req/s holds on its trace and misses 14 of 20 on the next: pooled,
+    # 35% of 40 missed, past chance. The next rate held below it, 3, holds on a new trace too.
+    runs = {2.0: [1.0], 4.0: [0.5], 3.0: [1.0, 1.0], 3.5: [1.0, 0.3]}
+    seen = []
+    monkeypatch.setattr(coserve, "run_one", scripted_inference_only(runs, seen))
+    args = argparse.Namespace(seed=0, rounds=1)
+    lines = []
+    peak, _ = coserve.find_peak(None, args, bisections=2, log=lines.append)
+    assert peak == 3.0
+    assert seen == [(2.0, 0), (4.0, 0), (3.0, 0), (3.5, 0), (3.5, 1), (3.0, 1)]
+    assert not any(runs.values())
+    assert "3.50 req/s (confirming, new traces)" in lines[-2] and "over 2 traces" in lines[-2]
+
+
+def test_a_peak_search_whose_every_held_rate_fails_its_confirmation_finds_none(monkeypatch):
+    runs = {2.0: [1.0, 0.2], 4.0: [0.1], 3.0: [0.0], 2.5: [0.3]}
+    monkeypatch.setattr(coserve, "run_one", scripted_inference_only(runs, []))
+    peak, _ = coserve.find_peak(None, argparse.Namespace(seed=0, rounds=1), bisections=2,
+                                log=lambda line: None)
+    assert peak == 0.0 and not any(runs.values())
 
 
 @pytest.mark.parametrize("missed, requests, chance", [
