@@ -471,9 +471,9 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
               bisections: int = 2, log=print) -> tuple[float, list[dict]]:
     """The highest arrival rate at which inference-only keeps ``attainment``: doubling from
     ``start`` until it fails, then ``bisections`` halvings of the bracket, then the rate found
-    judged again on traces it has not run (``confirm``). A probe runs ``args.rounds`` traces
-    (the first from seed ``args.seed``, the next seeds after those the rate has run) and its
-    attainment is that of every trace the rate has run, pooled, as every figure at that rate
+    judged again on as many traces it has not run (the confirmation). A probe runs
+    ``args.rounds`` traces (from seed ``args.seed`` on, the seeds after those its rate has
+    run) and is judged on every trace its rate has run, pooled, as every figure at that rate
     is judged later: a peak found on one trace can be far past what inference-only keeps on
     the next (on the tiny tier, 2026-12-03: 1 of 30 requests late on one trace, 10 of 43 on
     the next). A probe that fails, by few enough requests that chance could have made it
@@ -482,60 +482,62 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
     moves the peak by half or more (on the tiny tier, 2026-12-06: 5 of 56 late at 4 req/s gave
     a peak of 3.5 req/s, where the run an hour before, on other traces, held 95% up to 14).
 
-    ``confirm``: the bisection holds a rate on the traces of one probe, and its highest held
-    rate is the one likeliest to sit on the cliff where the engine is saturated, a rate that
-    one trace's quiet stretch lets through (on the small tier at 4x, 2026-12-07: 2.5 req/s
-    held on one probe trace, 100.0%, and inference-only then kept 78.6%, 28.1% and 98.0% on
-    three traces). A rate that fails the confirmation gives way to the next lower rate held,
-    which is confirmed in turn. Returns the rate and every probe's record."""
+    The confirmation: the bisection's highest held rate is the likeliest to sit on the cliff
+    where the engine saturates, which one trace's quiet stretches can let through (on the
+    small tier at 4x, 2026-12-07: 2.5 req/s held on one probe trace, 100.0%, and
+    inference-only then kept 78.6%, 28.1% and 98.0% on three traces). Where the rate fails
+    on the new traces, the search starts again below it with every probe judged on twice the
+    traces (halving down from it, then ``bisections`` halvings of the bracket), and the rate
+    it finds is the peak. Returns the rate and every probe's record."""
     probes = []
     rounds = args.rounds
     ran: dict[float, list[dict]] = {}  # rate -> every trace run at it
-    held: list[float] = []  # the rates judged to keep ``attainment``
 
-    def traces(rate: float) -> None:
+    def ok(rate: float, traces: int, what: str = "") -> bool:
+        """Whether ``rate`` keeps ``attainment`` on at least ``traces`` traces, pooled."""
         done = ran.setdefault(rate, [])
-        new = [run_calm(model, "inference-only", rate, args, seed=args.seed + len(done) + i,
-                        log=log) for i in range(rounds)]
-        done += new
-        probes.extend(new)
 
-    def ok(rate: float, what: str = "") -> bool:
-        traces(rate)
-        pooled = pool_rounds(ran[rate])
+        def more(n: int) -> None:
+            new = [run_calm(model, "inference-only", rate, args, seed=args.seed + len(done) + i,
+                            log=log) for i in range(n)]
+            done.extend(new)
+            probes.extend(new)
+
+        more(max(0, traces - len(done)))
+        pooled = pool_rounds(done)
         line = (f"  peak probe {rate:7.2f} req/s{what}: inference-only attainment "
-                f"{_missed(pooled)}" + ("" if len(ran[rate]) == 1
-                                        else f" over {len(ran[rate])} traces"))
+                f"{_missed(pooled)}" + ("" if len(done) == 1 else f" over {len(done)} traces"))
         if pooled["slo_attainment"] < attainment and could_be_chance(pooled, attainment):
-            traces(rate)
-            pooled = pool_rounds(ran[rate])
+            more(rounds)
+            pooled = pool_rounds(done)
             line += f"; with {rounds} more, {_missed(pooled)}"
         log(line)
-        if pooled["slo_attainment"] >= attainment:
-            held.append(rate)
-            return True
-        return False
+        return pooled["slo_attainment"] >= attainment
+
+    def search(lo: float, hi: float, traces: int) -> float:
+        """The highest rate held on ``traces`` traces, bracketed by ``lo``, which held (0:
+        none yet: halving down from ``hi`` finds one), and ``hi``, which failed."""
+        while lo == 0.0:
+            if hi < 2e-3:
+                raise RuntimeError("inference-only misses the SLO even at a trickle")
+            if ok(hi / 2, traces):
+                lo = hi / 2
+            else:
+                hi /= 2
+        for _ in range(bisections):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if ok(mid, traces) else (lo, mid)
+        return lo
 
     lo, hi = 0.0, start
-    while ok(hi):
+    while ok(hi, rounds):
         lo, hi = hi, hi * 2
         if hi > 4096:
             raise RuntimeError("inference-only meets the SLO at every rate tried")
-    if lo == 0.0:  # failed at the first probe: halve down
-        while not ok(hi / 2):
-            hi /= 2
-            if hi < 1e-3:
-                raise RuntimeError("inference-only misses the SLO even at a trickle")
-        lo, hi = hi / 2, hi
-    for _ in range(bisections):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    while not ok(lo, " (confirming, new traces)"):
-        held = [r for r in held if r < lo]
-        if not held:  # (every rate held below it failed its confirmation too)
-            return 0.0, probes
-        lo = max(held)
-    return lo, probes
+    peak = search(lo, hi, rounds)
+    if ok(peak, len(ran[peak]) + rounds, " (confirming, new traces)"):
+        return peak, probes
+    return search(0.0, peak, 2 * rounds), probes
 
 
 def fraction_rates(peak: float, fractions) -> list[float]:

@@ -234,27 +234,34 @@ def test_a_peak_probe_pools_every_rounds_trace_and_a_failing_one_runs_as_many_mo
     assert "98.8% (1 of 80 missed) over 4 traces" in lines[-1]
 
 
-def test_a_peak_that_fails_on_new_traces_gives_way_to_the_next_lower_rate_held(monkeypatch):
+def test_a_peak_that_fails_on_new_traces_is_searched_again_below_on_twice_the_traces(
+        monkeypatch):
     # One trace a probe. 3.5 req/s holds on its trace and misses 14 of 20 on the next: pooled,
-    # 35% of 40 missed, past chance. The next rate held below it, 3, holds on a new trace too.
-    runs = {2.0: [1.0], 4.0: [0.5], 3.0: [1.0, 1.0], 3.5: [1.0, 0.3]}
+    # 35% of 40 missed, past chance. The search starts again below 3.5 on two traces a probe:
+    # 1.75 holds, 2.625 misses 10 of 40, 2.1875 holds (3, held on one trace, is not the peak).
+    runs = {2.0: [1.0], 4.0: [0.5], 3.0: [1.0], 3.5: [1.0, 0.3], 1.75: [1.0, 1.0],
+            2.625: [1.0, 0.5], 2.1875: [1.0, 0.95]}
     seen = []
     monkeypatch.setattr(coserve, "run_one", scripted_inference_only(runs, seen))
-    args = argparse.Namespace(seed=0, rounds=1)
     lines = []
-    peak, _ = coserve.find_peak(None, args, bisections=2, log=lines.append)
-    assert peak == 3.0
-    assert seen == [(2.0, 0), (4.0, 0), (3.0, 0), (3.5, 0), (3.5, 1), (3.0, 1)]
-    assert not any(runs.values())
-    assert "3.50 req/s (confirming, new traces)" in lines[-2] and "over 2 traces" in lines[-2]
+    peak, probes = coserve.find_peak(None, argparse.Namespace(seed=0, rounds=1),
+                                     bisections=2, log=lines.append)
+    assert peak == 2.1875
+    assert seen == [(2.0, 0), (4.0, 0), (3.0, 0), (3.5, 0), (3.5, 1), (1.75, 0), (1.75, 1),
+                    (2.625, 0), (2.625, 1), (2.1875, 0), (2.1875, 1)]
+    assert not any(runs.values()) and len(probes) == len(seen)
+    assert "3.50 req/s (confirming, new traces)" in lines[4] and "over 2 traces" in lines[4]
+    assert "97.5% (1 of 40 missed) over 2 traces" in lines[-1]
 
 
-def test_a_peak_search_whose_every_held_rate_fails_its_confirmation_finds_none(monkeypatch):
-    runs = {2.0: [1.0, 0.2], 4.0: [0.1], 3.0: [0.0], 2.5: [0.3]}
-    monkeypatch.setattr(coserve, "run_one", scripted_inference_only(runs, []))
+def test_a_peak_search_that_starts_past_the_peak_halves_down_to_a_rate_held(monkeypatch):
+    runs = {2.0: [0.2], 1.0: [0.4], 0.5: [1.0], 0.75: [1.0, 1.0], 0.875: [0.1]}
+    seen = []
+    monkeypatch.setattr(coserve, "run_one", scripted_inference_only(runs, seen))
     peak, _ = coserve.find_peak(None, argparse.Namespace(seed=0, rounds=1), bisections=2,
                                 log=lambda line: None)
-    assert peak == 0.0 and not any(runs.values())
+    assert peak == 0.75 and not any(runs.values())
+    assert [r for r, _ in seen] == [2.0, 1.0, 0.5, 0.75, 0.875, 0.75]
 
 
 @pytest.mark.parametrize("missed, requests, chance", [
