@@ -471,7 +471,7 @@ def find_peak(model, args, attainment: float = 0.95, start: float = 2.0,
               bisections: int = 2, log=print) -> tuple[float, list[dict]]:
     """The highest arrival rate at which inference-only keeps ``attainment``: doubling from
     ``start`` until it fails, then ``bisections`` halvings of the bracket, then the rate found
-    judged again on as many traces it has not run (the confirmation). A probe runs
+    judged again with as many traces more, new to it (the confirmation). A probe runs
     ``args.rounds`` traces (from seed ``args.seed`` on, the seeds after those its rate has
     run) and is judged on every trace its rate has run, pooled, as every figure at that rate
     is judged later: a peak found on one trace can be far past what inference-only keeps on
