@@ -6,9 +6,11 @@ import atexit
 import datetime
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(REPO_ROOT, "BENCHMARKS.md")
@@ -31,11 +33,29 @@ def record(title: str, info: dict[str, str], body: str) -> None:
 def scratch_dir(prefix: str) -> str:
     """A fresh temporary directory for what a benchmark keeps only while it runs (its
     latency model, a profiler trace), removed when the process exits (at its end, on an
-    error or on Ctrl-C; one killed by a signal leaves it), so runs leave nothing behind
-    in the system's temporary directory."""
+    error, on Ctrl-C, or on SIGTERM or SIGHUP: ``exit_on_termination``; SIGKILL leaves
+    it), so runs leave nothing behind in the system's temporary directory."""
     path = tempfile.mkdtemp(prefix=prefix)
     atexit.register(shutil.rmtree, path, ignore_errors=True)
+    exit_on_termination()
     return path
+
+
+def exit_on_termination() -> None:
+    """Makes SIGTERM and SIGHUP (``kill``, a closed terminal, a job scheduler's stop) exit
+    the process as Ctrl-C does, through ``SystemExit``, so its ``atexit`` handlers run
+    (by default these signals end it at once, and they do not). A handler someone else
+    installed stays, and so does the default off the main thread, where Python allows
+    none to be set. The exit status is the shell's for a signal, 128 + its number."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _exit_for_signal)
+
+
+def _exit_for_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def library_revision() -> str:

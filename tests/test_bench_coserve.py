@@ -526,3 +526,22 @@ def test_a_benchmarks_scratch_directory_is_gone_when_it_exits(tmp_path):
     assert os.path.dirname(made) == str(tmp_path)
     assert os.path.basename(made).startswith("coserve-bench-latency-")
     assert not os.path.exists(made) and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_a_benchmark_stopped_by_a_signal_removes_its_scratch_directory(tmp_path, signum):
+    """``kill`` or a closed terminal stops a run as Ctrl-C does: its scratch directory goes
+    with it, and the exit status names the signal as a shell's does."""
+    import signal
+    import subprocess
+
+    code = ("import benchlib, time; print(benchlib.scratch_dir('coserve-bench-latency-'), "
+            "flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=BENCH, stdout=subprocess.PIPE,
+                            text=True, env=os.environ | {"TMPDIR": str(tmp_path)})
+    made = proc.stdout.readline().strip()
+    assert os.path.isdir(made)
+    number = getattr(signal, signum)
+    proc.send_signal(number)
+    assert proc.wait(timeout=30) == 128 + number
+    assert not os.path.exists(made) and os.listdir(tmp_path) == []
