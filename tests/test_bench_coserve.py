@@ -535,7 +535,10 @@ def test_a_benchmark_stopped_by_a_signal_removes_its_scratch_directory(tmp_path,
     import signal
     import subprocess
 
-    code = ("import benchlib, time; print(benchlib.scratch_dir('coserve-bench-latency-'), "
+    # The signal's default disposition, as a shell at a terminal starts a benchmark (under
+    # nohup, as this suite may run, SIGHUP comes ignored, and scratch_dir leaves it so).
+    code = (f"import signal; signal.signal(signal.{signum}, signal.SIG_DFL); "
+            "import benchlib, time; print(benchlib.scratch_dir('coserve-bench-latency-'), "
             "flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=BENCH, stdout=subprocess.PIPE,
                             text=True, env=os.environ | {"TMPDIR": str(tmp_path)})
@@ -545,3 +548,18 @@ def test_a_benchmark_stopped_by_a_signal_removes_its_scratch_directory(tmp_path,
     proc.send_signal(number)
     assert proc.wait(timeout=30) == 128 + number
     assert not os.path.exists(made) and os.listdir(tmp_path) == []
+
+
+def test_a_benchmark_under_nohup_keeps_sighup_ignored(tmp_path):
+    """``nohup`` starts a run with SIGHUP ignored so that it outlives its terminal: the
+    scratch directory's exit on termination leaves that as it is."""
+    import subprocess
+
+    code = ("import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); import benchlib; "
+            "benchlib.scratch_dir('coserve-bench-latency-'); "
+            "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, "
+            "signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=BENCH, capture_output=True,
+                         text=True, env=os.environ | {"TMPDIR": str(tmp_path)}, check=True)
+    assert out.stdout.split() == ["True", "True"]
+    assert os.listdir(tmp_path) == []
