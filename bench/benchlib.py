@@ -44,7 +44,7 @@ def scratch_dir(prefix: str) -> str:
 def exit_on_termination() -> None:
     """Makes SIGTERM and SIGHUP (``kill``, a closed terminal, a job scheduler's stop) exit
     the process as Ctrl-C does, through ``SystemExit``, so its ``atexit`` handlers run
-    (by default these signals end it at once, and they do not). A disposition someone else
+    (by default these signals end it at once, without running them). A disposition someone else
     set stays (a handler of their own, or SIGHUP ignored under ``nohup``), and so does the
     default off the main thread, where Python allows no handler to be set. The exit status
     is the shell's for a signal, 128 + its number."""
