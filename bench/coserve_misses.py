@@ -9,7 +9,15 @@ miss whose samples were predicted well but that would have met the target withou
 the admission check (``Policy.sample_fits``) let through what the requests could not absorb;
 one whose samples overran says the prediction did; one that misses without samples says the
 iterations themselves (prefill, bursts) did, and inference-only on the same trace shows
-whether it misses the same requests. The summary goes to BENCHMARKS.md.
+whether it misses the same requests.
+
+For each run it also prints how the latency model's predictions erred during the trace
+(observed / predicted seconds of steps and of sample units) and whether the errors before
+one foretold it: their correlation with the median error of the 20 steps observed just
+before, and what is left of the error once divided by that median. A correlation near 0
+says the errors are noise around predictions that already follow the machine (the model
+adapts each shape's time online): a margin that followed the machine's recent speed would
+have nothing to follow. The summary goes to BENCHMARKS.md.
 
     python bench/coserve_misses.py --rates 8 --seed 1             # tiny tier, TPOT 3x
     python bench/coserve_misses.py --tier small --scale 0.1 --rates 2.5 --tpot-ms 290
@@ -18,6 +26,8 @@ whether it misses the same requests. The summary goes to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import collections
+import math
 import time
 
 import coserve
@@ -29,18 +39,34 @@ from coserve_jax.latency import sample_key, sample_part_key
 
 from benchlib import library_revision, machine_line, record, scratch_dir
 
+CONTEXT_STEPS = 20
+"""The step observations before each observation whose median error ``error_memory`` sets
+against it."""
+
 
 class TracedEngine(engine_module.Engine):
-    """An engine that keeps each finished request's metrics by id and records when each
-    whole sample ran (with its predicted seconds)."""
+    """An engine that keeps each finished request's metrics by id, records when each
+    whole sample ran (with its predicted seconds), and, from its first step on, every
+    time its latency model observes (key, observed seconds, predicted seconds)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.samples: list[tuple[float, float, float]] = []  # (start, end, predicted s)
         self.metrics_by_id: dict[str, object] = {}
+        self.observations: list[tuple[str, float, float]] = []
+        self._stepping = False  # (warm-up's observations are not the trace's)
+        observe = self.latency.observe
+
+        def traced_observe(key: str, seconds: float) -> None:
+            if self._stepping:
+                self.observations.append((key, seconds, self.latency.predict(key)))
+            observe(key, seconds)
+
+        self.latency.observe = traced_observe
         TracedEngine.last = self
 
     def step(self):
+        self._stepping = True
         outputs = super().step()
         self.metrics_by_id |= {o.request_id: o.metrics for o in outputs if o.finished}
         return outputs
@@ -88,6 +114,49 @@ def misses(engine: TracedEngine) -> list[dict]:
             "tpot_without_ms": ((last - first - spent) / (n - 1) * 1e3) if n > 1 else 0.0,
         })
     return rows
+
+
+def error_memory(observations: list[tuple[str, float, float]],
+                 context: int = CONTEXT_STEPS) -> dict[str, dict[str, float]]:
+    """How the latency model erred, by kind of unit ("step": step buckets; "sample": whole
+    samples and their parts; shapes never measured before, predicted 0 s, left out), and
+    whether the errors just before foretold each error: ``n``, the error's (observed /
+    predicted) ``p50`` and ``p90``, its correlation ``corr`` with the median error of the
+    ``context`` step observations before it (NaN with too few), and the ``p90`` of the
+    error divided by that median (``p90_adjusted``: the overrun a prediction scaled by the
+    recent steps' error would have left)."""
+    recent: collections.deque[float] = collections.deque(maxlen=context)
+    pairs: dict[str, list[tuple[float, float]]] = {"step": [], "sample": []}
+    for key, seconds, predicted in observations:
+        kind = ("step" if key.startswith("t") else
+                "sample" if key.startswith("sample") else None)
+        if kind is None or predicted <= 0:
+            continue
+        error = seconds / predicted
+        if len(recent) == context:
+            pairs[kind].append((error, float(np.median(recent))))
+        if kind == "step":
+            recent.append(error)
+    out = {}
+    for kind, rows in pairs.items():
+        if not rows:
+            continue
+        errors, before = np.array(rows).T
+        varied = len(rows) > 2 and errors.std() > 0 and before.std() > 0
+        out[kind] = {"n": len(rows), "p50": float(np.median(errors)),
+                     "p90": float(np.percentile(errors, 90)),
+                     "corr": float(np.corrcoef(errors, before)[0, 1]) if varied else math.nan,
+                     "p90_adjusted": float(np.percentile(errors / before, 90))}
+    return out
+
+
+def memory_line(memory: dict[str, dict[str, float]]) -> str:
+    """``error_memory`` in a line."""
+    return "; ".join(
+        f"{kind}s: observed / predicted p50 {m['p50']:.2f}, p90 {m['p90']:.2f} over {m['n']}, "
+        f"correlation with the median of the {CONTEXT_STEPS} steps before {m['corr']:.2f}, "
+        f"p90 over that median {m['p90_adjusted']:.2f}" for kind, m in memory.items()) or (
+        "no predicted unit observed")
 
 
 def _over(samples: np.ndarray) -> np.ndarray:
@@ -148,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{rec['ttft_p99_s']:.2f} s, TPOT p99 {rec['tpot_p99_s'] * 1e3:.1f} ms; "
                 f"{len(rows)} missed: {len(caused)} would have met the TPOT target without "
                 f"the sample units in their decode window, {len(waited)} missed TTFT with "
-                f"sample units run while they waited")
+                f"sample units run while they waited. Prediction errors during the trace "
+                f"(excluding shapes first seen): "
+                f"{memory_line(error_memory(engine.observations))}")
             print("\n" + summary[-1])
             for r in sorted(rows, key=lambda r: r["tpot_ms"]):
                 print(f"  {r['id']:>6}: {'TTFT' if r['ttft_missed'] else 'TPOT'} miss, "
