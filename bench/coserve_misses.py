@@ -204,16 +204,17 @@ def main(argv: list[str] | None = None) -> int:
             rows = misses(engine)
             s = np.array(engine.samples).reshape(-1, 3)
             over = _over(s)
-            over = over if len(over) else np.zeros(1)
+            priced = ("" if not len(over) else  # (no sample unit with a prediction ran)
+                      f" (observed / predicted p50 {np.median(over):.2f}, "
+                      f"p90 {np.percentile(over, 90):.2f})")
             caused = [r for r in rows if r["samples"] and not r["ttft_missed"]
                       and r["tpot_without_ms"] <= args.tpot_ms]
             waited = [r for r in rows if r["ttft_missed"] and r["ttft_samples"]]
             summary.append(
                 f"{mode} @ {rate:g} req/s: attainment {rec['slo_attainment']:.1%} of "
                 f"{rec['requests']} requests, finetuning {rec['ft_tokens_per_s']:.0f} tok/s "
-                f"(unit {rec['finetune_unit']}), {len(s)} sample units, whole or parts "
-                f"(observed / predicted "
-                f"p50 {np.median(over):.2f}, p90 {np.percentile(over, 90):.2f}); TTFT p99 "
+                f"(unit {rec['finetune_unit']}), {len(s)} sample units, whole or parts"
+                f"{priced}; TTFT p99 "
                 f"{rec['ttft_p99_s']:.2f} s, TPOT p99 {rec['tpot_p99_s'] * 1e3:.1f} ms; "
                 f"{len(rows)} missed: {len(caused)} would have met the TPOT target without "
                 f"the sample units in their decode window, {len(waited)} missed TTFT with "
