@@ -128,8 +128,10 @@ def error_memory(observations: list[tuple[str, float, float]],
     recent: collections.deque[float] = collections.deque(maxlen=context)
     pairs: dict[str, list[tuple[float, float]]] = {"step": [], "sample": []}
     for key, seconds, predicted in observations:
-        kind = ("step" if key.startswith("t") else
-                "sample" if key.startswith("sample") else None)
+        # (``latency.bucket_key``: "t<tokens>-..."; ``sample_key`` and
+        # ``sample_part_key``: "sample-n<tokens>..."; other keys are pieces and extras.)
+        kind = ("step" if key[:1] == "t" and key[1:2].isdigit() else
+                "sample" if key.startswith("sample-") else None)
         if kind is None or predicted <= 0:
             continue
         error = seconds / predicted
