@@ -41,7 +41,7 @@ appends nothing until the end, where the table and the target checks go to BENCH
 (``--no-record`` skips it) and ``--json`` gets one record per mode and rate.
 
     python bench/coserve.py --quick --json out.json       # about 10-12 minutes on 2 CPU cores
-    python bench/coserve.py --json out.json               # a full run: about an hour there
+    python bench/coserve.py --json out.json               # a full run: about an hour on 2 cores
     python bench/coserve.py --tier small --quick           # SmolLM2-135M shapes
     python bench/coserve.py --tier llama3-8b --quick --rounds 1 --modes inference-only \
         coserve temporal-seq:dynamic --no-longer-periods --json $OUT/coserve.json \
