@@ -286,7 +286,7 @@ def run_one(model, mode: str, rate: float, args, finetune: bool | None = None,
     tpot = np.array([m.tpot_s for m in metrics]) if metrics else np.zeros(1)
     # Observed / predicted device seconds of the steps and pieces the engine timed (none
     # when it timed none: whole samples are not priced by the latency model).
-    errors = np.array(engine.latency.errors)
+    errors = np.array([error for _, error in engine.latency.errors])
     error = {f"prediction_error_p{q}": float(np.percentile(errors, q)) for q in (50, 90)
              if len(errors)}
     return {

@@ -29,6 +29,7 @@ import argparse
 import collections
 import math
 import time
+from collections.abc import Iterable
 
 import coserve
 import numpy as np
@@ -45,28 +46,16 @@ against it."""
 
 
 class TracedEngine(engine_module.Engine):
-    """An engine that keeps each finished request's metrics by id, records when each
-    whole sample ran (with its predicted seconds), and, from its first step on, every
-    time its latency model observes (key, observed seconds, predicted seconds)."""
+    """An engine that keeps each finished request's metrics by id and records when each
+    whole sample ran (with its predicted seconds)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.samples: list[tuple[float, float, float]] = []  # (start, end, predicted s)
         self.metrics_by_id: dict[str, object] = {}
-        self.observations: list[tuple[str, float, float]] = []
-        self._stepping = False  # (warm-up's observations are not the trace's)
-        observe = self.latency.observe
-
-        def traced_observe(key: str, seconds: float) -> None:
-            if self._stepping:
-                self.observations.append((key, seconds, self.latency.predict(key)))
-            observe(key, seconds)
-
-        self.latency.observe = traced_observe
         TracedEngine.last = self
 
     def step(self):
-        self._stepping = True
         outputs = super().step()
         self.metrics_by_id |= {o.request_id: o.metrics for o in outputs if o.finished}
         return outputs
@@ -116,10 +105,11 @@ def misses(engine: TracedEngine) -> list[dict]:
     return rows
 
 
-def error_memory(observations: list[tuple[str, float, float]],
+def error_memory(errors: Iterable[tuple[str, float]],
                  context: int = CONTEXT_STEPS) -> dict[str, dict[str, float]]:
-    """How the latency model erred, by kind of unit ("step": step buckets; "sample": whole
-    samples and their parts; shapes never measured before, predicted 0 s, left out), and
+    """How the latency model erred (``errors``: its ``LatencyModel.errors``, which
+    ``run_one`` keeps from the trace's start, shapes never measured before left out), by
+    kind of unit ("step": step buckets; "sample": whole samples and their parts), and
     whether the errors just before foretold each error: ``n``, the error's (observed /
     predicted) ``p50`` and ``p90``, its correlation ``corr`` with the median error of the
     ``context`` step observations before it (NaN with too few), and the ``p90`` of the
@@ -127,14 +117,13 @@ def error_memory(observations: list[tuple[str, float, float]],
     recent steps' error would have left)."""
     recent: collections.deque[float] = collections.deque(maxlen=context)
     pairs: dict[str, list[tuple[float, float]]] = {"step": [], "sample": []}
-    for key, seconds, predicted in observations:
+    for key, error in errors:
         # (``latency.bucket_key``: "t<tokens>-..."; ``sample_key`` and
         # ``sample_part_key``: "sample-n<tokens>..."; other keys are pieces and extras.)
         kind = ("step" if key[:1] == "t" and key[1:2].isdigit() else
                 "sample" if key.startswith("sample-") else None)
-        if kind is None or predicted <= 0:
+        if kind is None:
             continue
-        error = seconds / predicted
         if len(recent) == context:
             pairs[kind].append((error, float(np.median(recent))))
         if kind == "step":
@@ -222,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"the sample units in their decode window, {len(waited)} missed TTFT with "
                 f"sample units run while they waited. Prediction errors during the trace "
                 f"(excluding shapes first seen): "
-                f"{memory_line(error_memory(engine.observations))}")
+                f"{memory_line(error_memory(engine.latency.errors))}")
             print("\n" + summary[-1])
             for r in sorted(rows, key=lambda r: r["tpot_ms"]):
                 print(f"  {r['id']:>6}: {'TTFT' if r['ttft_missed'] else 'TPOT'} miss, "

@@ -80,9 +80,10 @@ class LatencyModel:
     def __init__(self, times: dict[str, float] | None = None, smoothing: float = 0.2):
         self.times: dict[str, float] = dict(times or {})
         self.smoothing = smoothing
-        self.errors: collections.deque[float] = collections.deque(maxlen=100_000)
-        """Observed / predicted seconds of the latest observations of measured shapes: how
-        far the plans' predictions were off (a diagnostic; nothing reads it back)."""
+        self.errors: collections.deque[tuple[str, float]] = collections.deque(maxlen=100_000)
+        """``(key, observed / predicted seconds)`` of the latest observations of measured
+        shapes, in order: how far the plans' predictions were off (a diagnostic for the
+        benchmarks; the engine never reads it back)."""
 
     def predict(self, key: str) -> float:
         """Seconds for ``key``. An unmeasured shape predicts 0: it gets tried, and its first
@@ -112,7 +113,7 @@ class LatencyModel:
         """Folds an observed time into the estimate (the first observation replaces it)."""
         old = self.times.get(key)
         if old:
-            self.errors.append(seconds / old)
+            self.errors.append((key, seconds / old))
         self.times[key] = seconds if old is None else (
             (1 - self.smoothing) * old + self.smoothing * seconds)
 

@@ -170,7 +170,8 @@ def test_latency_model_keeps_how_far_its_predictions_were_off():
     model.observe("step", 0.010)  # the first observation is the prediction, no error yet
     model.observe("step", 0.020)  # 2x the 10 ms predicted; the estimate moves to 15 ms
     model.observe("step", 0.015)
-    assert list(model.errors) == pytest.approx([2.0, 1.0])
+    assert [key for key, _ in model.errors] == ["step", "step"]
+    assert [error for _, error in model.errors] == pytest.approx([2.0, 1.0])
 
 
 def test_prediction_error_is_pooled_over_the_rounds_that_measured_it():
@@ -504,7 +505,8 @@ def test_a_runs_observations_are_kept_against_the_measured_table():
     latency.observe("unmeasured", 0.5)  # no measured time: not kept
     assert during == pytest.approx([1.0, 3.0, 3.0, 3.0, 1.0])
     assert latency.times["step"] > 0.010  # the model itself still adapts
-    assert latency.errors[-2] < 3.0  # and its errors shrink as it does
+    key, error = latency.errors[-2]
+    assert key == "step" and error < 3.0  # and its errors shrink as it does
 
 
 def test_the_small_tier_runs_shorter_requests_unless_told_otherwise():

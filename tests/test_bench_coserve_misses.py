@@ -9,20 +9,23 @@ import sys
 import numpy as np
 import pytest
 
+from coserve_jax.latency import LatencyModel
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
 misses = pytest.importorskip("coserve_misses")
 
 
 def observations(speed: np.ndarray, noise: float, seed: int = 0) -> list:
-    """Step observations at the machine's ``speed`` (observed / predicted, one per step)
-    times lognormal noise, and a whole sample every tenth step at the same speed."""
+    """``LatencyModel.errors`` of steps at the machine's ``speed`` (observed / predicted,
+    one per step) times lognormal noise, and of a whole sample every tenth step at the same
+    speed."""
     rng = np.random.default_rng(seed)
     out = []
     for i, s in enumerate(speed):
-        out.append(("t16-s4-w8-infer", 0.01 * s * rng.lognormal(0, noise), 0.01))
+        out.append(("t16-s4-w8-infer", s * rng.lognormal(0, noise)))
         if i % 10 == 0:
-            out.append(("sample-n64", 0.05 * s * rng.lognormal(0, noise), 0.05))
+            out.append(("sample-n64", s * rng.lognormal(0, noise)))
     return out
 
 
@@ -48,11 +51,13 @@ def test_noise_around_a_steady_machine_is_not_foretold():
 
 
 def test_unmeasured_shapes_and_other_units_are_left_out():
-    obs = [("t16-s4-w8-infer", 0.01, 0.01)] * misses.CONTEXT_STEPS + [
-        ("sample-n128", 0.2, 0.0),  # never measured: predicted 0 s
-        ("piece-n64-k1", 0.03, 0.01),  # a backward piece: neither kind
-        ("t16-s4-w8-infer", 0.02, 0.01)]
-    memory = misses.error_memory(obs)
+    latency = LatencyModel({"t16-s4-w8-infer": 0.01, "piece-n64-k1": 0.01})
+    for _ in range(misses.CONTEXT_STEPS):
+        latency.observe("t16-s4-w8-infer", 0.01)
+    latency.observe("sample-n128", 0.2)  # never measured: its first observation is no error
+    latency.observe("piece-n64-k1", 0.03)  # a backward piece: neither kind
+    latency.observe("t16-s4-w8-infer", 0.02)
+    memory = misses.error_memory(latency.errors)
     assert "sample" not in memory
     assert memory["step"]["n"] == 1 and memory["step"]["p50"] == pytest.approx(2.0)
     assert np.isnan(memory["step"]["corr"])  # one pair: no correlation to speak of
