@@ -132,12 +132,12 @@ def error_memory(errors: Iterable[tuple[str, float]],
     for kind, rows in pairs.items():
         if not rows:
             continue
-        errors, before = np.array(rows).T
-        varied = len(rows) > 2 and errors.std() > 0 and before.std() > 0
-        out[kind] = {"n": len(rows), "p50": float(np.median(errors)),
-                     "p90": float(np.percentile(errors, 90)),
-                     "corr": float(np.corrcoef(errors, before)[0, 1]) if varied else math.nan,
-                     "p90_adjusted": float(np.percentile(errors / before, 90))}
+        error, before = np.array(rows).T
+        varied = len(rows) > 2 and error.std() > 0 and before.std() > 0
+        out[kind] = {"n": len(rows), "p50": float(np.median(error)),
+                     "p90": float(np.percentile(error, 90)),
+                     "corr": float(np.corrcoef(error, before)[0, 1]) if varied else math.nan,
+                     "p90_adjusted": float(np.percentile(error / before, 90))}
     return out
 
 
